@@ -1,0 +1,88 @@
+"""The vocabulary-parallel loss: 8-device checks in a subprocess, 1-device checks here.
+
+JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
+(``tests/multidevice/check_sharded.py``: values and gradients against one device for
+every option, uneven vocabularies, the compiled program's collectives) run in a child
+pytest with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps
+its single device. A failure prints the child's report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsoftmax import cross_entropy
+from jaxsoftmax._sharded import sharded_cross_entropy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(command, *, devices, timeout):
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  return result
+
+
+def test_eight_device_checks_pass():
+  result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "--noconftest", "tests/multidevice/check_sharded.py"],
+                devices=8, timeout=900)
+  report = result.stdout[-20000:] + result.stderr[-5000:]
+  assert result.returncode == 0, f"8-device checks failed:\n{report}"
+  assert " passed" in result.stdout and "failed" not in result.stdout, report
+
+
+def test_benchmark_runs_on_a_tiny_config(tmp_path):
+  result = _run([sys.executable, "experiments/benchmark_sharded.py", "--rows", "16",
+                 "--classes", "64", "--devices", "1,2", "--repeats", "1", "--model-rows", "0",
+                 "--out", str(tmp_path)], devices=2, timeout=300)
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+  data = json.loads((tmp_path / "sharded.json").read_text())
+  runs = data["runs"]
+  assert [r["devices"] for r in runs] == [1, 2]
+  assert all(r["seconds"] > 0 for r in runs)
+  # One device needs no collective; two exchange per-row statistics only.
+  assert runs[0]["all_reduce_bytes_per_device"] == 0
+  assert 0 < runs[1]["all_reduce_bytes_per_device"] < 16 * 64 * 4
+  assert (tmp_path / "sharded.md").read_text().startswith("#")
+
+
+def test_one_device_mesh_equals_cross_entropy():
+  """On this process's single device the wrapper is the plain loss (shard count 1)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 10))
+  labels = jnp.array([0, 9, 3, 3, -100, 5])
+  options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3)
+  for reduction in ("mean", "sum", "none"):
+    got = jax.jit(lambda z: sharded_cross_entropy(
+        z, labels, mesh=mesh, class_axis_name="vocab", reduction=reduction, **options))
+    want = jax.jit(lambda z: cross_entropy(z, labels, reduction=reduction, **options))
+    np.testing.assert_allclose(got(logits), want(logits), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda z: jnp.sum(got(z)))(logits),
+                               jax.grad(lambda z: jnp.sum(want(z)))(logits),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_mesh_errors_are_clear():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+  logits = jnp.zeros((2, 3))
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=None, class_axis_name="vocab")
+  with pytest.raises(TypeError, match="class_axis_name must name a mesh axis"):
+    sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=mesh, class_axis_name=None)
+  with pytest.raises(ValueError, match="targets must have the logits' shape without"):
+    sharded_cross_entropy(logits, jnp.array([0, 1, 2]), mesh=mesh, class_axis_name="vocab")

@@ -44,7 +44,9 @@ the logits' dtype; float64 stays float64 under ``jax_enable_x64``.
 Vocabulary sharding: with ``axis_name`` set, the class axis is split over that mapped axis
 (``shard_map`` / ``pmap``). Each shard reduces its own classes and the rows' statistics
 are combined with ``pmax`` / ``psum`` of per-row values only; the backward needs no
-communication beyond what its residuals already hold.
+communication beyond what its residuals already hold, except a per-row ``psum`` of the
+cotangent where values are not vma-typed (``pmap``, ``shard_map(check_vma=False)``),
+see :func:`_whole_cotangent`.
 """
 
 from __future__ import annotations
@@ -364,8 +366,36 @@ def _rows_fwd(logits, targets, class_mask, class_weights, row_mask, options):
   return loss, (logits, targets, class_mask, class_weights, row_mask, statistics)
 
 
+def _varying_axes(x) -> frozenset:
+  """Mesh axes ``x`` is typed as varying over (shard_map's ``check_vma``), else empty."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # jax 0.6 - 0.8
+
+
+def _whole_cotangent(g, logits, options: RuleOptions):
+  """The per-row cotangent summed over the vocabulary shards' copies of the loss.
+
+  Every shard holds the same per-row loss. Where shard_map types values
+  (``check_vma=True``, its default) the logits vary over ``axis_name``, the loss does
+  not, and ``g`` arrives whole on every shard. Without that typing (``pmap``,
+  ``shard_map(check_vma=False)``) each shard's copy of the loss gets its own share of the
+  cotangent (``g / S`` for a replicated output, or ``g`` on one shard and 0 on the
+  others), and the true cotangent is their ``psum``: one number per row.
+  """
+  if options.axis_name is None:
+    return g
+  names = options.axis_name if isinstance(options.axis_name, tuple) else (options.axis_name,)
+  if set(names) <= _varying_axes(logits):
+    return g
+  return lax.psum(g, options.axis_name)
+
+
 def _rows_bwd(options, residuals, g):
   logits, targets, class_mask, class_weights, row_mask, statistics = residuals
+  g = _whole_cotangent(g, logits, options)
   d_logits = _logits_gradient(logits, targets, class_mask, class_weights, row_mask,
                               statistics, g, options)
   if _is_indices(targets):

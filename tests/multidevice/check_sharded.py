@@ -371,3 +371,32 @@ def test_hlo_check_catches_gathered_logits():
   assert ("all-gather", [("f32", (ROWS_LOCAL, N_CLASSES))]) in found
   with pytest.raises(AssertionError):
     assert_per_row_statistics_only(found)
+
+
+def test_gradient_without_vma_typing_pmap_and_check_vma_false():
+  """``shard_map(check_vma=False)`` and ``pmap`` hand each shard a share of the cotangent;
+  the rule's backward sums the shares (a per-row psum), so gradients still match."""
+  mesh = auto_mesh((4,), ("vocab",))
+  logits, labels, weights, _, _ = make_inputs(6, 24, probabilities=False)
+  _, probs, *_ = make_inputs(6, 24, probabilities=True)
+  options = dict(label_smoothing=0.1, z_loss=1e-2, reduction="sum")
+  single = functools.partial(cross_entropy, **options)
+  for targets, spec in ((labels, P()), (probs, P(None, "vocab"))):
+    argnums = (0,) if targets.dtype == jnp.int32 else (0, 1)
+    for check_vma in (True, False):
+      loss = jax.shard_map(functools.partial(cross_entropy, axis_name="vocab", **options),
+                           mesh=mesh, in_specs=(P(None, "vocab"), spec), out_specs=P(),
+                           check_vma=check_vma)
+      got = jax.jit(jax.grad(loss, argnums=argnums))(logits, targets)
+      ref = jax.jit(jax.grad(single, argnums=argnums))(logits, targets)
+      for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"vma={check_vma}")
+
+  # pmap: the classes split over the mapped axis, every device returns the same loss.
+  shards = logits.reshape(6, 4, 6).transpose(1, 0, 2)
+  per_device = jax.pmap(functools.partial(cross_entropy, axis_name="vocab", **options),
+                        axis_name="vocab", in_axes=(0, None), devices=jax.devices()[:4])
+  for pick in (lambda out: out[0], jnp.mean):
+    got = jax.grad(lambda s: pick(per_device(s, labels)))(shards)
+    got = got.transpose(1, 0, 2).reshape(6, 24)
+    np.testing.assert_allclose(got, jax.grad(single)(logits, labels), rtol=RTOL, atol=ATOL)

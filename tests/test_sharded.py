@@ -38,8 +38,9 @@ def _run(command, *, devices, timeout):
 
 
 def test_eight_device_checks_pass():
+  # The child loads tests/conftest.py too, so it is as strict as this run.
   result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "--noconftest", "tests/multidevice/check_sharded.py"],
+                 "tests/multidevice/check_sharded.py"],
                 devices=8, timeout=900)
   report = result.stdout[-20000:] + result.stderr[-5000:]
   assert result.returncode == 0, f"8-device checks failed:\n{report}"

@@ -46,18 +46,17 @@ def cross_entropy(z, targets, *, where=None, ignore_index=None, label_smoothing=
     t = np.asarray(targets)
     ignored = np.zeros(t.shape, bool) if ignore_index is None else t == ignore_index
     safe = np.where(ignored, 0, t)
-    one_hot = np.eye(c)[safe]
     nll = -np.take_along_axis(logp_unmasked, safe[..., None], -1)[..., 0] * w[safe]
-    smooth = -np.sum(np.where(participating, w * logp, 0.0), -1) / k[..., 0]
-    loss = (1 - eps) * nll + eps * smooth
+    loss = (1 - eps) * nll
+    if eps:
+      loss = loss - eps * np.sum(np.where(participating, w * logp, 0.0), -1) / k[..., 0]
     row_weight = w[safe]
-    del one_hot
   else:
     y = np.asarray(targets, np.float64)
     ignored = np.zeros(z.shape[:-1], bool)
     q = w * ((1 - eps) * np.where(participating, y, 0.0)
              + eps * participating / k)
-    loss = -np.sum(np.where(q != 0, q * logp, 0.0), -1)
+    loss = -np.sum(q * np.where(q != 0, logp, 0.0), -1)
     row_weight = np.ones(z.shape[:-1])
   loss = loss + z_loss * row_weight * lse**2
   dropped = ignored | ~participating.any(-1)

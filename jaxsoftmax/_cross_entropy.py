@@ -191,8 +191,9 @@ def cross_entropy(
     [0.417 0.   ]
   """
   reduction = v.check_reduction(reduction)
+  logits = v.check_logits(logits)
   loss, row_weight = per_example_loss(
       logits, targets, axis=axis, where=where, ignore_index=ignore_index,
       label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
       logit_softcap=logit_softcap, axis_name=axis_name, checked=checked)
-  return reduce_loss(loss, row_weight, reduction).astype(jnp.result_type(logits))
+  return reduce_loss(loss, row_weight, reduction).astype(logits.dtype)

@@ -1,0 +1,30 @@
+"""jaxsoftmax: softmax cross-entropy for JAX with the hand-derived backward rule.
+
+The public API:
+
+* :func:`cross_entropy`: the general loss (PyTorch's options plus z-loss and soft cap).
+* :func:`softmax_cross_entropy`, :func:`softmax_cross_entropy_with_integer_labels`:
+  drop-in replacements for optax's losses of the same names, with forward mode.
+* :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
+"""
+
+import importlib.metadata
+
+from jaxsoftmax._checking import checked as checked
+from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
+from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_entropy
+from jaxsoftmax._optax_compatible import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+
+try:
+  __version__ = importlib.metadata.version("jaxsoftmax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+  __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "checked",
+    "cross_entropy",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]

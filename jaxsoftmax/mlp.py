@@ -23,10 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-try:
-    from jaxsoftmax._cross_entropy import cross_entropy
-except ImportError:  # pragma: no cover - until the core loss is merged from main
-    from jaxsoftmax._temporary_cross_entropy_shim import cross_entropy
+from jaxsoftmax._cross_entropy import cross_entropy
 
 Params = list[dict[str, jax.Array]]
 

@@ -139,10 +139,14 @@ def main(argv=None) -> int:
     parser.add_argument("--l2", type=float, default=0.0, help="weight penalty included in L")
     parser.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
     parser.add_argument("--json", default=None, help="also write the table to this file")
+    parser.add_argument("--network", choices=("000", "002", "both"), default="both",
+                        help="check only the network of one seed text")
     arguments = parser.parse_args(argv)
 
     rows = []
     for name, (make_input, sizes, activation) in NETWORKS.items():
+        if arguments.network != "both" and not name.startswith(f"seed {arguments.network}"):
+            continue
         rows += check_network(name, make_input, sizes, activation, seed=arguments.seed,
                               l2=arguments.l2, eps=arguments.eps)
     print(f"device: {jax.devices()[0].platform}, dtype: float64, l2 = {arguments.l2}, "

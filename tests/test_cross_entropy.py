@@ -211,3 +211,21 @@ def test_docstring_formula_seeds_case():
   np.testing.assert_allclose(cross_entropy(logits, labels), expected, rtol=1e-6)
   np.testing.assert_allclose(jax.grad(cross_entropy)(logits, labels), (yhat - y) / 5,
                              rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("shape,axis", [((6, 7), -1), ((3, 4, 5), 1)])
+def test_dtypes_against_naive_composition_in_float32_or_float64(dtype, shape, axis):
+  """Half precision is computed in f32 and rounded once; f64 stays f64 under x64."""
+  with jax.enable_x64(dtype == "float64"):
+    logits, labels = random_problem(20, shape, axis, dtype=jnp.dtype(dtype))
+    reference_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(cross_entropy, axis=axis)))(
+        logits, labels)
+    assert value.dtype == logits.dtype and grad.dtype == logits.dtype
+    expected_value, expected_grad = jax.value_and_grad(functools.partial(naive_loss, axis=axis))(
+        logits.astype(reference_dtype), labels)
+    tolerance = {"bfloat16": 1e-2, "float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
+    np.testing.assert_allclose(np.asarray(value, np.float64), expected_value, rtol=tolerance)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected_grad, rtol=tolerance,
+                               atol=tolerance * 1e-2)

@@ -6,6 +6,9 @@ The public API:
 * :func:`softmax_cross_entropy`, :func:`softmax_cross_entropy_with_integer_labels`:
   drop-in replacements for optax's losses of the same names, with forward mode.
 * :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
+* :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: the seeds'
+  fully connected network as pure functions, its data sets, and its compiled training
+  (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
 """
 
 import importlib.metadata
@@ -16,6 +19,12 @@ from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_
 from jaxsoftmax._optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jaxsoftmax import data as data
+from jaxsoftmax import mlp as mlp
+from jaxsoftmax import training as training
+from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
+from jaxsoftmax.training import TrainConfig as TrainConfig
+from jaxsoftmax.training import train as train
 
 try:
   __version__ = importlib.metadata.version("jaxsoftmax")
@@ -23,8 +32,14 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
   __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
     "checked",
     "cross_entropy",
+    "data",
+    "mlp",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "train",
+    "training",
 ]

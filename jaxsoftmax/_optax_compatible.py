@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import jax
-import jax.numpy as jnp
 
 from jaxsoftmax._cross_entropy import per_example_loss
+from jaxsoftmax._validation import check_logits
 
 Axis = Union[int, tuple[int, ...], None]
 
@@ -59,14 +59,15 @@ def softmax_cross_entropy(
     >>> from jaxsoftmax import softmax_cross_entropy
     >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
     >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    >>> print(softmax_cross_entropy(logits, labels).round(4))
-    [0.2761 2.9518]
+    >>> print([f"{loss:.4f}" for loss in softmax_cross_entropy(logits, labels)])
+    ['0.2761', '2.9518']
   """
+  logits = check_logits(logits)
   loss, _ = per_example_loss(
       logits, labels, axis=axis, where=where, axis_name=axis_name, forward_mode=True,
       allow_none_axis=True, targets_kind="probabilities", targets_name="labels",
       kind_hint=" For class indices use softmax_cross_entropy_with_integer_labels.")
-  return loss.astype(jnp.result_type(logits))
+  return loss.astype(logits.dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -103,11 +104,13 @@ def softmax_cross_entropy_with_integer_labels(
     >>> import jax.numpy as jnp
     >>> from jaxsoftmax import softmax_cross_entropy_with_integer_labels
     >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
-    >>> print(softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])).round(4))
-    [0.2761 2.9518]
+    >>> losses = softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1]))
+    >>> print([f"{loss:.4f}" for loss in losses])
+    ['0.2761', '2.9518']
   """
+  logits = check_logits(logits)
   loss, _ = per_example_loss(
       logits, labels, axis=axis, where=where, axis_name=axis_name, checked=checked,
       forward_mode=True, targets_kind="indices", targets_name="labels",
       kind_hint=" For probabilities use softmax_cross_entropy.")
-  return loss.astype(jnp.result_type(logits))
+  return loss.astype(logits.dtype)

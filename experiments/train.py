@@ -1,0 +1,244 @@
+"""Train the seeds' network on a small dataset and write its metrics, history and plots.
+
+The defaults reproduce CS231n's "minimal neural network case study": a spiral of 3 x 100
+points, one hidden layer of 100 ReLU units, full-batch gradient descent with step 1.0,
+l2 = 1e-3, 10,000 steps (training accuracy about 0.98; ``--hidden 0``, the linear softmax
+classifier, about 0.5).
+
+    python experiments/train.py --out runs/spiral
+    python experiments/train.py --hidden 0 --out runs/spiral_linear
+    python experiments/train.py --dataset digits --standardize --optimizer adam --lr 1e-3 \\
+        --batch-size 64 --steps 2000 --out runs/digits
+
+Writes into ``--out``: metrics.json, history.csv, loss.png, decision_boundary.png (2-D data
+only) and checkpoint.npz (``--resume`` continues from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+import jax
+import numpy as np
+
+from jaxsoftmax import data, mlp, training
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """``"100"`` -> (100,), ``"64,32"`` -> (64, 32), ``"0"`` -> () (a linear classifier)."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--hidden {text!r}: expected comma-separated integer widths such as 100 or 64,32"
+        ) from None
+    if widths == (0,):
+        return ()
+    if any(width <= 0 for width in widths):
+        raise argparse.ArgumentTypeError(
+            f"--hidden {text!r}: widths must be positive (0 alone means no hidden layer)"
+        )
+    return widths
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = training.TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=data.DATASETS, default="spiral")
+    parser.add_argument("--num-examples", type=int, default=None,
+                        help="points per class (spiral) or in total (moons, circles)")
+    parser.add_argument("--standardize", action="store_true",
+                        help="standardise features with the training statistics")
+    parser.add_argument("--hidden", type=parse_hidden, default=defaults.hidden,
+                        help="hidden widths, comma-separated; 0 = linear softmax classifier")
+    parser.add_argument("--activation", choices=sorted(mlp.ACTIVATIONS), default=defaults.activation)
+    parser.add_argument("--optimizer", choices=training.OPTIMIZERS, default=defaults.optimizer)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--momentum", type=float, default=defaults.momentum)
+    parser.add_argument("--l2", type=float, default=defaults.l2)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: full batch")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--init-scheme", choices=mlp.INIT_SCHEMES, default=defaults.init_scheme)
+    parser.add_argument("--init-scale", type=float, default=defaults.init_scale)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--class-weights", type=lambda s: tuple(float(w) for w in s.split(",")),
+                        default=None, help="comma-separated, one per class")
+    parser.add_argument("--z-loss", type=float, default=0.0)
+    parser.add_argument("--logit-softcap", type=float, default=None)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--out", default="runs/train", help="output directory")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig:
+    return training.TrainConfig(
+        hidden=arguments.hidden,
+        activation=arguments.activation,
+        optimizer=arguments.optimizer,
+        learning_rate=arguments.lr,
+        momentum=arguments.momentum,
+        l2=arguments.l2,
+        steps=arguments.steps,
+        batch_size=arguments.batch_size,
+        seed=arguments.seed,
+        init_scheme=arguments.init_scheme,
+        init_scale=arguments.init_scale,
+        label_smoothing=arguments.label_smoothing,
+        class_weights=arguments.class_weights,
+        z_loss=arguments.z_loss,
+        logit_softcap=arguments.logit_softcap,
+        eval_every=arguments.eval_every,
+        checkpoint_every=arguments.checkpoint_every,
+    )
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("jaxsoftmax", "jax", "jaxlib", "optax", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed (source tree)"
+    return versions
+
+
+def write_history(path: str, history: list[dict]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_history(path: str, history: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(steps, [row["train_loss"] for row in history], label="train")
+    loss_axes.plot(steps, [row["test_loss"] for row in history], label="test")
+    loss_axes.set(xlabel="step", ylabel="loss (cross-entropy + L2)", yscale="log")
+    loss_axes.legend()
+    accuracy_axes.plot(steps, [row["train_accuracy"] for row in history], label="train")
+    accuracy_axes.plot(steps, [row["test_accuracy"] for row in history], label="test")
+    accuracy_axes.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
+    accuracy_axes.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_decision_boundary(
+    path: str, params: mlp.Params, dataset: data.Dataset, activation: str, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = dataset.x_train, dataset.y_train
+    low, high = x.min(axis=0) - 0.5, x.max(axis=0) + 0.5
+    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 300), np.linspace(low[1], high[1], 300))
+    grid = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.float32)
+    classes = np.asarray(jax.jit(mlp.predict, static_argnums=2)(params, grid, activation))
+    figure, axes = plt.subplots(figsize=(6, 6))
+    axes.contourf(grid_x, grid_y, classes.reshape(grid_x.shape), alpha=0.35, cmap="Spectral",
+                  levels=np.arange(dataset.num_classes + 1) - 0.5)
+    axes.scatter(x[:, 0], x[:, 1], c=y, s=18, cmap="Spectral", edgecolors="k", linewidths=0.5,
+                 vmin=0, vmax=dataset.num_classes - 1)
+    axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    config = config_from_arguments(arguments)
+    dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=arguments.standardize,
+                        num_examples=arguments.num_examples)
+    device = jax.devices()[0]
+    device_description = f"{device.platform}: {device.device_kind}"
+    print(f"device: {device_description} ({jax.device_count()} visible)")
+    architecture = " -> ".join(str(w) for w in [dataset.num_features, *config.hidden,
+                                                 dataset.num_classes])
+    print(f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
+          f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}")
+    os.makedirs(arguments.out, exist_ok=True)
+
+    progress_bar = None
+    if not arguments.no_progress:
+        from tqdm import tqdm
+
+        progress_bar = tqdm(total=config.steps, unit="step", file=sys.stdout, mininterval=0.5)
+
+    def on_run_end(row: dict, steps_in_run: int) -> None:
+        if progress_bar is not None:
+            progress_bar.update(steps_in_run)
+            progress_bar.set_postfix(loss=f"{row['batch_loss']:.4f}",
+                                     train_acc=f"{row['train_accuracy']:.3f}", refresh=False)
+
+    try:
+        result = training.train(config, dataset, checkpoint_dir=arguments.out,
+                                resume=arguments.resume, on_run_end=on_run_end)
+    except training.NonFiniteLossError as error:
+        print(f"\nstopped: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()
+
+    metrics = {
+        "train_accuracy": result.train_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "train_seconds_note": "wall time of training.train in this process, compilation included"
+        + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
+        "device": device_description,
+        "versions": library_versions(),
+        "dataset": {"name": dataset.name, "train_examples": len(dataset.y_train),
+                    "test_examples": len(dataset.y_test), "features": dataset.num_features,
+                    "classes": dataset.num_classes, "split": dataset.split,
+                    "standardized": arguments.standardize, "num_examples": arguments.num_examples},
+        "config": config.to_dict(),
+    }
+    with open(os.path.join(arguments.out, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=2)
+    write_history(os.path.join(arguments.out, "history.csv"), result.history)
+    kind = config.activation if config.hidden else "linear softmax classifier"
+    title = f"{dataset.name}, {architecture} {kind}, {config.steps} steps"
+    if not arguments.no_plots:
+        plot_history(os.path.join(arguments.out, "loss.png"), result.history, title)
+        if dataset.num_features == 2:
+            plot_decision_boundary(
+                os.path.join(arguments.out, "decision_boundary.png"), result.params, dataset,
+                config.activation,
+                f"{title}\ntrain accuracy {result.train_accuracy:.3f}",
+            )
+    print(f"train accuracy {result.train_accuracy:.4f}, test accuracy {result.test_accuracy:.4f}, "
+          f"final loss {result.final_loss:.4f}, {result.steps} steps in {result.train_seconds:.2f} s")
+    print(f"wrote {arguments.out}/metrics.json, history.csv"
+          + ("" if arguments.no_plots else ", loss.png")
+          + (", decision_boundary.png" if dataset.num_features == 2 and not arguments.no_plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Training the network of :mod:`jaxsoftmax.mlp` with an optax optimizer, in compiled runs of steps.
+
+The loop has three layers, each usable on its own:
+
+- :func:`make_train_step`: one optimizer step on one batch, ``(state, x, y) -> (state, loss)``.
+  It knows nothing about where the batch came from, so a sharded batch can be fed to it later.
+- :func:`make_run_of_steps`: ``num_steps`` steps fused into one ``lax.scan`` and compiled once,
+  choosing each step's batch from ``(seed, step)`` alone, so 10,000 steps are 100 dispatches of a
+  100-step program, not 10,000 Python calls.
+- :func:`train`: runs of ``eval_every`` steps, an evaluation on both splits after each, atomic
+  checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss.
+
+Determinism: parameters come from ``fold_in(key(seed), 0)``; the batch of step ``s`` is slice
+``s mod E`` of the permutation drawn from ``fold_in(fold_in(key(seed), 1), s // E)`` with ``E``
+batches per epoch. Nothing depends on how the steps were split between runs, so on the CPU the
+same seed gives the same parameters bit for bit and a resumed run ends where an uninterrupted one
+does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsoftmax import mlp
+from jaxsoftmax.data import Dataset
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+CHECKPOINT_FILENAME = "checkpoint.npz"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss or the parameters became NaN or infinite; the run was stopped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of a run. The defaults are CS231n's two-layer spiral case study.
+
+    Attributes:
+      hidden: hidden-layer widths; ``()`` is a linear softmax classifier.
+      activation: ``"relu"``, ``"tanh"``, ``"sigmoid"`` or ``"identity"``.
+      optimizer: ``"sgd"`` (plain gradient descent), ``"momentum"`` (SGD with heavy-ball momentum
+        ``momentum``) or ``"adam"``.
+      learning_rate: the step size (CS231n: 1.0 for gradient descent).
+      momentum: the momentum coefficient of ``optimizer="momentum"``.
+      l2: the weight penalty ``0.5 * l2 * sum ||W||^2`` (CS231n's ``reg``, 1e-3).
+      steps: the total number of optimizer steps.
+      batch_size: examples per step; ``None`` (or at least the training-set size) is full batch.
+      seed: the one seed of the run: initialisation and batch order derive from it.
+      init_scheme, init_scale: passed to :func:`jaxsoftmax.mlp.init` (CS231n: 0.01 * randn).
+      label_smoothing, class_weights, z_loss, logit_softcap: options of the core cross-entropy.
+      eval_every: steps per compiled run; the history gets one row per run.
+      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``.
+    """
+
+    hidden: tuple[int, ...] = (100,)
+    activation: str = "relu"
+    optimizer: str = "sgd"
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    l2: float = 1e-3
+    steps: int = 10_000
+    batch_size: int | None = None
+    seed: int = 0
+    init_scheme: str = "normal"
+    init_scale: float = 0.01
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    eval_every: int = 100
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if any(h <= 0 for h in self.hidden):
+            raise ValueError(
+                f"hidden={self.hidden} must hold positive widths; use hidden=() for a linear "
+                "softmax classifier."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer={self.optimizer!r} is not known; expected one of {', '.join(OPTIMIZERS)}."
+            )
+        mlp._activation_function(self.activation)
+        for name in ("steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be positive, or None for full batch.")
+        if self.checkpoint_every % self.eval_every:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                f"eval_every={self.eval_every} (checkpoints are written between compiled runs)."
+            )
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`jaxsoftmax.mlp.loss` this config fixes."""
+        return {
+            "l2": self.l2,
+            "activation": self.activation,
+            "label_smoothing": self.label_smoothing,
+            "class_weights": None if self.class_weights is None else jnp.asarray(self.class_weights),
+            "z_loss": self.z_loss,
+            "logit_softcap": self.logit_softcap,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+
+class TrainState(NamedTuple):
+    """What changes from step to step: a pytree, so it can be the carry of ``lax.scan``."""
+
+    params: mlp.Params
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: the number of steps taken
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+      params: the final parameters.
+      history: one dict per compiled run (and one for step 0): ``step``, ``batch_loss`` (mean of
+        the run's per-step minibatch objectives), ``train_loss``, ``train_accuracy``,
+        ``test_loss``, ``test_accuracy`` (losses include the L2 term).
+      final_loss: the objective on the whole training split at the final parameters.
+      train_accuracy, test_accuracy: at the final parameters.
+      steps: the number of steps taken in total.
+      train_seconds: wall time of this call, compilation included.
+      resumed_from: the step of the checkpoint this call continued from, or ``None``.
+    """
+
+    params: mlp.Params
+    history: list[dict[str, float]]
+    final_loss: float
+    train_accuracy: float
+    test_accuracy: float
+    steps: int
+    train_seconds: float
+    resumed_from: int | None
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """``optax.sgd`` (with ``momentum`` for ``"momentum"``) or ``optax.adam`` at ``learning_rate``."""
+    if config.optimizer == "sgd":
+        return optax.sgd(config.learning_rate)
+    if config.optimizer == "momentum":
+        return optax.sgd(config.learning_rate, momentum=config.momentum)
+    return optax.adam(config.learning_rate)
+
+
+def init_state(
+    config: TrainConfig, num_features: int, num_classes: int
+) -> tuple[TrainState, optax.GradientTransformation]:
+    """Fresh parameters from ``fold_in(key(seed), 0)``, the optimizer and its initial state."""
+    sizes = [num_features, *config.hidden, num_classes]
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    params = mlp.init(init_key, sizes, scheme=config.init_scheme, scale=config.init_scale)
+    optimizer = make_optimizer(config)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)), optimizer
+
+
+def make_train_step(
+    config: TrainConfig, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
+    """One optimizer step on the batch it is given: ``(state, x, y) -> (new_state, loss)``.
+
+    ``loss`` is the objective of :func:`jaxsoftmax.mlp.loss` on the batch *before* the update.
+    """
+    options = config.loss_options()
+
+    def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, jax.Array]:
+        loss_value, grads = jax.value_and_grad(mlp.loss)(state.params, x, y, **options)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), loss_value
+
+    return train_step
+
+
+def batch_indices(config: TrainConfig, num_examples: int, step: jax.Array) -> jax.Array | None:
+    """The training rows of step ``step``, or ``None`` for full batch.
+
+    Epoch ``e = step // E`` (``E = num_examples // batch_size`` batches, the remainder of each
+    permutation is dropped) shuffles with ``fold_in(fold_in(key(seed), 1), e)``; the step takes
+    slice ``step mod E`` of that permutation.
+    """
+    if config.batch_size is None or config.batch_size >= num_examples:
+        return None
+    batches_per_epoch = num_examples // config.batch_size
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    permutation = jax.random.permutation(
+        jax.random.fold_in(data_key, step // batches_per_epoch), num_examples
+    )
+    start = (step % batches_per_epoch) * config.batch_size
+    return jax.lax.dynamic_slice(permutation, (start,), (config.batch_size,))
+
+
+def make_run_of_steps(
+    config: TrainConfig, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, jax.Array]]:
+    """A jitted ``(state, x_train, y_train, num_steps) -> (state, losses[num_steps])``.
+
+    The steps run inside one ``lax.scan``; ``num_steps`` is static, so each distinct length
+    compiles once.
+    """
+    train_step = make_train_step(config, optimizer)
+
+    def run(state: TrainState, x: jax.Array, y: jax.Array, num_steps: int):
+        def body(carry: TrainState, _):
+            rows = batch_indices(config, x.shape[0], carry.step)
+            if rows is None:
+                return train_step(carry, x, y)
+            return train_step(carry, x[rows], y[rows])
+
+        return jax.lax.scan(body, state, None, length=num_steps)
+
+    return jax.jit(run, static_argnums=3)
+
+
+def make_evaluate(config: TrainConfig) -> Callable[[mlp.Params, jax.Array, jax.Array], dict]:
+    """A jitted ``(params, x, y) -> {"loss", "accuracy"}`` on a whole split."""
+    options = config.loss_options()
+
+    def evaluate(params, x, y):
+        return {
+            "loss": mlp.loss(params, x, y, **options),
+            "accuracy": mlp.accuracy(params, x, y, config.activation),
+        }
+
+    return jax.jit(evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _dataset_fingerprint(dataset: Dataset) -> str:
+    digest = hashlib.sha256()
+    for array in (dataset.x_train, dataset.y_train):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    """Writes ``payload`` to a temporary file beside ``path``, syncs it, then renames it over
+    ``path``: a reader sees the old file or the new one, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_checkpoint(
+    path: str, state: TrainState, history: list[dict], config: TrainConfig, dataset: Dataset
+) -> None:
+    """Parameters, optimizer state, step, data key, history and config, as one ``.npz``."""
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["step"] = np.asarray(state.step)
+    arrays["data_key"] = np.asarray(jax.random.key_data(data_key))
+    arrays["history"] = np.asarray(json.dumps(history))
+    arrays["config"] = np.asarray(json.dumps(config.to_dict()))
+    arrays["dataset"] = np.asarray(json.dumps([dataset.name, _dataset_fingerprint(dataset)]))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_atomically(path, buffer.getvalue())
+
+
+def load_checkpoint(
+    path: str, template: TrainState, config: TrainConfig, dataset: Dataset
+) -> tuple[TrainState, list[dict]]:
+    """Reads a checkpoint of :func:`save_checkpoint` into the structure of ``template``.
+
+    Refuses a checkpoint of another configuration (``steps`` may differ, to extend a run) or of
+    other training data, since continuing it would not be the run that was asked for.
+    """
+    with np.load(path, allow_pickle=False) as stored:
+        saved_config = json.loads(str(stored["config"]))
+        wanted = config.to_dict()
+        different = {
+            key: (saved_config.get(key), value)
+            for key, value in wanted.items()
+            if key != "steps" and saved_config.get(key) != value
+        }
+        if different:
+            raise ValueError(
+                f"the checkpoint {path} was written by a different configuration "
+                f"(saved, requested): {different}; resume with the same flags or use another "
+                "output directory."
+            )
+        if json.loads(str(stored["dataset"])) != [dataset.name, _dataset_fingerprint(dataset)]:
+            raise ValueError(
+                f"the checkpoint {path} was trained on other data than dataset "
+                f"{dataset.name!r} with these options; resume with the same data."
+            )
+        treedef = jax.tree_util.tree_structure((template.params, template.opt_state))
+        leaves = [jnp.asarray(stored[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
+        params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        step = jnp.asarray(stored["step"], jnp.int32)
+        history = json.loads(str(stored["history"]))
+    return TrainState(params, opt_state, step), history
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    on_run_end: Callable[[dict[str, float], int], None] | None = None,
+) -> TrainResult:
+    """Trains ``mlp`` on ``dataset.x_train`` and evaluates on both splits after every run.
+
+    Args:
+      config: the hyperparameters.
+      dataset: from :func:`jaxsoftmax.data.load` (or ``from_arrays``).
+      checkpoint_dir: where ``checkpoint.npz`` is written every ``config.checkpoint_every`` steps
+        and at the end; ``None`` writes nothing.
+      resume: continue from ``checkpoint_dir/checkpoint.npz`` if it exists (fresh start if not).
+      on_run_end: called as ``on_run_end(history_row, steps_in_run)`` after each compiled run,
+        e.g. to advance a progress bar.
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      NonFiniteLossError: a run produced a NaN or infinite loss or parameter; the checkpoint on
+        disk is the last one with finite values.
+    """
+    started = time.perf_counter()
+    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+    state, optimizer = init_state(config, dataset.num_features, dataset.num_classes)
+    run_of_steps = make_run_of_steps(config, optimizer)
+    evaluate = make_evaluate(config)
+
+    checkpoint_path = None
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
+
+    def history_row(state: TrainState, batch_loss: float | None) -> dict[str, Any]:
+        on_train = evaluate(state.params, x_train, y_train)
+        on_test = evaluate(state.params, x_test, y_test)
+        return {
+            "step": int(state.step),
+            "batch_loss": batch_loss,
+            "train_loss": float(on_train["loss"]),
+            "train_accuracy": float(on_train["accuracy"]),
+            "test_loss": float(on_test["loss"]),
+            "test_accuracy": float(on_test["accuracy"]),
+        }
+
+    resumed_from = None
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        state, history = load_checkpoint(checkpoint_path, state, config, dataset)
+        resumed_from = int(state.step)
+        if resumed_from > config.steps:
+            raise ValueError(
+                f"the checkpoint is at step {resumed_from}, beyond steps={config.steps}; "
+                "ask for at least as many steps as were already taken."
+            )
+    else:
+        history = [history_row(state, None)]
+    last_checkpoint = resumed_from
+
+    while int(state.step) < config.steps:
+        step = int(state.step)
+        run_length = min(config.steps, (step // config.eval_every + 1) * config.eval_every) - step
+        new_state, losses = run_of_steps(state, x_train, y_train, run_length)
+        losses = np.asarray(losses)
+        if not (np.all(np.isfinite(losses)) and _all_finite(new_state.params)):
+            first_bad = step + int(np.argmin(np.isfinite(losses))) if not np.all(
+                np.isfinite(losses)
+            ) else step + run_length
+            where = (
+                f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
+                if last_checkpoint is not None
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"the training loss became non-finite at step {first_bad} (between steps {step} "
+                f"and {step + run_length}); {where}. Try a smaller learning_rate "
+                f"(was {config.learning_rate}) or a larger l2 (was {config.l2})."
+            )
+        state = new_state
+        row = history_row(state, float(np.mean(losses)))
+        history.append(row)
+        if checkpoint_path is not None and (
+            int(state.step) % config.checkpoint_every == 0 or int(state.step) == config.steps
+        ):
+            save_checkpoint(checkpoint_path, state, history, config, dataset)
+            last_checkpoint = int(state.step)
+        if on_run_end is not None:
+            on_run_end(row, run_length)
+
+    jax.block_until_ready(state.params)
+    final = history[-1]
+    return TrainResult(
+        params=state.params,
+        history=history,
+        final_loss=final["train_loss"],
+        train_accuracy=final["train_accuracy"],
+        test_accuracy=final["test_accuracy"],
+        steps=int(state.step),
+        train_seconds=time.perf_counter() - started,
+        resumed_from=resumed_from,
+    )

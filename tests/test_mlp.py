@@ -1,0 +1,205 @@
+"""jaxsoftmax.mlp against NumPy float64, jax.grad of the naive composition and finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+import pytest
+
+from jaxsoftmax import mlp
+
+
+def numpy_forward(params, x, activation):
+    f = {"relu": lambda z: np.maximum(z, 0.0), "tanh": np.tanh}[activation]
+    h = np.asarray(x, np.float64)
+    for layer in params[:-1]:
+        h = f(h @ np.asarray(layer["W"], np.float64) + np.asarray(layer["b"], np.float64))
+    return h @ np.asarray(params[-1]["W"], np.float64) + np.asarray(params[-1]["b"], np.float64)
+
+
+def numpy_loss(params, x, labels, activation, l2):
+    scores = numpy_forward(params, x, activation)
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    data_loss = -np.mean(log_softmax[np.arange(len(labels)), labels])
+    return data_loss + 0.5 * l2 * sum(np.sum(np.asarray(p["W"], np.float64) ** 2) for p in params)
+
+
+def naive_loss(params, x, labels, activation, l2):
+    """-mean sum y log(softmax(z)) written out, differentiated by plain autodiff."""
+    f = {"relu": jax.nn.relu, "tanh": jnp.tanh}[activation]
+    h = x
+    for layer in params[:-1]:
+        h = f(h @ layer["W"] + layer["b"][None, :])
+    scores = h @ params[-1]["W"] + params[-1]["b"][None, :]
+    softmax = jnp.exp(scores) / jnp.sum(jnp.exp(scores), axis=1, keepdims=True)
+    y = jax.nn.one_hot(labels, scores.shape[1], dtype=scores.dtype)
+    penalty = sum(jnp.sum(p["W"] ** 2) for p in params)
+    return -jnp.mean(jnp.sum(y * jnp.log(softmax), axis=1)) + 0.5 * l2 * penalty
+
+
+def random_problem(sizes, num_examples, seed=0, dtype=jnp.float32, bias_scale=0.1):
+    key_params, key_x, key_y, key_b = jax.random.split(jax.random.key(seed), 4)
+    params = mlp.init(key_params, sizes, scheme="glorot", dtype=dtype)
+    params = [
+        {"W": p["W"], "b": bias_scale * jax.random.normal(jax.random.fold_in(key_b, i),
+                                                          p["b"].shape, dtype)}
+        for i, p in enumerate(params)
+    ]
+    x = jax.random.normal(key_x, (num_examples, sizes[0]), dtype)
+    labels = jax.random.randint(key_y, (num_examples,), 0, sizes[-1])
+    return params, x, labels
+
+
+class TestInit:
+    @pytest.mark.parametrize("sizes", [[4, 10, 3], [2, 3], [3, 5, 6, 2]])
+    def test_shapes_and_zero_biases(self, sizes):
+        params = mlp.init(jax.random.key(0), sizes)
+        assert len(params) == len(sizes) - 1
+        for layer, (fan_in, fan_out) in zip(params, zip(sizes[:-1], sizes[1:])):
+            assert layer["W"].shape == (fan_in, fan_out)
+            assert layer["b"].shape == (fan_out,)
+            assert layer["W"].dtype == jnp.float32
+            np.testing.assert_array_equal(layer["b"], 0.0)
+
+    @pytest.mark.parametrize(
+        "scheme, expected_std",
+        [("normal", 0.01), ("he", np.sqrt(2 / 200)), ("glorot", np.sqrt(2 / 500))],
+    )
+    def test_weight_statistics(self, scheme, expected_std):
+        weights = np.asarray(mlp.init(jax.random.key(1), [200, 300], scheme=scheme)[0]["W"])
+        # 60,000 draws: the sample std is within 1% and the mean within 4 standard errors.
+        assert abs(weights.std() / expected_std - 1) < 0.01
+        assert abs(weights.mean()) < 4 * expected_std / np.sqrt(weights.size)
+
+    def test_layers_are_independent_and_deterministic(self):
+        a = mlp.init(jax.random.key(3), [50, 50, 50])
+        b = mlp.init(jax.random.key(3), [50, 50, 50])
+        np.testing.assert_array_equal(a[0]["W"], b[0]["W"])
+        assert not np.allclose(a[0]["W"], a[1]["W"])
+
+    def test_bad_arguments_are_named(self):
+        with pytest.raises(ValueError, match=r"sizes=\[4\]"):
+            mlp.init(jax.random.key(0), [4])
+        with pytest.raises(ValueError, match=r"scheme='xavier'.*'normal', 'he', 'glorot'"):
+            mlp.init(jax.random.key(0), [4, 3], scheme="xavier")
+
+
+class TestApply:
+    @pytest.mark.parametrize("activation", ["relu", "tanh"])
+    def test_matches_numpy(self, activation):
+        params, x, _ = random_problem([4, 10, 7, 3], 5)
+        got = jax.jit(mlp.apply, static_argnums=2)(params, x, activation)
+        np.testing.assert_allclose(got, numpy_forward(params, x, activation), rtol=1e-5, atol=1e-6)
+
+    def test_single_examples_under_vmap_equal_the_batch(self):
+        params, x, _ = random_problem([4, 10, 3], 6)
+        per_example = jax.vmap(mlp.apply, in_axes=(None, 0))(params, x)
+        np.testing.assert_allclose(per_example, mlp.apply(params, x), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(mlp.apply(params, x[2]), mlp.apply(params, x)[2], rtol=1e-6)
+
+    def test_wrong_input_width_names_the_layer_and_shapes(self):
+        params = mlp.init(jax.random.key(0), [4, 10, 3])
+        with pytest.raises(ValueError, match=r"layer 0: W has shape \(4, 10\).*\(5, 3\).*width 3"):
+            mlp.apply(params, jnp.ones((5, 3)))
+
+    def test_inconsistent_layers_name_the_layer(self):
+        params = mlp.init(jax.random.key(0), [4, 10, 3])
+        params[1]["W"] = jnp.ones((9, 3))
+        with pytest.raises(ValueError, match=r"layer 1: W has shape \(9, 3\).*output of layer 0"):
+            mlp.apply(params, jnp.ones((5, 4)))
+        params = mlp.init(jax.random.key(0), [4, 10, 3])
+        params[0]["b"] = jnp.ones(3)
+        with pytest.raises(ValueError, match=r"layer 0: b has shape \(3,\); expected \(10,\)"):
+            mlp.apply(params, jnp.ones((5, 4)))
+
+    def test_unknown_activation_lists_the_choices(self):
+        params = mlp.init(jax.random.key(0), [2, 3, 2])
+        with pytest.raises(ValueError, match=r"activation='swish'.*'relu'.*'tanh'"):
+            mlp.apply(params, jnp.ones((1, 2)), activation="swish")
+
+
+class TestLoss:
+    @pytest.mark.parametrize("activation, l2", [("relu", 0.0), ("relu", 1e-3), ("tanh", 0.5)])
+    def test_matches_numpy_float64(self, activation, l2):
+        params, x, labels = random_problem([4, 10, 3], 7)
+        got = jax.jit(lambda p: mlp.loss(p, x, labels, l2=l2, activation=activation))(params)
+        expected = numpy_loss(params, x, labels, activation, l2)
+        np.testing.assert_allclose(got, expected, rtol=2e-6)
+
+    def test_penalty_covers_weights_not_biases(self):
+        params, x, labels = random_problem([4, 10, 3], 5, bias_scale=3.0)
+        difference = mlp.loss(params, x, labels, l2=0.2) - mlp.loss(params, x, labels)
+        weights_only = 0.5 * 0.2 * sum(np.sum(np.asarray(p["W"], np.float64) ** 2) for p in params)
+        np.testing.assert_allclose(difference, weights_only, rtol=1e-5)
+
+    def test_core_loss_options_pass_through(self):
+        params, x, labels = random_problem([4, 10, 3], 6)
+        scores = numpy_forward(params, x, "relu")
+        log_softmax = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+        smoothed = 0.9 * np.eye(3)[labels] + 0.1 / 3
+        expected = -np.mean(np.sum(smoothed * log_softmax, axis=1))
+        np.testing.assert_allclose(mlp.loss(params, x, labels, label_smoothing=0.1), expected,
+                                   rtol=1e-5)
+        weights = np.array([1.0, 2.0, 0.5])
+        nll = -log_softmax[np.arange(6), labels]
+        weighted = np.sum(weights[labels] * nll) / np.sum(weights[labels])
+        np.testing.assert_allclose(
+            mlp.loss(params, x, labels, class_weights=jnp.asarray(weights, jnp.float32)), weighted,
+            rtol=1e-5)
+
+    def test_one_example_is_a_batch_of_one(self):
+        params, x, labels = random_problem([4, 10, 3], 3)
+        np.testing.assert_allclose(mlp.loss(params, x[1], labels[1]),
+                                   mlp.loss(params, x[1:2], labels[1:2]), rtol=1e-6)
+
+
+class TestGradients:
+    @pytest.mark.parametrize("activation", ["relu", "tanh"])
+    def test_custom_rule_matches_naive_composition(self, activation):
+        params, x, labels = random_problem([4, 10, 3], 5)
+        got = jax.jit(jax.grad(lambda p: mlp.loss(p, x, labels, l2=1e-2, activation=activation)))(
+            params)
+        expected = jax.jit(jax.grad(naive_loss), static_argnums=3)(params, x, labels, activation,
+                                                                    1e-2)
+        for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+
+    def test_matches_central_finite_differences_in_float64(self):
+        with jax.enable_x64(True):
+            params, x, labels = random_problem([2, 6, 2], 4, dtype=jnp.float64)
+            theta, unravel = ravel_pytree(params)
+
+            def loss_of_vector(t):
+                return mlp.loss(unravel(t), x, labels, l2=1e-2, activation="tanh")
+
+            @jax.jit
+            def central_differences(t, eps=1e-6):
+                basis = eps * jnp.eye(t.size, dtype=jnp.float64)
+                return (jax.vmap(loss_of_vector)(t[None, :] + basis)
+                        - jax.vmap(loss_of_vector)(t[None, :] - basis)) / (2 * eps)
+
+            numeric = central_differences(theta)
+            analytic = jax.jit(jax.grad(loss_of_vector))(theta)
+            assert analytic.dtype == jnp.float64
+            np.testing.assert_allclose(analytic, numeric, atol=1e-8, rtol=1e-5)
+
+    def test_per_example_grads_match_a_loop_and_average_to_the_batch_gradient(self):
+        params, x, labels = random_problem([4, 10, 3], 6)
+        options = {"l2": 1e-2, "activation": "tanh"}
+        per_example = jax.jit(lambda p: mlp.per_example_grads(p, x, labels, **options))(params)
+        single_example_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
+        for n in range(6):
+            single = single_example_grad(params, x[n], labels[n])
+            for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(single)):
+                np.testing.assert_allclose(a[n], b, rtol=1e-5, atol=1e-7)
+        batch = jax.jit(jax.grad(lambda p: mlp.loss(p, x, labels, **options)))(params)
+        for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(batch)):
+            np.testing.assert_allclose(jnp.mean(a, axis=0), b, rtol=1e-5, atol=1e-7)
+
+
+def test_predict_and_accuracy():
+    params = [{"W": jnp.array([[1.0, -1.0, 0.0]]), "b": jnp.array([0.0, 0.0, 0.5])}]
+    x = jnp.array([[2.0], [-2.0], [0.1]])
+    np.testing.assert_array_equal(mlp.predict(params, x), [0, 1, 2])
+    assert float(mlp.accuracy(params, x, jnp.array([0, 1, 0]))) == pytest.approx(2 / 3)

@@ -157,7 +157,8 @@ def markdown(result: dict) -> str:
         f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
         f"{_mib(m['temporaries'])} | {r['all_reduce_bytes_per_device']} | "
         f"{_mib(r['gather_logits_bytes_per_device'])} | {r['loss']:.6f} |")
-  lines += ["", f"Single-device loss for comparison: {result['runs'][0]['loss_single_device']:.6f}."]
+  single = result["runs"][0]["loss_single_device"]
+  lines += ["", f"Single-device loss for comparison: {single:.6f}."]
   model = result.get("model_size")
   if model:
     lines += [

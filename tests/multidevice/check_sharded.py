@@ -75,7 +75,7 @@ def make_inputs(num_rows, num_classes, *, probabilities, seed=0):
   return logits, targets, weights, row_mask, class_mask
 
 
-# (name, probabilities?, options builder(weights, row_mask, class_mask, targets) -> (kwargs, targets))
+# name: (probabilities?, builder(weights, row_mask, class_mask, targets) -> (kwargs, targets))
 def _ignored(targets):
   return targets.at[::5].set(-100)
 
@@ -87,8 +87,8 @@ OPTIONS = {
     "int_ignore_index": (False, lambda w, r, c, t: (dict(ignore_index=-100), _ignored(t))),
     "int_row_mask": (False, lambda w, r, c, t: (dict(where=r), t)),
     "int_class_mask": (False, lambda w, r, c, t: (dict(where=c, label_smoothing=0.1), t)),
-    "int_z_loss": (False, lambda w, r, c, t: (dict(z_loss=1e-2), t)),
-    "int_softcap": (False, lambda w, r, c, t: (dict(logit_softcap=2.5), t)),
+    "int_z_loss_softcap": (False, lambda w, r, c, t: (
+        dict(z_loss=1e-2, logit_softcap=2.5), t)),
     "int_everything": (False, lambda w, r, c, t: (dict(
         label_smoothing=0.15, class_weights=w, ignore_index=-100, where=r, z_loss=1e-2,
         logit_softcap=4.0), _ignored(t))),
@@ -108,9 +108,7 @@ SPLITS = [("batch2_vocab4", 64), ("batch2_vocab4", 61), ("vocab8", 13)]
 CASES = [(option, layout, num_classes) for option in OPTIONS
          for layout, num_classes in SPLITS
          # The all-padding shard only for the options that touch every class.
-         if num_classes != 13 or option in (
-             "int_smoothing", "int_everything", "int_class_mask_weights",
-             "prob_smoothing_weights")]
+         if num_classes != 13 or option in ("int_everything", "prob_smoothing_weights")]
 
 
 def sharded_and_reference(layout, num_classes, probabilities, build, with_sum):

@@ -143,7 +143,8 @@ def markdown(result: dict) -> str:
       "warm-up.",
       "",
       "**These are virtual devices on one CPU** "
-      f"({result['machine']['cpu_count']} cores, `{result['machine']['platform']}`): they "
+      f"({result['machine']['cpu_count']} cores, `{result['machine']['platform']}`, load "
+      f"average {result['machine']['load_average_1min']:.1f} when it ran): they "
       "share the cores, so the time shows the cost of the communication pattern, not a "
       "speed-up. Memory per device and bytes communicated are what carry over to a real mesh.",
       "",
@@ -186,7 +187,7 @@ def main(args) -> dict:
       "virtual_devices": True,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "jax": jax.__version__},
+                  "load_average_1min": os.getloadavg()[0], "jax": jax.__version__},
       "config": {"rows": args.rows, "classes": args.classes, "repeats": args.repeats,
                  "dtype": "float32"},
       "runs": runs,

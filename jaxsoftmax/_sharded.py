@@ -179,13 +179,15 @@ def sharded_cross_entropy(
   logits = v.check_logits(logits)
   targets = v.as_array(targets, "targets")
   integer = jnp.issubdtype(targets.dtype, jnp.integer)
-  # Shapes, dtypes and option values are checked once, on the global arrays, with the
-  # same messages as cross_entropy (the traced values are not used).
+  # Shapes, dtypes and option values are checked once, on the global shapes, with the
+  # same messages as cross_entropy (nothing is computed; shardings are left out so the
+  # check does not depend on how the arrays are laid out).
   jax.eval_shape(
       lambda z, t, w, cw: per_example_loss(
           z, t, where=w, ignore_index=ignore_index, label_smoothing=label_smoothing,
           class_weights=cw, z_loss=z_loss, logit_softcap=logit_softcap),
-      logits, targets, where, class_weights)
+      *jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                    (logits, targets, where, class_weights)))
   if logits.ndim < 2 and batch_names:
     raise ValueError(f"batch_axis_name={batch_axis_name!r} splits the first axis of the "
                      f"logits, but they have shape {tuple(logits.shape)} (no example axis).")

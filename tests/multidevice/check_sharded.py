@@ -220,6 +220,15 @@ def test_explicit_mesh_and_several_leading_axes():
   rows = jax.jit(functools.partial(loss_fn, reduction="none"))(logits, labels)
   assert rows.shape == (4, 3)
   assert rows.sharding.spec[0] == "data"
+  # Inputs already laid out on the explicit mesh, under jax.set_mesh (JAX's way to use
+  # explicit sharding): the gradient comes back sharded like the logits.
+  with jax.set_mesh(mesh):
+    placed = jax.device_put(logits, NamedSharding(mesh, P("data", None, "model")))
+    placed_labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
+    got, got_grad = jax.jit(jax.value_and_grad(loss_fn))(placed, placed_labels)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
+  assert got_grad.sharding.spec == P("data", None, "model")
 
 
 def test_argument_errors_name_the_fix():

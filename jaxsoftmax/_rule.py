@@ -116,11 +116,9 @@ def _max_classes(x, options: RuleOptions):
   return top
 
 
-def _class_index(num_local: int, options: RuleOptions, offset=None):
-  """Global class index of each local class (shard or chunk offset + local position)."""
+def _class_index(num_local: int, options: RuleOptions):
+  """Global class index of each local class (shard offset + local position)."""
   local = lax.broadcasted_iota(jnp.int32, (num_local,), 0)
-  if offset is not None:
-    return local + offset
   if options.axis_name is None:
     return local
   return local + lax.axis_index(options.axis_name) * num_local
@@ -187,9 +185,11 @@ def _target_vector(targets, class_mask, class_weights, num_local, dtype, options
   """
   eps = options.label_smoothing
   weights = 1.0 if class_weights is None else class_weights.astype(dtype)
-  offset = None if block is None else block.offset
   if _is_indices(targets):
-    y = (_class_index(num_local, options, offset) == targets[..., None]).astype(dtype)
+    index = _class_index(num_local, options)
+    if block is not None:
+      index = index + block.offset
+    y = (index == targets[..., None]).astype(dtype)
   else:
     y = targets.astype(dtype)
     if class_mask is not None:

@@ -100,10 +100,24 @@ def _classifier_chunk(classifier, start, width, layout):
   return lax.dynamic_slice_in_dim(classifier, start, width, axis=0 if layout == "vd" else 1)
 
 
+def _operand(chunk):
+  """A chunk about to enter a matrix product, upcast per chunk where the backend needs it.
+
+  XLA's CPU backend has no bf16/f16 matrix product: it converts the operands to float32,
+  and, left to itself, hoists that conversion out of the loop, i.e. converts the *whole*
+  classifier (``V x d`` float32, 2.4 GB at Gemma's shape). Converting the chunk here,
+  behind an optimization barrier, keeps the conversion chunk-sized. Other backends keep
+  the inputs' dtype (tensor cores), accumulating in float32.
+  """
+  if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
+    return chunk
+  return lax.optimization_barrier(chunk).astype(jnp.float32)
+
+
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
   """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
   contract = 1 if layout == "vd" else 0
-  z = lax.dot_general(hidden_t, classifier_c, (((1,), (contract,)), ((), ())),
+  z = lax.dot_general(_operand(hidden_t), _operand(classifier_c), (((1,), (contract,)), ((), ())),
                       preferred_element_type=dtype)
   if bias_c is not None:
     z = z + bias_c.astype(dtype)[None, :]
@@ -216,17 +230,19 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
           z, rows(labels), None, weights_c, rows(row_mask),
           (rows(top)[:, None], rows(log_sum)[:, None]), g_t, options, block)
       grad = jnp.where(fresh[None, :], grad, 0.0)
-      grad_in = grad.astype(hidden.dtype)  # the matrix products run in the inputs' dtype
-      d_hidden_t = lax.dot_general(grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
+      # The matrix products run in the inputs' dtype, as the naive composition's do.
+      grad_in = _operand(grad.astype(hidden.dtype))
+      hidden_in, classifier_in = _operand(hidden_t), _operand(classifier_c)
+      d_hidden_t = lax.dot_general(grad_in, classifier_in, (((1,), (vocab_axis,)), ((), ())),
                                    preferred_element_type=hidden_acc)
       d_hidden = lax.dynamic_update_slice_in_dim(
           d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0)
       if plan.layout == "vd":  # G^T h: [Vc, d]
         d_classifier_c = d_classifier_c + lax.dot_general(
-            grad_in, hidden_t, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+            grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
       else:  # h^T G: [d, Vc]
         d_classifier_c = d_classifier_c + lax.dot_general(
-            hidden_t, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+            hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
       if d_bias_c is not None:
         d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
       return (d_hidden, d_classifier_c, d_bias_c), None

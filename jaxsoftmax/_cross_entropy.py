@@ -23,6 +23,7 @@ The gradient comes from the hand-derived rule in :mod:`jaxsoftmax._rule`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -71,6 +72,17 @@ def per_example_loss(logits, targets, *, axis=-1, where=None, ignore_index=None,
       axis_name=axis_name,
   )
 
+  return _rows_and_weights(logits, targets, row_mask, class_mask, class_weights, axes=axes,
+                           integer=integer, ignore_index=ignore_index, options=options,
+                           forward_mode=forward_mode, checked=checked, name=name)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "axes", "integer", "ignore_index", "options", "forward_mode", "checked", "name"))
+def _rows_and_weights(logits, targets, row_mask, class_mask, class_weights, *, axes, integer,
+                      ignore_index, options, forward_mode, checked, name):
+  """The computation after validation, jitted so eager calls compile once per shape."""
+  num_classes = math.prod(logits.shape[a] for a in axes)
   logits = v.move_classes_last(logits, axes)
   if not integer:
     targets = v.move_classes_last(targets, axes)
@@ -81,8 +93,8 @@ def per_example_loss(logits, targets, *, axis=-1, where=None, ignore_index=None,
     row_mask = kept if row_mask is None else row_mask & kept
   if checked and integer:
     total = num_classes
-    if axis_name is not None:
-      total = jax.lax.psum(num_classes, axis_name)
+    if options.axis_name is not None:
+      total = jax.lax.psum(num_classes, options.axis_name)
     _checking.check_labels(targets, total, row_mask, name=name)
 
   rows = (_rule.softmax_cross_entropy_rows_fwd_capable if forward_mode

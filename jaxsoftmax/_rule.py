@@ -98,7 +98,7 @@ class ClassBlock(NamedTuple):
 
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 for bf16/f16/f32 logits, float64 for float64 logits."""
-  return jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype).itemsize > 4 else jnp.dtype(jnp.float32)
 
 
 def _sum_classes(x, options: RuleOptions):
@@ -116,12 +116,18 @@ def _max_classes(x, options: RuleOptions):
   return top
 
 
-def _class_index(num_local: int, options: RuleOptions):
-  """Global class index of each local class (shard offset + local position)."""
-  local = lax.broadcasted_iota(jnp.int32, (num_local,), 0)
+def _class_index(num_local: int, ndim: int, options: RuleOptions):
+  """Global class index of each local class (shard offset + position), ``[1, ..., 1, C]``."""
+  shape = (1,) * (ndim - 1) + (num_local,)
+  local = lax.broadcasted_iota(jnp.int32, shape, ndim - 1)
   if options.axis_name is None:
     return local
   return local + lax.axis_index(options.axis_name) * num_local
+
+
+def _per_class(vector, ndim: int, dtype):
+  """A ``[C]`` vector shaped ``[1, ..., 1, C]`` to meet ``[..., C]`` arrays (no rank promotion)."""
+  return vector.astype(dtype).reshape((1,) * (ndim - 1) + vector.shape)
 
 
 def _capped(logits, options: RuleOptions):
@@ -161,7 +167,7 @@ def _at_label(values, targets, options: RuleOptions):
   clipped position; the rule marks their rows NaN elsewhere.
   """
   num_local = values.shape[-1]
-  index = targets
+  index = targets.astype(jnp.int32)
   if options.axis_name is not None:
     index = targets - lax.axis_index(options.axis_name) * num_local
   owned = (index >= 0) & (index < num_local)
@@ -184,12 +190,13 @@ def _target_vector(targets, class_mask, class_weights, num_local, dtype, options
   With a :class:`ClassBlock`, ``q`` is the chunk's slice of the row's target vector.
   """
   eps = options.label_smoothing
-  weights = 1.0 if class_weights is None else class_weights.astype(dtype)
+  ndim = targets.ndim + 1 if _is_indices(targets) else targets.ndim
+  weights = 1.0 if class_weights is None else _per_class(class_weights, ndim, dtype)
   if _is_indices(targets):
-    index = _class_index(num_local, options)
+    index = _class_index(num_local, ndim, options)
     if block is not None:
       index = index + block.offset
-    y = (index == targets[..., None]).astype(dtype)
+    y = (index == targets[..., None].astype(jnp.int32)).astype(dtype)
   else:
     y = targets.astype(dtype)
     if class_mask is not None:
@@ -224,8 +231,8 @@ def _target_total(targets, class_mask, class_weights, num_local, dtype, options:
     return _sum_classes(q, options)
   if class_weights is None:
     return jnp.asarray(1.0, dtype)
-  weights = class_weights.astype(dtype)
-  total = (1.0 - eps) * _at_label(weights, targets, options)
+  weights = _per_class(class_weights, targets.ndim + 1, dtype)
+  total = (1.0 - eps) * _at_label(class_weights.astype(dtype), targets, options)
   if eps:
     participating = weights if class_mask is None else jnp.where(class_mask, weights, 0.0)
     total = total + eps * _sum_classes(participating, options) / _num_participating(
@@ -265,7 +272,7 @@ def _bad_label_rows(targets, row_mask, num_local, options: RuleOptions):
   num_total = num_local
   if options.axis_name is not None:
     num_total = lax.psum(num_local, options.axis_name)
-  bad = (targets < 0) | (targets >= num_total)
+  bad = (targets < 0) | (targets >= jnp.asarray(num_total, targets.dtype))
   if row_mask is not None:
     bad = bad & row_mask
   return bad[..., None]
@@ -289,7 +296,7 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
     loss = (1.0 - eps) * row_weight(targets, class_weights, num_local, dtype, options) * (
         log_sum - label_shifted)
     if eps:
-      weights = 1.0 if class_weights is None else class_weights.astype(dtype)
+      weights = 1.0 if class_weights is None else _per_class(class_weights, x.ndim, dtype)
       per_class = weights * (log_sum - shifted)
       if class_mask is not None:
         per_class = jnp.where(class_mask, per_class, 0.0)
@@ -370,7 +377,7 @@ def _probabilities_gradient(logits, targets, class_mask, class_weights, row_mask
     log_sum = jnp.where(live, log_sum, 0.0)
     row_g = jnp.where(live, row_g, 0.0)
   log_softmax = x - top - log_sum
-  weights = 1.0 if class_weights is None else class_weights.astype(dtype)
+  weights = 1.0 if class_weights is None else _per_class(class_weights, x.ndim, dtype)
   grad = -(1.0 - options.label_smoothing) * weights * log_softmax * row_g
   if class_mask is not None:
     grad = jnp.where(class_mask, grad, 0.0)

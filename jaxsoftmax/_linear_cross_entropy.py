@@ -199,8 +199,10 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
   vocab_axis = 0 if plan.layout == "vd" else 1
   num_classes = classifier.shape[vocab_axis]
   dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
-  acc = jnp.promote_types(plan.accumulation_dtype, classifier.dtype)
-  hidden_acc = jnp.promote_types(jnp.float32, hidden.dtype)
+  acc = plan.accumulation_dtype  # never below the inputs' dtype
+  if acc.itemsize < classifier.dtype.itemsize:
+    acc = classifier.dtype
+  hidden_acc = _rule.compute_dtype(hidden.dtype)
   tc, vc = plan.token_chunk, plan.vocab_chunk
   num_tc, token_start = _chunk_starts(num_tokens, tc)
   num_vc, vocab_start = _chunk_starts(num_classes, vc)

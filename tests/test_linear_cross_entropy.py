@@ -53,14 +53,14 @@ def _resolve(options, extras, labels):
 
 def _naive(hidden, classifier, bias, labels, **kw):
   logits = hidden.astype(jnp.float32) @ classifier.astype(jnp.float32).T
-  logits = logits + bias.astype(jnp.float32)
+  logits = logits + bias.astype(jnp.float32).reshape((1,) * (logits.ndim - 1) + bias.shape)
   return cross_entropy(logits, labels, **kw)
 
 
 def _value_and_grads(loss, hidden, classifier, bias):
   def scalar(h, w, b):
     out = loss(h, w, b)
-    return jnp.sum(out * jnp.linspace(0.5, 1.5, out.size).reshape(out.shape)), out
+    return jnp.sum(out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype).reshape(out.shape)), out
   (_, out), grads = jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)(
       hidden, classifier, bias)
   return (out,) + grads

@@ -438,6 +438,8 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="output folder "
                       "(default benchmarks/results/<device>)")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--large", action="store_true",
+                      help="add case 1 at (8192, 65536): over 10 minutes on a 2-core CPU")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   platform_name = device.platform
@@ -452,7 +454,8 @@ def main(argv=None):
   else:
     repeats = args.repeats or 5
     rows = case_integer_labels(
-        [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768), (8192, 65536)],
+        [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
+        + ([(8192, 65536)] if args.large else []),
         [jnp.float32, jnp.bfloat16], repeats)
     memory_shapes = [GEMMA, (2048, 512, 32768)]
     timed = [(2048, 512, 32768)]

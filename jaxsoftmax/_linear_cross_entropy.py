@@ -101,13 +101,13 @@ def _classifier_chunk(classifier, start, width, layout):
 
 
 def _operand(chunk):
-  """A chunk about to enter a matrix product, upcast per chunk where the backend needs it.
+  """A chunk about to enter a matrix product; on the CPU, bf16/f16 is upcast per chunk.
 
-  XLA's CPU backend has no bf16/f16 matrix product: it converts the operands to float32,
-  and, left to itself, hoists that conversion out of the loop, i.e. converts the *whole*
-  classifier (``V x d`` float32, 2.4 GB at Gemma's shape). Converting the chunk here,
-  behind an optimization barrier, keeps the conversion chunk-sized. Other backends keep
-  the inputs' dtype (tensor cores), accumulating in float32.
+  XLA's CPU backend has no bf16 matrix product or dynamic slice: it converts to float32
+  and hoists the conversion of the whole classifier out of the loop (``4 V d`` bytes,
+  2.2 GiB at Gemma's shape). Converting here, behind a barrier, was meant to keep that
+  chunk-sized, but the CPU compiler drops the barrier, so the copy remains; see
+  docs/linear-cross-entropy.md. Other backends keep the inputs' dtype (tensor cores).
   """
   if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
     return chunk

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,27 @@ class RuleOptions:
   z_loss: float = 0.0
   logit_softcap: Optional[float] = None
   axis_name: Optional[object] = None
+
+
+class ClassBlock(NamedTuple):
+  """Classes ``[offset, offset + width)`` out of ``num_classes``: one chunk of a row.
+
+  For callers that visit the class axis in chunks and never hold a whole row of logits
+  (:mod:`jaxsoftmax._linear_cross_entropy`). The rule is then given the chunk's logits and
+  the chunk's slice of the class weights; the one-hot uses global class indices
+  ``offset + j``, smoothing spreads over all ``num_classes`` and the per-row numbers
+  (``w[label]``, ``sum_c w_c``, the label range) use ``class_weights``, all ``C`` of them.
+  Integer targets only, without a class mask or vocabulary sharding.
+
+  Attributes:
+    offset: global index of the chunk's first class (may be traced).
+    num_classes: ``C``, the number of classes of the whole row.
+    class_weights: all ``C`` class weights, or None.
+  """
+
+  offset: object
+  num_classes: int
+  class_weights: Optional[jax.Array] = None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -162,25 +183,30 @@ def _at_label(values, targets, options: RuleOptions):
   return lax.psum(jnp.where(owned[..., None], picked, 0), options.axis_name)
 
 
-def _target_vector(targets, class_mask, class_weights, num_local, dtype, options: RuleOptions):
+def _target_vector(targets, class_mask, class_weights, num_local, dtype, options: RuleOptions,
+                   block: Optional[ClassBlock] = None):
   """The effective target vector ``q_c = w_c ((1 - eps) y_c + eps / K)``, ``[..., C]``.
 
   ``K`` counts the classes taking part in the row and masked classes get no smoothing
   mass; ``y`` is one-hot for integer targets, whose own class always counts (as in optax).
+  With a :class:`ClassBlock`, ``q`` is the chunk's slice of the row's target vector.
   """
   eps = options.label_smoothing
   ndim = targets.ndim + 1 if _is_indices(targets) else targets.ndim
   weights = 1.0 if class_weights is None else _per_class(class_weights, ndim, dtype)
   if _is_indices(targets):
-    y = (_class_index(num_local, ndim, options) == targets[..., None].astype(jnp.int32))
-    y = y.astype(dtype)
+    index = _class_index(num_local, ndim, options)
+    if block is not None:
+      index = index + block.offset
+    y = (index == targets[..., None].astype(jnp.int32)).astype(dtype)
   else:
     y = targets.astype(dtype)
     if class_mask is not None:
       y = jnp.where(class_mask, y, 0.0)
   q = (1.0 - eps) * weights * y
   if eps:
-    smoothing = eps * weights / _num_participating(class_mask, num_local, dtype, options)
+    num_classes = num_local if block is None else block.num_classes
+    smoothing = eps * weights / _num_participating(class_mask, num_classes, dtype, options)
     if class_mask is not None:
       smoothing = jnp.where(class_mask, smoothing, 0.0)
     q = q + smoothing
@@ -295,15 +321,22 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
 
 
 def _logits_gradient(logits, targets, class_mask, class_weights, row_mask, statistics,
-                     g, options: RuleOptions):
+                     g, options: RuleOptions, block: Optional[ClassBlock] = None):
   """The derived backward rule, in one expression::
 
       dL/dz = ((sum_c q_c + 2 beta r lse) * softmax(z) - q) * g * (1 - tanh(z/cap)^2)
 
   ``statistics`` are the forward's residuals ``(m, log_sum)``; ``g`` is the per-row
   cotangent. Rows without participating classes or masked by ``row_mask`` get zero.
+  With a :class:`ClassBlock`, ``logits`` and ``class_weights`` are one chunk of the row's
+  classes and the result is that chunk of the row's gradient (the expression is
+  elementwise given the row's statistics and ``sum_c q_c``).
   """
   num_local = logits.shape[-1]
+  num_total, all_weights = num_local, class_weights
+  if block is not None:
+    assert class_mask is None and options.axis_name is None and _is_indices(targets)
+    num_total, all_weights = block.num_classes, block.class_weights
   x = _capped(logits, options)
   dtype = x.dtype
   top, log_sum = statistics
@@ -314,15 +347,15 @@ def _logits_gradient(logits, targets, class_mask, class_weights, row_mask, stati
   if live is not None:
     log_sum = jnp.where(live, log_sum, 0.0)
   softmax = jnp.exp(shifted - log_sum)
-  q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options)
-  scale = _target_total(targets, class_mask, class_weights, num_local, dtype, options)
+  q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)
+  scale = _target_total(targets, class_mask, all_weights, num_total, dtype, options)
   if options.z_loss:
-    r = row_weight(targets, class_weights, num_local, dtype, options)
+    r = row_weight(targets, all_weights, num_total, dtype, options)
     scale = scale + 2.0 * options.z_loss * r * (top + log_sum)
   row_g = g.astype(dtype)[..., None]
   if live is not None:
     row_g = jnp.where(live, row_g, 0.0)
-  bad = _bad_label_rows(targets, row_mask, num_local, options)
+  bad = _bad_label_rows(targets, row_mask, num_total, options)
   if bad is not None:
     row_g = jnp.where(bad, jnp.nan, row_g)
   grad = (scale * softmax - q) * row_g

@@ -1,0 +1,462 @@
+"""``linear_cross_entropy``: the classifier layer and the loss fused, never building the logits.
+
+For a large vocabulary the logits ``z = h W^T + b`` (``[N, V]``) and their gradient are
+the largest arrays of a training step. This loss computes the same value and gradients as
+``cross_entropy(hidden @ classifier.T + bias, labels, ...)`` while holding only one
+``[T, Vc]`` tile of logits at a time (``T`` tokens by ``Vc`` classes).
+
+Forward: an online log-sum-exp
+------------------------------
+For each token chunk the vocabulary chunks are visited in turn. With ``x = cap tanh(z /
+cap)`` the (soft-capped) logits of a chunk, each row keeps a running maximum ``m`` and a
+running sum ``s = sum exp(x_c - m)`` over the classes seen so far; a new chunk with
+maximum ``m_c`` updates them as::
+
+    m' = max(m, m_c)        s' = s exp(m - m') + sum_c exp(x_c - m')
+
+so after the last chunk ``lse = m + log s``. In the same pass each row picks its label's
+logit ``x_y`` (in the chunk that owns it) and, with label smoothing, ``S = sum_c w_c x_c``.
+The per-row loss is then the core's (:mod:`jaxsoftmax._rule`)::
+
+    loss = (1 - eps) r (lse - x_y) + (eps / V) (W lse - S) + beta r lse^2
+
+with ``r = w[y]`` (1 without class weights) and ``W = sum_c w_c``. The residuals are the
+inputs and two numbers per row, ``m`` and ``log s``.
+
+Backward: the same rule, tile by tile
+-------------------------------------
+For each vocabulary chunk and each token chunk the tile of logits is recomputed and
+``_rule._logits_gradient`` (the core's derived ``dL/dz = ((sum q + 2 beta r lse) s - q) g
+(1 - tanh^2)``, given the chunk's offset through ``_rule.ClassBlock``) turns it into the
+tile ``G`` of the logits' gradient, which is consumed at once::
+
+    dh[T] += G W[Vc]        dW[Vc] += G^T h[T]        db[Vc] += sum_T G
+
+``dW[Vc]`` and ``db[Vc]`` are accumulated over the token chunks in ``accumulation_dtype``
+(float32 by default) and written once per vocabulary chunk; ``dh`` is accumulated in
+float32 over the vocabulary chunks.
+
+Ragged sizes: when ``Vc`` does not divide ``V`` the last chunk is moved back to end at
+``V`` and the classes already visited are masked (left out of the sums; their gradient
+columns are zeroed); tokens likewise. Nothing is padded or copied, so no array of the
+inputs' size is allocated besides the gradients themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax import _rule
+from jaxsoftmax import _validation as v
+from jaxsoftmax._cross_entropy import reduce_loss
+
+LAYOUTS = ("vd", "dv")
+
+# The automatic chunks hold a tile of at most 2**22 logits (16 MiB in float32).
+_DEFAULT_VOCAB_CHUNK = 4096
+_DEFAULT_TILE = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static choices of one call: the rule's options, the layout and the chunk sizes."""
+
+  options: _rule.RuleOptions
+  layout: str
+  token_chunk: int
+  vocab_chunk: int
+  accumulation_dtype: jnp.dtype
+
+
+def default_chunks(num_tokens: int, num_classes: int) -> tuple[int, int]:
+  """``(token_chunk, vocab_chunk)`` used when none is given.
+
+  ``Vc = min(V, 4096)`` and ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits is at
+  most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the shapes
+  this loss is for, and large enough for the matrix products to run at full speed.
+
+  >>> default_chunks(8192, 256000)
+  (1024, 4096)
+  """
+  vocab_chunk = max(1, min(num_classes, _DEFAULT_VOCAB_CHUNK))
+  token_chunk = max(1, min(num_tokens, _DEFAULT_TILE // vocab_chunk))
+  return token_chunk, vocab_chunk
+
+
+def _chunk_starts(total: int, chunk: int):
+  """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
+  return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
+
+
+def _classifier_chunk(classifier, start, width, layout):
+  return lax.dynamic_slice_in_dim(classifier, start, width, axis=0 if layout == "vd" else 1)
+
+
+def _operand(chunk):
+  """A chunk about to enter a matrix product; on the CPU, bf16/f16 is upcast per chunk.
+
+  XLA's CPU backend has no bf16 matrix product or dynamic slice: it converts to float32
+  and hoists the conversion of the whole classifier out of the loop (``4 V d`` bytes,
+  2.2 GiB at Gemma's shape). Converting here, behind a barrier, was meant to keep that
+  chunk-sized, but the CPU compiler drops the barrier, so the copy remains; see
+  docs/linear-cross-entropy.md. Other backends keep the inputs' dtype (tensor cores).
+  """
+  if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
+    return chunk
+  return lax.optimization_barrier(chunk).astype(jnp.float32)
+
+
+def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
+  """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
+  contract = 1 if layout == "vd" else 0
+  z = lax.dot_general(_operand(hidden_t), _operand(classifier_c), (((1,), (contract,)), ((), ())),
+                      preferred_element_type=dtype)
+  if bias_c is not None:
+    z = z + bias_c.astype(dtype)[None, :]
+  return z
+
+
+def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+  """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
+  options = plan.options
+  num_tokens = hidden.shape[0]
+  num_classes = classifier.shape[0] if plan.layout == "vd" else classifier.shape[1]
+  dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+  tc, vc = plan.token_chunk, plan.vocab_chunk
+  num_tc, token_start = _chunk_starts(num_tokens, tc)
+  num_vc, vocab_start = _chunk_starts(num_classes, vc)
+  eps = options.label_smoothing
+
+  def token_step(outputs, j):
+    t0 = token_start(j)
+    hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+    labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
+
+    def vocab_step(carry, i):
+      top, total, label_x, weighted = carry
+      v0 = vocab_start(i)
+      bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
+      z = _tile_logits(hidden_t, _classifier_chunk(classifier, v0, vc, plan.layout), bias_c,
+                       plan.layout, dtype)
+      x = _rule._capped(z, options)
+      # Classes of a moved-back last chunk that an earlier chunk already counted.
+      fresh = (v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)) >= i * vc
+      x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
+      new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
+      total = total * jnp.exp(top - new_top) + jnp.sum(
+          jnp.exp(x_fresh - new_top[:, None]), axis=-1)
+      index = labels_t - v0
+      owned = (index >= 0) & (index < vc)
+      picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
+      label_x = jnp.where(owned, picked, label_x)
+      if eps:
+        w = (jnp.ones((vc,), dtype) if class_weights is None
+             else lax.dynamic_slice_in_dim(class_weights, v0, vc).astype(dtype))
+        weighted = weighted + jnp.sum(jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1)
+      return (new_top, total, label_x, weighted), None
+
+    init = (jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
+            jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype))
+    stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
+    outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats))
+    return outputs, None
+
+  init = tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4))
+  (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
+
+  log_sum = jnp.log(total)
+  lse = top + log_sum
+  r = _rule.row_weight(labels, class_weights, num_classes, dtype, options)
+  r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
+  loss = (1.0 - eps) * r * (log_sum - (label_x - top))
+  if eps:
+    weight_total = (jnp.asarray(num_classes, dtype) if class_weights is None
+                    else jnp.sum(class_weights.astype(dtype)))
+    loss = loss + eps / num_classes * (weight_total * lse - weighted)
+  if options.z_loss:
+    loss = loss + options.z_loss * r * lse**2
+  if row_mask is not None:
+    loss = jnp.where(row_mask, loss, 0.0)
+  bad = _rule._bad_label_rows(labels, row_mask, num_classes, options)
+  loss = jnp.where(bad[:, 0], jnp.nan, loss)
+  return loss, (top, log_sum)
+
+
+def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statistics, g,
+              plan: _Plan):
+  """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
+  options = plan.options
+  num_tokens, width = hidden.shape
+  vocab_axis = 0 if plan.layout == "vd" else 1
+  num_classes = classifier.shape[vocab_axis]
+  dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+  acc = plan.accumulation_dtype  # never below the inputs' dtype
+  if acc.itemsize < classifier.dtype.itemsize:
+    acc = classifier.dtype
+  hidden_acc = _rule.compute_dtype(hidden.dtype)
+  tc, vc = plan.token_chunk, plan.vocab_chunk
+  num_tc, token_start = _chunk_starts(num_tokens, tc)
+  num_vc, vocab_start = _chunk_starts(num_classes, vc)
+  top, log_sum = statistics
+  chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
+
+  def vocab_step(carry, i):
+    d_hidden, d_classifier, d_bias = carry
+    v0 = vocab_start(i)
+    classifier_c = _classifier_chunk(classifier, v0, vc, plan.layout)
+    bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
+    weights_c = (None if class_weights is None
+                 else lax.dynamic_slice_in_dim(class_weights, v0, vc))
+    block = _rule.ClassBlock(v0, num_classes, class_weights)
+    fresh = (v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)) >= i * vc
+
+    def token_step(inner, j):
+      d_hidden, d_classifier_c, d_bias_c = inner
+      t0 = token_start(j)
+      hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+      rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
+      # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
+      fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
+      g_t = jnp.where(fresh_rows, rows(g), 0.0)
+      z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
+      grad = _rule._logits_gradient(
+          z, rows(labels), None, weights_c, rows(row_mask),
+          (rows(top)[:, None], rows(log_sum)[:, None]), g_t, options, block)
+      grad = jnp.where(fresh[None, :], grad, 0.0)
+      # The matrix products run in the inputs' dtype, as the naive composition's do.
+      grad_in = _operand(grad.astype(hidden.dtype))
+      hidden_in, classifier_in = _operand(hidden_t), _operand(classifier_c)
+      d_hidden_t = lax.dot_general(grad_in, classifier_in, (((1,), (vocab_axis,)), ((), ())),
+                                   preferred_element_type=hidden_acc)
+      d_hidden = lax.dynamic_update_slice_in_dim(
+          d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0)
+      if plan.layout == "vd":  # G^T h: [Vc, d]
+        d_classifier_c = d_classifier_c + lax.dot_general(
+            grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+      else:  # h^T G: [d, Vc]
+        d_classifier_c = d_classifier_c + lax.dot_general(
+            hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+      if d_bias_c is not None:
+        d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
+      return (d_hidden, d_classifier_c, d_bias_c), None
+
+    inner = (d_hidden, jnp.zeros(chunk_shape, acc),
+             None if bias is None else jnp.zeros((vc,), acc))
+    (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
+    # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
+    d_classifier = lax.dynamic_update_slice_in_dim(
+        d_classifier,
+        _classifier_chunk(d_classifier, v0, vc, plan.layout)
+        + d_classifier_c.astype(classifier.dtype), v0, vocab_axis)
+    if d_bias is not None:
+      d_bias = lax.dynamic_update_slice_in_dim(
+          d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype), v0, 0)
+    return (d_hidden, d_classifier, d_bias), None
+
+  init = (jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
+          None if bias is None else jnp.zeros_like(bias))
+  (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+  return d_hidden.astype(hidden.dtype), d_classifier, d_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+  """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule."""
+  return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
+
+
+def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, plan):
+  loss, statistics = _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+  return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
+
+
+def _linear_rows_bwd(plan, residuals, g):
+  hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
+  d_hidden, d_classifier, d_bias = _backward(hidden, classifier, bias, labels, class_weights,
+                                             row_mask, statistics, g, plan)
+  d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
+  return d_hidden, d_classifier, d_bias, None, d_weights, None
+
+
+_linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
+
+
+def _check_chunk(value, name: str):
+  if value is None:
+    return None
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a positive int or None (automatic); got "
+                    f"{type(value).__name__} {value!r}.") from None
+  if value < 1:
+    raise ValueError(f"{name} must be a positive int or None (automatic); got {value}.")
+  return value
+
+
+def _check_float(x, name: str):
+  x = v.as_array(x, name)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array; got {v._describe(x)}.")
+  return x
+
+
+def linear_cross_entropy(
+    hidden: jax.typing.ArrayLike,
+    classifier: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: Optional[jax.typing.ArrayLike] = None,
+    where: Optional[jax.typing.ArrayLike] = None,
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    class_weights: Optional[jax.typing.ArrayLike] = None,
+    z_loss: float = 0.0,
+    logit_softcap: Optional[float] = None,
+    reduction: str = "mean",
+    classifier_layout: str = "vd",
+    token_chunk: Optional[int] = None,
+    vocab_chunk: Optional[int] = None,
+    accumulation_dtype=jnp.float32,
+) -> jax.Array:
+  r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
+
+  The value and every gradient equal those of the naive composition
+
+  .. math::
+
+     z = h W^\top + b, \qquad \mathrm{cross\_entropy}(z, y, \dots),
+
+  with the backward from the same derived rule, ``dL/dz = softmax(z) - q`` (with the
+  options' terms), applied to one recomputed ``[token_chunk, vocab_chunk]`` tile of logits
+  at a time and contracted at once into ``dL/dh = G W``, ``dL/dW = G^T h`` and
+  ``dL/db = sum_n G_n``. No ``N x V`` array is allocated in the forward or the backward.
+
+  Args:
+    hidden: float ``[..., d]``, the last hidden states.
+    classifier: float ``[V, d]`` (``classifier_layout="vd"``, a tied embedding table) or
+      ``[d, V]`` (``"dv"``, a Dense kernel ``h @ kernel``), the dtype of ``hidden``.
+    labels: integer class indices ``[...]`` (``hidden``'s shape without ``d``).
+    bias: float ``[V]`` or None.
+    where: bool ``[...]``, the examples to count. (A per-class mask of shape
+      ``[..., V]`` would itself be an ``N x V`` array and is not accepted.)
+    ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction: as in
+      :func:`jaxsoftmax.cross_entropy`.
+    classifier_layout: ``"vd"`` or ``"dv"``; the ``"dv"`` kernel is read in column blocks,
+      never transposed as a whole.
+    token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
+      :func:`default_chunks` (``Vc = min(V, 4096)``, ``T * Vc <= 2**22``).
+    accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
+      the token chunks (float32 by default: bf16 sums lose small contributions); never
+      below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).
+
+  Returns:
+    The reduced loss, or one loss per example with ``reduction="none"``, in ``hidden``'s
+    dtype. Statistics are float32 (float64 for float64 inputs) whatever the inputs' dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxsoftmax import cross_entropy
+    >>> h = jax.random.normal(jax.random.key(0), (6, 4))
+    >>> W = jax.random.normal(jax.random.key(1), (10, 4))
+    >>> y = jnp.array([0, 3, 9, 2, 2, 7])
+    >>> fused = linear_cross_entropy(h, W, y, token_chunk=4, vocab_chunk=3)
+    >>> print(bool(jnp.allclose(fused, cross_entropy(h @ W.T, y), atol=1e-5)))
+    True
+  """
+  hidden = _check_float(hidden, "hidden")
+  classifier = _check_float(classifier, "classifier")
+  if classifier_layout not in LAYOUTS:
+    raise ValueError(f"classifier_layout must be one of {LAYOUTS} ([V, d] or [d, V]); got "
+                     f"{classifier_layout!r}.")
+  if hidden.ndim < 1:
+    raise ValueError("hidden must have a feature axis, shape [..., d]; got a scalar.")
+  width = hidden.shape[-1]
+  expected = "[V, d]" if classifier_layout == "vd" else "[d, V]"
+  feature_axis = 1 if classifier_layout == "vd" else 0
+  if classifier.ndim != 2 or classifier.shape[feature_axis] != width:
+    hint = ""
+    if classifier.ndim == 2 and classifier.shape[1 - feature_axis] == width:
+      other = "dv" if classifier_layout == "vd" else "vd"
+      hint = f" It looks transposed: pass classifier_layout={other!r}."
+    raise ValueError(
+        f"classifier must have shape {expected} with d = {width} (hidden's last axis) for "
+        f"classifier_layout={classifier_layout!r}; got {v._describe(classifier)}.{hint}")
+  if classifier.dtype != hidden.dtype:
+    raise TypeError(
+        f"classifier must have hidden's dtype {jnp.dtype(hidden.dtype).name}; got "
+        f"{v._describe(classifier)}. Cast one of them.")
+  num_classes = classifier.shape[1 - feature_axis]
+  batch = hidden.shape[:-1]
+  labels = v.as_array(labels, "labels")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integer class indices of shape {batch}; got "
+                    f"{v._describe(labels)}. Probability targets would be an N x V array.")
+  if tuple(labels.shape) != batch:
+    raise ValueError(f"labels must have hidden's shape without the feature axis, {batch}; "
+                     f"got {v._describe(labels)}. Nothing is broadcast.")
+  if bias is not None:
+    bias = _check_float(bias, "bias")
+    if tuple(bias.shape) != (num_classes,):
+      raise ValueError(f"bias must have one entry per class, shape ({num_classes},); got "
+                       f"{v._describe(bias)}.")
+  row_mask = None
+  if where is not None:
+    where = v.as_array(where, "where")
+    if where.dtype != jnp.bool_ or tuple(where.shape) != batch:
+      raise ValueError(
+          f"where must be a boolean array of one entry per example, shape {batch}; got "
+          f"{v._describe(where)}. (A per-class mask would be an N x V array.)")
+    row_mask = where
+  ignore_index = v.check_ignore_index(ignore_index, True)
+  class_weights = v.check_class_weights(class_weights, num_classes)
+  reduction = v.check_reduction(reduction)
+  options = _rule.RuleOptions(
+      label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+      z_loss=v.check_number(z_loss, "z_loss", low=0.0),
+      logit_softcap=v.check_number(logit_softcap, "logit_softcap", low=0.0, low_open=True,
+                                   allow_none=True),
+  )
+  token_chunk = _check_chunk(token_chunk, "token_chunk")
+  vocab_chunk = _check_chunk(vocab_chunk, "vocab_chunk")
+  try:
+    accumulation_dtype = jnp.dtype(accumulation_dtype)
+  except TypeError:
+    raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype!r}.")
+  if not jnp.issubdtype(accumulation_dtype, jnp.floating):
+    raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype}.")
+
+  num_tokens = math.prod(batch)
+  hidden = hidden.reshape(num_tokens, width)
+  labels = labels.reshape(num_tokens)
+  if ignore_index is not None:
+    kept = labels != ignore_index
+    row_mask = kept if row_mask is None else row_mask.reshape(num_tokens) & kept
+  elif row_mask is not None:
+    row_mask = row_mask.reshape(num_tokens)
+  auto_tokens, auto_vocab = default_chunks(num_tokens, num_classes)
+  plan = _Plan(options=options, layout=classifier_layout,
+               token_chunk=min(token_chunk or auto_tokens, max(num_tokens, 1)),
+               vocab_chunk=min(vocab_chunk or auto_vocab, num_classes),
+               accumulation_dtype=accumulation_dtype)
+
+  dtype = _rule.compute_dtype(hidden.dtype)
+  if num_tokens == 0:
+    loss = jnp.zeros((0,), dtype)
+  else:
+    loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+  weight = _rule.row_weight(labels, class_weights, num_classes, dtype, options)
+  weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
+  if row_mask is not None:
+    weight = jnp.where(row_mask, weight, 0.0)
+  out = reduce_loss(loss.reshape(batch), weight.reshape(batch), reduction)
+  return out.astype(hidden.dtype)

@@ -6,6 +6,10 @@ The public API:
 * :func:`softmax_cross_entropy`, :func:`softmax_cross_entropy_with_integer_labels`:
   drop-in replacements for optax's losses of the same names, with forward mode.
 * :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
+* :func:`linear_cross_entropy`: classifier layer and loss fused; never builds the
+  ``[N, V]`` logits.
+* :func:`sharded_cross_entropy`: the vocabulary-parallel loss on a device mesh (the
+  ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: the seeds'
   fully connected network as pure functions, its data sets, and its compiled training
   (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
@@ -15,10 +19,12 @@ import importlib.metadata
 
 from jaxsoftmax._checking import checked as checked
 from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
+from jaxsoftmax._linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
 from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_entropy
 from jaxsoftmax._optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jaxsoftmax._sharded import sharded_cross_entropy as sharded_cross_entropy
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
 from jaxsoftmax import training as training
@@ -37,7 +43,9 @@ __all__ = [
     "checked",
     "cross_entropy",
     "data",
+    "linear_cross_entropy",
     "mlp",
+    "sharded_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "train",

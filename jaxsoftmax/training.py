@@ -214,11 +214,13 @@ def select_devices(count: int | None, *, name: str = "devices") -> list[jax.Devi
     available = jax.local_devices()
     if count is None:
         return available
-    if not 1 <= count <= len(available):
+    if count < 1:
+        raise ValueError(f"{name}={count} must be at least 1 (or unset, for all local devices).")
+    if count > len(available):
         raise ValueError(
-            f"{name}={count}, but this process has {len(available)} local "
-            f"{available[0].platform} device(s); choose 1 to {len(available)}, or leave it unset "
-            "for all of them. On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set "
+            f"{name}={count} asks for more devices than this process has: {len(available)} local "
+            f"{available[0].platform} device(s). Ask for at most {len(available)}, or leave it "
+            "unset to use all; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set "
             "before JAX starts gives N virtual devices."
         )
     return available[:count]

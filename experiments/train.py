@@ -12,7 +12,9 @@ classifier, about 0.5).
 
 Training runs data-parallel on all local devices (the batch split across them, the parameters
 replicated; the same result as one device up to float rounding); ``--devices N`` uses the first N.
-On a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` gives 8 virtual devices:
+Over thousands of steps the spiral case amplifies rounding differences of any kind, so N devices
+end in a different, equally good minimum (``experiments/data_parallel.py`` measures it). On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` gives 8 virtual devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/train.py --devices 8
 

@@ -69,6 +69,15 @@ def test_train_script_names_a_device_count_beyond_the_local_devices(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_comparison_script_runs_on_a_tiny_case(tmp_path):
+    completed = run_with_devices([sys.executable, "experiments/data_parallel.py", "--devices", "8",
+                                  "--steps", "5", "--num-examples", "20", "--hidden", "8",
+                                  "--json", str(tmp_path / "table.json")], devices=8)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (row,) = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert row["devices"] == 8 and row["max_param_diff_1_vs_n"] < 1e-5
+
+
 def test_one_device_process_refuses_two():
     assert jax.local_device_count() == 1
     with pytest.raises(ValueError, match=r"devices=2 asks for more devices .* 1 local"):

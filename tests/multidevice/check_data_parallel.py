@@ -27,7 +27,7 @@ FULL_BATCH = {"hidden": (16,), "steps": 40, "eval_every": 20, "checkpoint_every"
 MINIBATCH = {"hidden": (16,), "optimizer": "momentum", "learning_rate": 0.1, "batch_size": 20,
              "steps": 40, "eval_every": 20, "checkpoint_every": 20}
 # Measured: at most 5e-7 apart after 60 steps. Over thousands of steps the runs drift apart as
-# any change of summation order does (docs in experiments/train.py); here they must not.
+# any change of summation order does (experiments/data_parallel.py); here they must not.
 RTOL, ATOL = 1e-5, 2e-6
 
 

@@ -10,6 +10,14 @@ classifier, about 0.5).
     python experiments/train.py --dataset digits --standardize --optimizer adam --lr 1e-3 \\
         --batch-size 64 --steps 2000 --out runs/digits
 
+Training runs data-parallel on all local devices (the batch split across them, the parameters
+replicated; the same result as one device up to float rounding); ``--devices N`` uses the first N.
+Over thousands of steps the spiral case amplifies rounding differences of any kind, so N devices
+end in a different, equally good minimum (``experiments/data_parallel.py`` measures it). On a CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` gives 8 virtual devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/train.py --devices 8
+
 Writes into ``--out``: metrics.json, history.csv, loss.png, decision_boundary.png (2-D data
 only) and checkpoint.npz (``--resume`` continues from it).
 """
@@ -75,6 +83,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit-softcap", type=float, default=None)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--devices", type=int, default=None,
+                        help="train data-parallel on the first N local devices (default: all)")
     parser.add_argument("--out", default="runs/train", help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
@@ -101,6 +111,7 @@ def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig
         logit_softcap=arguments.logit_softcap,
         eval_every=arguments.eval_every,
         checkpoint_every=arguments.checkpoint_every,
+        devices=arguments.devices,
     )
 
 
@@ -169,12 +180,18 @@ def plot_decision_boundary(
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
+    try:
+        devices = training.select_devices(arguments.devices, name="--devices")
+    except ValueError as error:
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        return 2
     config = config_from_arguments(arguments)
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=arguments.standardize,
                         num_examples=arguments.num_examples)
     device = jax.devices()[0]
     device_description = f"{device.platform}: {device.device_kind}"
-    print(f"device: {device_description} ({jax.device_count()} visible)")
+    print(f"device: {device_description} ({jax.device_count()} visible), training data-parallel "
+          f"on {len(devices)}")
     architecture = " -> ".join(str(w) for w in [dataset.num_features, *config.hidden,
                                                  dataset.num_classes])
     print(f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
@@ -212,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds_note": "wall time of training.train in this process, compilation included"
         + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
         "device": device_description,
+        "devices": result.devices,
         "versions": library_versions(),
         "dataset": {"name": dataset.name, "train_examples": len(dataset.y_train),
                     "test_examples": len(dataset.y_test), "features": dataset.num_features,

@@ -175,6 +175,7 @@ def loss(
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     """Mean cross-entropy of the network plus the L2 penalty on its weights.
 
@@ -194,6 +195,8 @@ def loss(
         probabilities ``[N, num_classes]``.
       l2: the regularisation strength ``lambda`` (CS231n's ``reg``).
       activation: the hidden activation, as in :func:`apply`.
+      where: bool ``[N]``, the examples to count: the mean is over those alone (padding rows
+        of a batch split across devices are ``False``; see :mod:`jaxsoftmax.training`).
 
     Returns:
       A scalar.
@@ -205,8 +208,11 @@ def loss(
     """
     logits = apply(params, x, activation)
     labels = jnp.asarray(labels)
+    if where is not None:
+        where = jnp.asarray(where)
     if logits.ndim == 1:  # one example, e.g. under vmap: a batch of one
         logits, labels = logits[None], labels[None]
+        where = None if where is None else where[None]
     data_loss = cross_entropy(
         logits,
         labels,
@@ -215,6 +221,7 @@ def loss(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         ignore_index=ignore_index,
+        where=where,
         reduction="mean",
     )
     if l2 == 0.0:

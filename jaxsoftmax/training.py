@@ -3,18 +3,29 @@
 The loop has three layers, each usable on its own:
 
 - :func:`make_train_step`: one optimizer step on one batch, ``(state, x, y) -> (state, loss)``.
-  It knows nothing about where the batch came from, so a sharded batch can be fed to it later.
+  It knows nothing about where the batch came from, so a sharded batch can be fed to it.
 - :func:`make_run_of_steps`: ``num_steps`` steps fused into one ``lax.scan`` and compiled once,
   choosing each step's batch from ``(seed, step)`` alone, so 10,000 steps are 100 dispatches of a
   100-step program, not 10,000 Python calls.
 - :func:`train`: runs of ``eval_every`` steps, an evaluation on both splits after each, atomic
   checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss.
 
+Data parallelism: :func:`train` runs on ``config.devices`` local devices (all of them by default)
+through JAX's SPMD partitioner. A one-axis :class:`jax.sharding.Mesh` named ``"batch"`` spans
+them; parameters and optimizer state are replicated (``PartitionSpec()``), each step's batch is
+split along its rows (``PartitionSpec("batch")``), and ``jit`` compiles the *same global program*
+as on one device, with an all-reduce where the per-device gradient sums meet. The loss is still
+the mean over the whole batch, so the result equals one device's up to the order of float
+additions. A batch whose size does not divide by the device count is padded with masked rows
+(``mlp.loss(..., where=...)``), which count neither in the mean nor in the gradient. For a full
+batch the padded training split is placed sharded once; for minibatches the split is copied to
+every device and each step's gathered rows are split across them.
+
 Determinism: parameters come from ``fold_in(key(seed), 0)``; the batch of step ``s`` is slice
 ``s mod E`` of the permutation drawn from ``fold_in(fold_in(key(seed), 1), s // E)`` with ``E``
-batches per epoch. Nothing depends on how the steps were split between runs, so on the CPU the
-same seed gives the same parameters bit for bit and a resumed run ends where an uninterrupted one
-does.
+batches per epoch. Nothing depends on how the steps were split between runs, or on the number of
+devices, so on the CPU the same seed and device count give the same parameters bit for bit, and a
+resumed run ends where an uninterrupted one does. Another device count changes only the rounding.
 """
 
 from __future__ import annotations
@@ -33,12 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsoftmax import mlp
 from jaxsoftmax.data import Dataset
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 CHECKPOINT_FILENAME = "checkpoint.npz"
+BATCH_AXIS = "batch"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +77,9 @@ class TrainConfig:
       label_smoothing, class_weights, z_loss, logit_softcap: options of the core cross-entropy.
       eval_every: steps per compiled run; the history gets one row per run.
       checkpoint_every: steps between checkpoints, a multiple of ``eval_every``.
+      devices: train data-parallel on the first ``devices`` local devices; ``None`` uses all of
+        them (one on an ordinary CPU). Not a hyperparameter: any count gives the same run up to
+        float rounding, so a checkpoint may be resumed on another count.
     """
 
     hidden: tuple[int, ...] = (100,)
@@ -83,6 +99,7 @@ class TrainConfig:
     logit_softcap: float | None = None
     eval_every: int = 100
     checkpoint_every: int = 1000
+    devices: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -101,6 +118,11 @@ class TrainConfig:
         for name in ("steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.devices is not None and self.devices <= 0:
+            raise ValueError(
+                f"devices={self.devices} must be a positive number of devices, or None for all "
+                "local devices."
+            )
         if self.batch_size is not None and self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be positive, or None for full batch.")
         if self.checkpoint_every % self.eval_every:
@@ -150,6 +172,7 @@ class TrainResult:
       steps: the number of steps taken in total.
       train_seconds: wall time of this call, compilation included.
       resumed_from: the step of the checkpoint this call continued from, or ``None``.
+      devices: the number of devices the steps ran on, data-parallel.
     """
 
     params: mlp.Params
@@ -160,6 +183,7 @@ class TrainResult:
     steps: int
     train_seconds: float
     resumed_from: int | None
+    devices: int
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -182,17 +206,47 @@ def init_state(
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)), optimizer
 
 
+def select_devices(count: int | None, *, name: str = "devices") -> list[jax.Device]:
+    """The first ``count`` local devices, or all of them for ``None``.
+
+    ``name`` is how the caller spells the setting in the error (``"--devices"`` for a script).
+    """
+    available = jax.local_devices()
+    if count is None:
+        return available
+    if count < 1:
+        raise ValueError(f"{name}={count} must be at least 1 (or unset, for all local devices).")
+    if count > len(available):
+        raise ValueError(
+            f"{name}={count} asks for more devices than this process has: {len(available)} local "
+            f"{available[0].platform} device(s). Ask for at most {len(available)}, or leave it "
+            "unset to use all; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set "
+            "before JAX starts gives N virtual devices."
+        )
+    return available[:count]
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A one-axis mesh named ``"batch"`` over :func:`select_devices` ``(devices)``."""
+    return Mesh(np.array(select_devices(devices)), (BATCH_AXIS,))
+
+
 def make_train_step(
     config: TrainConfig, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
-    """One optimizer step on the batch it is given: ``(state, x, y) -> (new_state, loss)``.
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """One optimizer step on the batch it is given: ``(state, x, y, where=None) -> (state, loss)``.
 
-    ``loss`` is the objective of :func:`jaxsoftmax.mlp.loss` on the batch *before* the update.
+    ``loss`` is the objective of :func:`jaxsoftmax.mlp.loss` on the batch *before* the update;
+    ``where`` (bool ``[N]``) leaves padding rows out of it.
     """
     options = config.loss_options()
 
-    def train_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, jax.Array]:
-        loss_value, grads = jax.value_and_grad(mlp.loss)(state.params, x, y, **options)
+    def train_step(
+        state: TrainState, x: jax.Array, y: jax.Array, where: jax.Array | None = None
+    ) -> tuple[TrainState, jax.Array]:
+        loss_value, grads = jax.value_and_grad(mlp.loss)(
+            state.params, x, y, where=where, **options
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), loss_value
@@ -218,26 +272,77 @@ def batch_indices(config: TrainConfig, num_examples: int, step: jax.Array) -> ja
     return jax.lax.dynamic_slice(permutation, (start,), (config.batch_size,))
 
 
+def _pad_rows(rows: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array | None]:
+    """``rows`` padded with row 0 to a multiple of ``multiple``, and the mask of the real ones
+    (``None`` when nothing was padded)."""
+    extra = -rows.shape[0] % multiple
+    if not extra:
+        return rows, None
+    mask = jnp.arange(rows.shape[0] + extra) < rows.shape[0]
+    return jnp.concatenate([rows, jnp.zeros((extra,), rows.dtype)]), mask
+
+
+def shard_full_batch(
+    x: np.ndarray, y: np.ndarray, mesh: Mesh
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``x, y`` padded to a multiple of the mesh size and split along their rows, and the mask
+    of the real rows (``None`` when no padding was needed): the arguments of a full-batch run."""
+    x, y = np.asarray(x), np.asarray(y)
+    extra = -x.shape[0] % mesh.size
+    where = None
+    if extra:
+        where = np.arange(x.shape[0] + extra) < x.shape[0]
+        x = np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
+        y = np.concatenate([y, np.zeros((extra, *y.shape[1:]), y.dtype)])
+    batch = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    return (
+        jax.device_put(x, batch),
+        jax.device_put(y, batch),
+        None if where is None else jax.device_put(where, batch),
+    )
+
+
 def make_run_of_steps(
-    config: TrainConfig, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, jax.Array, jax.Array, int], tuple[TrainState, jax.Array]]:
-    """A jitted ``(state, x_train, y_train, num_steps) -> (state, losses[num_steps])``.
+    config: TrainConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """A jitted ``(state, x_train, y_train, num_steps, where=None) -> (state, losses[num_steps])``.
 
     The steps run inside one ``lax.scan``; ``num_steps`` is static, so each distinct length
-    compiles once.
+    compiles once. With a ``mesh`` (from :func:`make_mesh`) every step's batch is split across
+    its ``"batch"`` axis and the returned state and losses are replicated; the state passed in
+    should be replicated on the mesh too (``jax.device_put(state, NamedSharding(mesh, P()))``).
+
+    ``where`` given means ``x_train, y_train`` are a full batch padded by
+    :func:`shard_full_batch`, ``where`` marking the real rows; every step then uses all of them.
+    Otherwise each step gathers the rows of :func:`batch_indices` (all rows for a full batch),
+    padded with masked rows to a multiple of the mesh size.
     """
     train_step = make_train_step(config, optimizer)
+    num_shards = 1 if mesh is None else mesh.size
 
-    def run(state: TrainState, x: jax.Array, y: jax.Array, num_steps: int):
+    def split_rows(*arrays):
+        if mesh is None:
+            return arrays
+        batch = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+        return tuple(
+            None if a is None else jax.lax.with_sharding_constraint(a, batch) for a in arrays
+        )
+
+    def run(state: TrainState, x: jax.Array, y: jax.Array, num_steps: int, where=None):
         def body(carry: TrainState, _):
-            rows = batch_indices(config, x.shape[0], carry.step)
+            rows = None if where is not None else batch_indices(config, x.shape[0], carry.step)
             if rows is None:
-                return train_step(carry, x, y)
-            return train_step(carry, x[rows], y[rows])
+                if where is None and x.shape[0] % num_shards:
+                    rows = jnp.arange(x.shape[0])  # an unpadded full batch: pad it here
+                else:
+                    return train_step(carry, *split_rows(x, y, where))
+            rows, mask = _pad_rows(rows, num_shards)
+            return train_step(carry, *split_rows(x[rows], y[rows], mask))
 
         return jax.lax.scan(body, state, None, length=num_steps)
 
-    return jax.jit(run, static_argnums=3)
+    out_shardings = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return jax.jit(run, static_argnums=3, out_shardings=out_shardings)
 
 
 def make_evaluate(config: TrainConfig) -> Callable[[mlp.Params, jax.Array, jax.Array], dict]:
@@ -304,8 +409,9 @@ def load_checkpoint(
 ) -> tuple[TrainState, list[dict]]:
     """Reads a checkpoint of :func:`save_checkpoint` into the structure of ``template``.
 
-    Refuses a checkpoint of another configuration (``steps`` may differ, to extend a run) or of
-    other training data, since continuing it would not be the run that was asked for.
+    Refuses a checkpoint of another configuration (``steps`` may differ, to extend a run, and
+    ``devices``, which changes only the rounding) or of other training data, since continuing it
+    would not be the run that was asked for.
     """
     with np.load(path, allow_pickle=False) as stored:
         saved_config = json.loads(str(stored["config"]))
@@ -313,7 +419,7 @@ def load_checkpoint(
         different = {
             key: (saved_config.get(key), value)
             for key, value in wanted.items()
-            if key != "steps" and saved_config.get(key) != value
+            if key not in ("steps", "devices") and saved_config.get(key) != value
         }
         if different:
             raise ValueError(
@@ -352,6 +458,8 @@ def train(
 ) -> TrainResult:
     """Trains ``mlp`` on ``dataset.x_train`` and evaluates on both splits after every run.
 
+    The steps run data-parallel on ``config.devices`` devices (see the module docstring).
+
     Args:
       config: the hyperparameters.
       dataset: from :func:`jaxsoftmax.data.load` (or ``from_arrays``).
@@ -367,12 +475,21 @@ def train(
     Raises:
       NonFiniteLossError: a run produced a NaN or infinite loss or parameter; the checkpoint on
         disk is the last one with finite values.
+      ValueError: ``config.devices`` exceeds the local devices, or a checkpoint does not match.
     """
     started = time.perf_counter()
-    x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
-    x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+    mesh = make_mesh(config.devices)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    x_train, y_train, x_test, y_test = jax.device_put(
+        (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test), replicated
+    )
+    if batch_indices(config, len(dataset.y_train), 0) is None:
+        steps_data = shard_full_batch(dataset.x_train, dataset.y_train, mesh)
+    else:  # every step gathers its rows from a copy on each device, then splits them
+        steps_data = (x_train, y_train, None)
     state, optimizer = init_state(config, dataset.num_features, dataset.num_classes)
-    run_of_steps = make_run_of_steps(config, optimizer)
+    state = jax.device_put(state, replicated)
+    run_of_steps = make_run_of_steps(config, optimizer, mesh)
     evaluate = make_evaluate(config)
 
     checkpoint_path = None
@@ -395,6 +512,7 @@ def train(
     resumed_from = None
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         state, history = load_checkpoint(checkpoint_path, state, config, dataset)
+        state = jax.device_put(state, replicated)
         resumed_from = int(state.step)
         if resumed_from > config.steps:
             raise ValueError(
@@ -408,7 +526,8 @@ def train(
     while int(state.step) < config.steps:
         step = int(state.step)
         run_length = min(config.steps, (step // config.eval_every + 1) * config.eval_every) - step
-        new_state, losses = run_of_steps(state, x_train, y_train, run_length)
+        x_steps, y_steps, where = steps_data
+        new_state, losses = run_of_steps(state, x_steps, y_steps, run_length, where)
         losses = np.asarray(losses)
         if not (np.all(np.isfinite(losses)) and _all_finite(new_state.params)):
             first_bad = step + int(np.argmin(np.isfinite(losses))) if not np.all(
@@ -446,4 +565,5 @@ def train(
         steps=int(state.step),
         train_seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
+        devices=mesh.size,
     )

@@ -154,6 +154,20 @@ class TestLoss:
                                    mlp.loss(params, x[1:2], labels[1:2]), rtol=1e-6)
 
 
+    def test_masked_padding_rows_change_neither_value_nor_gradient(self):
+        # how training pads a batch that does not split evenly across devices
+        params, x, labels = random_problem([4, 10, 3], 5)
+        padded_x = jnp.concatenate([x, jnp.zeros((3, 4))])
+        padded_labels = jnp.concatenate([labels, jnp.zeros((3,), labels.dtype)])
+        mask = jnp.arange(8) < 5
+        weights = jnp.array([1.0, 2.0, 0.5])
+        for options in ({"l2": 1e-2}, {"class_weights": weights, "label_smoothing": 0.1}):
+            got = jax.value_and_grad(mlp.loss)(params, padded_x, padded_labels, where=mask,
+                                               **options)
+            expected = jax.value_and_grad(mlp.loss)(params, x, labels, **options)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
 class TestGradients:
     @pytest.mark.parametrize("activation", ["relu", "tanh"])
     def test_custom_rule_matches_naive_composition(self, activation):

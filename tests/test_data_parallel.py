@@ -1,0 +1,88 @@
+"""Data-parallel training: the 8-device checks in a subprocess, the script end to end.
+
+JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
+(``tests/multidevice/check_data_parallel.py``: every device count against one device, the
+compiled step's all-reduce, resume) run in a child pytest with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps its single device.
+A failure prints the child's report.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsoftmax import data, training
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_with_devices(command, devices):
+    environment = dict(os.environ)
+    flags = environment.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
+    environment["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    environment["JAX_PLATFORMS"] = "cpu"
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_eight_device_checks_pass():
+    completed = run_with_devices(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/multidevice/check_data_parallel.py"], devices=8)
+    report = completed.stdout[-20000:] + completed.stderr[-5000:]
+    assert completed.returncode == 0, f"the 8-device checks failed:\n{report}"
+    assert " passed" in completed.stdout and "failed" not in completed.stdout, report
+
+
+def test_train_script_on_8_devices_matches_one_device(tmp_path):
+    flags = ["--num-examples", "30", "--hidden", "16", "--steps", "40", "--eval-every", "20",
+             "--checkpoint-every", "20", "--no-plots", "--no-progress"]
+    completed = run_with_devices([sys.executable, "experiments/train.py", *flags, "--devices", "8",
+                                  "--out", str(tmp_path)], devices=8)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "training data-parallel on 8" in completed.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["devices"] == 8 and metrics["config"]["devices"] == 8
+    # the same run on this process's one device (90 points: padded to 96 on 8 devices)
+    config = training.TrainConfig(hidden=(16,), steps=40, eval_every=20, checkpoint_every=20)
+    one = training.train(config, data.load("spiral", num_examples=30))
+    assert one.devices == 1
+    np.testing.assert_allclose(metrics["final_loss"], one.final_loss, rtol=1e-5)
+    assert metrics["train_accuracy"] == pytest.approx(one.train_accuracy, abs=1e-6)
+    assert metrics["test_accuracy"] == pytest.approx(one.test_accuracy, abs=1e-6)
+
+
+def test_train_script_names_a_device_count_beyond_the_local_devices(tmp_path):
+    completed = run_with_devices([sys.executable, "experiments/train.py", "--devices", "9",
+                                  "--out", str(tmp_path)], devices=8)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert ("--devices=9 asks for more devices than this process has: 8 local cpu device(s). "
+            "Ask for at most 8") in completed.stderr
+    assert "xla_force_host_platform_device_count" in completed.stderr
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_comparison_script_runs_on_a_tiny_case(tmp_path):
+    completed = run_with_devices([sys.executable, "experiments/data_parallel.py", "--devices", "8",
+                                  "--steps", "5", "--num-examples", "20", "--hidden", "8",
+                                  "--json", str(tmp_path / "table.json")], devices=8)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (row,) = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert row["devices"] == 8 and row["max_param_diff_1_vs_n"] < 1e-5
+
+
+def test_one_device_process_refuses_two():
+    assert jax.local_device_count() == 1
+    with pytest.raises(ValueError, match=r"devices=2 asks for more devices .* 1 local"):
+        training.train(training.TrainConfig(hidden=(4,), steps=1, eval_every=1,
+                                            checkpoint_every=1, devices=2),
+                       data.load("spiral", num_examples=10))
+    with pytest.raises(ValueError, match=r"devices=0 must be a positive number"):
+        training.TrainConfig(devices=0)

@@ -154,6 +154,22 @@ def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
   return z
 
 
+def _carry(inputs):
+  """Types a scan's initial carry like the loop's outputs under ``shard_map``.
+
+  Under ``check_vma`` a value computed from arrays that vary over mesh axes varies over
+  them too, so the zeros a loop starts from are cast to the union of its inputs' axes
+  (nothing changes outside ``shard_map``).
+  """
+  axes = frozenset().union(*(_rule._varying_axes(x) for x in jax.tree.leaves(inputs)))
+
+  def cast(x):
+    missing = tuple(sorted(axes - _rule._varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return lambda tree: jax.tree.map(cast, tree)
+
+
 def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
   """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
   options = plan.options
@@ -164,6 +180,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
   num_tc, token_start = _chunk_starts(num_tokens, tc)
   num_vc, vocab_start = _chunk_starts(local_classes, vc)
   eps = options.label_smoothing
+  varying = _carry((hidden, classifier, bias, labels, class_weights))
 
   def token_step(outputs, j):
     t0 = token_start(j)
@@ -192,14 +209,14 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         weighted = weighted + jnp.sum(jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1)
       return (new_top, total, label_x, weighted), None
 
-    init = (jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
-            jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype))
+    init = varying((jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
+                  jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype)))
     stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
     # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
     outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats))
     return outputs, None
 
-  init = tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4))
+  init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4)))
   (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
   if options.axis_name is not None:
     # The vocabulary shards' statistics, combined per row: a pmax, then one psum of the
@@ -246,6 +263,7 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
   num_vc, vocab_start = _chunk_starts(local_classes, vc)
   top, log_sum = statistics
   chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
+  varying = _carry((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
 
   def vocab_step(carry, i):
     d_hidden, d_classifier, d_bias = carry
@@ -287,8 +305,8 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
         d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
       return (d_hidden, d_classifier_c, d_bias_c), None
 
-    inner = (d_hidden, jnp.zeros(chunk_shape, acc),
-             None if bias is None else jnp.zeros((vc,), acc))
+    inner = (d_hidden, *varying((jnp.zeros(chunk_shape, acc),
+                               None if bias is None else jnp.zeros((vc,), acc))))
     (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
     # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
     d_classifier = lax.dynamic_update_slice_in_dim(
@@ -300,8 +318,8 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
           d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype), v0, 0)
     return (d_hidden, d_classifier, d_bias), None
 
-  init = (jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
-          None if bias is None else jnp.zeros_like(bias))
+  init = varying((jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
+                None if bias is None else jnp.zeros_like(bias)))
   (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
   return d_hidden.astype(hidden.dtype), d_classifier, d_bias
 
@@ -317,11 +335,29 @@ def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, 
   return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
+def _summed_like(cotangent, primal):
+  """The cotangent summed over the mesh axes it varies over and ``primal`` does not.
+
+  Under ``shard_map(check_vma=True)`` the hidden states enter the same on every vocabulary
+  shard, while each shard's ``G W_shard`` is only its classes' part of their gradient: the
+  true gradient is the ``psum`` over the shards (what JAX's own transpose of an invariant
+  value used by varying ones does). Without vma typing (``check_vma=False``) nothing is
+  varying here and ``shard_map``'s transpose adds the shards' parts itself.
+  """
+  if cotangent is None:
+    return None
+  missing = tuple(sorted(_rule._varying_axes(cotangent) - _rule._varying_axes(primal)))
+  return lax.psum(cotangent, missing) if missing else cotangent
+
+
 def _linear_rows_bwd(plan, residuals, g):
   hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
   g = _rule._whole_cotangent(g, classifier, plan.options)
   d_hidden, d_classifier, d_bias = _backward(hidden, classifier, bias, labels, class_weights,
                                              row_mask, statistics, g, plan)
+  d_hidden, d_classifier, d_bias = (
+      _summed_like(d, x) for d, x in ((d_hidden, hidden), (d_classifier, classifier),
+                                      (d_bias, bias)))
   d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
   return d_hidden, d_classifier, d_bias, None, d_weights, None
 

@@ -62,6 +62,13 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
   # One device needs no collective; two exchange per-row statistics only.
   assert runs[0]["all_reduce_bytes_per_device"] == 0
   assert 0 < runs[1]["all_reduce_bytes_per_device"] < 16 * 64 * 4
+  linear = data["linear_runs"]
+  assert [r["devices"] for r in linear] == [1, 2]
+  assert linear[0]["all_reduce_bytes_per_device"] == 0
+  # Two devices: the statistics, and the hidden states' gradient [16, d] summed once.
+  assert 0 < linear[1]["all_reduce_bytes_split"]["per_row"] < 16 * 64 * 4
+  assert linear[1]["all_reduce_bytes_split"]["larger"] == 16 * 128 * 4
+  np.testing.assert_allclose(linear[1]["loss"], linear[1]["loss_single_device"], rtol=1e-5)
   assert (tmp_path / "sharded.md").read_text().startswith("#")
 
 

@@ -22,17 +22,27 @@ def collectives(hlo_text: str) -> list[tuple[str, list[tuple[str, tuple[int, ...
   Collectives whose every group is one device (``replica_groups={{0}}``, what a mesh of
   one device compiles to) move nothing and are left out.
   """
+  return [(op, shapes) for op, shapes, _ in collectives_with_groups(hlo_text)]
+
+
+def collectives_with_groups(hlo_text: str):
+  """``(op, [(dtype, shape), ...], groups)`` for every collective that moves data, where
+  ``groups`` is the op's device groups as a set of frozensets of device ids (None when
+  the HLO does not list them explicitly)."""
   found = []
   for line in hlo_text.splitlines():
     match = _OP.search(line)
     if not match:
       continue
     groups = _GROUPS.search(line)
-    if groups and all("," not in g for g in groups[1].split("},{")):
-      continue
+    if groups:
+      groups = {frozenset(int(d) for d in g.strip("{}").split(",") if d)
+                for g in groups[1].split("},{")}
+      if all(len(g) <= 1 for g in groups):
+        continue
     shapes = [(s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d))
               for s in _SHAPE.finditer(match["result"])]
-    found.append((match["op"], shapes))
+    found.append((match["op"], shapes, groups or None))
   return found
 
 

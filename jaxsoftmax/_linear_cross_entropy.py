@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,36 @@ class _Plan:
   token_chunk: int
   vocab_chunk: int
   accumulation_dtype: jnp.dtype
+  num_classes: Optional[int] = None  # all V real classes when sharded (None: the local V)
+
+
+def _vocabulary(classifier, plan: _Plan):
+  """The local classes, all real classes, this shard's first class, and the rule's options.
+
+  Without ``options.axis_name`` this shard is the whole vocabulary. With it (inside
+  ``shard_map``) the classifier holds ``V_local`` rows of a vocabulary split over that axis,
+  possibly padded at its end: the shard's classes start at ``axis_index * V_local`` and only
+  classes below ``plan.num_classes`` are real. The rule is then called per tile with
+  ``axis_name=None``: the tile's global offset goes in its :class:`_rule.ClassBlock` and
+  the per-row numbers it needs (``w[label]``, ``sum_c w_c``, ``V``) come from the global
+  class weights every shard holds, so no tile communicates.
+  """
+  options = plan.options
+  local = classifier.shape[0 if plan.layout == "vd" else 1]
+  if options.axis_name is None:
+    return local, local, 0, options
+  offset = lax.axis_index(options.axis_name) * local
+  return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
+
+
+def _visited(v0, i, vc, offset, num_classes, options):
+  """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
+  (a moved-back last chunk) and, on a padded vocabulary shard, real."""
+  index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
+  fresh = index >= i * vc
+  if options.axis_name is not None:
+    fresh = fresh & (offset + index < num_classes)
+  return fresh
 
 
 def default_chunks(num_tokens: int, num_classes: int) -> tuple[int, int]:
@@ -124,16 +154,33 @@ def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
   return z
 
 
+def _carry(inputs):
+  """Types a scan's initial carry like the loop's outputs under ``shard_map``.
+
+  Under ``check_vma`` a value computed from arrays that vary over mesh axes varies over
+  them too, so the zeros a loop starts from are cast to the union of its inputs' axes
+  (nothing changes outside ``shard_map``).
+  """
+  axes = frozenset().union(*(_rule._varying_axes(x) for x in jax.tree.leaves(inputs)))
+
+  def cast(x):
+    missing = tuple(sorted(axes - _rule._varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return lambda tree: jax.tree.map(cast, tree)
+
+
 def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
   """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
   options = plan.options
   num_tokens = hidden.shape[0]
-  num_classes = classifier.shape[0] if plan.layout == "vd" else classifier.shape[1]
+  local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
   dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
   tc, vc = plan.token_chunk, plan.vocab_chunk
   num_tc, token_start = _chunk_starts(num_tokens, tc)
-  num_vc, vocab_start = _chunk_starts(num_classes, vc)
+  num_vc, vocab_start = _chunk_starts(local_classes, vc)
   eps = options.label_smoothing
+  varying = _carry((hidden, classifier, bias, labels, class_weights))
 
   def token_step(outputs, j):
     t0 = token_start(j)
@@ -147,35 +194,44 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
       z = _tile_logits(hidden_t, _classifier_chunk(classifier, v0, vc, plan.layout), bias_c,
                        plan.layout, dtype)
       x = _rule._capped(z, options)
-      # Classes of a moved-back last chunk that an earlier chunk already counted.
-      fresh = (v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)) >= i * vc
+      fresh = _visited(v0, i, vc, offset, num_classes, options)
       x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
       new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
-      total = total * jnp.exp(top - new_top) + jnp.sum(
-          jnp.exp(x_fresh - new_top[:, None]), axis=-1)
-      index = labels_t - v0
+      shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # -inf: no class counted yet
+      total = total * jnp.exp(top - shift) + jnp.sum(jnp.exp(x_fresh - shift[:, None]), axis=-1)
+      index = labels_t - (offset + v0)
       owned = (index >= 0) & (index < vc)
       picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
       label_x = jnp.where(owned, picked, label_x)
       if eps:
         w = (jnp.ones((vc,), dtype) if class_weights is None
-             else lax.dynamic_slice_in_dim(class_weights, v0, vc).astype(dtype))
+             else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc).astype(dtype))
         weighted = weighted + jnp.sum(jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1)
       return (new_top, total, label_x, weighted), None
 
-    init = (jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
-            jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype))
+    init = varying((jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
+                  jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype)))
     stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
     # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
     outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats))
     return outputs, None
 
-  init = tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4))
+  init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4)))
   (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
+  if options.axis_name is not None:
+    # The vocabulary shards' statistics, combined per row: a pmax, then one psum of the
+    # rescaled sums, the label logits (0 on every shard but the owner's) and the smoothing
+    # sums. Nothing else in the loss crosses devices.
+    local_top, top = top, lax.pmax(top, options.axis_name)
+    total = total * jnp.exp(local_top - jnp.where(jnp.isfinite(top), top, 0.0))
+    if eps:
+      total, label_x, weighted = lax.psum((total, label_x, weighted), options.axis_name)
+    else:
+      total, label_x = lax.psum((total, label_x), options.axis_name)
 
   log_sum = jnp.log(total)
   lse = top + log_sum
-  r = _rule.row_weight(labels, class_weights, num_classes, dtype, options)
+  r = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
   r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
   loss = (1.0 - eps) * r * (log_sum - (label_x - top))
   if eps:
@@ -186,7 +242,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
     loss = loss + options.z_loss * r * lse**2
   if row_mask is not None:
     loss = jnp.where(row_mask, loss, 0.0)
-  bad = _rule._bad_label_rows(labels, row_mask, num_classes, options)
+  bad = _rule._bad_label_rows(labels, row_mask, num_classes, rule)
   loss = jnp.where(bad[:, 0], jnp.nan, loss)
   return loss, (top, log_sum)
 
@@ -194,10 +250,9 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
 def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statistics, g,
               plan: _Plan):
   """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
-  options = plan.options
   num_tokens, width = hidden.shape
   vocab_axis = 0 if plan.layout == "vd" else 1
-  num_classes = classifier.shape[vocab_axis]
+  local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
   dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
   acc = plan.accumulation_dtype  # never below the inputs' dtype
   if acc.itemsize < classifier.dtype.itemsize:
@@ -205,9 +260,10 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
   hidden_acc = _rule.compute_dtype(hidden.dtype)
   tc, vc = plan.token_chunk, plan.vocab_chunk
   num_tc, token_start = _chunk_starts(num_tokens, tc)
-  num_vc, vocab_start = _chunk_starts(num_classes, vc)
+  num_vc, vocab_start = _chunk_starts(local_classes, vc)
   top, log_sum = statistics
   chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
+  varying = _carry((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
 
   def vocab_step(carry, i):
     d_hidden, d_classifier, d_bias = carry
@@ -215,9 +271,9 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
     classifier_c = _classifier_chunk(classifier, v0, vc, plan.layout)
     bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
     weights_c = (None if class_weights is None
-                 else lax.dynamic_slice_in_dim(class_weights, v0, vc))
-    block = _rule.ClassBlock(v0, num_classes, class_weights)
-    fresh = (v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)) >= i * vc
+                 else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc))
+    block = _rule.ClassBlock(offset + v0, num_classes, class_weights)
+    fresh = _visited(v0, i, vc, offset, num_classes, plan.options)
 
     def token_step(inner, j):
       d_hidden, d_classifier_c, d_bias_c = inner
@@ -230,7 +286,7 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
       z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
       grad = _rule._logits_gradient(
           z, rows(labels), None, weights_c, rows(row_mask),
-          (rows(top)[:, None], rows(log_sum)[:, None]), g_t, options, block)
+          (rows(top)[:, None], rows(log_sum)[:, None]), g_t, rule, block)
       grad = jnp.where(fresh[None, :], grad, 0.0)
       # The matrix products run in the inputs' dtype, as the naive composition's do.
       grad_in = _operand(grad.astype(hidden.dtype))
@@ -249,8 +305,8 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
         d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
       return (d_hidden, d_classifier_c, d_bias_c), None
 
-    inner = (d_hidden, jnp.zeros(chunk_shape, acc),
-             None if bias is None else jnp.zeros((vc,), acc))
+    inner = (d_hidden, *varying((jnp.zeros(chunk_shape, acc),
+                               None if bias is None else jnp.zeros((vc,), acc))))
     (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
     # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
     d_classifier = lax.dynamic_update_slice_in_dim(
@@ -262,8 +318,8 @@ def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statist
           d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype), v0, 0)
     return (d_hidden, d_classifier, d_bias), None
 
-  init = (jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
-          None if bias is None else jnp.zeros_like(bias))
+  init = varying((jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
+                None if bias is None else jnp.zeros_like(bias)))
   (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
   return d_hidden.astype(hidden.dtype), d_classifier, d_bias
 
@@ -279,10 +335,29 @@ def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, 
   return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
+def _summed_like(cotangent, primal):
+  """The cotangent summed over the mesh axes it varies over and ``primal`` does not.
+
+  Under ``shard_map(check_vma=True)`` the hidden states enter the same on every vocabulary
+  shard, while each shard's ``G W_shard`` is only its classes' part of their gradient: the
+  true gradient is the ``psum`` over the shards (what JAX's own transpose of an invariant
+  value used by varying ones does). Without vma typing (``check_vma=False``) nothing is
+  varying here and ``shard_map``'s transpose adds the shards' parts itself.
+  """
+  if cotangent is None:
+    return None
+  missing = tuple(sorted(_rule._varying_axes(cotangent) - _rule._varying_axes(primal)))
+  return lax.psum(cotangent, missing) if missing else cotangent
+
+
 def _linear_rows_bwd(plan, residuals, g):
   hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
+  g = _rule._whole_cotangent(g, classifier, plan.options)
   d_hidden, d_classifier, d_bias = _backward(hidden, classifier, bias, labels, class_weights,
                                              row_mask, statistics, g, plan)
+  d_hidden, d_classifier, d_bias = (
+      _summed_like(d, x) for d, x in ((d_hidden, hidden), (d_classifier, classifier),
+                                      (d_bias, bias)))
   d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
   return d_hidden, d_classifier, d_bias, None, d_weights, None
 
@@ -373,6 +448,74 @@ def linear_cross_entropy(
     >>> print(bool(jnp.allclose(fused, cross_entropy(h @ W.T, y), atol=1e-5)))
     True
   """
+  call = _validated(hidden, classifier, labels, bias=bias, where=where,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    class_weights=class_weights, z_loss=z_loss, logit_softcap=logit_softcap,
+                    reduction=reduction, classifier_layout=classifier_layout,
+                    token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+                    accumulation_dtype=accumulation_dtype)
+  plan = make_plan(call, call.hidden.shape[0], call.num_classes)
+  loss, weight = rows_and_weights(call.hidden, call.classifier, call.bias, call.labels,
+                                  call.class_weights, call.row_mask, plan)
+  out = reduce_loss(loss.reshape(call.batch), weight.reshape(call.batch), call.reduction)
+  return out.astype(call.hidden.dtype)
+
+
+class _Call(NamedTuple):
+  """A call's arguments, checked: tokens flattened, ``where`` and ``ignore_index`` merged."""
+
+  hidden: jax.Array  # [N, d]
+  classifier: jax.Array
+  labels: jax.Array  # [N]
+  bias: Optional[jax.Array]
+  class_weights: Optional[jax.Array]
+  row_mask: Optional[jax.Array]  # [N] or None
+  batch: tuple  # hidden's shape without d
+  num_classes: int
+  reduction: str
+  options: _rule.RuleOptions
+  layout: str
+  token_chunk: Optional[int]
+  vocab_chunk: Optional[int]
+  accumulation_dtype: jnp.dtype
+
+
+def make_plan(call: _Call, num_tokens: int, num_local: int, axis_name=None) -> _Plan:
+  """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
+  vocabulary is split over ``axis_name``), with the call's chunks or the defaults."""
+  auto_tokens, auto_vocab = default_chunks(num_tokens, num_local)
+  return _Plan(options=dataclasses.replace(call.options, axis_name=axis_name),
+               layout=call.layout,
+               token_chunk=min(call.token_chunk or auto_tokens, max(num_tokens, 1)),
+               vocab_chunk=min(call.vocab_chunk or auto_vocab, num_local),
+               accumulation_dtype=call.accumulation_dtype,
+               num_classes=None if axis_name is None else call.num_classes)
+
+
+def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+  """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked).
+
+  With ``plan.options.axis_name`` (inside ``shard_map``): ``classifier`` and ``bias`` are
+  this shard's classes, ``class_weights`` all ``V`` of them (padded like the classifier).
+  """
+  num_tokens = hidden.shape[0]
+  _, num_classes, _, rule = _vocabulary(classifier, plan)
+  dtype = _rule.compute_dtype(hidden.dtype)
+  if num_tokens == 0:
+    loss = jnp.zeros((0,), dtype)
+  else:
+    loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+  weight = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
+  weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
+  if row_mask is not None:
+    weight = jnp.where(row_mask, weight, 0.0)
+  return loss, weight
+
+
+def _validated(hidden, classifier, labels, *, bias, where, ignore_index, label_smoothing,
+               class_weights, z_loss, logit_softcap, reduction, classifier_layout,
+               token_chunk, vocab_chunk, accumulation_dtype) -> _Call:
+  """Checks :func:`linear_cross_entropy`'s arguments (see there) and flattens the tokens."""
   hidden = _check_float(hidden, "hidden")
   classifier = _check_float(classifier, "classifier")
   if classifier_layout not in LAYOUTS:
@@ -436,27 +579,13 @@ def linear_cross_entropy(
     raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype}.")
 
   num_tokens = math.prod(batch)
-  hidden = hidden.reshape(num_tokens, width)
-  labels = labels.reshape(num_tokens)
   if ignore_index is not None:
-    kept = labels != ignore_index
+    kept = labels.reshape(num_tokens) != ignore_index
     row_mask = kept if row_mask is None else row_mask.reshape(num_tokens) & kept
   elif row_mask is not None:
     row_mask = row_mask.reshape(num_tokens)
-  auto_tokens, auto_vocab = default_chunks(num_tokens, num_classes)
-  plan = _Plan(options=options, layout=classifier_layout,
-               token_chunk=min(token_chunk or auto_tokens, max(num_tokens, 1)),
-               vocab_chunk=min(vocab_chunk or auto_vocab, num_classes),
+  return _Call(hidden=hidden.reshape(num_tokens, width), classifier=classifier, labels=labels.reshape(num_tokens),
+               bias=bias, class_weights=class_weights, row_mask=row_mask, batch=batch,
+               num_classes=num_classes, reduction=reduction, options=options,
+               layout=classifier_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
                accumulation_dtype=accumulation_dtype)
-
-  dtype = _rule.compute_dtype(hidden.dtype)
-  if num_tokens == 0:
-    loss = jnp.zeros((0,), dtype)
-  else:
-    loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
-  weight = _rule.row_weight(labels, class_weights, num_classes, dtype, options)
-  weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
-  if row_mask is not None:
-    weight = jnp.where(row_mask, weight, 0.0)
-  out = reduce_loss(loss.reshape(batch), weight.reshape(batch), reduction)
-  return out.astype(hidden.dtype)

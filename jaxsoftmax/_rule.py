@@ -85,7 +85,9 @@ class ClassBlock(NamedTuple):
   the chunk's slice of the class weights; the one-hot uses global class indices
   ``offset + j``, smoothing spreads over all ``num_classes`` and the per-row numbers
   (``w[label]``, ``sum_c w_c``, the label range) use ``class_weights``, all ``C`` of them.
-  Integer targets only, without a class mask or vocabulary sharding.
+  Integer targets only, without a class mask, and with ``axis_name=None``: a caller with a
+  vocabulary-split classifier (:mod:`jaxsoftmax._sharded_linear`) passes the chunk's
+  *global* offset and all ``C`` class weights, so no tile needs communication.
 
   Attributes:
     offset: global index of the chunk's first class (may be traced).

@@ -1,8 +1,9 @@
-"""The vocabulary-parallel loss: 8-device checks in a subprocess, 1-device checks here.
+"""The vocabulary-parallel losses: 8-device checks in a subprocess, 1-device checks here.
 
 JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
-(``tests/multidevice/check_sharded.py``: values and gradients against one device for
-every option, uneven vocabularies, the compiled program's collectives) run in a child
+(``tests/multidevice/check_sharded.py`` and ``check_sharded_linear.py``: values and
+gradients against one device for every option, uneven vocabularies, the compiled
+program's collectives) run in a child
 pytest with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps
 its single device. A failure prints the child's report.
 """
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsoftmax import cross_entropy
+from jaxsoftmax import cross_entropy, linear_cross_entropy
 from jaxsoftmax._sharded import sharded_cross_entropy
+from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,7 +42,8 @@ def _run(command, *, devices, timeout):
 def test_eight_device_checks_pass():
   # The child loads tests/conftest.py too, so it is as strict as this run.
   result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "tests/multidevice/check_sharded.py"],
+                 "tests/multidevice/check_sharded.py",
+                 "tests/multidevice/check_sharded_linear.py"],
                 devices=8, timeout=900)
   report = result.stdout[-20000:] + result.stderr[-5000:]
   assert result.returncode == 0, f"8-device checks failed:\n{report}"
@@ -59,6 +62,13 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
   # One device needs no collective; two exchange per-row statistics only.
   assert runs[0]["all_reduce_bytes_per_device"] == 0
   assert 0 < runs[1]["all_reduce_bytes_per_device"] < 16 * 64 * 4
+  linear = data["linear_runs"]
+  assert [r["devices"] for r in linear] == [1, 2]
+  assert linear[0]["all_reduce_bytes_per_device"] == 0
+  # Two devices: the statistics, and the hidden states' gradient [16, d] summed once.
+  assert 0 < linear[1]["all_reduce_bytes_split"]["per_row"] < 16 * 64 * 4
+  assert linear[1]["all_reduce_bytes_split"]["larger"] == 16 * 128 * 4
+  np.testing.assert_allclose(linear[1]["loss"], linear[1]["loss_single_device"], rtol=1e-5)
   assert (tmp_path / "sharded.md").read_text().startswith("#")
 
 
@@ -87,3 +97,22 @@ def test_mesh_errors_are_clear():
     sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=mesh, class_axis_name=None)
   with pytest.raises(ValueError, match="targets must have the logits' shape without"):
     sharded_cross_entropy(logits, jnp.array([0, 1, 2]), mesh=mesh, class_axis_name="vocab")
+
+
+def test_one_device_mesh_equals_linear_cross_entropy():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  hidden = jax.random.normal(keys[0], (6, 4))
+  classifier = jax.random.normal(keys[1], (10, 4))
+  labels = jnp.array([0, 9, 3, 3, -100, 5])
+  options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, vocab_chunk=3)
+  got = jax.jit(jax.value_and_grad(lambda h, w: sharded_linear_cross_entropy(
+      h, w, labels, mesh=mesh, class_axis_name="vocab", **options), argnums=(0, 1)))
+  want = jax.jit(jax.value_and_grad(lambda h, w: linear_cross_entropy(
+      h, w, labels, **options), argnums=(0, 1)))
+  for a, b in zip(jax.tree.leaves(got(hidden, classifier)),
+                  jax.tree.leaves(want(hidden, classifier))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    sharded_linear_cross_entropy(hidden, classifier, labels, mesh=None,
+                                 class_axis_name="vocab")

@@ -10,6 +10,8 @@ The public API:
   ``[N, V]`` logits.
 * :func:`sharded_cross_entropy`: the vocabulary-parallel loss on a device mesh (the
   ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
+* :func:`sharded_linear_cross_entropy`: :func:`linear_cross_entropy` with the classifier
+  split by vocabulary rows over a mesh axis; only per-row statistics cross devices in the loss.
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: the seeds'
   fully connected network as pure functions, its data sets, and its compiled training
   (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
@@ -25,6 +27,9 @@ from jaxsoftmax._optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
 from jaxsoftmax._sharded import sharded_cross_entropy as sharded_cross_entropy
+from jaxsoftmax._sharded_linear import (
+    sharded_linear_cross_entropy as sharded_linear_cross_entropy,
+)
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
 from jaxsoftmax import training as training
@@ -46,6 +51,7 @@ __all__ = [
     "linear_cross_entropy",
     "mlp",
     "sharded_cross_entropy",
+    "sharded_linear_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "train",

@@ -42,442 +42,570 @@ from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
 
 try:
-  import torch
-  import torch.nn.functional as F
+    import torch
+    import torch.nn.functional as F
 except ImportError:  # torch is optional
-  torch = None
+    torch = None
 
 GEMMA = (8192, 2304, 256000)
 
 
 def _block(x):
-  if torch is not None and isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-    return x
-  return jax.block_until_ready(x)
+    if torch is not None and isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x
+    return jax.block_until_ready(x)
 
 
 def time_interleaved(callables: dict, repeats: int) -> dict:
-  """Median seconds per competitor; one warm-up call each, then interleaved rounds."""
-  for fn in callables.values():
-    _block(fn())
-  times = {name: [] for name in callables}
-  for _ in range(repeats):
-    for name, fn in callables.items():
-      start = time.perf_counter()
-      _block(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds per competitor; one warm-up call each, then interleaved rounds."""
+    for fn in callables.values():
+        _block(fn())
+    times = {name: [] for name in callables}
+    for _ in range(repeats):
+        for name, fn in callables.items():
+            start = time.perf_counter()
+            _block(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def temp_bytes(fn, *args) -> int:
-  return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
 # ----------------------------------------------------------------------------- case 1
 
 
 def _naive_loss(logits, labels):
-  """The seeds' composition: softmax, log, one-hot, mean; differentiated by autodiff."""
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
-  return -jnp.mean(jnp.sum(onehot * jnp.log(probs), axis=-1))
+    """The seeds' composition: softmax, log, one-hot, mean; differentiated by autodiff."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return -jnp.mean(jnp.sum(onehot * jnp.log(probs), axis=-1))
 
 
 def case_integer_labels(shapes, dtypes, repeats):
-  rows = []
-  competitors = {
-      "jaxsoftmax": lambda z, y: cross_entropy(z, y),
-      "optax": lambda z, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y)),
-      "naive": _naive_loss,
-  }
-  for dtype in dtypes:
-    for n, c in shapes:
-      key = jax.random.split(jax.random.key(n + c), 2)
-      z = (jax.random.normal(key[0], (n, c)) * 2).astype(dtype)
-      y = jax.random.randint(key[1], (n,), 0, c)
-      fns = {name: jax.jit(jax.value_and_grad(f)) for name, f in competitors.items()}
-      outs = {name: fn(z, y) for name, fn in fns.items()}
-      tol = 1e-4 if dtype == jnp.float32 else 2e-2
-      ref_loss, ref_grad = outs["optax"]
-      agree = all(
-          np.allclose(np.float32(l), np.float32(ref_loss), rtol=tol, atol=tol)
-          and np.allclose(np.asarray(g, np.float32), np.asarray(ref_grad, np.float32),
-                          atol=tol / n + 1e-6) for l, g in outs.values())
-      calls = {name: functools.partial(fn, z, y) for name, fn in fns.items()}
-      torch_note = "torch not installed"
-      if torch is not None:
-        tz = torch.tensor(np.asarray(z.astype(jnp.float32)),
-                          dtype=torch.float32 if dtype == jnp.float32 else torch.bfloat16)
-        ty = torch.tensor(np.asarray(y), dtype=torch.long)
+    rows = []
+    competitors = {
+        "jaxsoftmax": lambda z, y: cross_entropy(z, y),
+        "optax": lambda z, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y)),
+        "naive": _naive_loss,
+    }
+    for dtype in dtypes:
+        for n, c in shapes:
+            key = jax.random.split(jax.random.key(n + c), 2)
+            z = (jax.random.normal(key[0], (n, c)) * 2).astype(dtype)
+            y = jax.random.randint(key[1], (n,), 0, c)
+            fns = {name: jax.jit(jax.value_and_grad(f)) for name, f in competitors.items()}
+            outs = {name: fn(z, y) for name, fn in fns.items()}
+            tol = 1e-4 if dtype == jnp.float32 else 2e-2
+            ref_loss, ref_grad = outs["optax"]
+            agree = all(
+                np.allclose(np.float32(l), np.float32(ref_loss), rtol=tol, atol=tol)
+                and np.allclose(
+                    np.asarray(g, np.float32), np.asarray(ref_grad, np.float32), atol=tol / n + 1e-6
+                )
+                for l, g in outs.values()
+            )
+            calls = {name: functools.partial(fn, z, y) for name, fn in fns.items()}
+            torch_note = "torch not installed"
+            if torch is not None:
+                tz = torch.tensor(
+                    np.asarray(z.astype(jnp.float32)),
+                    dtype=torch.float32 if dtype == jnp.float32 else torch.bfloat16,
+                )
+                ty = torch.tensor(np.asarray(y), dtype=torch.long)
 
-        def torch_step(tz=tz, ty=ty):
-          x = tz.detach().requires_grad_(True)
-          loss = F.cross_entropy(x, ty)
-          loss.backward()
-          return (loss.detach(), x.grad)
+                def torch_step(tz=tz, ty=ty):
+                    x = tz.detach().requires_grad_(True)
+                    loss = F.cross_entropy(x, ty)
+                    loss.backward()
+                    return (loss.detach(), x.grad)
 
-        tl, tg = torch_step()
-        agree = agree and np.allclose(tl.float().numpy(), np.float32(ref_loss), rtol=tol,
-                                      atol=tol)
-        calls["torch"] = torch_step
-        torch_note = f"torch {torch.__version__} eager"
-      seconds = time_interleaved(calls, repeats)
-      memory = {name: temp_bytes(jax.value_and_grad(f), z, y)
-                for name, f in competitors.items()}
-      row = dict(case=1, dtype=jnp.dtype(dtype).name, n=n, classes=c, agree=bool(agree),
-                 seconds=seconds, temp_bytes=memory, torch=torch_note,
-                 ratio_vs_optax=seconds["jaxsoftmax"] / seconds["optax"],
-                 ratio_vs_naive=seconds["jaxsoftmax"] / seconds["naive"])
-      if "torch" in seconds:
-        row["ratio_vs_torch"] = seconds["jaxsoftmax"] / seconds["torch"]
-      row["meets_optax_target"] = row["ratio_vs_optax"] <= 1.0
-      row["meets_naive_target"] = row["ratio_vs_naive"] <= 0.15
-      rows.append(row)
-      print(f"[1] {row['dtype']} ({n}, {c}): vs optax {row['ratio_vs_optax']:.2f} "
-            f"(target <= 1.0: {'met' if row['meets_optax_target'] else 'MISSED'}), vs naive "
-            f"{row['ratio_vs_naive']:.2f} (target <= 0.15: "
-            f"{'met' if row['meets_naive_target'] else 'MISSED'}), agree={agree}", flush=True)
-  return rows
+                tl, tg = torch_step()
+                agree = agree and np.allclose(
+                    tl.float().numpy(), np.float32(ref_loss), rtol=tol, atol=tol
+                )
+                calls["torch"] = torch_step
+                torch_note = f"torch {torch.__version__} eager"
+            seconds = time_interleaved(calls, repeats)
+            memory = {
+                name: temp_bytes(jax.value_and_grad(f), z, y) for name, f in competitors.items()
+            }
+            row = dict(
+                case=1,
+                dtype=jnp.dtype(dtype).name,
+                n=n,
+                classes=c,
+                agree=bool(agree),
+                seconds=seconds,
+                temp_bytes=memory,
+                torch=torch_note,
+                ratio_vs_optax=seconds["jaxsoftmax"] / seconds["optax"],
+                ratio_vs_naive=seconds["jaxsoftmax"] / seconds["naive"],
+            )
+            if "torch" in seconds:
+                row["ratio_vs_torch"] = seconds["jaxsoftmax"] / seconds["torch"]
+            row["meets_optax_target"] = row["ratio_vs_optax"] <= 1.0
+            row["meets_naive_target"] = row["ratio_vs_naive"] <= 0.15
+            rows.append(row)
+            print(
+                f"[1] {row['dtype']} ({n}, {c}): vs optax {row['ratio_vs_optax']:.2f} "
+                f"(target <= 1.0: {'met' if row['meets_optax_target'] else 'MISSED'}), vs naive "
+                f"{row['ratio_vs_naive']:.2f} (target <= 0.15: "
+                f"{'met' if row['meets_naive_target'] else 'MISSED'}), agree={agree}",
+                flush=True,
+            )
+    return rows
 
 
 # ----------------------------------------------------------------------------- case 2
 
 
 def _naive_linear(h, w, y):
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      (h @ w.T).astype(jnp.float32), y))
+    return jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels((h @ w.T).astype(jnp.float32), y)
+    )
 
 
 def _naive_linear_dv(h, k, y):
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      (h @ k).astype(jnp.float32), y))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels((h @ k).astype(jnp.float32), y))
 
 
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
-  rows = []
-  fused = lambda h, w, y: linear_cross_entropy(h, w, y)
-  fused_dv = lambda h, k, y: linear_cross_entropy(h, k, y, classifier_layout="dv")
-  grads = lambda f: jax.value_and_grad(f, (0, 1))
-  s = jax.ShapeDtypeStruct
-  for dtype in dtypes:
-    for (n, d, v) in memory_shapes:
-      args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
-      args_dv = (s((n, d), dtype), s((d, v), dtype), s((n,), jnp.int32))
-      memory = {"fused": temp_bytes(grads(fused), *args),
+    rows = []
+    fused = lambda h, w, y: linear_cross_entropy(h, w, y)
+    fused_dv = lambda h, k, y: linear_cross_entropy(h, k, y, classifier_layout="dv")
+    grads = lambda f: jax.value_and_grad(f, (0, 1))
+    s = jax.ShapeDtypeStruct
+    for dtype in dtypes:
+        for n, d, v in memory_shapes:
+            args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
+            args_dv = (s((n, d), dtype), s((d, v), dtype), s((n,), jnp.int32))
+            memory = {
+                "fused": temp_bytes(grads(fused), *args),
                 "naive": temp_bytes(grads(_naive_linear), *args),
                 "fused_dv": temp_bytes(grads(fused_dv), *args_dv),
-                "naive_dv": temp_bytes(grads(_naive_linear_dv), *args_dv)}
-      ratio = memory["naive"] / memory["fused"]
-      row = dict(case=2, kind="memory", dtype=jnp.dtype(dtype).name, n=n, d=d, v=v,
-                 temp_bytes=memory, memory_ratio=ratio)
-      if (n, d, v) == GEMMA:
-        row["meets_memory_target"] = ratio >= 50
-      rows.append(row)
-      print(f"[2] memory {row['dtype']} N={n} d={d} V={v}: fused {memory['fused']/2**20:.0f} "
-            f"MiB, naive {memory['naive']/2**20:.0f} MiB, ratio {ratio:.1f}"
-            + (f" (target >= 50: {'met' if ratio >= 50 else 'MISSED'})" if (n, d, v) == GEMMA
-               else "") + f"; [d,V] fused {memory['fused_dv']/2**20:.0f} MiB", flush=True)
-    for (n, d, v) in timed_shapes:
-      key = jax.random.split(jax.random.key(n + v), 3)
-      h = jax.random.normal(key[0], (n, d)).astype(dtype)
-      w = (jax.random.normal(key[1], (v, d)) / np.sqrt(d)).astype(dtype)
-      y = jax.random.randint(key[2], (n,), 0, v)
-      f_fused, f_naive = jax.jit(grads(fused)), jax.jit(grads(_naive_linear))
-      a, b = f_fused(h, w, y), f_naive(h, w, y)
-      tol = 1e-3 if dtype == jnp.float32 else 5e-2
-      agree = all(np.allclose(np.asarray(p, np.float32), np.asarray(q, np.float32), rtol=tol,
-                              atol=tol * float(np.max(np.abs(np.asarray(q, np.float32)))))
-                  for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-      seconds = time_interleaved({"fused": functools.partial(f_fused, h, w, y),
-                                  "naive": functools.partial(f_naive, h, w, y)}, repeats)
-      ratio = seconds["fused"] / seconds["naive"]
-      row = dict(case=2, kind="time", dtype=jnp.dtype(dtype).name, n=n, d=d, v=v,
-                 agree=bool(agree), seconds=seconds, time_ratio=ratio,
-                 meets_time_target=ratio <= 1.0)
-      rows.append(row)
-      print(f"[2] time {row['dtype']} N={n} d={d} V={v}: fused/naive {ratio:.2f} (target <= "
-            f"1.0: {'met' if ratio <= 1.0 else 'MISSED'}), agree={agree}", flush=True)
-  return rows
+                "naive_dv": temp_bytes(grads(_naive_linear_dv), *args_dv),
+            }
+            ratio = memory["naive"] / memory["fused"]
+            row = dict(
+                case=2,
+                kind="memory",
+                dtype=jnp.dtype(dtype).name,
+                n=n,
+                d=d,
+                v=v,
+                temp_bytes=memory,
+                memory_ratio=ratio,
+            )
+            if (n, d, v) == GEMMA:
+                row["meets_memory_target"] = ratio >= 50
+            rows.append(row)
+            print(
+                f"[2] memory {row['dtype']} N={n} d={d} V={v}: fused {memory['fused'] / 2**20:.0f} "
+                f"MiB, naive {memory['naive'] / 2**20:.0f} MiB, ratio {ratio:.1f}"
+                + (
+                    f" (target >= 50: {'met' if ratio >= 50 else 'MISSED'})"
+                    if (n, d, v) == GEMMA
+                    else ""
+                )
+                + f"; [d,V] fused {memory['fused_dv'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+        for n, d, v in timed_shapes:
+            key = jax.random.split(jax.random.key(n + v), 3)
+            h = jax.random.normal(key[0], (n, d)).astype(dtype)
+            w = (jax.random.normal(key[1], (v, d)) / np.sqrt(d)).astype(dtype)
+            y = jax.random.randint(key[2], (n,), 0, v)
+            f_fused, f_naive = jax.jit(grads(fused)), jax.jit(grads(_naive_linear))
+            a, b = f_fused(h, w, y), f_naive(h, w, y)
+            tol = 1e-3 if dtype == jnp.float32 else 5e-2
+            agree = all(
+                np.allclose(
+                    np.asarray(p, np.float32),
+                    np.asarray(q, np.float32),
+                    rtol=tol,
+                    atol=tol * float(np.max(np.abs(np.asarray(q, np.float32)))),
+                )
+                for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+            )
+            seconds = time_interleaved(
+                {
+                    "fused": functools.partial(f_fused, h, w, y),
+                    "naive": functools.partial(f_naive, h, w, y),
+                },
+                repeats,
+            )
+            ratio = seconds["fused"] / seconds["naive"]
+            row = dict(
+                case=2,
+                kind="time",
+                dtype=jnp.dtype(dtype).name,
+                n=n,
+                d=d,
+                v=v,
+                agree=bool(agree),
+                seconds=seconds,
+                time_ratio=ratio,
+                meets_time_target=ratio <= 1.0,
+            )
+            rows.append(row)
+            print(
+                f"[2] time {row['dtype']} N={n} d={d} V={v}: fused/naive {ratio:.2f} (target <= "
+                f"1.0: {'met' if ratio <= 1.0 else 'MISSED'}), agree={agree}",
+                flush=True,
+            )
+    return rows
 
 
 # ----------------------------------------------------------------------------- case 3
 
 
 def spiral(points_per_class=100, classes=3, seed=0):
-  """CS231n's spiral: ``classes`` arms of ``points_per_class`` noisy points in 2-D."""
-  rng = np.random.default_rng(seed)
-  x = np.zeros((points_per_class * classes, 2), np.float32)
-  y = np.zeros(points_per_class * classes, np.int32)
-  for k in range(classes):
-    index = slice(points_per_class * k, points_per_class * (k + 1))
-    radius = np.linspace(0.0, 1, points_per_class)
-    angle = (np.linspace(k * 4, (k + 1) * 4, points_per_class)
-             + rng.standard_normal(points_per_class) * 0.2)
-    x[index] = np.c_[radius * np.sin(angle), radius * np.cos(angle)]
-    y[index] = k
-  return x, y
+    """CS231n's spiral: ``classes`` arms of ``points_per_class`` noisy points in 2-D."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((points_per_class * classes, 2), np.float32)
+    y = np.zeros(points_per_class * classes, np.int32)
+    for k in range(classes):
+        index = slice(points_per_class * k, points_per_class * (k + 1))
+        radius = np.linspace(0.0, 1, points_per_class)
+        angle = (
+            np.linspace(k * 4, (k + 1) * 4, points_per_class)
+            + rng.standard_normal(points_per_class) * 0.2
+        )
+        x[index] = np.c_[radius * np.sin(angle), radius * np.cos(angle)]
+        y[index] = k
+    return x, y
 
 
 def init_params(hidden=100, classes=3, seed=0):
-  rng = np.random.default_rng(seed)
-  return [0.01 * rng.standard_normal((2, hidden)).astype(np.float32),
-          np.zeros(hidden, np.float32),
-          0.01 * rng.standard_normal((hidden, classes)).astype(np.float32),
-          np.zeros(classes, np.float32)]
+    rng = np.random.default_rng(seed)
+    return [
+        0.01 * rng.standard_normal((2, hidden)).astype(np.float32),
+        np.zeros(hidden, np.float32),
+        0.01 * rng.standard_normal((hidden, classes)).astype(np.float32),
+        np.zeros(classes, np.float32),
+    ]
 
 
 def train_numpy(x, y, params, steps, step_size=1.0, reg=1e-3):
-  """Full-batch gradient descent with the hand-derived backward, as the CS231n notes do."""
-  w1, b1, w2, b2 = [p.copy() for p in params]
-  n = x.shape[0]
-  for _ in range(steps):
-    hidden = np.maximum(0, x @ w1 + b1)
-    scores = hidden @ w2 + b2
-    scores = scores - scores.max(axis=1, keepdims=True)
-    probs = np.exp(scores)
-    probs /= probs.sum(axis=1, keepdims=True)
-    loss = -np.log(probs[np.arange(n), y]).mean() + 0.5 * reg * (
-        np.sum(w1 * w1) + np.sum(w2 * w2))
-    d_scores = probs
-    d_scores[np.arange(n), y] -= 1  # softmax(z) - y, the seeds' result
-    d_scores /= n
-    d_w2 = hidden.T @ d_scores + reg * w2
-    d_b2 = d_scores.sum(axis=0)
-    d_hidden = d_scores @ w2.T
-    d_hidden[hidden <= 0] = 0
-    d_w1 = x.T @ d_hidden + reg * w1
-    d_b1 = d_hidden.sum(axis=0)
-    w1 -= step_size * d_w1
-    b1 -= step_size * d_b1
-    w2 -= step_size * d_w2
-    b2 -= step_size * d_b2
-  return loss
+    """Full-batch gradient descent with the hand-derived backward, as the CS231n notes do."""
+    w1, b1, w2, b2 = [p.copy() for p in params]
+    n = x.shape[0]
+    for _ in range(steps):
+        hidden = np.maximum(0, x @ w1 + b1)
+        scores = hidden @ w2 + b2
+        scores = scores - scores.max(axis=1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=1, keepdims=True)
+        loss = -np.log(probs[np.arange(n), y]).mean() + 0.5 * reg * (
+            np.sum(w1 * w1) + np.sum(w2 * w2)
+        )
+        d_scores = probs
+        d_scores[np.arange(n), y] -= 1  # softmax(z) - y, the seeds' result
+        d_scores /= n
+        d_w2 = hidden.T @ d_scores + reg * w2
+        d_b2 = d_scores.sum(axis=0)
+        d_hidden = d_scores @ w2.T
+        d_hidden[hidden <= 0] = 0
+        d_w1 = x.T @ d_hidden + reg * w1
+        d_b1 = d_hidden.sum(axis=0)
+        w1 -= step_size * d_w1
+        b1 -= step_size * d_b1
+        w2 -= step_size * d_w2
+        b2 -= step_size * d_b2
+    return loss
 
 
 def train_jax(x, y, params, steps, step_size=1.0, reg=1e-3):
-  """The same training with jaxsoftmax's loss, all steps in one compiled lax.scan."""
+    """The same training with jaxsoftmax's loss, all steps in one compiled lax.scan."""
 
-  def loss_fn(p):
-    w1, b1, w2, b2 = p
-    hidden = jax.nn.relu(x @ w1 + b1[None, :])
-    data = cross_entropy(hidden @ w2 + b2[None, :], y)
-    return data + 0.5 * reg * (jnp.sum(w1 * w1) + jnp.sum(w2 * w2))
+    def loss_fn(p):
+        w1, b1, w2, b2 = p
+        hidden = jax.nn.relu(x @ w1 + b1[None, :])
+        data = cross_entropy(hidden @ w2 + b2[None, :], y)
+        return data + 0.5 * reg * (jnp.sum(w1 * w1) + jnp.sum(w2 * w2))
 
-  @jax.jit
-  def run(p):
-    def step(p, _):
-      loss, g = jax.value_and_grad(loss_fn)(p)
-      return [a - step_size * b for a, b in zip(p, g)], loss
-    p, losses = jax.lax.scan(step, p, None, length=steps)
-    return losses[-1]
+    @jax.jit
+    def run(p):
+        def step(p, _):
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            return [a - step_size * b for a, b in zip(p, g)], loss
 
-  return run([jnp.asarray(a) for a in params])
+        p, losses = jax.lax.scan(step, p, None, length=steps)
+        return losses[-1]
+
+    return run([jnp.asarray(a) for a in params])
 
 
 def train_library(steps):
-  """``jaxsoftmax.training.train`` with its CS231n defaults, where that module exists."""
-  from jaxsoftmax import data, training  # noqa: F401  (issue 4's modules)
-  config = training.TrainConfig(steps=steps, eval_every=steps, checkpoint_every=steps)
-  result = training.train(config, data.load("spiral"))
-  return result
+    """``jaxsoftmax.training.train`` with its CS231n defaults, where that module exists."""
+    from jaxsoftmax import data, training
+
+    config = training.TrainConfig(steps=steps, eval_every=steps, checkpoint_every=steps)
+    result = training.train(config, data.load("spiral"))
+    return result
 
 
 def train_torch(x, y, params, steps, step_size=1.0, reg=1e-3):
-  p = [torch.tensor(a, requires_grad=True) for a in params]
-  tx, ty = torch.tensor(x), torch.tensor(y, dtype=torch.long)
-  for _ in range(steps):
-    hidden = torch.relu(tx @ p[0] + p[1])
-    loss = F.cross_entropy(hidden @ p[2] + p[3], ty) + 0.5 * reg * (
-        (p[0] ** 2).sum() + (p[2] ** 2).sum())
-    for a in p:
-      a.grad = None
-    loss.backward()
-    with torch.no_grad():
-      for a in p:
-        a -= step_size * a.grad
-  return loss.item()
+    p = [torch.tensor(a, requires_grad=True) for a in params]
+    tx, ty = torch.tensor(x), torch.tensor(y, dtype=torch.long)
+    for _ in range(steps):
+        hidden = torch.relu(tx @ p[0] + p[1])
+        loss = F.cross_entropy(hidden @ p[2] + p[3], ty) + 0.5 * reg * (
+            (p[0] ** 2).sum() + (p[2] ** 2).sum()
+        )
+        for a in p:
+            a.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for a in p:
+                a -= step_size * a.grad
+    return loss.item()
 
 
 def case_spiral(steps, repeats):
-  x, y = spiral()
-  params = init_params()
-  runs = {"numpy": lambda: train_numpy(x, y, params, steps)}
-  try:
-    train_library(10)
-    runs["jaxsoftmax"] = lambda: train_library(steps)
-    jax_kind = "jaxsoftmax.training.train (compilation included)"
-  except (ImportError, AttributeError, TypeError):
-    def fresh_jax():  # a new trace and compilation every time: train_seconds with compiling
-      jax.clear_caches()
-      return float(train_jax(x, y, params, steps))
-    runs["jaxsoftmax"] = fresh_jax
-    jax_kind = "jitted lax.scan of jaxsoftmax.cross_entropy (compilation included)"
-  if torch is not None:
-    runs["torch"] = lambda: train_torch(x, y, params, steps)
-  seconds = {name: [] for name in runs}
-  final = {}
-  for _ in range(repeats):
-    for name, fn in runs.items():
-      start = time.perf_counter()
-      final[name] = fn()
-      seconds[name].append(time.perf_counter() - start)
-  seconds = {k: statistics.median(v) for k, v in seconds.items()}
-  speedup = seconds["numpy"] / seconds["jaxsoftmax"]
-  row = dict(case=3, steps=steps, jax=jax_kind, train_seconds=seconds,
-             speedup_vs_numpy=speedup, meets_target=speedup >= 4.0)
-  if "torch" in seconds:
-    row["speedup_vs_torch"] = seconds["torch"] / seconds["jaxsoftmax"]
-  print(f"[3] spiral {steps} steps: numpy {seconds['numpy']:.2f}s, jaxsoftmax "
+    x, y = spiral()
+    params = init_params()
+    runs = {"numpy": lambda: train_numpy(x, y, params, steps)}
+    try:
+        train_library(10)
+        runs["jaxsoftmax"] = lambda: train_library(steps)
+        jax_kind = "jaxsoftmax.training.train (compilation included)"
+    except (ImportError, AttributeError, TypeError):
+
+        def fresh_jax():  # a new trace and compilation every time: train_seconds with compiling
+            jax.clear_caches()
+            return float(train_jax(x, y, params, steps))
+
+        runs["jaxsoftmax"] = fresh_jax
+        jax_kind = "jitted lax.scan of jaxsoftmax.cross_entropy (compilation included)"
+    if torch is not None:
+        runs["torch"] = lambda: train_torch(x, y, params, steps)
+    seconds = {name: [] for name in runs}
+    final = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            final[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    seconds = {k: statistics.median(v) for k, v in seconds.items()}
+    speedup = seconds["numpy"] / seconds["jaxsoftmax"]
+    row = dict(
+        case=3,
+        steps=steps,
+        jax=jax_kind,
+        train_seconds=seconds,
+        speedup_vs_numpy=speedup,
+        meets_target=speedup >= 4.0,
+    )
+    if "torch" in seconds:
+        row["speedup_vs_torch"] = seconds["torch"] / seconds["jaxsoftmax"]
+    print(
+        f"[3] spiral {steps} steps: numpy {seconds['numpy']:.2f}s, jaxsoftmax "
         f"{seconds['jaxsoftmax']:.2f}s -> {speedup:.1f}x (target >= 4: "
-        f"{'met' if speedup >= 4 else 'MISSED'})", flush=True)
-  return [row]
+        f"{'met' if speedup >= 4 else 'MISSED'})",
+        flush=True,
+    )
+    return [row]
 
 
 # ----------------------------------------------------------------------------- output
 
 
 def write_markdown(path, meta, rows):
-  lines = [f"# Benchmarks on {meta['device']}", "",
-           f"Reproduce: `{meta['command']}`", "",
-           f"jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
-           f"torch {meta['torch']}, numpy {meta['numpy']}, Python {meta['python']}, "
-           f"{meta['cpu_count']} CPU cores. Times are medians of interleaved repeats "
-           "(ms); memory is the compiled program's temporary bytes.", "",
-           "## 1. Loss + gradient, integer labels", "",
-           "| dtype | N | C | jaxsoftmax ms | optax ms | naive ms | torch ms | vs optax "
-           "(<= 1.0) | vs naive (<= 0.15) | temp MiB jaxsoftmax / optax / naive | agree |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  mib = lambda b: f"{b / 2**20:.1f}"
-  for r in (r for r in rows if r["case"] == 1):
-    s, m = r["seconds"], r["temp_bytes"]
-    lines.append(
-        f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax']*1e3:.2f} | "
-        f"{s['optax']*1e3:.2f} | {s['naive']*1e3:.2f} | "
-        f"{s['torch']*1e3:.2f} | " if "torch" in s else
-        f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax']*1e3:.2f} | "
-        f"{s['optax']*1e3:.2f} | {s['naive']*1e3:.2f} | n/a | ")
-    lines[-1] += (f"{r['ratio_vs_optax']:.2f} {'met' if r['meets_optax_target'] else '**missed**'}"
-                  f" | {r['ratio_vs_naive']:.2f} "
-                  f"{'met' if r['meets_naive_target'] else '**missed**'} | "
-                  f"{mib(m['jaxsoftmax'])} / {mib(m['optax'])} / {mib(m['naive'])} | "
-                  f"{r['agree']} |")
-  lines += ["", "## 2. linear_cross_entropy vs logits then optax (loss + both gradients)", "",
-            "| dtype | N | d | V | fused temp MiB | naive temp MiB | naive / fused | "
-            "fused [d,V] MiB | naive [d,V] MiB | target |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in (r for r in rows if r["case"] == 2 and r["kind"] == "memory"):
-    m = r["temp_bytes"]
-    target = ("-" if "meets_memory_target" not in r else
-              (">= 50: met" if r["meets_memory_target"] else ">= 50: **missed**"))
-    lines.append(f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {mib(m['fused'])} | "
-                 f"{mib(m['naive'])} | {r['memory_ratio']:.1f} | {mib(m['fused_dv'])} | "
-                 f"{mib(m['naive_dv'])} | {target} |")
-  lines += ["", "| dtype | N | d | V | fused ms | naive ms | fused / naive (<= 1.0) | agree |",
-            "|---|---|---|---|---|---|---|---|"]
-  for r in (r for r in rows if r["case"] == 2 and r["kind"] == "time"):
-    s = r["seconds"]
-    lines.append(f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {s['fused']*1e3:.1f} | "
-                 f"{s['naive']*1e3:.1f} | {r['time_ratio']:.2f} "
-                 f"{'met' if r['meets_time_target'] else '**missed**'} | {r['agree']} |")
-  lines += ["", "## 3. Spiral case study end to end (train_seconds, compilation included)", ""]
-  for r in (r for r in rows if r["case"] == 3):
-    s = r["train_seconds"]
-    lines.append(f"{r['steps']} full-batch steps. JAX: {r['jax']}.")
-    lines.append("")
-    lines.append("| numpy s | jaxsoftmax s | torch s | speed-up vs numpy (>= 4) |")
-    lines.append("|---|---|---|---|")
-    lines.append(f"| {s['numpy']:.2f} | {s['jaxsoftmax']:.2f} | "
-                 f"{s.get('torch', float('nan')):.2f} | {r['speedup_vs_numpy']:.1f} "
-                 f"{'met' if r['meets_target'] else '**missed**'} |")
-  missed = [r for r in rows if any(k.startswith("meets") and v is False for k, v in r.items())]
-  lines += ["", f"Targets missed: {len(missed)} row(s)." if missed else "", ""]
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+    lines = [
+        f"# Benchmarks on {meta['device']}",
+        "",
+        f"Reproduce: `{meta['command']}`",
+        "",
+        f"jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
+        f"torch {meta['torch']}, numpy {meta['numpy']}, Python {meta['python']}, "
+        f"{meta['cpu_count']} CPU cores. Times are medians of interleaved repeats "
+        "(ms); memory is the compiled program's temporary bytes.",
+        "",
+        "## 1. Loss + gradient, integer labels",
+        "",
+        "| dtype | N | C | jaxsoftmax ms | optax ms | naive ms | torch ms | vs optax "
+        "(<= 1.0) | vs naive (<= 0.15) | temp MiB jaxsoftmax / optax / naive | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = lambda b: f"{b / 2**20:.1f}"
+    for r in (r for r in rows if r["case"] == 1):
+        s, m = r["seconds"], r["temp_bytes"]
+        lines.append(
+            f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax'] * 1e3:.2f} | "
+            f"{s['optax'] * 1e3:.2f} | {s['naive'] * 1e3:.2f} | "
+            f"{s['torch'] * 1e3:.2f} | "
+            if "torch" in s
+            else f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax'] * 1e3:.2f} | "
+            f"{s['optax'] * 1e3:.2f} | {s['naive'] * 1e3:.2f} | n/a | "
+        )
+        lines[-1] += (
+            f"{r['ratio_vs_optax']:.2f} {'met' if r['meets_optax_target'] else '**missed**'}"
+            f" | {r['ratio_vs_naive']:.2f} "
+            f"{'met' if r['meets_naive_target'] else '**missed**'} | "
+            f"{mib(m['jaxsoftmax'])} / {mib(m['optax'])} / {mib(m['naive'])} | "
+            f"{r['agree']} |"
+        )
+    lines += [
+        "",
+        "## 2. linear_cross_entropy vs logits then optax (loss + both gradients)",
+        "",
+        "| dtype | N | d | V | fused temp MiB | naive temp MiB | naive / fused | "
+        "fused [d,V] MiB | naive [d,V] MiB | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["case"] == 2 and r["kind"] == "memory"):
+        m = r["temp_bytes"]
+        target = (
+            "-"
+            if "meets_memory_target" not in r
+            else (">= 50: met" if r["meets_memory_target"] else ">= 50: **missed**")
+        )
+        lines.append(
+            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {mib(m['fused'])} | "
+            f"{mib(m['naive'])} | {r['memory_ratio']:.1f} | {mib(m['fused_dv'])} | "
+            f"{mib(m['naive_dv'])} | {target} |"
+        )
+    lines += [
+        "",
+        "| dtype | N | d | V | fused ms | naive ms | fused / naive (<= 1.0) | agree |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["case"] == 2 and r["kind"] == "time"):
+        s = r["seconds"]
+        lines.append(
+            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {s['fused'] * 1e3:.1f} | "
+            f"{s['naive'] * 1e3:.1f} | {r['time_ratio']:.2f} "
+            f"{'met' if r['meets_time_target'] else '**missed**'} | {r['agree']} |"
+        )
+    lines += ["", "## 3. Spiral case study end to end (train_seconds, compilation included)", ""]
+    for r in (r for r in rows if r["case"] == 3):
+        s = r["train_seconds"]
+        lines.append(f"{r['steps']} full-batch steps. JAX: {r['jax']}.")
+        lines.append("")
+        lines.append("| numpy s | jaxsoftmax s | torch s | speed-up vs numpy (>= 4) |")
+        lines.append("|---|---|---|---|")
+        lines.append(
+            f"| {s['numpy']:.2f} | {s['jaxsoftmax']:.2f} | "
+            f"{s.get('torch', float('nan')):.2f} | {r['speedup_vs_numpy']:.1f} "
+            f"{'met' if r['meets_target'] else '**missed**'} |"
+        )
+    missed = [r for r in rows if any(k.startswith("meets") and v is False for k, v in r.items())]
+    lines += ["", f"Targets missed: {len(missed)} row(s)." if missed else "", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
 
 
 def write_chart(path, rows):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-  case1 = [r for r in rows if r["case"] == 1]
-  labels = [f"{r['dtype'][:4]}\n{r['n']}x{r['classes']}" for r in case1]
-  x = np.arange(len(case1))
-  for i, (name, key) in enumerate([("vs optax", "ratio_vs_optax"),
-                                   ("vs naive", "ratio_vs_naive"),
-                                   ("vs torch", "ratio_vs_torch")]):
-    axes[0].bar(x + (i - 1) * 0.27, [r.get(key, np.nan) for r in case1], 0.27, label=name)
-  axes[0].axhline(1.0, color="k", lw=0.8)
-  axes[0].axhline(0.15, color="r", lw=0.8, ls="--")
-  axes[0].set_xticks(x, labels, fontsize=7)
-  axes[0].set_yscale("log")
-  axes[0].set_title("1. cross_entropy time / competitor (lower is better)")
-  axes[0].legend(fontsize=8)
-  mem = [r for r in rows if r["case"] == 2 and r["kind"] == "memory"]
-  xm = np.arange(len(mem))
-  axes[1].bar(xm - 0.2, [r["temp_bytes"]["naive"] / 2**20 for r in mem], 0.4, label="naive")
-  axes[1].bar(xm + 0.2, [r["temp_bytes"]["fused"] / 2**20 for r in mem], 0.4, label="fused")
-  axes[1].set_xticks(xm, [f"{r['dtype'][:4]}\n{r['n']},{r['d']},{r['v']}" for r in mem],
-                     fontsize=7)
-  axes[1].set_yscale("log")
-  axes[1].set_ylabel("temporary MiB")
-  axes[1].set_title("2. linear cross-entropy, compiled temp memory")
-  axes[1].legend(fontsize=8)
-  spiral_rows = [r for r in rows if r["case"] == 3]
-  if spiral_rows:
-    s = spiral_rows[0]["train_seconds"]
-    axes[2].bar(list(s), list(s.values()), color=["tab:gray", "tab:blue", "tab:orange"][:len(s)])
-    axes[2].set_ylabel("train_seconds")
-    axes[2].set_title(f"3. spiral, {spiral_rows[0]['steps']} steps, end to end")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    case1 = [r for r in rows if r["case"] == 1]
+    labels = [f"{r['dtype'][:4]}\n{r['n']}x{r['classes']}" for r in case1]
+    x = np.arange(len(case1))
+    for i, (name, key) in enumerate(
+        [
+            ("vs optax", "ratio_vs_optax"),
+            ("vs naive", "ratio_vs_naive"),
+            ("vs torch", "ratio_vs_torch"),
+        ]
+    ):
+        axes[0].bar(x + (i - 1) * 0.27, [r.get(key, np.nan) for r in case1], 0.27, label=name)
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].axhline(0.15, color="r", lw=0.8, ls="--")
+    axes[0].set_xticks(x, labels, fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_title("1. cross_entropy time / competitor (lower is better)")
+    axes[0].legend(fontsize=8)
+    mem = [r for r in rows if r["case"] == 2 and r["kind"] == "memory"]
+    xm = np.arange(len(mem))
+    axes[1].bar(xm - 0.2, [r["temp_bytes"]["naive"] / 2**20 for r in mem], 0.4, label="naive")
+    axes[1].bar(xm + 0.2, [r["temp_bytes"]["fused"] / 2**20 for r in mem], 0.4, label="fused")
+    axes[1].set_xticks(
+        xm, [f"{r['dtype'][:4]}\n{r['n']},{r['d']},{r['v']}" for r in mem], fontsize=7
+    )
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("temporary MiB")
+    axes[1].set_title("2. linear cross-entropy, compiled temp memory")
+    axes[1].legend(fontsize=8)
+    spiral_rows = [r for r in rows if r["case"] == 3]
+    if spiral_rows:
+        s = spiral_rows[0]["train_seconds"]
+        axes[2].bar(
+            list(s), list(s.values()), color=["tab:gray", "tab:blue", "tab:orange"][: len(s)]
+        )
+        axes[2].set_ylabel("train_seconds")
+        axes[2].set_title(f"3. spiral, {spiral_rows[0]['steps']} steps, end to end")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
-  parser.add_argument("--out", default=None, help="output folder "
-                      "(default benchmarks/results/<device>)")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--large", action="store_true",
-                      help="add case 1 at (8192, 65536): over 10 minutes on a 2-core CPU")
-  args = parser.parse_args(argv)
-  device = jax.devices()[0]
-  platform_name = device.platform
-  out = args.out or os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                                 platform_name)
-  os.makedirs(out, exist_ok=True)
-  if args.quick:
-    repeats = args.repeats or 3
-    rows = case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)
-    rows += case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats)
-    rows += case_spiral(200, 1)
-  else:
-    repeats = args.repeats or 5
-    rows = case_integer_labels(
-        [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
-        + ([(8192, 65536)] if args.large else []),
-        [jnp.float32, jnp.bfloat16], repeats)
-    memory_shapes = [GEMMA, (2048, 512, 32768)]
-    timed = [(2048, 512, 32768)]
-    if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
-      timed.append((16384, 2304, 256000))
-    rows += case_linear(timed, memory_shapes, [jnp.float32, jnp.bfloat16], repeats)
-    rows += case_spiral(10_000, 3)
-  meta = dict(
-      device=f"{platform_name}: {device.device_kind}", command=" ".join(
-          ["python", "experiments/benchmark.py"] + (argv if argv is not None else sys.argv[1:])),
-      jax=jax.__version__, jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
-      else jax.__version__, optax=optax.__version__, jaxsoftmax=jaxsoftmax.__version__,
-      torch=torch.__version__ if torch is not None else "not installed",
-      numpy=np.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
-      machine=platform.platform(), quick=args.quick)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
-  write_markdown(os.path.join(out, "results.md"), meta, rows)
-  write_chart(os.path.join(out, "chart.png"), rows)
-  print(f"wrote {out}/results.json, results.md, chart.png")
-  return rows
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/results/<device>)"
+    )
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="add case 1 at (8192, 65536): over 10 minutes on a 2-core CPU",
+    )
+    args = parser.parse_args(argv)
+    device = jax.devices()[0]
+    platform_name = device.platform
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "results", platform_name
+    )
+    os.makedirs(out, exist_ok=True)
+    if args.quick:
+        repeats = args.repeats or 3
+        rows = case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)
+        rows += case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats)
+        rows += case_spiral(200, 1)
+    else:
+        repeats = args.repeats or 5
+        rows = case_integer_labels(
+            [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
+            + ([(8192, 65536)] if args.large else []),
+            [jnp.float32, jnp.bfloat16],
+            repeats,
+        )
+        memory_shapes = [GEMMA, (2048, 512, 32768)]
+        timed = [(2048, 512, 32768)]
+        if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
+            timed.append((16384, 2304, 256000))
+        rows += case_linear(timed, memory_shapes, [jnp.float32, jnp.bfloat16], repeats)
+        rows += case_spiral(10_000, 3)
+    meta = dict(
+        device=f"{platform_name}: {device.device_kind}",
+        command=" ".join(
+            ["python", "experiments/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
+        jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+        optax=optax.__version__,
+        jaxsoftmax=jaxsoftmax.__version__,
+        torch=torch.__version__ if torch is not None else "not installed",
+        numpy=np.__version__,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        machine=platform.platform(),
+        quick=args.quick,
+    )
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
+    write_markdown(os.path.join(out, "results.md"), meta, rows)
+    write_chart(os.path.join(out, "chart.png"), rows)
+    print(f"wrote {out}/results.json, results.md, chart.png")
+    return rows
 
 
 if __name__ == "__main__":
-  main()
+    main()

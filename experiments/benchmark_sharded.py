@@ -29,315 +29,386 @@ _parser.add_argument("--rows", type=int, default=1024, help="tokens N per step")
 _parser.add_argument("--classes", type=int, default=32768, help="vocabulary size V")
 _parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
 _parser.add_argument("--repeats", type=int, default=7, help="timed runs (median reported)")
-_parser.add_argument("--model-rows", type=int, default=8192,
-                     help="N for the compile-only communication check (0: skip)")
-_parser.add_argument("--model-classes", type=int, default=256000,
-                     help="V for the compile-only communication check")
-_parser.add_argument("--width", type=int, default=128,
-                     help="hidden size d of the linear loss's timed runs")
-_parser.add_argument("--model-width", type=int, default=2304,
-                     help="d for the linear loss's compile-only communication check")
+_parser.add_argument(
+    "--model-rows",
+    type=int,
+    default=8192,
+    help="N for the compile-only communication check (0: skip)",
+)
+_parser.add_argument(
+    "--model-classes", type=int, default=256000, help="V for the compile-only communication check"
+)
+_parser.add_argument(
+    "--width", type=int, default=128, help="hidden size d of the linear loss's timed runs"
+)
+_parser.add_argument(
+    "--model-width",
+    type=int,
+    default=2304,
+    help="d for the linear loss's compile-only communication check",
+)
 _parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
 
 if __name__ == "__main__":
-  _ARGS = _parser.parse_args()
-  _MAX_DEVICES = max(int(d) for d in _ARGS.devices.split(","))
-  # JAX reads the device count once, when it starts: set it before importing jax.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_MAX_DEVICES}")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _ARGS = _parser.parse_args()
+    _MAX_DEVICES = max(int(d) for d in _ARGS.devices.split(","))
+    # JAX reads the device count once, when it starts: set it before importing jax.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_MAX_DEVICES}"
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import datetime  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import datetime
+import functools
+import json
+import pathlib
+import platform
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import hlo_collectives  # noqa: E402
+import hlo_collectives
 
-from jaxsoftmax import cross_entropy  # noqa: E402
-from jaxsoftmax import linear_cross_entropy  # noqa: E402
-from jaxsoftmax._sharded import sharded_cross_entropy  # noqa: E402
-from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy  # noqa: E402
+from jaxsoftmax import (
+    cross_entropy,
+    linear_cross_entropy,
+)
+from jaxsoftmax._sharded import sharded_cross_entropy
+from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
 
 
 def step_fn(devices: int):
-  """``value_and_grad`` of the mean loss with the vocabulary over ``devices`` devices."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("vocab",))
-  loss = functools.partial(sharded_cross_entropy, mesh=mesh, class_axis_name="vocab")
-  placement = (NamedSharding(mesh, P(None, "vocab")), NamedSharding(mesh, P()))
-  return jax.jit(jax.value_and_grad(loss)), placement
+    """``value_and_grad`` of the mean loss with the vocabulary over ``devices`` devices."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("vocab",))
+    loss = functools.partial(sharded_cross_entropy, mesh=mesh, class_axis_name="vocab")
+    placement = (NamedSharding(mesh, P(None, "vocab")), NamedSharding(mesh, P()))
+    return jax.jit(jax.value_and_grad(loss)), placement
 
 
 def inputs(rows: int, classes: int):
-  keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  logits = jax.random.normal(keys[0], (rows, classes), jnp.float32)
-  labels = jax.random.randint(keys[1], (rows,), 0, classes)
-  return logits, labels
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    logits = jax.random.normal(keys[0], (rows, classes), jnp.float32)
+    labels = jax.random.randint(keys[1], (rows,), 0, classes)
+    return logits, labels
 
 
 def measure(devices: int, rows: int, classes: int, repeats: int) -> dict:
-  step, (logits_at, labels_at) = step_fn(devices)
-  logits, labels = inputs(rows, classes)
-  logits, labels = jax.device_put(logits, logits_at), jax.device_put(labels, labels_at)
-  compiled = step.lower(logits, labels).compile()
-  memory = compiled.memory_analysis()
-  text = compiled.as_text()
-  value, grad = compiled(logits, labels)  # warm-up
-  jax.block_until_ready((value, grad))
-  reference = cross_entropy(jax.device_get(logits), jax.device_get(labels))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(logits, labels))
-    times.append(time.perf_counter() - start)
-  logits_bytes = rows * classes * 4
-  return {
-      "devices": devices,
-      "seconds": statistics.median(times),
-      "seconds_all": times,
-      "loss": float(value),
-      "loss_single_device": float(reference),
-      "per_device_bytes": {
-          "arguments": memory.argument_size_in_bytes,
-          "outputs": memory.output_size_in_bytes,
-          "temporaries": memory.temp_size_in_bytes,
-          "total": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-      },
-      "collectives": [[op, [f"{d}{list(s)}" for d, s in shapes]]
-                      for op, shapes in hlo_collectives.collectives(text)],
-      "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
-      "gather_logits_bytes_per_device": logits_bytes * (devices - 1) // devices,
-  }
+    step, (logits_at, labels_at) = step_fn(devices)
+    logits, labels = inputs(rows, classes)
+    logits, labels = jax.device_put(logits, logits_at), jax.device_put(labels, labels_at)
+    compiled = step.lower(logits, labels).compile()
+    memory = compiled.memory_analysis()
+    text = compiled.as_text()
+    value, grad = compiled(logits, labels)  # warm-up
+    jax.block_until_ready((value, grad))
+    reference = cross_entropy(jax.device_get(logits), jax.device_get(labels))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(logits, labels))
+        times.append(time.perf_counter() - start)
+    logits_bytes = rows * classes * 4
+    return {
+        "devices": devices,
+        "seconds": statistics.median(times),
+        "seconds_all": times,
+        "loss": float(value),
+        "loss_single_device": float(reference),
+        "per_device_bytes": {
+            "arguments": memory.argument_size_in_bytes,
+            "outputs": memory.output_size_in_bytes,
+            "temporaries": memory.temp_size_in_bytes,
+            "total": (
+                memory.argument_size_in_bytes
+                + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes
+            ),
+        },
+        "collectives": [
+            [op, [f"{d}{list(s)}" for d, s in shapes]]
+            for op, shapes in hlo_collectives.collectives(text)
+        ],
+        "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
+        "gather_logits_bytes_per_device": logits_bytes * (devices - 1) // devices,
+    }
 
 
 def model_size_communication(devices: int, rows: int, classes: int) -> dict:
-  """Compiles (does not run) the step at a real model size; reads its collectives."""
-  step, (logits_at, labels_at) = step_fn(devices)
-  logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=logits_at)
-  labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=labels_at)
-  text = step.lower(logits, labels).compile().as_text()
-  measured = hlo_collectives.all_reduce_bytes(text)
-  # Predicted: max, sum of exponentials and label logit, one f32 per row each.
-  predicted = 3 * rows * 4
-  gathered = rows * classes * 2 * (devices - 1) // devices  # bf16 logits, all-gather
-  return {"devices": devices, "rows": rows, "classes": classes, "logits_dtype": "bfloat16",
-          "all_reduce_bytes_per_device": measured, "predicted_bytes_per_device": predicted,
-          "gather_logits_bytes_per_device": gathered,
-          "collectives": [[op, [f"{d}{list(s)}" for d, s in shapes]]
-                          for op, shapes in hlo_collectives.collectives(text)]}
+    """Compiles (does not run) the step at a real model size; reads its collectives."""
+    step, (logits_at, labels_at) = step_fn(devices)
+    logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=logits_at)
+    labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=labels_at)
+    text = step.lower(logits, labels).compile().as_text()
+    measured = hlo_collectives.all_reduce_bytes(text)
+    # Predicted: max, sum of exponentials and label logit, one f32 per row each.
+    predicted = 3 * rows * 4
+    gathered = rows * classes * 2 * (devices - 1) // devices  # bf16 logits, all-gather
+    return {
+        "devices": devices,
+        "rows": rows,
+        "classes": classes,
+        "logits_dtype": "bfloat16",
+        "all_reduce_bytes_per_device": measured,
+        "predicted_bytes_per_device": predicted,
+        "gather_logits_bytes_per_device": gathered,
+        "collectives": [
+            [op, [f"{d}{list(s)}" for d, s in shapes]]
+            for op, shapes in hlo_collectives.collectives(text)
+        ],
+    }
 
 
 def linear_step_fn(devices: int):
-  """``value_and_grad`` (hidden, classifier) of the mean fused loss, vocabulary split."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("vocab",))
-  loss = functools.partial(sharded_linear_cross_entropy, mesh=mesh, class_axis_name="vocab")
-  placement = (NamedSharding(mesh, P()), NamedSharding(mesh, P("vocab", None)),
-               NamedSharding(mesh, P()))
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), placement
+    """``value_and_grad`` (hidden, classifier) of the mean fused loss, vocabulary split."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("vocab",))
+    loss = functools.partial(sharded_linear_cross_entropy, mesh=mesh, class_axis_name="vocab")
+    placement = (
+        NamedSharding(mesh, P()),
+        NamedSharding(mesh, P("vocab", None)),
+        NamedSharding(mesh, P()),
+    )
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), placement
 
 
 def _memory(compiled) -> dict:
-  memory = compiled.memory_analysis()
-  return {"arguments": memory.argument_size_in_bytes,
-          "outputs": memory.output_size_in_bytes,
-          "temporaries": memory.temp_size_in_bytes,
-          "total": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes)}
+    memory = compiled.memory_analysis()
+    return {
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "total": (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        ),
+    }
 
 
 def _all_reduce_bytes_by_size(text: str, rows: int) -> dict:
-  """All-reduce operand bytes split into per-row statistics (at most one value per row)
-  and larger operands (the hidden states' gradient sum)."""
-  split = {"per_row": 0, "larger": 0}
-  for op, shapes in hlo_collectives.collectives(text):
-    for dtype, shape in shapes:
-      if op == "all-reduce":
-        size = hlo_collectives.elements(shape)
-        split["per_row" if size <= rows else "larger"] += size * hlo_collectives._BYTES[dtype]
-  return split
+    """All-reduce operand bytes split into per-row statistics (at most one value per row)
+    and larger operands (the hidden states' gradient sum)."""
+    split = {"per_row": 0, "larger": 0}
+    for op, shapes in hlo_collectives.collectives(text):
+        for dtype, shape in shapes:
+            if op == "all-reduce":
+                size = hlo_collectives.elements(shape)
+                split["per_row" if size <= rows else "larger"] += (
+                    size * hlo_collectives._BYTES[dtype]
+                )
+    return split
 
 
 def measure_linear(devices: int, rows: int, classes: int, width: int, repeats: int) -> dict:
-  step, (hidden_at, classifier_at, labels_at) = linear_step_fn(devices)
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  hidden = jax.random.normal(keys[0], (rows, width), jnp.float32)
-  classifier = jax.random.normal(keys[1], (classes, width), jnp.float32) / np.sqrt(width)
-  labels = jax.random.randint(keys[2], (rows,), 0, classes)
-  reference = linear_cross_entropy(hidden, classifier, labels)
-  hidden, classifier, labels = (jax.device_put(x, at) for x, at in (
-      (hidden, hidden_at), (classifier, classifier_at), (labels, labels_at)))
-  compiled = step.lower(hidden, classifier, labels).compile()
-  text = compiled.as_text()
-  value, grads = compiled(hidden, classifier, labels)  # warm-up
-  jax.block_until_ready((value, grads))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(hidden, classifier, labels))
-    times.append(time.perf_counter() - start)
-  return {
-      "devices": devices,
-      "seconds": statistics.median(times),
-      "seconds_all": times,
-      "loss": float(value),
-      "loss_single_device": float(reference),
-      "per_device_bytes": _memory(compiled),
-      "collectives": [[op, [f"{d}{list(s)}" for d, s in shapes]]
-                      for op, shapes in hlo_collectives.collectives(text)],
-      "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
-      "all_reduce_bytes_split": _all_reduce_bytes_by_size(text, rows),
-      "gather_logits_bytes_per_device": rows * classes * 4 * (devices - 1) // devices,
-  }
+    step, (hidden_at, classifier_at, labels_at) = linear_step_fn(devices)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    hidden = jax.random.normal(keys[0], (rows, width), jnp.float32)
+    classifier = jax.random.normal(keys[1], (classes, width), jnp.float32) / np.sqrt(width)
+    labels = jax.random.randint(keys[2], (rows,), 0, classes)
+    reference = linear_cross_entropy(hidden, classifier, labels)
+    hidden, classifier, labels = (
+        jax.device_put(x, at)
+        for x, at in ((hidden, hidden_at), (classifier, classifier_at), (labels, labels_at))
+    )
+    compiled = step.lower(hidden, classifier, labels).compile()
+    text = compiled.as_text()
+    value, grads = compiled(hidden, classifier, labels)  # warm-up
+    jax.block_until_ready((value, grads))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(hidden, classifier, labels))
+        times.append(time.perf_counter() - start)
+    return {
+        "devices": devices,
+        "seconds": statistics.median(times),
+        "seconds_all": times,
+        "loss": float(value),
+        "loss_single_device": float(reference),
+        "per_device_bytes": _memory(compiled),
+        "collectives": [
+            [op, [f"{d}{list(s)}" for d, s in shapes]]
+            for op, shapes in hlo_collectives.collectives(text)
+        ],
+        "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
+        "all_reduce_bytes_split": _all_reduce_bytes_by_size(text, rows),
+        "gather_logits_bytes_per_device": rows * classes * 4 * (devices - 1) // devices,
+    }
 
 
 def linear_model_size_communication(devices: int, rows: int, classes: int, width: int) -> dict:
-  """Compiles (does not run) the fused step at a real model size, bf16; reads collectives."""
-  step, (hidden_at, classifier_at, labels_at) = linear_step_fn(devices)
-  text = step.lower(jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=hidden_at),
-                    jax.ShapeDtypeStruct((classes, width), jnp.bfloat16, sharding=classifier_at),
-                    jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=labels_at)
-                    ).compile().as_text()
-  split = _all_reduce_bytes_by_size(text, rows)
-  return {"devices": devices, "rows": rows, "classes": classes, "width": width,
-          "dtype": "bfloat16",
-          "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
-          "statistics_bytes_per_device": split["per_row"],
-          "predicted_statistics_bytes": 3 * rows * 4,
-          "hidden_gradient_bytes_per_device": split["larger"],
-          "predicted_hidden_gradient_bytes": rows * width * 2,
-          "gather_logits_bytes_per_device": rows * classes * 2 * (devices - 1) // devices,
-          "gather_classifier_bytes_per_device": classes * width * 2 * (devices - 1) // devices,
-          "collectives": [[op, [f"{d}{list(s)}" for d, s in shapes]]
-                          for op, shapes in hlo_collectives.collectives(text)]}
+    """Compiles (does not run) the fused step at a real model size, bf16; reads collectives."""
+    step, (hidden_at, classifier_at, labels_at) = linear_step_fn(devices)
+    text = (
+        step.lower(
+            jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=hidden_at),
+            jax.ShapeDtypeStruct((classes, width), jnp.bfloat16, sharding=classifier_at),
+            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=labels_at),
+        )
+        .compile()
+        .as_text()
+    )
+    split = _all_reduce_bytes_by_size(text, rows)
+    return {
+        "devices": devices,
+        "rows": rows,
+        "classes": classes,
+        "width": width,
+        "dtype": "bfloat16",
+        "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
+        "statistics_bytes_per_device": split["per_row"],
+        "predicted_statistics_bytes": 3 * rows * 4,
+        "hidden_gradient_bytes_per_device": split["larger"],
+        "predicted_hidden_gradient_bytes": rows * width * 2,
+        "gather_logits_bytes_per_device": rows * classes * 2 * (devices - 1) // devices,
+        "gather_classifier_bytes_per_device": classes * width * 2 * (devices - 1) // devices,
+        "collectives": [
+            [op, [f"{d}{list(s)}" for d, s in shapes]]
+            for op, shapes in hlo_collectives.collectives(text)
+        ],
+    }
 
 
 def _mib(n: int) -> str:
-  return f"{n / 2**20:.1f}"
+    return f"{n / 2**20:.1f}"
 
 
 def markdown(result: dict) -> str:
-  c = result["config"]
-  lines = [
-      "# Vocabulary-parallel cross-entropy on virtual CPU devices",
-      "",
-      f"`value_and_grad` of the mean loss, N = {c['rows']} rows, V = {c['classes']} classes, "
-      f"float32, class axis split over d devices; median of {c['repeats']} runs after a "
-      "warm-up.",
-      "",
-      "**These are virtual devices on one CPU** "
-      f"({result['machine']['cpu_count']} cores, `{result['machine']['platform']}`, load "
-      f"average {result['machine']['load_average_1min']:.1f} when it ran): they "
-      "share the cores, so the time shows the cost of the communication pattern, not a "
-      "speed-up. Memory per device and bytes communicated are what carry over to a real mesh.",
-      "",
-      "| devices | time (ms) | memory per device (MiB) | of which temporaries (MiB) | "
-      "all-reduce bytes per device | gathering the logits instead (MiB) | loss |",
-      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-  ]
-  for r in result["runs"]:
-    m = r["per_device_bytes"]
-    lines.append(
-        f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
-        f"{_mib(m['temporaries'])} | {r['all_reduce_bytes_per_device']} | "
-        f"{_mib(r['gather_logits_bytes_per_device'])} | {r['loss']:.6f} |")
-  single = result["runs"][0]["loss_single_device"]
-  lines += ["", f"Single-device loss for comparison: {single:.6f}."]
-  model = result.get("model_size")
-  if model:
-    lines += [
+    c = result["config"]
+    lines = [
+        "# Vocabulary-parallel cross-entropy on virtual CPU devices",
         "",
-        f"## At model size (compiled, not run): N = {model['rows']}, V = {model['classes']}, "
-        f"bf16 logits, {model['devices']} devices",
+        f"`value_and_grad` of the mean loss, N = {c['rows']} rows, V = {c['classes']} classes, "
+        f"float32, class axis split over d devices; median of {c['repeats']} runs after a "
+        "warm-up.",
         "",
-        f"- all-reduce operands per device, read from the compiled HLO: "
-        f"{model['all_reduce_bytes_per_device']} bytes "
-        f"({model['predicted_bytes_per_device']} predicted: 3 float32 per row)",
-        f"- all-gather of the logits instead: {model['gather_logits_bytes_per_device']} bytes "
-        f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB) per device",
-        f"- collectives: {model['collectives']}",
-    ]
-  linear = result.get("linear_runs")
-  if linear:
-    lines += [
-        "",
-        "## The fused linear loss (`sharded_linear_cross_entropy`)",
-        "",
-        f"`value_and_grad` (hidden, classifier) of the mean loss, N = {c['rows']} tokens, "
-        f"d = {c['width']}, V = {c['classes']} classes, float32, the classifier `[V, d]` split "
-        "by vocabulary rows over d **virtual** devices (same caveat: shared cores). Memory "
-        "per device is the compiled program's arguments + outputs + temporaries.",
+        "**These are virtual devices on one CPU** "
+        f"({result['machine']['cpu_count']} cores, `{result['machine']['platform']}`, load "
+        f"average {result['machine']['load_average_1min']:.1f} when it ran): they "
+        "share the cores, so the time shows the cost of the communication pattern, not a "
+        "speed-up. Memory per device and bytes communicated are what carry over to a real mesh.",
         "",
         "| devices | time (ms) | memory per device (MiB) | of which temporaries (MiB) | "
-        "all-reduce bytes per device: statistics | : hidden-state gradient | loss |",
+        "all-reduce bytes per device | gathering the logits instead (MiB) | loss |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in linear:
-      m, split = r["per_device_bytes"], r["all_reduce_bytes_split"]
-      lines.append(
-          f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
-          f"{_mib(m['temporaries'])} | {split['per_row']} | {split['larger']} | "
-          f"{r['loss']:.6f} |")
-    lines += ["", f"Single-device loss for comparison: {linear[0]['loss_single_device']:.6f}."]
-  model = result.get("linear_model_size")
-  if model:
+    for r in result["runs"]:
+        m = r["per_device_bytes"]
+        lines.append(
+            f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
+            f"{_mib(m['temporaries'])} | {r['all_reduce_bytes_per_device']} | "
+            f"{_mib(r['gather_logits_bytes_per_device'])} | {r['loss']:.6f} |"
+        )
+    single = result["runs"][0]["loss_single_device"]
+    lines += ["", f"Single-device loss for comparison: {single:.6f}."]
+    model = result.get("model_size")
+    if model:
+        lines += [
+            "",
+            f"## At model size (compiled, not run): N = {model['rows']}, V = {model['classes']}, "
+            f"bf16 logits, {model['devices']} devices",
+            "",
+            f"- all-reduce operands per device, read from the compiled HLO: "
+            f"{model['all_reduce_bytes_per_device']} bytes "
+            f"({model['predicted_bytes_per_device']} predicted: 3 float32 per row)",
+            f"- all-gather of the logits instead: {model['gather_logits_bytes_per_device']} bytes "
+            f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB) per device",
+            f"- collectives: {model['collectives']}",
+        ]
+    linear = result.get("linear_runs")
+    if linear:
+        lines += [
+            "",
+            "## The fused linear loss (`sharded_linear_cross_entropy`)",
+            "",
+            f"`value_and_grad` (hidden, classifier) of the mean loss, N = {c['rows']} tokens, "
+            f"d = {c['width']}, V = {c['classes']} classes, float32, the classifier `[V, d]` split "
+            "by vocabulary rows over d **virtual** devices (same caveat: shared cores). Memory "
+            "per device is the compiled program's arguments + outputs + temporaries.",
+            "",
+            "| devices | time (ms) | memory per device (MiB) | of which temporaries (MiB) | "
+            "all-reduce bytes per device: statistics | : hidden-state gradient | loss |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in linear:
+            m, split = r["per_device_bytes"], r["all_reduce_bytes_split"]
+            lines.append(
+                f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
+                f"{_mib(m['temporaries'])} | {split['per_row']} | {split['larger']} | "
+                f"{r['loss']:.6f} |"
+            )
+        lines += ["", f"Single-device loss for comparison: {linear[0]['loss_single_device']:.6f}."]
+    model = result.get("linear_model_size")
+    if model:
+        lines += [
+            "",
+            f"### At model size (compiled, not run): N = {model['rows']}, d = {model['width']}, "
+            f"V = {model['classes']}, bf16, {model['devices']} devices",
+            "",
+            f"- per-row statistics: {model['statistics_bytes_per_device']} bytes per device "
+            f"({model['predicted_statistics_bytes']} predicted: 3 float32 per row)",
+            f"- the hidden states' gradient sum: {model['hidden_gradient_bytes_per_device']} bytes "
+            f"({model['predicted_hidden_gradient_bytes']} predicted: N x d bf16; the program "
+            "asks for a bf16 psum, which XLA's CPU compiler widens to float32, twice that)",
+            f"- gathering the logits instead: {model['gather_logits_bytes_per_device']} bytes "
+            f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB); gathering the "
+            f"classifier: {model['gather_classifier_bytes_per_device']} bytes",
+            f"- collectives: {model['collectives']}",
+        ]
     lines += [
         "",
-        f"### At model size (compiled, not run): N = {model['rows']}, d = {model['width']}, "
-        f"V = {model['classes']}, bf16, {model['devices']} devices",
-        "",
-        f"- per-row statistics: {model['statistics_bytes_per_device']} bytes per device "
-        f"({model['predicted_statistics_bytes']} predicted: 3 float32 per row)",
-        f"- the hidden states' gradient sum: {model['hidden_gradient_bytes_per_device']} bytes "
-        f"({model['predicted_hidden_gradient_bytes']} predicted: N x d bf16; the program "
-        "asks for a bf16 psum, which XLA's CPU compiler widens to float32, twice that)",
-        f"- gathering the logits instead: {model['gather_logits_bytes_per_device']} bytes "
-        f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB); gathering the "
-        f"classifier: {model['gather_classifier_bytes_per_device']} bytes",
-        f"- collectives: {model['collectives']}",
+        "Reproduce: `python experiments/benchmark_sharded.py` "
+        f"(`{' '.join(sys.argv[1:]) or 'default flags'}`).",
     ]
-  lines += ["", "Reproduce: `python experiments/benchmark_sharded.py` "
-            f"(`{' '.join(sys.argv[1:]) or 'default flags'}`)."]
-  return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def main(args) -> dict:
-  counts = [int(d) for d in args.devices.split(",")]
-  runs = [measure(d, args.rows, args.classes, args.repeats) for d in counts]
-  result = {
-      "what": "vocabulary-parallel cross_entropy, value_and_grad, virtual CPU devices",
-      "virtual_devices": True,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "load_average_1min": os.getloadavg()[0], "jax": jax.__version__},
-      "config": {"rows": args.rows, "classes": args.classes, "repeats": args.repeats,
-                 "dtype": "float32"},
-      "runs": runs,
-  }
-  result["config"]["width"] = args.width
-  result["linear_runs"] = [measure_linear(d, args.rows, args.classes, args.width, args.repeats)
-                           for d in counts]
-  if args.model_rows:
-    result["model_size"] = model_size_communication(max(counts), args.model_rows,
-                                                    args.model_classes)
-    result["linear_model_size"] = linear_model_size_communication(
-        max(counts), args.model_rows, args.model_classes, args.model_width)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "sharded.json").write_text(json.dumps(result, indent=2) + "\n")
-  (out / "sharded.md").write_text(markdown(result))
-  print(markdown(result))
-  return result
+    counts = [int(d) for d in args.devices.split(",")]
+    runs = [measure(d, args.rows, args.classes, args.repeats) for d in counts]
+    result = {
+        "what": "vocabulary-parallel cross_entropy, value_and_grad, virtual CPU devices",
+        "virtual_devices": True,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0],
+            "jax": jax.__version__,
+        },
+        "config": {
+            "rows": args.rows,
+            "classes": args.classes,
+            "repeats": args.repeats,
+            "dtype": "float32",
+        },
+        "runs": runs,
+    }
+    result["config"]["width"] = args.width
+    result["linear_runs"] = [
+        measure_linear(d, args.rows, args.classes, args.width, args.repeats) for d in counts
+    ]
+    if args.model_rows:
+        result["model_size"] = model_size_communication(
+            max(counts), args.model_rows, args.model_classes
+        )
+        result["linear_model_size"] = linear_model_size_communication(
+            max(counts), args.model_rows, args.model_classes, args.model_width
+        )
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sharded.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sharded.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
 
 
 if __name__ == "__main__":
-  main(_ARGS)
+    main(_ARGS)

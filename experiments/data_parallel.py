@@ -25,15 +25,20 @@ from jaxsoftmax import data, training
 
 
 def max_difference(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=None, help="default: all local devices")
-    parser.add_argument("--steps", default="10,100,200,500,1000,10000",
-                        help="comma-separated step counts, each a fresh run")
+    parser.add_argument(
+        "--steps",
+        default="10,100,200,500,1000,10000",
+        help="comma-separated step counts, each a fresh run",
+    )
     parser.add_argument("--num-examples", type=int, default=None, help="spiral points per class")
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--json", default=None, help="also write the table here")
@@ -45,39 +50,58 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     spiral = data.load("spiral", num_examples=arguments.num_examples)
-    reversed_rows = dataclasses.replace(spiral, x_train=spiral.x_train[::-1].copy(),
-                                        y_train=spiral.y_train[::-1].copy())
-    print(f"spiral, {len(spiral.y_train)} points, hidden {arguments.hidden}, full-batch gradient "
-          f"descent; 1 device against {devices}, and against 1 device with the rows reversed")
-    header = (f"{'steps':>6} {'|1 - N| params':>15} {'|1 - rev| params':>17} "
-              f"{'loss 1':>9} {'loss N':>9} {'loss rev':>9} {'acc 1':>6} {'acc N':>6}")
+    reversed_rows = dataclasses.replace(
+        spiral, x_train=spiral.x_train[::-1].copy(), y_train=spiral.y_train[::-1].copy()
+    )
+    print(
+        f"spiral, {len(spiral.y_train)} points, hidden {arguments.hidden}, full-batch gradient "
+        f"descent; 1 device against {devices}, and against 1 device with the rows reversed"
+    )
+    header = (
+        f"{'steps':>6} {'|1 - N| params':>15} {'|1 - rev| params':>17} "
+        f"{'loss 1':>9} {'loss N':>9} {'loss rev':>9} {'acc 1':>6} {'acc N':>6}"
+    )
     print(header)
     rows = []
     for steps in (int(s) for s in arguments.steps.split(",")):
         every = min(steps, 100)
-        config = dict(hidden=(arguments.hidden,), steps=steps, eval_every=every,
-                      checkpoint_every=every)
+        config = dict(
+            hidden=(arguments.hidden,), steps=steps, eval_every=every, checkpoint_every=every
+        )
         one = training.train(training.TrainConfig(**config, devices=1), spiral)
         many = training.train(training.TrainConfig(**config, devices=devices), spiral)
         control = training.train(training.TrainConfig(**config, devices=1), reversed_rows)
-        row = {"steps": steps, "devices": many.devices,
-               "max_param_diff_1_vs_n": max_difference(one.params, many.params),
-               "max_param_diff_1_vs_reversed_rows": max_difference(one.params, control.params),
-               "final_loss": [one.final_loss, many.final_loss, control.final_loss],
-               "train_accuracy": [one.train_accuracy, many.train_accuracy, control.train_accuracy],
-               "test_accuracy": [one.test_accuracy, many.test_accuracy, control.test_accuracy]}
+        row = {
+            "steps": steps,
+            "devices": many.devices,
+            "max_param_diff_1_vs_n": max_difference(one.params, many.params),
+            "max_param_diff_1_vs_reversed_rows": max_difference(one.params, control.params),
+            "final_loss": [one.final_loss, many.final_loss, control.final_loss],
+            "train_accuracy": [one.train_accuracy, many.train_accuracy, control.train_accuracy],
+            "test_accuracy": [one.test_accuracy, many.test_accuracy, control.test_accuracy],
+        }
         rows.append(row)
-        print(f"{steps:>6} {row['max_param_diff_1_vs_n']:>15.3g} "
-              f"{row['max_param_diff_1_vs_reversed_rows']:>17.3g} {one.final_loss:>9.6f} "
-              f"{many.final_loss:>9.6f} {control.final_loss:>9.6f} {one.train_accuracy:>6.4f} "
-              f"{many.train_accuracy:>6.4f}", flush=True)
+        print(
+            f"{steps:>6} {row['max_param_diff_1_vs_n']:>15.3g} "
+            f"{row['max_param_diff_1_vs_reversed_rows']:>17.3g} {one.final_loss:>9.6f} "
+            f"{many.final_loss:>9.6f} {control.final_loss:>9.6f} {one.train_accuracy:>6.4f} "
+            f"{many.train_accuracy:>6.4f}",
+            flush=True,
+        )
     if arguments.json:
         device = jax.devices()[0]
         with open(arguments.json, "w") as file:
-            json.dump({"device": f"{device.platform}: {device.device_kind}", "devices": devices,
-                       "columns": "final_loss, train_accuracy, test_accuracy: [1 device, N "
-                                  "devices, 1 device with the training rows reversed]",
-                       "rows": rows}, file, indent=2)
+            json.dump(
+                {
+                    "device": f"{device.platform}: {device.device_kind}",
+                    "devices": devices,
+                    "columns": "final_loss, train_accuracy, test_accuracy: [1 device, N "
+                    "devices, 1 device with the training rows reversed]",
+                    "rows": rows,
+                },
+                file,
+                indent=2,
+            )
     return 0
 
 

@@ -27,11 +27,11 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # before any array exists: the check runs in float64
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from jaxsoftmax import data, mlp  # noqa: E402
+from jaxsoftmax import data, mlp
 
 RELATIVE_FLOOR = 1e-6  # below it a difference is judged by its absolute size
 # (absolute, relative) tolerances: exact references agree to rounding, finite differences to
@@ -96,8 +96,10 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
     labels = jnp.asarray(labels)
     params = mlp.init(jax.random.key(seed), sizes, scheme="glorot", dtype=jnp.float64)
     params = [  # non-zero biases, so their gradients are exercised away from the origin
-        {"W": p["W"], "b": 0.1 * jax.random.normal(jax.random.key(seed + 1 + i), p["b"].shape,
-                                                     jnp.float64)}
+        {
+            "W": p["W"],
+            "b": 0.1 * jax.random.normal(jax.random.key(seed + 1 + i), p["b"].shape, jnp.float64),
+        }
         for i, p in enumerate(params)
     ]
 
@@ -105,7 +107,9 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
         return mlp.loss(p, x, labels, l2=l2, activation=activation)
 
     custom = by_name(jax.jit(jax.grad(library_loss))(params))
-    naive = by_name(jax.jit(jax.grad(naive_loss), static_argnums=3)(params, x, labels, activation, l2))
+    naive = by_name(
+        jax.jit(jax.grad(naive_loss), static_argnums=3)(params, x, labels, activation, l2)
+    )
     theta, unravel = ravel_pytree(params)
     numeric_vector = jax.jit(
         lambda t: finite_differences(lambda u: library_loss(unravel(u)), t, eps)
@@ -124,12 +128,19 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
                 continue
             absolute, relative = differences(custom[parameter], gradients[parameter])
             atol, rtol = TOLERANCES[reference]
-            rows.append({
-                "network": name, "parameter": parameter,
-                "shape": list(np.shape(custom[parameter])), "reference": reference,
-                "max_abs": absolute, "max_rel": relative, "abs_tolerance": atol,
-                "rel_tolerance": rtol, "ok": absolute <= atol and relative <= rtol,
-            })
+            rows.append(
+                {
+                    "network": name,
+                    "parameter": parameter,
+                    "shape": list(np.shape(custom[parameter])),
+                    "reference": reference,
+                    "max_abs": absolute,
+                    "max_rel": relative,
+                    "abs_tolerance": atol,
+                    "rel_tolerance": rtol,
+                    "ok": absolute <= atol and relative <= rtol,
+                }
+            )
     return rows
 
 
@@ -139,35 +150,57 @@ def main(argv=None) -> int:
     parser.add_argument("--l2", type=float, default=0.0, help="weight penalty included in L")
     parser.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
     parser.add_argument("--json", default=None, help="also write the table to this file")
-    parser.add_argument("--network", choices=("000", "002", "both"), default="both",
-                        help="check only the network of one seed text")
+    parser.add_argument(
+        "--network",
+        choices=("000", "002", "both"),
+        default="both",
+        help="check only the network of one seed text",
+    )
     arguments = parser.parse_args(argv)
 
     rows = []
     for name, (make_input, sizes, activation) in NETWORKS.items():
         if arguments.network != "both" and not name.startswith(f"seed {arguments.network}"):
             continue
-        rows += check_network(name, make_input, sizes, activation, seed=arguments.seed,
-                              l2=arguments.l2, eps=arguments.eps)
-    print(f"device: {jax.devices()[0].platform}, dtype: float64, l2 = {arguments.l2}, "
-          f"eps = {arguments.eps}; custom rule against each reference")
-    header = f"{'network':36} {'param':5} {'shape':10} {'reference':31} {'max abs':>9} {'max rel':>9}"
+        rows += check_network(
+            name,
+            make_input,
+            sizes,
+            activation,
+            seed=arguments.seed,
+            l2=arguments.l2,
+            eps=arguments.eps,
+        )
+    print(
+        f"device: {jax.devices()[0].platform}, dtype: float64, l2 = {arguments.l2}, "
+        f"eps = {arguments.eps}; custom rule against each reference"
+    )
+    header = (
+        f"{'network':36} {'param':5} {'shape':10} {'reference':31} {'max abs':>9} {'max rel':>9}"
+    )
     print(header + "  ok")
     print("-" * (len(header) + 4))
     for row in rows:
         shape = "x".join(str(s) for s in row["shape"])
-        print(f"{row['network']:36} {row['parameter']:5} {shape:10} {row['reference']:31} "
-              f"{row['max_abs']:9.2e} {row['max_rel']:9.2e}  {'yes' if row['ok'] else 'NO'}")
+        print(
+            f"{row['network']:36} {row['parameter']:5} {shape:10} {row['reference']:31} "
+            f"{row['max_abs']:9.2e} {row['max_rel']:9.2e}  {'yes' if row['ok'] else 'NO'}"
+        )
     failed = [row for row in rows if not row["ok"]]
     if arguments.json:
         with open(arguments.json, "w") as file:
             json.dump({"tolerances": TOLERANCES, "rows": rows}, file, indent=2)
     if failed:
-        print(f"\n{len(failed)} comparison(s) exceed their tolerance "
-              "(absolute, relative): " + ", ".join(
-                  f"{r['network']} {r['parameter']} vs {r['reference']} "
-                  f"({r['abs_tolerance']:g}, {r['rel_tolerance']:g})" for r in failed),
-              file=sys.stderr)
+        print(
+            f"\n{len(failed)} comparison(s) exceed their tolerance "
+            "(absolute, relative): "
+            + ", ".join(
+                f"{r['network']} {r['parameter']} vs {r['reference']} "
+                f"({r['abs_tolerance']:g}, {r['rel_tolerance']:g})"
+                for r in failed
+            ),
+            file=sys.stderr,
+        )
         return 1
     print(f"\nall {len(rows)} comparisons within tolerance")
     return 0

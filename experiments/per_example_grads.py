@@ -50,8 +50,10 @@ def main(argv=None) -> int:
 
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=True)
     if arguments.batch_size > len(dataset.y_train):
-        parser.error(f"--batch-size {arguments.batch_size} exceeds the {len(dataset.y_train)} "
-                     f"training examples of {arguments.dataset}")
+        parser.error(
+            f"--batch-size {arguments.batch_size} exceeds the {len(dataset.y_train)} "
+            f"training examples of {arguments.dataset}"
+        )
     x = jnp.asarray(dataset.x_train[: arguments.batch_size])
     labels = jnp.asarray(dataset.y_train[: arguments.batch_size])
     sizes = [dataset.num_features, arguments.hidden, dataset.num_classes]
@@ -69,23 +71,36 @@ def main(argv=None) -> int:
     batch_gradient = jax.grad(lambda p: mlp.loss(p, x, labels, **options))(params)
     mean_gap = max(
         float(jnp.max(jnp.abs(jnp.mean(a, axis=0) - b)))
-        for a, b in zip(jax.tree_util.tree_leaves(with_vmap),
-                        jax.tree_util.tree_leaves(batch_gradient))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(with_vmap), jax.tree_util.tree_leaves(batch_gradient)
+        )
     )
-    norms = np.sqrt(sum(np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1)
-                        for g in jax.tree_util.tree_leaves(with_vmap)))
+    norms = np.sqrt(
+        sum(
+            np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1)
+            for g in jax.tree_util.tree_leaves(with_vmap)
+        )
+    )
 
-    print(f"device: {jax.devices()[0].platform}, dataset: {arguments.dataset}, "
-          f"{len(x)} examples, network {' -> '.join(map(str, sizes))}")
+    print(
+        f"device: {jax.devices()[0].platform}, dataset: {arguments.dataset}, "
+        f"{len(x)} examples, network {' -> '.join(map(str, sizes))}"
+    )
     print(f"max |vmap - loop|               = {largest:.2e}")
     print(f"max |mean_n g_n - batch grad|   = {mean_gap:.2e}")
-    print(f"per-example gradient norm: min {norms.min():.3g}, median {np.median(norms):.3g}, "
-          f"max {norms.max():.3g}")
+    print(
+        f"per-example gradient norm: min {norms.min():.3g}, median {np.median(norms):.3g}, "
+        f"max {norms.max():.3g}"
+    )
     vmap_seconds = best_seconds(lambda: vectorised(params, x, labels), arguments.repeats)
-    loop_seconds = best_seconds(lambda: loop_of_grads(single_example_grad, params, x, labels),
-                                max(1, arguments.repeats // 2))
-    print(f"vmap(grad): {vmap_seconds * 1e3:9.3f} ms   loop of grad: {loop_seconds * 1e3:9.3f} ms"
-          f"   speed-up {loop_seconds / vmap_seconds:.1f}x (best of repeats, compile excluded)")
+    loop_seconds = best_seconds(
+        lambda: loop_of_grads(single_example_grad, params, x, labels),
+        max(1, arguments.repeats // 2),
+    )
+    print(
+        f"vmap(grad): {vmap_seconds * 1e3:9.3f} ms   loop of grad: {loop_seconds * 1e3:9.3f} ms"
+        f"   speed-up {loop_seconds / vmap_seconds:.1f}x (best of repeats, compile excluded)"
+    )
     scale = max(1.0, max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(with_loop)))
     tolerance = 1e-5 * scale  # float32 rounding, relative to the largest gradient entry
     if largest > tolerance or mean_gap > tolerance:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -60,13 +59,26 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = training.TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=data.DATASETS, default="spiral")
-    parser.add_argument("--num-examples", type=int, default=None,
-                        help="points per class (spiral) or in total (moons, circles)")
-    parser.add_argument("--standardize", action="store_true",
-                        help="standardise features with the training statistics")
-    parser.add_argument("--hidden", type=parse_hidden, default=defaults.hidden,
-                        help="hidden widths, comma-separated; 0 = linear softmax classifier")
-    parser.add_argument("--activation", choices=sorted(mlp.ACTIVATIONS), default=defaults.activation)
+    parser.add_argument(
+        "--num-examples",
+        type=int,
+        default=None,
+        help="points per class (spiral) or in total (moons, circles)",
+    )
+    parser.add_argument(
+        "--standardize",
+        action="store_true",
+        help="standardise features with the training statistics",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=defaults.hidden,
+        help="hidden widths, comma-separated; 0 = linear softmax classifier",
+    )
+    parser.add_argument(
+        "--activation", choices=sorted(mlp.ACTIVATIONS), default=defaults.activation
+    )
     parser.add_argument("--optimizer", choices=training.OPTIMIZERS, default=defaults.optimizer)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--momentum", type=float, default=defaults.momentum)
@@ -77,14 +89,22 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-scheme", choices=mlp.INIT_SCHEMES, default=defaults.init_scheme)
     parser.add_argument("--init-scale", type=float, default=defaults.init_scale)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--class-weights", type=lambda s: tuple(float(w) for w in s.split(",")),
-                        default=None, help="comma-separated, one per class")
+    parser.add_argument(
+        "--class-weights",
+        type=lambda s: tuple(float(w) for w in s.split(",")),
+        default=None,
+        help="comma-separated, one per class",
+    )
     parser.add_argument("--z-loss", type=float, default=0.0)
     parser.add_argument("--logit-softcap", type=float, default=None)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    parser.add_argument("--devices", type=int, default=None,
-                        help="train data-parallel on the first N local devices (default: all)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="train data-parallel on the first N local devices (default: all)",
+    )
     parser.add_argument("--out", default="runs/train", help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
@@ -164,14 +184,31 @@ def plot_decision_boundary(
 
     x, y = dataset.x_train, dataset.y_train
     low, high = x.min(axis=0) - 0.5, x.max(axis=0) + 0.5
-    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 300), np.linspace(low[1], high[1], 300))
+    grid_x, grid_y = np.meshgrid(
+        np.linspace(low[0], high[0], 300), np.linspace(low[1], high[1], 300)
+    )
     grid = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.float32)
     classes = np.asarray(jax.jit(mlp.predict, static_argnums=2)(params, grid, activation))
     figure, axes = plt.subplots(figsize=(6, 6))
-    axes.contourf(grid_x, grid_y, classes.reshape(grid_x.shape), alpha=0.35, cmap="Spectral",
-                  levels=np.arange(dataset.num_classes + 1) - 0.5)
-    axes.scatter(x[:, 0], x[:, 1], c=y, s=18, cmap="Spectral", edgecolors="k", linewidths=0.5,
-                 vmin=0, vmax=dataset.num_classes - 1)
+    axes.contourf(
+        grid_x,
+        grid_y,
+        classes.reshape(grid_x.shape),
+        alpha=0.35,
+        cmap="Spectral",
+        levels=np.arange(dataset.num_classes + 1) - 0.5,
+    )
+    axes.scatter(
+        x[:, 0],
+        x[:, 1],
+        c=y,
+        s=18,
+        cmap="Spectral",
+        edgecolors="k",
+        linewidths=0.5,
+        vmin=0,
+        vmax=dataset.num_classes - 1,
+    )
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -186,16 +223,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         return 2
     config = config_from_arguments(arguments)
-    dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=arguments.standardize,
-                        num_examples=arguments.num_examples)
+    dataset = data.load(
+        arguments.dataset,
+        seed=arguments.seed,
+        standardized=arguments.standardize,
+        num_examples=arguments.num_examples,
+    )
     device = jax.devices()[0]
     device_description = f"{device.platform}: {device.device_kind}"
-    print(f"device: {device_description} ({jax.device_count()} visible), training data-parallel "
-          f"on {len(devices)}")
-    architecture = " -> ".join(str(w) for w in [dataset.num_features, *config.hidden,
-                                                 dataset.num_classes])
-    print(f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
-          f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}")
+    print(
+        f"device: {device_description} ({jax.device_count()} visible), training data-parallel "
+        f"on {len(devices)}"
+    )
+    architecture = " -> ".join(
+        str(w) for w in [dataset.num_features, *config.hidden, dataset.num_classes]
+    )
+    print(
+        f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
+        f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
+    )
     os.makedirs(arguments.out, exist_ok=True)
 
     progress_bar = None
@@ -207,12 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     def on_run_end(row: dict, steps_in_run: int) -> None:
         if progress_bar is not None:
             progress_bar.update(steps_in_run)
-            progress_bar.set_postfix(loss=f"{row['batch_loss']:.4f}",
-                                     train_acc=f"{row['train_accuracy']:.3f}", refresh=False)
+            progress_bar.set_postfix(
+                loss=f"{row['batch_loss']:.4f}",
+                train_acc=f"{row['train_accuracy']:.3f}",
+                refresh=False,
+            )
 
     try:
-        result = training.train(config, dataset, checkpoint_dir=arguments.out,
-                                resume=arguments.resume, on_run_end=on_run_end)
+        result = training.train(
+            config,
+            dataset,
+            checkpoint_dir=arguments.out,
+            resume=arguments.resume,
+            on_run_end=on_run_end,
+        )
     except training.NonFiniteLossError as error:
         print(f"\nstopped: {error}", file=sys.stderr)
         return 2
@@ -231,10 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_description,
         "devices": result.devices,
         "versions": library_versions(),
-        "dataset": {"name": dataset.name, "train_examples": len(dataset.y_train),
-                    "test_examples": len(dataset.y_test), "features": dataset.num_features,
-                    "classes": dataset.num_classes, "split": dataset.split,
-                    "standardized": arguments.standardize, "num_examples": arguments.num_examples},
+        "dataset": {
+            "name": dataset.name,
+            "train_examples": len(dataset.y_train),
+            "test_examples": len(dataset.y_test),
+            "features": dataset.num_features,
+            "classes": dataset.num_classes,
+            "split": dataset.split,
+            "standardized": arguments.standardize,
+            "num_examples": arguments.num_examples,
+        },
         "config": config.to_dict(),
     }
     with open(os.path.join(arguments.out, "metrics.json"), "w") as file:
@@ -246,15 +306,25 @@ def main(argv: list[str] | None = None) -> int:
         plot_history(os.path.join(arguments.out, "loss.png"), result.history, title)
         if dataset.num_features == 2:
             plot_decision_boundary(
-                os.path.join(arguments.out, "decision_boundary.png"), result.params, dataset,
+                os.path.join(arguments.out, "decision_boundary.png"),
+                result.params,
+                dataset,
                 config.activation,
                 f"{title}\ntrain accuracy {result.train_accuracy:.3f}",
             )
-    print(f"train accuracy {result.train_accuracy:.4f}, test accuracy {result.test_accuracy:.4f}, "
-          f"final loss {result.final_loss:.4f}, {result.steps} steps in {result.train_seconds:.2f} s")
-    print(f"wrote {arguments.out}/metrics.json, history.csv"
-          + ("" if arguments.no_plots else ", loss.png")
-          + (", decision_boundary.png" if dataset.num_features == 2 and not arguments.no_plots else ""))
+    print(
+        f"train accuracy {result.train_accuracy:.4f}, test accuracy {result.test_accuracy:.4f}, "
+        f"final loss {result.final_loss:.4f}, {result.steps} steps in {result.train_seconds:.2f} s"
+    )
+    print(
+        f"wrote {arguments.out}/metrics.json, history.csv"
+        + ("" if arguments.no_plots else ", loss.png")
+        + (
+            ", decision_boundary.png"
+            if dataset.num_features == 2 and not arguments.no_plots
+            else ""
+        )
+    )
     return 0
 
 

@@ -19,6 +19,9 @@ The public API:
 
 import importlib.metadata
 
+from jaxsoftmax import data as data
+from jaxsoftmax import mlp as mlp
+from jaxsoftmax import training as training
 from jaxsoftmax._checking import checked as checked
 from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
@@ -30,17 +33,14 @@ from jaxsoftmax._sharded import sharded_cross_entropy as sharded_cross_entropy
 from jaxsoftmax._sharded_linear import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
-from jaxsoftmax import data as data
-from jaxsoftmax import mlp as mlp
-from jaxsoftmax import training as training
 from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
 from jaxsoftmax.training import TrainConfig as TrainConfig
 from jaxsoftmax.training import train as train
 
 try:
-  __version__ = importlib.metadata.version("jaxsoftmax")
+    __version__ = importlib.metadata.version("jaxsoftmax")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
-  __version__ = "0.0.0+unknown"
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "NonFiniteLossError",

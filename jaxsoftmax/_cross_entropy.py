@@ -25,101 +25,150 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxsoftmax import _checking
-from jaxsoftmax import _rule
+from jaxsoftmax import _checking, _rule
 from jaxsoftmax import _validation as v
 
 
-def per_example_loss(logits, targets, *, axis=-1, where=None, ignore_index=None,
-                     label_smoothing=0.0, class_weights=None, z_loss=0.0, logit_softcap=None,
-                     axis_name=None, checked=False, forward_mode=False,
-                     allow_none_axis=False, targets_kind=None, targets_name="targets",
-                     kind_hint=""):
-  """Validates, moves the class axes last and applies the rule row by row.
+def per_example_loss(
+    logits,
+    targets,
+    *,
+    axis=-1,
+    where=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    axis_name=None,
+    checked=False,
+    forward_mode=False,
+    allow_none_axis=False,
+    targets_kind=None,
+    targets_name="targets",
+    kind_hint="",
+):
+    """Validates, moves the class axes last and applies the rule row by row.
 
-  Returns ``(loss [batch...], row_weight [batch...])`` where ``row_weight`` is the
-  example's share of a mean's denominator (0 for dropped examples).
+    Returns ``(loss [batch...], row_weight [batch...])`` where ``row_weight`` is the
+    example's share of a mean's denominator (0 for dropped examples).
 
-  ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
-  ``targets_name`` and ``kind_hint`` word the error messages.
-  """
-  logits = v.check_logits(logits)
-  axes = v.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
-  name = targets_name
-  targets = v.as_array(targets, name)
-  if targets_kind is None:
-    targets_kind = ("indices" if jnp.issubdtype(targets.dtype, jnp.integer)
-                    else "probabilities")
-  if targets_kind == "indices":
-    targets = v.check_integer_labels(targets, logits.shape, axes, name=name, hint=kind_hint)
-  else:
-    targets = v.check_probability_labels(targets, logits.shape, name=name, hint=kind_hint)
-  integer = targets_kind == "indices"
-  row_mask, class_mask = v.check_where(where, logits.shape, axes)
-  ignore_index = v.check_ignore_index(ignore_index, integer)
-  num_classes = math.prod(logits.shape[a] for a in axes)
-  class_weights = v.check_class_weights(class_weights, num_classes)
-  options = _rule.RuleOptions(
-      label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-      z_loss=v.check_number(z_loss, "z_loss", low=0.0),
-      logit_softcap=v.check_number(logit_softcap, "logit_softcap", low=0.0, low_open=True,
-                                   allow_none=True),
-      axis_name=axis_name,
-  )
+    ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
+    ``targets_name`` and ``kind_hint`` word the error messages.
+    """
+    logits = v.check_logits(logits)
+    axes = v.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
+    name = targets_name
+    targets = v.as_array(targets, name)
+    if targets_kind is None:
+        targets_kind = "indices" if jnp.issubdtype(targets.dtype, jnp.integer) else "probabilities"
+    if targets_kind == "indices":
+        targets = v.check_integer_labels(targets, logits.shape, axes, name=name, hint=kind_hint)
+    else:
+        targets = v.check_probability_labels(targets, logits.shape, name=name, hint=kind_hint)
+    integer = targets_kind == "indices"
+    row_mask, class_mask = v.check_where(where, logits.shape, axes)
+    ignore_index = v.check_ignore_index(ignore_index, integer)
+    num_classes = math.prod(logits.shape[a] for a in axes)
+    class_weights = v.check_class_weights(class_weights, num_classes)
+    options = _rule.RuleOptions(
+        label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+        z_loss=v.check_number(z_loss, "z_loss", low=0.0),
+        logit_softcap=v.check_number(
+            logit_softcap, "logit_softcap", low=0.0, low_open=True, allow_none=True
+        ),
+        axis_name=axis_name,
+    )
 
-  return _rows_and_weights(logits, targets, row_mask, class_mask, class_weights, axes=axes,
-                           integer=integer, ignore_index=ignore_index, options=options,
-                           forward_mode=forward_mode, checked=checked, name=name)
+    return _rows_and_weights(
+        logits,
+        targets,
+        row_mask,
+        class_mask,
+        class_weights,
+        axes=axes,
+        integer=integer,
+        ignore_index=ignore_index,
+        options=options,
+        forward_mode=forward_mode,
+        checked=checked,
+        name=name,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "axes", "integer", "ignore_index", "options", "forward_mode", "checked", "name"))
-def _rows_and_weights(logits, targets, row_mask, class_mask, class_weights, *, axes, integer,
-                      ignore_index, options, forward_mode, checked, name):
-  """The computation after validation, jitted so eager calls compile once per shape."""
-  num_classes = math.prod(logits.shape[a] for a in axes)
-  logits = v.move_classes_last(logits, axes)
-  if not integer:
-    targets = v.move_classes_last(targets, axes)
-  if class_mask is not None:
-    class_mask = v.move_classes_last(class_mask, axes)
-  if ignore_index is not None:
-    kept = targets != ignore_index
-    row_mask = kept if row_mask is None else row_mask & kept
-  if checked and integer:
-    total = num_classes
-    if options.axis_name is not None:
-      total = jax.lax.psum(num_classes, options.axis_name)
-    _checking.check_labels(targets, total, row_mask, name=name)
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "axes",
+        "integer",
+        "ignore_index",
+        "options",
+        "forward_mode",
+        "checked",
+        "name",
+    ),
+)
+def _rows_and_weights(
+    logits,
+    targets,
+    row_mask,
+    class_mask,
+    class_weights,
+    *,
+    axes,
+    integer,
+    ignore_index,
+    options,
+    forward_mode,
+    checked,
+    name,
+):
+    """The computation after validation, jitted so eager calls compile once per shape."""
+    num_classes = math.prod(logits.shape[a] for a in axes)
+    logits = v.move_classes_last(logits, axes)
+    if not integer:
+        targets = v.move_classes_last(targets, axes)
+    if class_mask is not None:
+        class_mask = v.move_classes_last(class_mask, axes)
+    if ignore_index is not None:
+        kept = targets != ignore_index
+        row_mask = kept if row_mask is None else row_mask & kept
+    if checked and integer:
+        total = num_classes
+        if options.axis_name is not None:
+            total = jax.lax.psum(num_classes, options.axis_name)
+        _checking.check_labels(targets, total, row_mask, name=name)
 
-  rows = (_rule.softmax_cross_entropy_rows_fwd_capable if forward_mode
-          else _rule.softmax_cross_entropy_rows)
-  loss = rows(logits, targets, class_mask, class_weights, row_mask, options)
+    rows = (
+        _rule.softmax_cross_entropy_rows_fwd_capable
+        if forward_mode
+        else _rule.softmax_cross_entropy_rows
+    )
+    loss = rows(logits, targets, class_mask, class_weights, row_mask, options)
 
-  dtype = loss.dtype
-  weight = _rule.row_weight(targets, class_weights, logits.shape[-1], dtype, options)
-  live = _rule.live_rows(class_mask, row_mask, options)
-  if live is not None:
-    weight = jnp.where(live, weight, 0.0)
-  weight = jnp.broadcast_to(weight, loss.shape + (1,))[..., 0]
-  return loss, weight
+    dtype = loss.dtype
+    weight = _rule.row_weight(targets, class_weights, logits.shape[-1], dtype, options)
+    live = _rule.live_rows(class_mask, row_mask, options)
+    if live is not None:
+        weight = jnp.where(live, weight, 0.0)
+    weight = jnp.broadcast_to(weight, loss.shape + (1,))[..., 0]
+    return loss, weight
 
 
 def reduce_loss(loss, row_weight, reduction: str):
-  """Applies a PyTorch reduction; a mean over no counted example is 0, not NaN."""
-  if reduction == "none":
-    return loss
-  total = jnp.sum(loss)
-  if reduction == "sum":
-    return total
-  denominator = jnp.sum(row_weight)
-  counted = denominator > 0
-  return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
+    """Applies a PyTorch reduction; a mean over no counted example is 0, not NaN."""
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    denominator = jnp.sum(row_weight)
+    counted = denominator > 0
+    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
 
 
 def cross_entropy(
@@ -127,74 +176,83 @@ def cross_entropy(
     targets: jax.typing.ArrayLike,
     *,
     axis=-1,
-    where: Optional[jax.typing.ArrayLike] = None,
-    ignore_index: Optional[int] = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    class_weights: Optional[jax.typing.ArrayLike] = None,
+    class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
-    logit_softcap: Optional[float] = None,
+    logit_softcap: float | None = None,
     reduction: str = "mean",
     axis_name=None,
     checked: bool = False,
 ) -> jax.Array:
-  r"""Softmax cross-entropy with the options of PyTorch's ``F.cross_entropy`` and more.
+    r"""Softmax cross-entropy with the options of PyTorch's ``F.cross_entropy`` and more.
 
-  .. math::
+    .. math::
 
-     \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{C}\big)
-              \log \mathrm{softmax}(\hat z_n)_c + \beta\, r_n\, \mathrm{lse}(\hat z_n)^2
+       \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{C}\big)
+                \log \mathrm{softmax}(\hat z_n)_c + \beta\, r_n\, \mathrm{lse}(\hat z_n)^2
 
-  and its gradient, supplied by a ``jax.custom_vjp`` rule rather than autodiff,
+    and its gradient, supplied by a ``jax.custom_vjp`` rule rather than autodiff,
 
-  .. math::
+    .. math::
 
-     \frac{\partial \ell_n}{\partial z_n}
-       = \Big(\big(\textstyle\sum_c q_{nc} + 2\beta r_n \mathrm{lse}\big)\,
-         \mathrm{softmax}(\hat z_n) - q_n\Big)\, g_n\, \big(1 - \tanh^2(z_n/\mathrm{cap})\big),
+       \frac{\partial \ell_n}{\partial z_n}
+         = \Big(\big(\textstyle\sum_c q_{nc} + 2\beta r_n \mathrm{lse}\big)\,
+           \mathrm{softmax}(\hat z_n) - q_n\Big)\, g_n\, \big(1 - \tanh^2(z_n/\mathrm{cap})\big),
 
-  which for one-hot ``y`` and no option is the seeds' ``softmax(z) - y``.
+    which for one-hot ``y`` and no option is the seeds' ``softmax(z) - y``.
 
-  Args:
-    logits: float ``[..., C]`` (bf16/f16 are computed in f32; f64 stays f64).
-    targets: integer class indices ``[...]`` (the logits' shape without the class axes) or
-      float probabilities with the logits' shape.
-    axis: class axis, or tuple of axes flattened row-major into one class axis.
-    where: bool ``[...]`` (examples to count) or the logits' shape (classes taking part:
-      masked classes leave the softmax normalizer and the target sum). A row with no
-      class left gives 0 and a zero gradient.
-    ignore_index: integer targets equal to it are not counted (integer targets only).
-    label_smoothing: ``eps`` in [0, 1]; the smoothing mass is spread over the classes
-      taking part in the row (all ``C`` without ``where``).
-    class_weights: float ``[C]``; a constant (no gradient flows to it).
-    z_loss: ``beta >= 0``; adds ``beta * r_n * logsumexp(z_n)^2`` (PaLM's z-loss).
-    logit_softcap: ``cap > 0``; the softmax sees ``cap * tanh(z / cap)`` (Gemma 2).
-    reduction: ``"mean"`` (weighted as above), ``"sum"`` or ``"none"``.
-    axis_name: mapped axis (``shard_map`` / ``pmap``) the class axis is split over, for a
-      vocabulary-parallel loss; None when each device holds all classes.
-    checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
+    Args:
+      logits: float ``[..., C]`` (bf16/f16 are computed in f32; f64 stays f64).
+      targets: integer class indices ``[...]`` (the logits' shape without the class axes) or
+        float probabilities with the logits' shape.
+      axis: class axis, or tuple of axes flattened row-major into one class axis.
+      where: bool ``[...]`` (examples to count) or the logits' shape (classes taking part:
+        masked classes leave the softmax normalizer and the target sum). A row with no
+        class left gives 0 and a zero gradient.
+      ignore_index: integer targets equal to it are not counted (integer targets only).
+      label_smoothing: ``eps`` in [0, 1]; the smoothing mass is spread over the classes
+        taking part in the row (all ``C`` without ``where``).
+      class_weights: float ``[C]``; a constant (no gradient flows to it).
+      z_loss: ``beta >= 0``; adds ``beta * r_n * logsumexp(z_n)^2`` (PaLM's z-loss).
+      logit_softcap: ``cap > 0``; the softmax sees ``cap * tanh(z / cap)`` (Gemma 2).
+      reduction: ``"mean"`` (weighted as above), ``"sum"`` or ``"none"``.
+      axis_name: mapped axis (``shard_map`` / ``pmap``) the class axis is split over, for a
+        vocabulary-parallel loss; None when each device holds all classes.
+      checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
 
-  Returns:
-    The reduced loss (a scalar) or, with ``reduction="none"``, one loss per example, in
-    the logits' dtype. If every example is ignored or masked, ``"mean"`` returns 0.
+    Returns:
+      The reduced loss (a scalar) or, with ``reduction="none"``, one loss per example, in
+      the logits' dtype. If every example is ignored or masked, ``"mean"`` returns 0.
 
-  Integer labels out of range (other than ``ignore_index``) cannot raise under ``jit``:
-  their example's loss and gradient are NaN. Use ``checked=True`` for an error.
+    Integer labels out of range (other than ``ignore_index``) cannot raise under ``jit``:
+    their example's loss and gradient are NaN. Use ``checked=True`` for an error.
 
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jaxsoftmax import cross_entropy
-    >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
-    >>> print(f"{float(cross_entropy(logits, jnp.array([0, 1]))):.4f}")
-    0.3185
-    >>> losses = cross_entropy(logits, jnp.array([0, -100]), ignore_index=-100,
-    ...                        reduction="none")
-    >>> print([f"{loss:.4f}" for loss in losses])
-    ['0.4170', '0.0000']
-  """
-  reduction = v.check_reduction(reduction)
-  logits = v.check_logits(logits)
-  loss, row_weight = per_example_loss(
-      logits, targets, axis=axis, where=where, ignore_index=ignore_index,
-      label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
-      logit_softcap=logit_softcap, axis_name=axis_name, checked=checked)
-  return reduce_loss(loss, row_weight, reduction).astype(logits.dtype)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsoftmax import cross_entropy
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+      >>> print(f"{float(cross_entropy(logits, jnp.array([0, 1]))):.4f}")
+      0.3185
+      >>> losses = cross_entropy(logits, jnp.array([0, -100]), ignore_index=-100,
+      ...                        reduction="none")
+      >>> print([f"{loss:.4f}" for loss in losses])
+      ['0.4170', '0.0000']
+    """
+    reduction = v.check_reduction(reduction)
+    logits = v.check_logits(logits)
+    loss, row_weight = per_example_loss(
+        logits,
+        targets,
+        axis=axis,
+        where=where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        axis_name=axis_name,
+        checked=checked,
+    )
+    return reduce_loss(loss, row_weight, reduction).astype(logits.dtype)

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import math
 import operator
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,322 +67,388 @@ _DEFAULT_TILE = 2**22
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static choices of one call: the rule's options, the layout and the chunk sizes."""
+    """Static choices of one call: the rule's options, the layout and the chunk sizes."""
 
-  options: _rule.RuleOptions
-  layout: str
-  token_chunk: int
-  vocab_chunk: int
-  accumulation_dtype: jnp.dtype
-  num_classes: Optional[int] = None  # all V real classes when sharded (None: the local V)
+    options: _rule.RuleOptions
+    layout: str
+    token_chunk: int
+    vocab_chunk: int
+    accumulation_dtype: jnp.dtype
+    num_classes: int | None = None  # all V real classes when sharded (None: the local V)
 
 
 def _vocabulary(classifier, plan: _Plan):
-  """The local classes, all real classes, this shard's first class, and the rule's options.
+    """The local classes, all real classes, this shard's first class, and the rule's options.
 
-  Without ``options.axis_name`` this shard is the whole vocabulary. With it (inside
-  ``shard_map``) the classifier holds ``V_local`` rows of a vocabulary split over that axis,
-  possibly padded at its end: the shard's classes start at ``axis_index * V_local`` and only
-  classes below ``plan.num_classes`` are real. The rule is then called per tile with
-  ``axis_name=None``: the tile's global offset goes in its :class:`_rule.ClassBlock` and
-  the per-row numbers it needs (``w[label]``, ``sum_c w_c``, ``V``) come from the global
-  class weights every shard holds, so no tile communicates.
-  """
-  options = plan.options
-  local = classifier.shape[0 if plan.layout == "vd" else 1]
-  if options.axis_name is None:
-    return local, local, 0, options
-  offset = lax.axis_index(options.axis_name) * local
-  return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
+    Without ``options.axis_name`` this shard is the whole vocabulary. With it (inside
+    ``shard_map``) the classifier holds ``V_local`` rows of a vocabulary split over that axis,
+    possibly padded at its end: the shard's classes start at ``axis_index * V_local`` and only
+    classes below ``plan.num_classes`` are real. The rule is then called per tile with
+    ``axis_name=None``: the tile's global offset goes in its :class:`_rule.ClassBlock` and
+    the per-row numbers it needs (``w[label]``, ``sum_c w_c``, ``V``) come from the global
+    class weights every shard holds, so no tile communicates.
+    """
+    options = plan.options
+    local = classifier.shape[0 if plan.layout == "vd" else 1]
+    if options.axis_name is None:
+        return local, local, 0, options
+    offset = lax.axis_index(options.axis_name) * local
+    return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
 
 
 def _visited(v0, i, vc, offset, num_classes, options):
-  """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
-  (a moved-back last chunk) and, on a padded vocabulary shard, real."""
-  index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
-  fresh = index >= i * vc
-  if options.axis_name is not None:
-    fresh = fresh & (offset + index < num_classes)
-  return fresh
+    """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
+    (a moved-back last chunk) and, on a padded vocabulary shard, real."""
+    index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
+    fresh = index >= i * vc
+    if options.axis_name is not None:
+        fresh = fresh & (offset + index < num_classes)
+    return fresh
 
 
 def default_chunks(num_tokens: int, num_classes: int) -> tuple[int, int]:
-  """``(token_chunk, vocab_chunk)`` used when none is given.
+    """``(token_chunk, vocab_chunk)`` used when none is given.
 
-  ``Vc = min(V, 4096)`` and ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits is at
-  most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the shapes
-  this loss is for, and large enough for the matrix products to run at full speed.
+    ``Vc = min(V, 4096)`` and ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits is at
+    most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the shapes
+    this loss is for, and large enough for the matrix products to run at full speed.
 
-  >>> default_chunks(8192, 256000)
-  (1024, 4096)
-  """
-  vocab_chunk = max(1, min(num_classes, _DEFAULT_VOCAB_CHUNK))
-  token_chunk = max(1, min(num_tokens, _DEFAULT_TILE // vocab_chunk))
-  return token_chunk, vocab_chunk
+    >>> default_chunks(8192, 256000)
+    (1024, 4096)
+    """
+    vocab_chunk = max(1, min(num_classes, _DEFAULT_VOCAB_CHUNK))
+    token_chunk = max(1, min(num_tokens, _DEFAULT_TILE // vocab_chunk))
+    return token_chunk, vocab_chunk
 
 
 def _chunk_starts(total: int, chunk: int):
-  """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
-  return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
+    """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
+    return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
 
 
 def _classifier_chunk(classifier, start, width, layout):
-  return lax.dynamic_slice_in_dim(classifier, start, width, axis=0 if layout == "vd" else 1)
+    return lax.dynamic_slice_in_dim(classifier, start, width, axis=0 if layout == "vd" else 1)
 
 
 def _operand(chunk):
-  """A chunk about to enter a matrix product; on the CPU, bf16/f16 is upcast per chunk.
+    """A chunk about to enter a matrix product; on the CPU, bf16/f16 is upcast per chunk.
 
-  XLA's CPU backend has no bf16 matrix product or dynamic slice: it converts to float32
-  and hoists the conversion of the whole classifier out of the loop (``4 V d`` bytes,
-  2.2 GiB at Gemma's shape). Converting here, behind a barrier, was meant to keep that
-  chunk-sized, but the CPU compiler drops the barrier, so the copy remains; see
-  docs/linear-cross-entropy.md. Other backends keep the inputs' dtype (tensor cores).
-  """
-  if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
-    return chunk
-  return lax.optimization_barrier(chunk).astype(jnp.float32)
+    XLA's CPU backend has no bf16 matrix product or dynamic slice: it converts to float32
+    and hoists the conversion of the whole classifier out of the loop (``4 V d`` bytes,
+    2.2 GiB at Gemma's shape). Converting here, behind a barrier, was meant to keep that
+    chunk-sized, but the CPU compiler drops the barrier, so the copy remains; see
+    docs/linear-cross-entropy.md. Other backends keep the inputs' dtype (tensor cores).
+    """
+    if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
+        return chunk
+    return lax.optimization_barrier(chunk).astype(jnp.float32)
 
 
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
-  """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
-  contract = 1 if layout == "vd" else 0
-  z = lax.dot_general(_operand(hidden_t), _operand(classifier_c), (((1,), (contract,)), ((), ())),
-                      preferred_element_type=dtype)
-  if bias_c is not None:
-    z = z + bias_c.astype(dtype)[None, :]
-  return z
+    """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
+    contract = 1 if layout == "vd" else 0
+    z = lax.dot_general(
+        _operand(hidden_t),
+        _operand(classifier_c),
+        (((1,), (contract,)), ((), ())),
+        preferred_element_type=dtype,
+    )
+    if bias_c is not None:
+        z = z + bias_c.astype(dtype)[None, :]
+    return z
 
 
 def _carry(inputs):
-  """Types a scan's initial carry like the loop's outputs under ``shard_map``.
+    """Types a scan's initial carry like the loop's outputs under ``shard_map``.
 
-  Under ``check_vma`` a value computed from arrays that vary over mesh axes varies over
-  them too, so the zeros a loop starts from are cast to the union of its inputs' axes
-  (nothing changes outside ``shard_map``).
-  """
-  axes = frozenset().union(*(_rule._varying_axes(x) for x in jax.tree.leaves(inputs)))
+    Under ``check_vma`` a value computed from arrays that vary over mesh axes varies over
+    them too, so the zeros a loop starts from are cast to the union of its inputs' axes
+    (nothing changes outside ``shard_map``).
+    """
+    axes = frozenset().union(*(_rule._varying_axes(x) for x in jax.tree.leaves(inputs)))
 
-  def cast(x):
-    missing = tuple(sorted(axes - _rule._varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    def cast(x):
+        missing = tuple(sorted(axes - _rule._varying_axes(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
 
-  return lambda tree: jax.tree.map(cast, tree)
+    return lambda tree: jax.tree.map(cast, tree)
 
 
 def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
-  """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
-  options = plan.options
-  num_tokens = hidden.shape[0]
-  local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
-  dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
-  tc, vc = plan.token_chunk, plan.vocab_chunk
-  num_tc, token_start = _chunk_starts(num_tokens, tc)
-  num_vc, vocab_start = _chunk_starts(local_classes, vc)
-  eps = options.label_smoothing
-  varying = _carry((hidden, classifier, bias, labels, class_weights))
+    """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
+    options = plan.options
+    num_tokens = hidden.shape[0]
+    local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
+    dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+    tc, vc = plan.token_chunk, plan.vocab_chunk
+    num_tc, token_start = _chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = _chunk_starts(local_classes, vc)
+    eps = options.label_smoothing
+    varying = _carry((hidden, classifier, bias, labels, class_weights))
 
-  def token_step(outputs, j):
-    t0 = token_start(j)
-    hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
-    labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
+    def token_step(outputs, j):
+        t0 = token_start(j)
+        hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+        labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
+
+        def vocab_step(carry, i):
+            top, total, label_x, weighted = carry
+            v0 = vocab_start(i)
+            bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
+            z = _tile_logits(
+                hidden_t,
+                _classifier_chunk(classifier, v0, vc, plan.layout),
+                bias_c,
+                plan.layout,
+                dtype,
+            )
+            x = _rule._capped(z, options)
+            fresh = _visited(v0, i, vc, offset, num_classes, options)
+            x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
+            new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
+            shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # -inf: no class counted yet
+            total = total * jnp.exp(top - shift) + jnp.sum(
+                jnp.exp(x_fresh - shift[:, None]), axis=-1
+            )
+            index = labels_t - (offset + v0)
+            owned = (index >= 0) & (index < vc)
+            picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
+            label_x = jnp.where(owned, picked, label_x)
+            if eps:
+                w = (
+                    jnp.ones((vc,), dtype)
+                    if class_weights is None
+                    else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc).astype(dtype)
+                )
+                weighted = weighted + jnp.sum(
+                    jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1
+                )
+            return (new_top, total, label_x, weighted), None
+
+        init = varying(
+            (
+                jnp.full((tc,), -jnp.inf, dtype),
+                jnp.zeros((tc,), dtype),
+                jnp.zeros((tc,), dtype),
+                jnp.zeros((tc,), dtype),
+            )
+        )
+        stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+        # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
+        outputs = tuple(
+            lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats)
+        )
+        return outputs, None
+
+    init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4)))
+    (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
+    if options.axis_name is not None:
+        # The vocabulary shards' statistics, combined per row: a pmax, then one psum of the
+        # rescaled sums, the label logits (0 on every shard but the owner's) and the smoothing
+        # sums. Nothing else in the loss crosses devices.
+        local_top, top = top, lax.pmax(top, options.axis_name)
+        total = total * jnp.exp(local_top - jnp.where(jnp.isfinite(top), top, 0.0))
+        if eps:
+            total, label_x, weighted = lax.psum((total, label_x, weighted), options.axis_name)
+        else:
+            total, label_x = lax.psum((total, label_x), options.axis_name)
+
+    log_sum = jnp.log(total)
+    lse = top + log_sum
+    r = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
+    r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
+    loss = (1.0 - eps) * r * (log_sum - (label_x - top))
+    if eps:
+        weight_total = (
+            jnp.asarray(num_classes, dtype)
+            if class_weights is None
+            else jnp.sum(class_weights.astype(dtype))
+        )
+        loss = loss + eps / num_classes * (weight_total * lse - weighted)
+    if options.z_loss:
+        loss = loss + options.z_loss * r * lse**2
+    if row_mask is not None:
+        loss = jnp.where(row_mask, loss, 0.0)
+    bad = _rule._bad_label_rows(labels, row_mask, num_classes, rule)
+    loss = jnp.where(bad[:, 0], jnp.nan, loss)
+    return loss, (top, log_sum)
+
+
+def _backward(
+    hidden, classifier, bias, labels, class_weights, row_mask, statistics, g, plan: _Plan
+):
+    """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
+    num_tokens, width = hidden.shape
+    vocab_axis = 0 if plan.layout == "vd" else 1
+    local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
+    dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+    acc = plan.accumulation_dtype  # never below the inputs' dtype
+    if acc.itemsize < classifier.dtype.itemsize:
+        acc = classifier.dtype
+    hidden_acc = _rule.compute_dtype(hidden.dtype)
+    tc, vc = plan.token_chunk, plan.vocab_chunk
+    num_tc, token_start = _chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = _chunk_starts(local_classes, vc)
+    top, log_sum = statistics
+    chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
+    varying = _carry((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
 
     def vocab_step(carry, i):
-      top, total, label_x, weighted = carry
-      v0 = vocab_start(i)
-      bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
-      z = _tile_logits(hidden_t, _classifier_chunk(classifier, v0, vc, plan.layout), bias_c,
-                       plan.layout, dtype)
-      x = _rule._capped(z, options)
-      fresh = _visited(v0, i, vc, offset, num_classes, options)
-      x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
-      new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
-      shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # -inf: no class counted yet
-      total = total * jnp.exp(top - shift) + jnp.sum(jnp.exp(x_fresh - shift[:, None]), axis=-1)
-      index = labels_t - (offset + v0)
-      owned = (index >= 0) & (index < vc)
-      picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
-      label_x = jnp.where(owned, picked, label_x)
-      if eps:
-        w = (jnp.ones((vc,), dtype) if class_weights is None
-             else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc).astype(dtype))
-        weighted = weighted + jnp.sum(jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1)
-      return (new_top, total, label_x, weighted), None
+        d_hidden, d_classifier, d_bias = carry
+        v0 = vocab_start(i)
+        classifier_c = _classifier_chunk(classifier, v0, vc, plan.layout)
+        bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
+        weights_c = (
+            None
+            if class_weights is None
+            else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc)
+        )
+        block = _rule.ClassBlock(offset + v0, num_classes, class_weights)
+        fresh = _visited(v0, i, vc, offset, num_classes, plan.options)
 
-    init = varying((jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
-                  jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype)))
-    stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
-    # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
-    outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats))
-    return outputs, None
+        def token_step(inner, j):
+            d_hidden, d_classifier_c, d_bias_c = inner
+            t0 = token_start(j)
+            hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+            rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
+            # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
+            fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
+            g_t = jnp.where(fresh_rows, rows(g), 0.0)
+            z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
+            grad = _rule._logits_gradient(
+                z,
+                rows(labels),
+                None,
+                weights_c,
+                rows(row_mask),
+                (rows(top)[:, None], rows(log_sum)[:, None]),
+                g_t,
+                rule,
+                block,
+            )
+            grad = jnp.where(fresh[None, :], grad, 0.0)
+            # The matrix products run in the inputs' dtype, as the naive composition's do.
+            grad_in = _operand(grad.astype(hidden.dtype))
+            hidden_in, classifier_in = _operand(hidden_t), _operand(classifier_c)
+            d_hidden_t = lax.dot_general(
+                grad_in,
+                classifier_in,
+                (((1,), (vocab_axis,)), ((), ())),
+                preferred_element_type=hidden_acc,
+            )
+            d_hidden = lax.dynamic_update_slice_in_dim(
+                d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
+            )
+            if plan.layout == "vd":  # G^T h: [Vc, d]
+                d_classifier_c = d_classifier_c + lax.dot_general(
+                    grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+                )
+            else:  # h^T G: [d, Vc]
+                d_classifier_c = d_classifier_c + lax.dot_general(
+                    hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+                )
+            if d_bias_c is not None:
+                d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
+            return (d_hidden, d_classifier_c, d_bias_c), None
 
-  init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4)))
-  (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
-  if options.axis_name is not None:
-    # The vocabulary shards' statistics, combined per row: a pmax, then one psum of the
-    # rescaled sums, the label logits (0 on every shard but the owner's) and the smoothing
-    # sums. Nothing else in the loss crosses devices.
-    local_top, top = top, lax.pmax(top, options.axis_name)
-    total = total * jnp.exp(local_top - jnp.where(jnp.isfinite(top), top, 0.0))
-    if eps:
-      total, label_x, weighted = lax.psum((total, label_x, weighted), options.axis_name)
-    else:
-      total, label_x = lax.psum((total, label_x), options.axis_name)
+        inner = (
+            d_hidden,
+            *varying(
+                (jnp.zeros(chunk_shape, acc), None if bias is None else jnp.zeros((vc,), acc))
+            ),
+        )
+        (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
+        # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
+        d_classifier = lax.dynamic_update_slice_in_dim(
+            d_classifier,
+            _classifier_chunk(d_classifier, v0, vc, plan.layout)
+            + d_classifier_c.astype(classifier.dtype),
+            v0,
+            vocab_axis,
+        )
+        if d_bias is not None:
+            d_bias = lax.dynamic_update_slice_in_dim(
+                d_bias,
+                lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype),
+                v0,
+                0,
+            )
+        return (d_hidden, d_classifier, d_bias), None
 
-  log_sum = jnp.log(total)
-  lse = top + log_sum
-  r = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
-  r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
-  loss = (1.0 - eps) * r * (log_sum - (label_x - top))
-  if eps:
-    weight_total = (jnp.asarray(num_classes, dtype) if class_weights is None
-                    else jnp.sum(class_weights.astype(dtype)))
-    loss = loss + eps / num_classes * (weight_total * lse - weighted)
-  if options.z_loss:
-    loss = loss + options.z_loss * r * lse**2
-  if row_mask is not None:
-    loss = jnp.where(row_mask, loss, 0.0)
-  bad = _rule._bad_label_rows(labels, row_mask, num_classes, rule)
-  loss = jnp.where(bad[:, 0], jnp.nan, loss)
-  return loss, (top, log_sum)
-
-
-def _backward(hidden, classifier, bias, labels, class_weights, row_mask, statistics, g,
-              plan: _Plan):
-  """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
-  num_tokens, width = hidden.shape
-  vocab_axis = 0 if plan.layout == "vd" else 1
-  local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
-  dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
-  acc = plan.accumulation_dtype  # never below the inputs' dtype
-  if acc.itemsize < classifier.dtype.itemsize:
-    acc = classifier.dtype
-  hidden_acc = _rule.compute_dtype(hidden.dtype)
-  tc, vc = plan.token_chunk, plan.vocab_chunk
-  num_tc, token_start = _chunk_starts(num_tokens, tc)
-  num_vc, vocab_start = _chunk_starts(local_classes, vc)
-  top, log_sum = statistics
-  chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
-  varying = _carry((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
-
-  def vocab_step(carry, i):
-    d_hidden, d_classifier, d_bias = carry
-    v0 = vocab_start(i)
-    classifier_c = _classifier_chunk(classifier, v0, vc, plan.layout)
-    bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
-    weights_c = (None if class_weights is None
-                 else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc))
-    block = _rule.ClassBlock(offset + v0, num_classes, class_weights)
-    fresh = _visited(v0, i, vc, offset, num_classes, plan.options)
-
-    def token_step(inner, j):
-      d_hidden, d_classifier_c, d_bias_c = inner
-      t0 = token_start(j)
-      hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
-      rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
-      # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
-      fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
-      g_t = jnp.where(fresh_rows, rows(g), 0.0)
-      z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
-      grad = _rule._logits_gradient(
-          z, rows(labels), None, weights_c, rows(row_mask),
-          (rows(top)[:, None], rows(log_sum)[:, None]), g_t, rule, block)
-      grad = jnp.where(fresh[None, :], grad, 0.0)
-      # The matrix products run in the inputs' dtype, as the naive composition's do.
-      grad_in = _operand(grad.astype(hidden.dtype))
-      hidden_in, classifier_in = _operand(hidden_t), _operand(classifier_c)
-      d_hidden_t = lax.dot_general(grad_in, classifier_in, (((1,), (vocab_axis,)), ((), ())),
-                                   preferred_element_type=hidden_acc)
-      d_hidden = lax.dynamic_update_slice_in_dim(
-          d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0)
-      if plan.layout == "vd":  # G^T h: [Vc, d]
-        d_classifier_c = d_classifier_c + lax.dot_general(
-            grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-      else:  # h^T G: [d, Vc]
-        d_classifier_c = d_classifier_c + lax.dot_general(
-            hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-      if d_bias_c is not None:
-        d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
-      return (d_hidden, d_classifier_c, d_bias_c), None
-
-    inner = (d_hidden, *varying((jnp.zeros(chunk_shape, acc),
-                               None if bias is None else jnp.zeros((vc,), acc))))
-    (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
-    # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
-    d_classifier = lax.dynamic_update_slice_in_dim(
-        d_classifier,
-        _classifier_chunk(d_classifier, v0, vc, plan.layout)
-        + d_classifier_c.astype(classifier.dtype), v0, vocab_axis)
-    if d_bias is not None:
-      d_bias = lax.dynamic_update_slice_in_dim(
-          d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype), v0, 0)
-    return (d_hidden, d_classifier, d_bias), None
-
-  init = varying((jnp.zeros(hidden.shape, hidden_acc), jnp.zeros_like(classifier),
-                None if bias is None else jnp.zeros_like(bias)))
-  (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
-  return d_hidden.astype(hidden.dtype), d_classifier, d_bias
+    init = varying(
+        (
+            jnp.zeros(hidden.shape, hidden_acc),
+            jnp.zeros_like(classifier),
+            None if bias is None else jnp.zeros_like(bias),
+        )
+    )
+    (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    return d_hidden.astype(hidden.dtype), d_classifier, d_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
-  """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule."""
-  return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
+    """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule."""
+    return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
 
 
 def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, plan):
-  loss, statistics = _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)
-  return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
+    loss, statistics = _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+    return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
 def _summed_like(cotangent, primal):
-  """The cotangent summed over the mesh axes it varies over and ``primal`` does not.
+    """The cotangent summed over the mesh axes it varies over and ``primal`` does not.
 
-  Under ``shard_map(check_vma=True)`` the hidden states enter the same on every vocabulary
-  shard, while each shard's ``G W_shard`` is only its classes' part of their gradient: the
-  true gradient is the ``psum`` over the shards (what JAX's own transpose of an invariant
-  value used by varying ones does). Without vma typing (``check_vma=False``) nothing is
-  varying here and ``shard_map``'s transpose adds the shards' parts itself.
-  """
-  if cotangent is None:
-    return None
-  missing = tuple(sorted(_rule._varying_axes(cotangent) - _rule._varying_axes(primal)))
-  return lax.psum(cotangent, missing) if missing else cotangent
+    Under ``shard_map(check_vma=True)`` the hidden states enter the same on every vocabulary
+    shard, while each shard's ``G W_shard`` is only its classes' part of their gradient: the
+    true gradient is the ``psum`` over the shards (what JAX's own transpose of an invariant
+    value used by varying ones does). Without vma typing (``check_vma=False``) nothing is
+    varying here and ``shard_map``'s transpose adds the shards' parts itself.
+    """
+    if cotangent is None:
+        return None
+    missing = tuple(sorted(_rule._varying_axes(cotangent) - _rule._varying_axes(primal)))
+    return lax.psum(cotangent, missing) if missing else cotangent
 
 
 def _linear_rows_bwd(plan, residuals, g):
-  hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
-  g = _rule._whole_cotangent(g, classifier, plan.options)
-  d_hidden, d_classifier, d_bias = _backward(hidden, classifier, bias, labels, class_weights,
-                                             row_mask, statistics, g, plan)
-  d_hidden, d_classifier, d_bias = (
-      _summed_like(d, x) for d, x in ((d_hidden, hidden), (d_classifier, classifier),
-                                      (d_bias, bias)))
-  d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
-  return d_hidden, d_classifier, d_bias, None, d_weights, None
+    hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
+    g = _rule._whole_cotangent(g, classifier, plan.options)
+    d_hidden, d_classifier, d_bias = _backward(
+        hidden, classifier, bias, labels, class_weights, row_mask, statistics, g, plan
+    )
+    d_hidden, d_classifier, d_bias = (
+        _summed_like(d, x)
+        for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
+    )
+    d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
+    return d_hidden, d_classifier, d_bias, None, d_weights, None
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
 def _check_chunk(value, name: str):
-  if value is None:
-    return None
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f"{name} must be a positive int or None (automatic); got "
-                    f"{type(value).__name__} {value!r}.") from None
-  if value < 1:
-    raise ValueError(f"{name} must be a positive int or None (automatic); got {value}.")
-  return value
+    if value is None:
+        return None
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a positive int or None (automatic); got "
+            f"{type(value).__name__} {value!r}."
+        ) from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int or None (automatic); got {value}.")
+    return value
 
 
 def _check_float(x, name: str):
-  x = v.as_array(x, name)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name} must be a floating-point array; got {v._describe(x)}.")
-  return x
+    x = v.as_array(x, name)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array; got {v._describe(x)}.")
+    return x
 
 
 def linear_cross_entropy(
@@ -390,202 +456,262 @@ def linear_cross_entropy(
     classifier: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
-    bias: Optional[jax.typing.ArrayLike] = None,
-    where: Optional[jax.typing.ArrayLike] = None,
-    ignore_index: Optional[int] = None,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    class_weights: Optional[jax.typing.ArrayLike] = None,
+    class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
-    logit_softcap: Optional[float] = None,
+    logit_softcap: float | None = None,
     reduction: str = "mean",
     classifier_layout: str = "vd",
-    token_chunk: Optional[int] = None,
-    vocab_chunk: Optional[int] = None,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
 ) -> jax.Array:
-  r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
+    r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
 
-  The value and every gradient equal those of the naive composition
+    The value and every gradient equal those of the naive composition
 
-  .. math::
+    .. math::
 
-     z = h W^\top + b, \qquad \mathrm{cross\_entropy}(z, y, \dots),
+       z = h W^\top + b, \qquad \mathrm{cross\_entropy}(z, y, \dots),
 
-  with the backward from the same derived rule, ``dL/dz = softmax(z) - q`` (with the
-  options' terms), applied to one recomputed ``[token_chunk, vocab_chunk]`` tile of logits
-  at a time and contracted at once into ``dL/dh = G W``, ``dL/dW = G^T h`` and
-  ``dL/db = sum_n G_n``. No ``N x V`` array is allocated in the forward or the backward.
+    with the backward from the same derived rule, ``dL/dz = softmax(z) - q`` (with the
+    options' terms), applied to one recomputed ``[token_chunk, vocab_chunk]`` tile of logits
+    at a time and contracted at once into ``dL/dh = G W``, ``dL/dW = G^T h`` and
+    ``dL/db = sum_n G_n``. No ``N x V`` array is allocated in the forward or the backward.
 
-  Args:
-    hidden: float ``[..., d]``, the last hidden states.
-    classifier: float ``[V, d]`` (``classifier_layout="vd"``, a tied embedding table) or
-      ``[d, V]`` (``"dv"``, a Dense kernel ``h @ kernel``), the dtype of ``hidden``.
-    labels: integer class indices ``[...]`` (``hidden``'s shape without ``d``).
-    bias: float ``[V]`` or None.
-    where: bool ``[...]``, the examples to count. (A per-class mask of shape
-      ``[..., V]`` would itself be an ``N x V`` array and is not accepted.)
-    ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction: as in
-      :func:`jaxsoftmax.cross_entropy`.
-    classifier_layout: ``"vd"`` or ``"dv"``; the ``"dv"`` kernel is read in column blocks,
-      never transposed as a whole.
-    token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
-      :func:`default_chunks` (``Vc = min(V, 4096)``, ``T * Vc <= 2**22``).
-    accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
-      the token chunks (float32 by default: bf16 sums lose small contributions); never
-      below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).
+    Args:
+      hidden: float ``[..., d]``, the last hidden states.
+      classifier: float ``[V, d]`` (``classifier_layout="vd"``, a tied embedding table) or
+        ``[d, V]`` (``"dv"``, a Dense kernel ``h @ kernel``), the dtype of ``hidden``.
+      labels: integer class indices ``[...]`` (``hidden``'s shape without ``d``).
+      bias: float ``[V]`` or None.
+      where: bool ``[...]``, the examples to count. (A per-class mask of shape
+        ``[..., V]`` would itself be an ``N x V`` array and is not accepted.)
+      ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction: as in
+        :func:`jaxsoftmax.cross_entropy`.
+      classifier_layout: ``"vd"`` or ``"dv"``; the ``"dv"`` kernel is read in column blocks,
+        never transposed as a whole.
+      token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
+        :func:`default_chunks` (``Vc = min(V, 4096)``, ``T * Vc <= 2**22``).
+      accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
+        the token chunks (float32 by default: bf16 sums lose small contributions); never
+        below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).
 
-  Returns:
-    The reduced loss, or one loss per example with ``reduction="none"``, in ``hidden``'s
-    dtype. Statistics are float32 (float64 for float64 inputs) whatever the inputs' dtype.
+    Returns:
+      The reduced loss, or one loss per example with ``reduction="none"``, in ``hidden``'s
+      dtype. Statistics are float32 (float64 for float64 inputs) whatever the inputs' dtype.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxsoftmax import cross_entropy
-    >>> h = jax.random.normal(jax.random.key(0), (6, 4))
-    >>> W = jax.random.normal(jax.random.key(1), (10, 4))
-    >>> y = jnp.array([0, 3, 9, 2, 2, 7])
-    >>> fused = linear_cross_entropy(h, W, y, token_chunk=4, vocab_chunk=3)
-    >>> print(bool(jnp.allclose(fused, cross_entropy(h @ W.T, y), atol=1e-5)))
-    True
-  """
-  call = _validated(hidden, classifier, labels, bias=bias, where=where,
-                    ignore_index=ignore_index, label_smoothing=label_smoothing,
-                    class_weights=class_weights, z_loss=z_loss, logit_softcap=logit_softcap,
-                    reduction=reduction, classifier_layout=classifier_layout,
-                    token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-                    accumulation_dtype=accumulation_dtype)
-  plan = make_plan(call, call.hidden.shape[0], call.num_classes)
-  loss, weight = rows_and_weights(call.hidden, call.classifier, call.bias, call.labels,
-                                  call.class_weights, call.row_mask, plan)
-  out = reduce_loss(loss.reshape(call.batch), weight.reshape(call.batch), call.reduction)
-  return out.astype(call.hidden.dtype)
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsoftmax import cross_entropy
+      >>> h = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> W = jax.random.normal(jax.random.key(1), (10, 4))
+      >>> y = jnp.array([0, 3, 9, 2, 2, 7])
+      >>> fused = linear_cross_entropy(h, W, y, token_chunk=4, vocab_chunk=3)
+      >>> print(bool(jnp.allclose(fused, cross_entropy(h @ W.T, y), atol=1e-5)))
+      True
+    """
+    call = _validated(
+        hidden,
+        classifier,
+        labels,
+        bias=bias,
+        where=where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction=reduction,
+        classifier_layout=classifier_layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        accumulation_dtype=accumulation_dtype,
+    )
+    plan = make_plan(call, call.hidden.shape[0], call.num_classes)
+    loss, weight = rows_and_weights(
+        call.hidden,
+        call.classifier,
+        call.bias,
+        call.labels,
+        call.class_weights,
+        call.row_mask,
+        plan,
+    )
+    out = reduce_loss(loss.reshape(call.batch), weight.reshape(call.batch), call.reduction)
+    return out.astype(call.hidden.dtype)
 
 
 class _Call(NamedTuple):
-  """A call's arguments, checked: tokens flattened, ``where`` and ``ignore_index`` merged."""
+    """A call's arguments, checked: tokens flattened, ``where`` and ``ignore_index`` merged."""
 
-  hidden: jax.Array  # [N, d]
-  classifier: jax.Array
-  labels: jax.Array  # [N]
-  bias: Optional[jax.Array]
-  class_weights: Optional[jax.Array]
-  row_mask: Optional[jax.Array]  # [N] or None
-  batch: tuple  # hidden's shape without d
-  num_classes: int
-  reduction: str
-  options: _rule.RuleOptions
-  layout: str
-  token_chunk: Optional[int]
-  vocab_chunk: Optional[int]
-  accumulation_dtype: jnp.dtype
+    hidden: jax.Array  # [N, d]
+    classifier: jax.Array
+    labels: jax.Array  # [N]
+    bias: jax.Array | None
+    class_weights: jax.Array | None
+    row_mask: jax.Array | None  # [N] or None
+    batch: tuple  # hidden's shape without d
+    num_classes: int
+    reduction: str
+    options: _rule.RuleOptions
+    layout: str
+    token_chunk: int | None
+    vocab_chunk: int | None
+    accumulation_dtype: jnp.dtype
 
 
 def make_plan(call: _Call, num_tokens: int, num_local: int, axis_name=None) -> _Plan:
-  """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
-  vocabulary is split over ``axis_name``), with the call's chunks or the defaults."""
-  auto_tokens, auto_vocab = default_chunks(num_tokens, num_local)
-  return _Plan(options=dataclasses.replace(call.options, axis_name=axis_name),
-               layout=call.layout,
-               token_chunk=min(call.token_chunk or auto_tokens, max(num_tokens, 1)),
-               vocab_chunk=min(call.vocab_chunk or auto_vocab, num_local),
-               accumulation_dtype=call.accumulation_dtype,
-               num_classes=None if axis_name is None else call.num_classes)
+    """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
+    vocabulary is split over ``axis_name``), with the call's chunks or the defaults."""
+    auto_tokens, auto_vocab = default_chunks(num_tokens, num_local)
+    return _Plan(
+        options=dataclasses.replace(call.options, axis_name=axis_name),
+        layout=call.layout,
+        token_chunk=min(call.token_chunk or auto_tokens, max(num_tokens, 1)),
+        vocab_chunk=min(call.vocab_chunk or auto_vocab, num_local),
+        accumulation_dtype=call.accumulation_dtype,
+        num_classes=None if axis_name is None else call.num_classes,
+    )
 
 
 def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
-  """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked).
+    """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked).
 
-  With ``plan.options.axis_name`` (inside ``shard_map``): ``classifier`` and ``bias`` are
-  this shard's classes, ``class_weights`` all ``V`` of them (padded like the classifier).
-  """
-  num_tokens = hidden.shape[0]
-  _, num_classes, _, rule = _vocabulary(classifier, plan)
-  dtype = _rule.compute_dtype(hidden.dtype)
-  if num_tokens == 0:
-    loss = jnp.zeros((0,), dtype)
-  else:
-    loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
-  weight = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
-  weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
-  if row_mask is not None:
-    weight = jnp.where(row_mask, weight, 0.0)
-  return loss, weight
+    With ``plan.options.axis_name`` (inside ``shard_map``): ``classifier`` and ``bias`` are
+    this shard's classes, ``class_weights`` all ``V`` of them (padded like the classifier).
+    """
+    num_tokens = hidden.shape[0]
+    _, num_classes, _, rule = _vocabulary(classifier, plan)
+    dtype = _rule.compute_dtype(hidden.dtype)
+    if num_tokens == 0:
+        loss = jnp.zeros((0,), dtype)
+    else:
+        loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+    weight = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
+    weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
+    if row_mask is not None:
+        weight = jnp.where(row_mask, weight, 0.0)
+    return loss, weight
 
 
-def _validated(hidden, classifier, labels, *, bias, where, ignore_index, label_smoothing,
-               class_weights, z_loss, logit_softcap, reduction, classifier_layout,
-               token_chunk, vocab_chunk, accumulation_dtype) -> _Call:
-  """Checks :func:`linear_cross_entropy`'s arguments (see there) and flattens the tokens."""
-  hidden = _check_float(hidden, "hidden")
-  classifier = _check_float(classifier, "classifier")
-  if classifier_layout not in LAYOUTS:
-    raise ValueError(f"classifier_layout must be one of {LAYOUTS} ([V, d] or [d, V]); got "
-                     f"{classifier_layout!r}.")
-  if hidden.ndim < 1:
-    raise ValueError("hidden must have a feature axis, shape [..., d]; got a scalar.")
-  width = hidden.shape[-1]
-  expected = "[V, d]" if classifier_layout == "vd" else "[d, V]"
-  feature_axis = 1 if classifier_layout == "vd" else 0
-  if classifier.ndim != 2 or classifier.shape[feature_axis] != width:
-    hint = ""
-    if classifier.ndim == 2 and classifier.shape[1 - feature_axis] == width:
-      other = "dv" if classifier_layout == "vd" else "vd"
-      hint = f" It looks transposed: pass classifier_layout={other!r}."
-    raise ValueError(
-        f"classifier must have shape {expected} with d = {width} (hidden's last axis) for "
-        f"classifier_layout={classifier_layout!r}; got {v._describe(classifier)}.{hint}")
-  if classifier.dtype != hidden.dtype:
-    raise TypeError(
-        f"classifier must have hidden's dtype {jnp.dtype(hidden.dtype).name}; got "
-        f"{v._describe(classifier)}. Cast one of them.")
-  num_classes = classifier.shape[1 - feature_axis]
-  batch = hidden.shape[:-1]
-  labels = v.as_array(labels, "labels")
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"labels must be integer class indices of shape {batch}; got "
-                    f"{v._describe(labels)}. Probability targets would be an N x V array.")
-  if tuple(labels.shape) != batch:
-    raise ValueError(f"labels must have hidden's shape without the feature axis, {batch}; "
-                     f"got {v._describe(labels)}. Nothing is broadcast.")
-  if bias is not None:
-    bias = _check_float(bias, "bias")
-    if tuple(bias.shape) != (num_classes,):
-      raise ValueError(f"bias must have one entry per class, shape ({num_classes},); got "
-                       f"{v._describe(bias)}.")
-  row_mask = None
-  if where is not None:
-    where = v.as_array(where, "where")
-    if where.dtype != jnp.bool_ or tuple(where.shape) != batch:
-      raise ValueError(
-          f"where must be a boolean array of one entry per example, shape {batch}; got "
-          f"{v._describe(where)}. (A per-class mask would be an N x V array.)")
-    row_mask = where
-  ignore_index = v.check_ignore_index(ignore_index, True)
-  class_weights = v.check_class_weights(class_weights, num_classes)
-  reduction = v.check_reduction(reduction)
-  options = _rule.RuleOptions(
-      label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-      z_loss=v.check_number(z_loss, "z_loss", low=0.0),
-      logit_softcap=v.check_number(logit_softcap, "logit_softcap", low=0.0, low_open=True,
-                                   allow_none=True),
-  )
-  token_chunk = _check_chunk(token_chunk, "token_chunk")
-  vocab_chunk = _check_chunk(vocab_chunk, "vocab_chunk")
-  try:
-    accumulation_dtype = jnp.dtype(accumulation_dtype)
-  except TypeError:
-    raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype!r}.")
-  if not jnp.issubdtype(accumulation_dtype, jnp.floating):
-    raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype}.")
+def _validated(
+    hidden,
+    classifier,
+    labels,
+    *,
+    bias,
+    where,
+    ignore_index,
+    label_smoothing,
+    class_weights,
+    z_loss,
+    logit_softcap,
+    reduction,
+    classifier_layout,
+    token_chunk,
+    vocab_chunk,
+    accumulation_dtype,
+) -> _Call:
+    """Checks :func:`linear_cross_entropy`'s arguments (see there) and flattens the tokens."""
+    hidden = _check_float(hidden, "hidden")
+    classifier = _check_float(classifier, "classifier")
+    if classifier_layout not in LAYOUTS:
+        raise ValueError(
+            f"classifier_layout must be one of {LAYOUTS} ([V, d] or [d, V]); got "
+            f"{classifier_layout!r}."
+        )
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have a feature axis, shape [..., d]; got a scalar.")
+    width = hidden.shape[-1]
+    expected = "[V, d]" if classifier_layout == "vd" else "[d, V]"
+    feature_axis = 1 if classifier_layout == "vd" else 0
+    if classifier.ndim != 2 or classifier.shape[feature_axis] != width:
+        hint = ""
+        if classifier.ndim == 2 and classifier.shape[1 - feature_axis] == width:
+            other = "dv" if classifier_layout == "vd" else "vd"
+            hint = f" It looks transposed: pass classifier_layout={other!r}."
+        raise ValueError(
+            f"classifier must have shape {expected} with d = {width} (hidden's last axis) for "
+            f"classifier_layout={classifier_layout!r}; got {v._describe(classifier)}.{hint}"
+        )
+    if classifier.dtype != hidden.dtype:
+        raise TypeError(
+            f"classifier must have hidden's dtype {jnp.dtype(hidden.dtype).name}; got "
+            f"{v._describe(classifier)}. Cast one of them."
+        )
+    num_classes = classifier.shape[1 - feature_axis]
+    batch = hidden.shape[:-1]
+    labels = v.as_array(labels, "labels")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class indices of shape {batch}; got "
+            f"{v._describe(labels)}. Probability targets would be an N x V array."
+        )
+    if tuple(labels.shape) != batch:
+        raise ValueError(
+            f"labels must have hidden's shape without the feature axis, {batch}; "
+            f"got {v._describe(labels)}. Nothing is broadcast."
+        )
+    if bias is not None:
+        bias = _check_float(bias, "bias")
+        if tuple(bias.shape) != (num_classes,):
+            raise ValueError(
+                f"bias must have one entry per class, shape ({num_classes},); got "
+                f"{v._describe(bias)}."
+            )
+    row_mask = None
+    if where is not None:
+        where = v.as_array(where, "where")
+        if where.dtype != jnp.bool_ or tuple(where.shape) != batch:
+            raise ValueError(
+                f"where must be a boolean array of one entry per example, shape {batch}; got "
+                f"{v._describe(where)}. (A per-class mask would be an N x V array.)"
+            )
+        row_mask = where
+    ignore_index = v.check_ignore_index(ignore_index, True)
+    class_weights = v.check_class_weights(class_weights, num_classes)
+    reduction = v.check_reduction(reduction)
+    options = _rule.RuleOptions(
+        label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+        z_loss=v.check_number(z_loss, "z_loss", low=0.0),
+        logit_softcap=v.check_number(
+            logit_softcap, "logit_softcap", low=0.0, low_open=True, allow_none=True
+        ),
+    )
+    token_chunk = _check_chunk(token_chunk, "token_chunk")
+    vocab_chunk = _check_chunk(vocab_chunk, "vocab_chunk")
+    try:
+        accumulation_dtype = jnp.dtype(accumulation_dtype)
+    except TypeError:
+        raise TypeError(
+            f"accumulation_dtype must be a float dtype; got {accumulation_dtype!r}."
+        ) from None
+    if not jnp.issubdtype(accumulation_dtype, jnp.floating):
+        raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype}.")
 
-  num_tokens = math.prod(batch)
-  if ignore_index is not None:
-    kept = labels.reshape(num_tokens) != ignore_index
-    row_mask = kept if row_mask is None else row_mask.reshape(num_tokens) & kept
-  elif row_mask is not None:
-    row_mask = row_mask.reshape(num_tokens)
-  return _Call(hidden=hidden.reshape(num_tokens, width), classifier=classifier, labels=labels.reshape(num_tokens),
-               bias=bias, class_weights=class_weights, row_mask=row_mask, batch=batch,
-               num_classes=num_classes, reduction=reduction, options=options,
-               layout=classifier_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-               accumulation_dtype=accumulation_dtype)
+    num_tokens = math.prod(batch)
+    if ignore_index is not None:
+        kept = labels.reshape(num_tokens) != ignore_index
+        row_mask = kept if row_mask is None else row_mask.reshape(num_tokens) & kept
+    elif row_mask is not None:
+        row_mask = row_mask.reshape(num_tokens)
+    return _Call(
+        hidden=hidden.reshape(num_tokens, width),
+        classifier=classifier,
+        labels=labels.reshape(num_tokens),
+        bias=bias,
+        class_weights=class_weights,
+        row_mask=row_mask,
+        batch=batch,
+        num_classes=num_classes,
+        reduction=reduction,
+        options=options,
+        layout=classifier_layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        accumulation_dtype=accumulation_dtype,
+    )

@@ -24,87 +24,97 @@ the batch-sharded output skip the class axis.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _checking
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cross_entropy import per_example_loss
 
-AxisName = Union[str, Sequence[str]]
+AxisName = str | Sequence[str]
 
 
 def _axis_names(name, argument: str, mesh: Mesh, *, allow_none: bool) -> tuple[str, ...]:
-  """``name`` (a mesh axis name or a tuple of them) as a tuple, checked against ``mesh``."""
-  if name is None:
-    if allow_none:
-      return ()
-    raise TypeError(f"{argument} must name a mesh axis; got None. The mesh has axes "
-                    f"{tuple(mesh.axis_names)}.")
-  names = tuple(name) if isinstance(name, (tuple, list)) else (name,)
-  for n in names:
-    if n not in mesh.axis_names:
-      raise ValueError(f"{argument}={name!r} is not an axis of the mesh; the mesh has axes "
-                       f"{tuple(mesh.axis_names)}.")
-  return names
+    """``name`` (a mesh axis name or a tuple of them) as a tuple, checked against ``mesh``."""
+    if name is None:
+        if allow_none:
+            return ()
+        raise TypeError(
+            f"{argument} must name a mesh axis; got None. The mesh has axes "
+            f"{tuple(mesh.axis_names)}."
+        )
+    names = tuple(name) if isinstance(name, (tuple, list)) else (name,)
+    for n in names:
+        if n not in mesh.axis_names:
+            raise ValueError(
+                f"{argument}={name!r} is not an axis of the mesh; the mesh has axes "
+                f"{tuple(mesh.axis_names)}."
+            )
+    return names
 
 
 def _spec_entry(names: tuple[str, ...]):
-  if not names:
-    return None
-  return names[0] if len(names) == 1 else names
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
 
 
 def _place(x, mesh: Mesh, spec: P):
-  """Reshards ``x`` to ``spec`` on meshes with explicit axes; auto axes need nothing.
+    """Reshards ``x`` to ``spec`` on meshes with explicit axes; auto axes need nothing.
 
-  ``shard_map`` moves arguments on ``Auto`` axes itself but insists that arguments on
-  ``Explicit`` axes (``jax.make_mesh``'s default) already carry its ``in_specs``.
-  """
-  used = [n for entry in spec if entry is not None
-          for n in (entry if isinstance(entry, tuple) else (entry,))]
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  explicit = [n for n in used if types[n] == AxisType.Explicit]
-  if not explicit:
-    return x
-  if len(explicit) != len(used):
-    raise ValueError(
-        f"the mesh axes {tuple(used)} mix Explicit and Auto axis types; build the mesh with "
-        "one type for the class and batch axes (e.g. jax.make_mesh(..., axis_types=...)).")
-  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    ``shard_map`` moves arguments on ``Auto`` axes itself but insists that arguments on
+    ``Explicit`` axes (``jax.make_mesh``'s default) already carry its ``in_specs``.
+    """
+    used = [
+        n
+        for entry in spec
+        if entry is not None
+        for n in (entry if isinstance(entry, tuple) else (entry,))
+    ]
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = [n for n in used if types[n] == AxisType.Explicit]
+    if not explicit:
+        return x
+    if len(explicit) != len(used):
+        raise ValueError(
+            f"the mesh axes {tuple(used)} mix Explicit and Auto axis types; build the mesh with "
+            "one type for the class and batch axes (e.g. jax.make_mesh(..., axis_types=...))."
+        )
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def _pad_classes(x, padding: int, value=0):
-  """Pads the last axis of ``x`` by ``padding`` entries of ``value``."""
-  if not padding:
-    return x
-  widths = [(0, 0)] * (x.ndim - 1) + [(0, padding)]
-  return jnp.pad(x, widths, constant_values=value)
+    """Pads the last axis of ``x`` by ``padding`` entries of ``value``."""
+    if not padding:
+        return x
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, padding)]
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def reduce_across(loss, row_weight, reduction: str, batch_names: tuple[str, ...]):
-  """A PyTorch reduction of the local rows, made global over the batch shards.
+    """A PyTorch reduction of the local rows, made global over the batch shards.
 
-  ``loss`` and ``row_weight`` are the local rows' losses and mean weights (identical on
-  every class shard). The mean divides the ``psum`` of the numerators by the ``psum`` of
-  the denominators, so it equals the single-device mean, not a mean of shard means.
-  """
-  if reduction == "none":
-    return loss
-  total = jnp.sum(loss)
-  if batch_names:
-    total = lax.psum(total, batch_names)
-  if reduction == "sum":
-    return total
-  denominator = jnp.sum(row_weight)
-  if batch_names:
-    denominator = lax.psum(denominator, batch_names)
-  counted = denominator > 0
-  return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
+    ``loss`` and ``row_weight`` are the local rows' losses and mean weights (identical on
+    every class shard). The mean divides the ``psum`` of the numerators by the ``psum`` of
+    the denominators, so it equals the single-device mean, not a mean of shard means.
+    """
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if batch_names:
+        total = lax.psum(total, batch_names)
+    if reduction == "sum":
+        return total
+    denominator = jnp.sum(row_weight)
+    if batch_names:
+        denominator = lax.psum(denominator, batch_names)
+    counted = denominator > 0
+    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
 
 
 def sharded_cross_entropy(
@@ -113,169 +123,193 @@ def sharded_cross_entropy(
     *,
     mesh: Mesh,
     class_axis_name: AxisName,
-    batch_axis_name: Optional[AxisName] = None,
-    where: Optional[jax.typing.ArrayLike] = None,
-    ignore_index: Optional[int] = None,
+    batch_axis_name: AxisName | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    class_weights: Optional[jax.typing.ArrayLike] = None,
+    class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
-    logit_softcap: Optional[float] = None,
+    logit_softcap: float | None = None,
     reduction: str = "mean",
     checked: bool = False,
 ) -> jax.Array:
-  r""":func:`~jaxsoftmax.cross_entropy` with the vocabulary split over a mesh axis.
+    r""":func:`~jaxsoftmax.cross_entropy` with the vocabulary split over a mesh axis.
 
-  Runs :func:`~jaxsoftmax.cross_entropy` with ``axis_name=class_axis_name`` under
-  ``jax.shard_map``: the logits ``[N, ..., V]`` are split by classes over
-  ``class_axis_name`` and, when ``batch_axis_name`` is given, by examples (the first
-  axis) over it. Each device holds ``[N / B, ..., V / S]`` logits and exchanges only
-  per-row statistics, so the loss never gathers the logits; see docs/scaling.md.
+    Runs :func:`~jaxsoftmax.cross_entropy` with ``axis_name=class_axis_name`` under
+    ``jax.shard_map``: the logits ``[N, ..., V]`` are split by classes over
+    ``class_axis_name`` and, when ``batch_axis_name`` is given, by examples (the first
+    axis) over it. Each device holds ``[N / B, ..., V / S]`` logits and exchanges only
+    per-row statistics, so the loss never gathers the logits; see docs/scaling.md.
 
-  The value and the gradients are those of the single-device
-  ``cross_entropy(logits, targets, ...)`` with the same options (the loss is the same
-  formula; the sums over classes are split into per-shard sums plus a ``psum``).
+    The value and the gradients are those of the single-device
+    ``cross_entropy(logits, targets, ...)`` with the same options (the loss is the same
+    formula; the sums over classes are split into per-shard sums plus a ``psum``).
 
-  Args:
-    logits: float ``[N, ..., V]``, classes on the last axis.
-    targets: integer class indices ``[N, ...]`` (global indices in ``[0, V)``) or float
-      probabilities ``[N, ..., V]``.
-    mesh: the ``jax.sharding.Mesh`` (axes ``Auto`` or ``Explicit``).
-    class_axis_name: the mesh axis (or tuple of axes) the classes are split over.
-    batch_axis_name: the mesh axis (or tuple of axes) the first axis is split over, or
-      None to keep every example on every device. ``N`` must divide by its size.
-    where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction,
-      checked: as in :func:`~jaxsoftmax.cross_entropy`. ``class_weights`` is the global
-      ``[V]`` vector (it is split with the classes); label smoothing spreads its mass over
-      the global ``V`` classes.
+    Args:
+      logits: float ``[N, ..., V]``, classes on the last axis.
+      targets: integer class indices ``[N, ...]`` (global indices in ``[0, V)``) or float
+        probabilities ``[N, ..., V]``.
+      mesh: the ``jax.sharding.Mesh`` (axes ``Auto`` or ``Explicit``).
+      class_axis_name: the mesh axis (or tuple of axes) the classes are split over.
+      batch_axis_name: the mesh axis (or tuple of axes) the first axis is split over, or
+        None to keep every example on every device. ``N`` must divide by its size.
+      where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction,
+        checked: as in :func:`~jaxsoftmax.cross_entropy`. ``class_weights`` is the global
+        ``[V]`` vector (it is split with the classes); label smoothing spreads its mass over
+        the global ``V`` classes.
 
-  Returns:
-    The reduced loss (a scalar, replicated), or with ``reduction="none"`` the
-    per-example losses ``[N, ...]``, split by examples over ``batch_axis_name``.
+    Returns:
+      The reduced loss (a scalar, replicated), or with ``reduction="none"`` the
+      per-example losses ``[N, ...]``, split by examples over ``batch_axis_name``.
 
-  ``V`` need not divide by the number of class shards: the class axis is padded to the
-  next multiple with masked classes. If your logits already live sharded on the mesh,
-  padding them moves them between devices; keep ``V`` a multiple of the shard count (pad
-  the classifier, as large models do) to avoid that.
+    ``V`` need not divide by the number of class shards: the class axis is padded to the
+    next multiple with masked classes. If your logits already live sharded on the mesh,
+    padding them moves them between devices; keep ``V`` a multiple of the shard count (pad
+    the classifier, as large models do) to avoid that.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> from jaxsoftmax import cross_entropy
-    >>> from jaxsoftmax._sharded import sharded_cross_entropy
-    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
-    >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
-    >>> labels = jnp.array([0, 1])
-    >>> loss = sharded_cross_entropy(logits, labels, mesh=mesh, class_axis_name="vocab")
-    >>> print(f"{float(loss):.4f} {float(cross_entropy(logits, labels)):.4f}")
-    0.3185 0.3185
-  """
-  reduction = v.check_reduction(reduction)
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-  class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
-  batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
-  if set(class_names) & set(batch_names):
-    raise ValueError(f"class_axis_name={class_axis_name!r} and batch_axis_name="
-                     f"{batch_axis_name!r} must name different mesh axes.")
-  logits = v.check_logits(logits)
-  targets = v.as_array(targets, "targets")
-  integer = jnp.issubdtype(targets.dtype, jnp.integer)
-  # Shapes, dtypes and option values are checked once, on the global shapes, with the
-  # same messages as cross_entropy (nothing is computed; shardings are left out so the
-  # check does not depend on how the arrays are laid out).
-  jax.eval_shape(
-      lambda z, t, w, cw: per_example_loss(
-          z, t, where=w, ignore_index=ignore_index, label_smoothing=label_smoothing,
-          class_weights=cw, z_loss=z_loss, logit_softcap=logit_softcap),
-      *jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
-                    (logits, targets, where, class_weights)))
-  if logits.ndim < 2 and batch_names:
-    raise ValueError(f"batch_axis_name={batch_axis_name!r} splits the first axis of the "
-                     f"logits, but they have shape {tuple(logits.shape)} (no example axis).")
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jaxsoftmax import cross_entropy
+      >>> from jaxsoftmax._sharded import sharded_cross_entropy
+      >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+      >>> labels = jnp.array([0, 1])
+      >>> loss = sharded_cross_entropy(logits, labels, mesh=mesh, class_axis_name="vocab")
+      >>> print(f"{float(loss):.4f} {float(cross_entropy(logits, labels)):.4f}")
+      0.3185 0.3185
+    """
+    reduction = v.check_reduction(reduction)
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
+    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
+    if set(class_names) & set(batch_names):
+        raise ValueError(
+            f"class_axis_name={class_axis_name!r} and batch_axis_name="
+            f"{batch_axis_name!r} must name different mesh axes."
+        )
+    logits = v.check_logits(logits)
+    targets = v.as_array(targets, "targets")
+    integer = jnp.issubdtype(targets.dtype, jnp.integer)
+    # Shapes, dtypes and option values are checked once, on the global shapes, with the
+    # same messages as cross_entropy (nothing is computed; shardings are left out so the
+    # check does not depend on how the arrays are laid out).
+    jax.eval_shape(
+        lambda z, t, w, cw: per_example_loss(
+            z,
+            t,
+            where=w,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weights=cw,
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+        ),
+        *jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+            (logits, targets, where, class_weights),
+        ),
+    )
+    if logits.ndim < 2 and batch_names:
+        raise ValueError(
+            f"batch_axis_name={batch_axis_name!r} splits the first axis of the "
+            f"logits, but they have shape {tuple(logits.shape)} (no example axis)."
+        )
 
-  num_class_shards = math.prod(mesh.shape[n] for n in class_names)
-  num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
-  if batch_names and logits.shape[0] % num_batch_shards:
-    raise ValueError(
-        f"the first axis of the logits ({logits.shape[0]} examples) must divide by the "
-        f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
-        "(and mask the padding with where= or ignore_index=) or choose another mesh.")
-  num_classes = logits.shape[-1]
-  padded = -(-num_classes // num_class_shards) * num_class_shards
-  padding = padded - num_classes
-  num_local = padded // num_class_shards
+    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
+    num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
+    if batch_names and logits.shape[0] % num_batch_shards:
+        raise ValueError(
+            f"the first axis of the logits ({logits.shape[0]} examples) must divide by the "
+            f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
+            "(and mask the padding with where= or ignore_index=) or choose another mesh."
+        )
+    num_classes = logits.shape[-1]
+    padded = -(-num_classes // num_class_shards) * num_class_shards
+    padding = padded - num_classes
+    num_local = padded // num_class_shards
 
-  row_mask = class_mask = None
-  if where is not None:
-    where = jnp.asarray(where)
-    if where.shape == logits.shape:
-      class_mask = where
-    else:
-      row_mask = where
-  if checked and integer:
-    # The check runs on the global labels, outside shard_map, against the real V.
-    kept = row_mask
-    if ignore_index is not None:
-      kept = (targets != ignore_index) if kept is None else kept & (targets != ignore_index)
-    _checking.check_labels(targets, num_classes, kept, name="targets")
+    row_mask = class_mask = None
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.shape == logits.shape:
+            class_mask = where
+        else:
+            row_mask = where
+    if checked and integer:
+        # The check runs on the global labels, outside shard_map, against the real V.
+        kept = row_mask
+        if ignore_index is not None:
+            kept = (targets != ignore_index) if kept is None else kept & (targets != ignore_index)
+        _checking.check_labels(targets, num_classes, kept, name="targets")
 
-  if padding:
-    # Padded classes are masked out of every class sum, so a row mask becomes part of the
-    # class mask; masked rows get label 0 so a bad label there does not turn NaN (as on
-    # one device). Labels in [V, padded) must stay out of range: they map to a sentinel.
-    if row_mask is not None:
-      class_mask = jnp.broadcast_to(row_mask[..., None], logits.shape)
-      if integer:
-        targets = jnp.where(row_mask, targets, jnp.zeros((), targets.dtype))
-      row_mask = None
-    if integer:
-      sentinel = -1 if ignore_index != -1 else padded
-      targets = jnp.where(targets >= num_classes, jnp.asarray(sentinel, targets.dtype),
-                          targets)
-    logits = _pad_classes(logits, padding)
-    if not integer:
-      targets = _pad_classes(targets, padding)
-    if class_mask is not None:
-      class_mask = _pad_classes(class_mask, padding, False)
-    if class_weights is not None:
-      class_weights = _pad_classes(jnp.asarray(class_weights), padding)
-
-  batch = _spec_entry(batch_names)
-  classes = _spec_entry(class_names)
-  middle = (None,) * (logits.ndim - 2)
-  if logits.ndim == 1:
-    logits_spec, rows_spec = P(classes), P()
-  else:
-    logits_spec, rows_spec = P(batch, *middle, classes), P(batch, *middle)
-  targets_spec = rows_spec if integer else logits_spec
-
-  arrays = [logits, targets]
-  specs = [logits_spec, targets_spec]
-  slots = {}
-  for name, array, spec in (("row_mask", row_mask, rows_spec),
-                            ("class_mask", class_mask, logits_spec),
-                            ("class_weights", class_weights, P(classes))):
-    if array is not None:
-      slots[name] = len(arrays)
-      arrays.append(array)
-      specs.append(spec)
-
-  def local_loss(*local):
-    z, t = local[0], local[1]
-    got = {name: local[i] for name, i in slots.items()}
-    mask = got.get("class_mask")
     if padding:
-      index = lax.broadcasted_iota(jnp.int32, (num_local,), 0)
-      real = index + lax.axis_index(class_names) * num_local < num_classes
-      real = jnp.broadcast_to(real, z.shape)
-      mask = real if mask is None else mask & real
-    local_where = mask if mask is not None else got.get("row_mask")
-    loss, row_weight = per_example_loss(
-        z, t, where=local_where, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, class_weights=got.get("class_weights"),
-        z_loss=z_loss, logit_softcap=logit_softcap, axis_name=_spec_entry(class_names))
-    return reduce_across(loss, row_weight, reduction, batch_names).astype(z.dtype)
+        # Padded classes are masked out of every class sum, so a row mask becomes part of the
+        # class mask; masked rows get label 0 so a bad label there does not turn NaN (as on
+        # one device). Labels in [V, padded) must stay out of range: they map to a sentinel.
+        if row_mask is not None:
+            class_mask = jnp.broadcast_to(row_mask[..., None], logits.shape)
+            if integer:
+                targets = jnp.where(row_mask, targets, jnp.zeros((), targets.dtype))
+            row_mask = None
+        if integer:
+            sentinel = -1 if ignore_index != -1 else padded
+            targets = jnp.where(
+                targets >= num_classes, jnp.asarray(sentinel, targets.dtype), targets
+            )
+        logits = _pad_classes(logits, padding)
+        if not integer:
+            targets = _pad_classes(targets, padding)
+        if class_mask is not None:
+            class_mask = _pad_classes(class_mask, padding, False)
+        if class_weights is not None:
+            class_weights = _pad_classes(jnp.asarray(class_weights), padding)
 
-  out_spec = rows_spec if reduction == "none" else P()
-  arrays = [_place(a, mesh, s) for a, s in zip(arrays, specs)]
-  return jax.shard_map(local_loss, mesh=mesh, in_specs=tuple(specs),
-                       out_specs=out_spec)(*arrays)
+    batch = _spec_entry(batch_names)
+    classes = _spec_entry(class_names)
+    middle = (None,) * (logits.ndim - 2)
+    if logits.ndim == 1:
+        logits_spec, rows_spec = P(classes), P()
+    else:
+        logits_spec, rows_spec = P(batch, *middle, classes), P(batch, *middle)
+    targets_spec = rows_spec if integer else logits_spec
+
+    arrays = [logits, targets]
+    specs = [logits_spec, targets_spec]
+    slots = {}
+    for name, array, spec in (
+        ("row_mask", row_mask, rows_spec),
+        ("class_mask", class_mask, logits_spec),
+        ("class_weights", class_weights, P(classes)),
+    ):
+        if array is not None:
+            slots[name] = len(arrays)
+            arrays.append(array)
+            specs.append(spec)
+
+    def local_loss(*local):
+        z, t = local[0], local[1]
+        got = {name: local[i] for name, i in slots.items()}
+        mask = got.get("class_mask")
+        if padding:
+            index = lax.broadcasted_iota(jnp.int32, (num_local,), 0)
+            real = index + lax.axis_index(class_names) * num_local < num_classes
+            real = jnp.broadcast_to(real, z.shape)
+            mask = real if mask is None else mask & real
+        local_where = mask if mask is not None else got.get("row_mask")
+        loss, row_weight = per_example_loss(
+            z,
+            t,
+            where=local_where,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_weights=got.get("class_weights"),
+            z_loss=z_loss,
+            logit_softcap=logit_softcap,
+            axis_name=_spec_entry(class_names),
+        )
+        return reduce_across(loss, row_weight, reduction, batch_names).astype(z.dtype)
+
+    out_spec = rows_spec if reduction == "none" else P()
+    arrays = [_place(a, mesh, s) for a, s in zip(arrays, specs)]
+    return jax.shard_map(local_loss, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*arrays)

@@ -25,22 +25,22 @@ and whose gradient is 0; the logits are never padded because they never exist.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
 from jaxsoftmax._sharded import AxisName, _axis_names, _place, _spec_entry, reduce_across
 
 
 def _pad_axis(x, axis: int, padding: int):
-  if not padding:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, padding)
-  return jnp.pad(x, widths)
+    if not padding:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, padding)
+    return jnp.pad(x, widths)
 
 
 def sharded_linear_cross_entropy(
@@ -50,120 +50,146 @@ def sharded_linear_cross_entropy(
     *,
     mesh: Mesh,
     class_axis_name: AxisName,
-    batch_axis_name: Optional[AxisName] = None,
-    bias: Optional[jax.typing.ArrayLike] = None,
-    where: Optional[jax.typing.ArrayLike] = None,
-    ignore_index: Optional[int] = None,
+    batch_axis_name: AxisName | None = None,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    class_weights: Optional[jax.typing.ArrayLike] = None,
+    class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
-    logit_softcap: Optional[float] = None,
+    logit_softcap: float | None = None,
     reduction: str = "mean",
     classifier_layout: str = "vd",
-    token_chunk: Optional[int] = None,
-    vocab_chunk: Optional[int] = None,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
 ) -> jax.Array:
-  r""":func:`~jaxsoftmax.linear_cross_entropy` with the classifier split by vocabulary rows.
+    r""":func:`~jaxsoftmax.linear_cross_entropy` with the classifier split by vocabulary rows.
 
-  Runs the fused loss under ``jax.shard_map``: ``classifier`` ``[V, d]`` is split by rows
-  over ``class_axis_name`` (``P(class, None)``; ``[d, V]`` with
-  ``classifier_layout="dv"``: ``P(None, class)``), ``bias`` ``P(class)``, and with
-  ``batch_axis_name`` the tokens are split over it (``hidden`` ``P(batch, None)``,
-  ``labels`` and ``where`` ``P(batch)``). Only per-row statistics cross devices in the
-  loss; the hidden states' gradient is the one ``[N / B, d]`` sum over the vocabulary
-  shards that any vocabulary-parallel classifier needs.
+    Runs the fused loss under ``jax.shard_map``: ``classifier`` ``[V, d]`` is split by rows
+    over ``class_axis_name`` (``P(class, None)``; ``[d, V]`` with
+    ``classifier_layout="dv"``: ``P(None, class)``), ``bias`` ``P(class)``, and with
+    ``batch_axis_name`` the tokens are split over it (``hidden`` ``P(batch, None)``,
+    ``labels`` and ``where`` ``P(batch)``). Only per-row statistics cross devices in the
+    loss; the hidden states' gradient is the one ``[N / B, d]`` sum over the vocabulary
+    shards that any vocabulary-parallel classifier needs.
 
-  The value and the gradients equal those of the single-device
-  ``linear_cross_entropy(hidden, classifier, labels, ...)`` with the same options:
-  labels are global class indices, label smoothing spreads over all ``V`` classes,
-  ``class_weights`` is the global ``[V]`` vector, reductions are global over the batch
-  shards. The classifier's and bias's gradients come back split like them.
+    The value and the gradients equal those of the single-device
+    ``linear_cross_entropy(hidden, classifier, labels, ...)`` with the same options:
+    labels are global class indices, label smoothing spreads over all ``V`` classes,
+    ``class_weights`` is the global ``[V]`` vector, reductions are global over the batch
+    shards. The classifier's and bias's gradients come back split like them.
 
-  Args:
-    hidden: float ``[..., d]``; the tokens (all leading axes, flattened) are split over
-      ``batch_axis_name``, so their number must divide by its size.
-    classifier: float ``[V, d]`` or ``[d, V]`` (see ``classifier_layout``).
-    labels: integer class indices, ``hidden``'s shape without ``d``.
-    mesh: the ``jax.sharding.Mesh`` (axes ``Auto`` or ``Explicit``).
-    class_axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
-    batch_axis_name: the mesh axis (or axes) the tokens are split over, or None.
-    bias, where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap,
-      reduction, classifier_layout, token_chunk, vocab_chunk, accumulation_dtype: as in
-      :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each device's
-      ``[N / B, V / S]`` share.
+    Args:
+      hidden: float ``[..., d]``; the tokens (all leading axes, flattened) are split over
+        ``batch_axis_name``, so their number must divide by its size.
+      classifier: float ``[V, d]`` or ``[d, V]`` (see ``classifier_layout``).
+      labels: integer class indices, ``hidden``'s shape without ``d``.
+      mesh: the ``jax.sharding.Mesh`` (axes ``Auto`` or ``Explicit``).
+      class_axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
+      batch_axis_name: the mesh axis (or axes) the tokens are split over, or None.
+      bias, where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap,
+        reduction, classifier_layout, token_chunk, vocab_chunk, accumulation_dtype: as in
+        :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each device's
+        ``[N / B, V / S]`` share.
 
-  Returns:
-    The reduced loss (a scalar, replicated), or with ``reduction="none"`` the per-token
-    losses (``hidden``'s shape without ``d``), split over ``batch_axis_name``.
+    Returns:
+      The reduced loss (a scalar, replicated), or with ``reduction="none"`` the per-token
+      losses (``hidden``'s shape without ``d``), split over ``batch_axis_name``.
 
-  ``V`` need not divide by the number of class shards: the classifier (and bias) get
-  zero rows up to the next multiple, masked out of the loss. If the classifier already
-  lives sharded on the mesh that padding moves it; keep ``V`` a multiple of the shard
-  count (pad the embedding table, as large models do) to avoid it.
+    ``V`` need not divide by the number of class shards: the classifier (and bias) get
+    zero rows up to the next multiple, masked out of the loss. If the classifier already
+    lives sharded on the mesh that padding moves it; keep ``V`` a multiple of the shard
+    count (pad the embedding table, as large models do) to avoid it.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> from jaxsoftmax import linear_cross_entropy
-    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
-    >>> h = jax.random.normal(jax.random.key(0), (6, 4))
-    >>> W = jax.random.normal(jax.random.key(1), (10, 4))
-    >>> y = jnp.array([0, 3, 9, 2, 2, 7])
-    >>> loss = sharded_linear_cross_entropy(h, W, y, mesh=mesh, class_axis_name="vocab")
-    >>> print(bool(jnp.allclose(loss, linear_cross_entropy(h, W, y), atol=1e-6)))
-    True
-  """
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-  class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
-  batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
-  if set(class_names) & set(batch_names):
-    raise ValueError(f"class_axis_name={class_axis_name!r} and batch_axis_name="
-                     f"{batch_axis_name!r} must name different mesh axes.")
-  # The single-device checks and messages, on the global arrays.
-  call = lce._validated(
-      hidden, classifier, labels, bias=bias, where=where, ignore_index=ignore_index,
-      label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
-      logit_softcap=logit_softcap, reduction=reduction, classifier_layout=classifier_layout,
-      token_chunk=token_chunk, vocab_chunk=vocab_chunk, accumulation_dtype=accumulation_dtype)
-  num_tokens = call.hidden.shape[0]
-  num_class_shards = math.prod(mesh.shape[n] for n in class_names)
-  num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
-  if num_tokens % num_batch_shards:
-    raise ValueError(
-        f"the {num_tokens} tokens (hidden's leading axes, flattened) must divide by the "
-        f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
-        "(and mask the padding with where= or ignore_index=) or choose another mesh.")
-  num_local = -(-call.num_classes // num_class_shards)
-  padding = num_local * num_class_shards - call.num_classes
-  vocab_axis = 0 if call.layout == "vd" else 1
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jaxsoftmax import linear_cross_entropy
+      >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+      >>> h = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> W = jax.random.normal(jax.random.key(1), (10, 4))
+      >>> y = jnp.array([0, 3, 9, 2, 2, 7])
+      >>> loss = sharded_linear_cross_entropy(h, W, y, mesh=mesh, class_axis_name="vocab")
+      >>> print(bool(jnp.allclose(loss, linear_cross_entropy(h, W, y), atol=1e-6)))
+      True
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
+    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
+    if set(class_names) & set(batch_names):
+        raise ValueError(
+            f"class_axis_name={class_axis_name!r} and batch_axis_name="
+            f"{batch_axis_name!r} must name different mesh axes."
+        )
+    # The single-device checks and messages, on the global arrays.
+    call = lce._validated(
+        hidden,
+        classifier,
+        labels,
+        bias=bias,
+        where=where,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction=reduction,
+        classifier_layout=classifier_layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        accumulation_dtype=accumulation_dtype,
+    )
+    num_tokens = call.hidden.shape[0]
+    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
+    num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
+    if num_tokens % num_batch_shards:
+        raise ValueError(
+            f"the {num_tokens} tokens (hidden's leading axes, flattened) must divide by the "
+            f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
+            "(and mask the padding with where= or ignore_index=) or choose another mesh."
+        )
+    num_local = -(-call.num_classes // num_class_shards)
+    padding = num_local * num_class_shards - call.num_classes
+    vocab_axis = 0 if call.layout == "vd" else 1
 
-  batch, classes = _spec_entry(batch_names), _spec_entry(class_names)
-  rows = P(batch)
-  arrays = {"hidden": (call.hidden, P(batch, None)),
-            "classifier": (_pad_axis(call.classifier, vocab_axis, padding),
-                           P(classes, None) if call.layout == "vd" else P(None, classes)),
-            "labels": (call.labels, rows)}
-  if call.bias is not None:
-    arrays["bias"] = (_pad_axis(call.bias, 0, padding), P(classes))
-  if call.class_weights is not None:
-    arrays["class_weights"] = (_pad_axis(call.class_weights, 0, padding), P())
-  if call.row_mask is not None:
-    arrays["row_mask"] = (call.row_mask, rows)
-  names = list(arrays)
-  specs = tuple(spec for _, spec in arrays.values())
-  placed = [_place(x, mesh, spec) for x, spec in arrays.values()]
+    batch, classes = _spec_entry(batch_names), _spec_entry(class_names)
+    rows = P(batch)
+    arrays = {
+        "hidden": (call.hidden, P(batch, None)),
+        "classifier": (
+            _pad_axis(call.classifier, vocab_axis, padding),
+            P(classes, None) if call.layout == "vd" else P(None, classes),
+        ),
+        "labels": (call.labels, rows),
+    }
+    if call.bias is not None:
+        arrays["bias"] = (_pad_axis(call.bias, 0, padding), P(classes))
+    if call.class_weights is not None:
+        arrays["class_weights"] = (_pad_axis(call.class_weights, 0, padding), P())
+    if call.row_mask is not None:
+        arrays["row_mask"] = (call.row_mask, rows)
+    names = list(arrays)
+    specs = tuple(spec for _, spec in arrays.values())
+    placed = [_place(x, mesh, spec) for x, spec in arrays.values()]
 
-  def local_loss(*local):
-    got = dict(zip(names, local))
-    plan = lce.make_plan(call, got["hidden"].shape[0], num_local, axis_name=classes)
-    loss, weight = lce.rows_and_weights(
-        got["hidden"], got["classifier"], got.get("bias"), got["labels"],
-        got.get("class_weights"), got.get("row_mask"), plan)
-    return reduce_across(loss, weight, call.reduction, batch_names).astype(loss.dtype)
+    def local_loss(*local):
+        got = dict(zip(names, local))
+        plan = lce.make_plan(call, got["hidden"].shape[0], num_local, axis_name=classes)
+        loss, weight = lce.rows_and_weights(
+            got["hidden"],
+            got["classifier"],
+            got.get("bias"),
+            got["labels"],
+            got.get("class_weights"),
+            got.get("row_mask"),
+            plan,
+        )
+        return reduce_across(loss, weight, call.reduction, batch_names).astype(loss.dtype)
 
-  out = jax.shard_map(local_loss, mesh=mesh, in_specs=specs,
-                      out_specs=rows if call.reduction == "none" else P())(*placed)
-  if call.reduction == "none":
-    out = out.reshape(call.batch)
-  return out.astype(call.hidden.dtype)
+    out = jax.shard_map(
+        local_loss, mesh=mesh, in_specs=specs, out_specs=rows if call.reduction == "none" else P()
+    )(*placed)
+    if call.reduction == "none":
+        out = out.reshape(call.batch)
+    return out.astype(call.hidden.dtype)

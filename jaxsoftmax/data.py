@@ -73,15 +73,21 @@ def check_features_and_labels(
     ValueError: y holds labels outside [0, 3): 3 at index 2; labels must be class indices 0..2.
     """
     if np.ndim(x) != 2:
-        raise ValueError(f"{x_name} has shape {np.shape(x)}; expected [num_examples, num_features].")
+        raise ValueError(
+            f"{x_name} has shape {np.shape(x)}; expected [num_examples, num_features]."
+        )
     if np.ndim(y) != 1:
-        raise ValueError(f"{y_name} has shape {np.shape(y)}; expected [num_examples] class indices.")
+        raise ValueError(
+            f"{y_name} has shape {np.shape(y)}; expected [num_examples] class indices."
+        )
     if len(x) != len(y):
         raise ValueError(
             f"{x_name} has {len(x)} examples but {y_name} has {len(y)} labels; they must match."
         )
     if not np.issubdtype(np.asarray(y).dtype, np.integer):
-        raise ValueError(f"{y_name} has dtype {np.asarray(y).dtype}; expected integer class indices.")
+        raise ValueError(
+            f"{y_name} has dtype {np.asarray(y).dtype}; expected integer class indices."
+        )
     outside = (y < 0) | (y >= num_classes)
     if np.any(outside):
         index = int(np.argmax(outside))

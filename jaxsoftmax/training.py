@@ -124,7 +124,9 @@ class TrainConfig:
                 "local devices."
             )
         if self.batch_size is not None and self.batch_size <= 0:
-            raise ValueError(f"batch_size={self.batch_size} must be positive, or None for full batch.")
+            raise ValueError(
+                f"batch_size={self.batch_size} must be positive, or None for full batch."
+            )
         if self.checkpoint_every % self.eval_every:
             raise ValueError(
                 f"checkpoint_every={self.checkpoint_every} must be a multiple of "
@@ -137,7 +139,9 @@ class TrainConfig:
             "l2": self.l2,
             "activation": self.activation,
             "label_smoothing": self.label_smoothing,
-            "class_weights": None if self.class_weights is None else jnp.asarray(self.class_weights),
+            "class_weights": None
+            if self.class_weights is None
+            else jnp.asarray(self.class_weights),
             "z_loss": self.z_loss,
             "logit_softcap": self.logit_softcap,
         }
@@ -244,9 +248,7 @@ def make_train_step(
     def train_step(
         state: TrainState, x: jax.Array, y: jax.Array, where: jax.Array | None = None
     ) -> tuple[TrainState, jax.Array]:
-        loss_value, grads = jax.value_and_grad(mlp.loss)(
-            state.params, x, y, where=where, **options
-        )
+        loss_value, grads = jax.value_and_grad(mlp.loss)(state.params, x, y, where=where, **options)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), loss_value
@@ -445,7 +447,9 @@ def load_checkpoint(
 
 
 def _all_finite(tree: Any) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree_util.tree_leaves(tree))
+    return all(
+        bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def train(
@@ -530,9 +534,11 @@ def train(
         new_state, losses = run_of_steps(state, x_steps, y_steps, run_length, where)
         losses = np.asarray(losses)
         if not (np.all(np.isfinite(losses)) and _all_finite(new_state.params)):
-            first_bad = step + int(np.argmin(np.isfinite(losses))) if not np.all(
-                np.isfinite(losses)
-            ) else step + run_length
+            first_bad = (
+                step + int(np.argmin(np.isfinite(losses)))
+                if not np.all(np.isfinite(losses))
+                else step + run_length
+            )
             where = (
                 f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
                 if last_checkpoint is not None

@@ -9,71 +9,80 @@ import numpy as np
 
 
 def log_softmax(z, mask=None):
-  z = np.asarray(z, np.float64)
-  if mask is not None:
-    z = np.where(mask, z, -np.inf)
-  m = np.max(z, axis=-1, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  lse = m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-  return z - lse, lse[..., 0]
+    z = np.asarray(z, np.float64)
+    if mask is not None:
+        z = np.where(mask, z, -np.inf)
+    m = np.max(z, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    lse = m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+    return z - lse, lse[..., 0]
 
 
-def cross_entropy(z, targets, *, where=None, ignore_index=None, label_smoothing=0.0,
-                  class_weights=None, z_loss=0.0, logit_softcap=None, reduction="mean"):
-  """Loss of class-last logits ``z [..., C]``, computed in float64.
+def cross_entropy(
+    z,
+    targets,
+    *,
+    where=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    reduction="mean",
+):
+    """Loss of class-last logits ``z [..., C]``, computed in float64.
 
-  Returns the reduced loss (or per-example losses for ``reduction="none"``).
-  """
-  z = np.asarray(z, np.float64)
-  c = z.shape[-1]
-  integer = np.issubdtype(np.asarray(targets).dtype, np.integer)
-  if logit_softcap is not None:
-    z = logit_softcap * np.tanh(z / logit_softcap)
-  class_mask = row_mask = None
-  if where is not None:
-    where = np.asarray(where)
-    if where.shape == z.shape:
-      class_mask = where
+    Returns the reduced loss (or per-example losses for ``reduction="none"``).
+    """
+    z = np.asarray(z, np.float64)
+    c = z.shape[-1]
+    integer = np.issubdtype(np.asarray(targets).dtype, np.integer)
+    if logit_softcap is not None:
+        z = logit_softcap * np.tanh(z / logit_softcap)
+    class_mask = row_mask = None
+    if where is not None:
+        where = np.asarray(where)
+        if where.shape == z.shape:
+            class_mask = where
+        else:
+            row_mask = where
+    participating = np.ones(z.shape, bool) if class_mask is None else class_mask
+    k = np.maximum(participating.sum(-1, keepdims=True), 1)
+    w = np.ones(c) if class_weights is None else np.asarray(class_weights, np.float64)
+    logp, lse = log_softmax(z, class_mask)
+    logp_unmasked = z - lse[..., None]
+    eps = label_smoothing
+    if integer:
+        t = np.asarray(targets)
+        ignored = np.zeros(t.shape, bool) if ignore_index is None else t == ignore_index
+        safe = np.where(ignored, 0, t)
+        nll = -np.take_along_axis(logp_unmasked, safe[..., None], -1)[..., 0] * w[safe]
+        loss = (1 - eps) * nll
+        if eps:
+            loss = loss - eps * np.sum(np.where(participating, w * logp, 0.0), -1) / k[..., 0]
+        row_weight = w[safe]
     else:
-      row_mask = where
-  participating = np.ones(z.shape, bool) if class_mask is None else class_mask
-  k = np.maximum(participating.sum(-1, keepdims=True), 1)
-  w = np.ones(c) if class_weights is None else np.asarray(class_weights, np.float64)
-  logp, lse = log_softmax(z, class_mask)
-  logp_unmasked = z - lse[..., None]
-  eps = label_smoothing
-  if integer:
-    t = np.asarray(targets)
-    ignored = np.zeros(t.shape, bool) if ignore_index is None else t == ignore_index
-    safe = np.where(ignored, 0, t)
-    nll = -np.take_along_axis(logp_unmasked, safe[..., None], -1)[..., 0] * w[safe]
-    loss = (1 - eps) * nll
-    if eps:
-      loss = loss - eps * np.sum(np.where(participating, w * logp, 0.0), -1) / k[..., 0]
-    row_weight = w[safe]
-  else:
-    y = np.asarray(targets, np.float64)
-    ignored = np.zeros(z.shape[:-1], bool)
-    q = w * ((1 - eps) * np.where(participating, y, 0.0)
-             + eps * participating / k)
-    loss = -np.sum(q * np.where(q != 0, logp, 0.0), -1)
-    row_weight = np.ones(z.shape[:-1])
-  loss = loss + z_loss * row_weight * lse**2
-  dropped = ignored | ~participating.any(-1)
-  if row_mask is not None:
-    dropped = dropped | ~row_mask
-  loss = np.where(dropped, 0.0, loss)
-  row_weight = np.where(dropped, 0.0, row_weight)
-  if reduction == "none":
-    return loss
-  if reduction == "sum":
-    return loss.sum()
-  return loss.sum() / row_weight.sum() if row_weight.sum() > 0 else 0.0
+        y = np.asarray(targets, np.float64)
+        ignored = np.zeros(z.shape[:-1], bool)
+        q = w * ((1 - eps) * np.where(participating, y, 0.0) + eps * participating / k)
+        loss = -np.sum(q * np.where(q != 0, logp, 0.0), -1)
+        row_weight = np.ones(z.shape[:-1])
+    loss = loss + z_loss * row_weight * lse**2
+    dropped = ignored | ~participating.any(-1)
+    if row_mask is not None:
+        dropped = dropped | ~row_mask
+    loss = np.where(dropped, 0.0, loss)
+    row_weight = np.where(dropped, 0.0, row_weight)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / row_weight.sum() if row_weight.sum() > 0 else 0.0
 
 
 def closed_form_gradient(z, labels, g=1.0):
-  """The seeds' result in float64: ``(softmax(z) - one_hot(labels)) * g`` per row."""
-  z = np.asarray(z, np.float64)
-  logp, _ = log_softmax(z)
-  y = np.eye(z.shape[-1])[np.asarray(labels)]
-  return (np.exp(logp) - y) * np.asarray(g, np.float64)[..., None]
+    """The seeds' result in float64: ``(softmax(z) - one_hot(labels)) * g`` per row."""
+    z = np.asarray(z, np.float64)
+    logp, _ = log_softmax(z)
+    y = np.eye(z.shape[-1])[np.asarray(labels)]
+    return (np.exp(logp) - y) * np.asarray(g, np.float64)[..., None]

@@ -14,82 +14,151 @@ LABELS = jnp.array([0, 1, 2, 0])
 PROBS = jnp.full((4, 3), 1 / 3)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda: cross_entropy(jnp.zeros((4, 3), jnp.int32), LABELS), TypeError,
-     r"logits must be a floating-point array.*int32 array of shape \(4, 3\)"),
-    (lambda: cross_entropy(jnp.float32(1.0), LABELS), ValueError, r"logits must have at least"),
-    (lambda: cross_entropy(LOGITS, jnp.array([0, 1, 2])), ValueError,
-     r"targets must have the logits' shape without the class axis, \(4,\); got int32 array "
-     r"of shape \(3,\)"),
-    (lambda: cross_entropy(LOGITS, jnp.zeros((4, 1), jnp.int32)), ValueError,
-     r"\(4,\); got int32 array of shape \(4, 1\).*Nothing is broadcast"),
-    (lambda: cross_entropy(LOGITS, jnp.full((4, 2), 0.5)), ValueError,
-     r"targets must have the logits' shape \(4, 3\); got float32 array of shape \(4, 2\)"),
-    (lambda: cross_entropy(LOGITS, jnp.zeros((4, 3), jnp.int32)), ValueError,
-     r"one-hot integers\? pass them as floats"),
-    (lambda: integer_loss(LOGITS, PROBS), TypeError,
-     r"labels must be integer class indices.*looks like probabilities.*softmax_cross_entropy"),
-    (lambda: integer_loss(LOGITS, jnp.array([0.0, 1.0, 2.0, 0.0])), TypeError,
-     r"labels must be integer class indices of shape \(4,\); got float32"),
-    (lambda: softmax_cross_entropy(LOGITS, LABELS), TypeError,
-     r"labels must be float probabilities.*looks like integer class indices.*"
-     r"softmax_cross_entropy_with_integer_labels"),
-    (lambda: cross_entropy(LOGITS, LABELS, axis=2), ValueError,
-     r"axis 2 is out of range for logits with 2 dimension\(s\); expected an axis in \[-2, 1\]"),
-    (lambda: cross_entropy(LOGITS, LABELS, axis=1.5), TypeError,
-     r"axis must be an int or a tuple of ints; got 1.5"),
-    (lambda: cross_entropy(LOGITS, LABELS, axis=(1, -1)), ValueError, r"names the same axis"),
-    (lambda: cross_entropy(LOGITS, LABELS, axis=()), ValueError, r"at least one class axis"),
-    (lambda: integer_loss(LOGITS, LABELS, None), TypeError, r"axis must be .*got None"),
-    (lambda: cross_entropy(LOGITS, LABELS, reduction="avg"), ValueError,
-     r"reduction must be one of \('mean', 'sum', 'none'\); got 'avg'"),
-    (lambda: cross_entropy(LOGITS, LABELS, label_smoothing=-0.1), ValueError,
-     r"label_smoothing must be >= 0.0 and <= 1.0; got -0.1"),
-    (lambda: cross_entropy(LOGITS, LABELS, label_smoothing=1.5), ValueError,
-     r"label_smoothing must be <= 1.0; got 1.5"),
-    (lambda: cross_entropy(LOGITS, LABELS, label_smoothing=jnp.float32(0.1)), TypeError,
-     r"label_smoothing must be a Python float"),
-    (lambda: cross_entropy(LOGITS, LABELS, z_loss=-1.0), ValueError, r"z_loss must be >= 0"),
-    (lambda: cross_entropy(LOGITS, LABELS, z_loss=float("nan")), ValueError,
-     r"z_loss must be finite"),
-    (lambda: cross_entropy(LOGITS, LABELS, logit_softcap=0.0), ValueError,
-     r"logit_softcap must be > 0.0; got 0.0"),
-    (lambda: cross_entropy(LOGITS, LABELS, class_weights=jnp.ones(4)), ValueError,
-     r"class_weights must have one weight per class, shape \(3,\); got float32 array of "
-     r"shape \(4,\)"),
-    (lambda: cross_entropy(LOGITS, LABELS, class_weights=jnp.ones(3, jnp.int32)), TypeError,
-     r"class_weights must be a float array"),
-    (lambda: cross_entropy(LOGITS, PROBS, ignore_index=-100), ValueError,
-     r"ignore_index applies to integer class-index targets only"),
-    (lambda: cross_entropy(LOGITS, LABELS, ignore_index=1.0), TypeError,
-     r"ignore_index must be an int or None; got 1.0"),
-    (lambda: cross_entropy(LOGITS, LABELS, where=jnp.ones((4,), jnp.int32)), TypeError,
-     r"where must be a boolean array; got int32"),
-    (lambda: cross_entropy(LOGITS, LABELS, where=jnp.ones((4, 1), bool)), ValueError,
-     r"where must have the shape of one example per row, \(4,\), or of the logits, \(4, 3\); "
-     r"got bool array of shape \(4, 1\)"),
-    (lambda: cross_entropy(LOGITS, "labels"), TypeError, r"targets must be an array; got str"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (
+            lambda: cross_entropy(jnp.zeros((4, 3), jnp.int32), LABELS),
+            TypeError,
+            r"logits must be a floating-point array.*int32 array of shape \(4, 3\)",
+        ),
+        (lambda: cross_entropy(jnp.float32(1.0), LABELS), ValueError, r"logits must have at least"),
+        (
+            lambda: cross_entropy(LOGITS, jnp.array([0, 1, 2])),
+            ValueError,
+            r"targets must have the logits' shape without the class axis, \(4,\); got int32 array "
+            r"of shape \(3,\)",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, jnp.zeros((4, 1), jnp.int32)),
+            ValueError,
+            r"\(4,\); got int32 array of shape \(4, 1\).*Nothing is broadcast",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, jnp.full((4, 2), 0.5)),
+            ValueError,
+            r"targets must have the logits' shape \(4, 3\); got float32 array of shape \(4, 2\)",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, jnp.zeros((4, 3), jnp.int32)),
+            ValueError,
+            r"one-hot integers\? pass them as floats",
+        ),
+        (
+            lambda: integer_loss(LOGITS, PROBS),
+            TypeError,
+            r"labels must be integer class indices.*looks like probabilities.*softmax_cross_entropy",
+        ),
+        (
+            lambda: integer_loss(LOGITS, jnp.array([0.0, 1.0, 2.0, 0.0])),
+            TypeError,
+            r"labels must be integer class indices of shape \(4,\); got float32",
+        ),
+        (
+            lambda: softmax_cross_entropy(LOGITS, LABELS),
+            TypeError,
+            r"labels must be float probabilities.*looks like integer class indices.*"
+            r"softmax_cross_entropy_with_integer_labels",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, axis=2),
+            ValueError,
+            r"axis 2 is out of range for logits with 2 dimension\(s\); expected an axis in \[-2, 1\]",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, axis=1.5),
+            TypeError,
+            r"axis must be an int or a tuple of ints; got 1.5",
+        ),
+        (lambda: cross_entropy(LOGITS, LABELS, axis=(1, -1)), ValueError, r"names the same axis"),
+        (lambda: cross_entropy(LOGITS, LABELS, axis=()), ValueError, r"at least one class axis"),
+        (lambda: integer_loss(LOGITS, LABELS, None), TypeError, r"axis must be .*got None"),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, reduction="avg"),
+            ValueError,
+            r"reduction must be one of \('mean', 'sum', 'none'\); got 'avg'",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, label_smoothing=-0.1),
+            ValueError,
+            r"label_smoothing must be >= 0.0 and <= 1.0; got -0.1",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, label_smoothing=1.5),
+            ValueError,
+            r"label_smoothing must be <= 1.0; got 1.5",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, label_smoothing=jnp.float32(0.1)),
+            TypeError,
+            r"label_smoothing must be a Python float",
+        ),
+        (lambda: cross_entropy(LOGITS, LABELS, z_loss=-1.0), ValueError, r"z_loss must be >= 0"),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, z_loss=float("nan")),
+            ValueError,
+            r"z_loss must be finite",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, logit_softcap=0.0),
+            ValueError,
+            r"logit_softcap must be > 0.0; got 0.0",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, class_weights=jnp.ones(4)),
+            ValueError,
+            r"class_weights must have one weight per class, shape \(3,\); got float32 array of "
+            r"shape \(4,\)",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, class_weights=jnp.ones(3, jnp.int32)),
+            TypeError,
+            r"class_weights must be a float array",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, PROBS, ignore_index=-100),
+            ValueError,
+            r"ignore_index applies to integer class-index targets only",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, ignore_index=1.0),
+            TypeError,
+            r"ignore_index must be an int or None; got 1.0",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, where=jnp.ones((4,), jnp.int32)),
+            TypeError,
+            r"where must be a boolean array; got int32",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS, where=jnp.ones((4, 1), bool)),
+            ValueError,
+            r"where must have the shape of one example per row, \(4,\), or of the logits, \(4, 3\); "
+            r"got bool array of shape \(4, 1\)",
+        ),
+        (lambda: cross_entropy(LOGITS, "labels"), TypeError, r"targets must be an array; got str"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(call, error, message):
-  with pytest.raises(error, match=message):
-    call()
+    with pytest.raises(error, match=message):
+        call()
 
 
 def test_errors_raise_at_trace_time_under_jit_before_any_computation():
-  traced = []
+    traced = []
 
-  def loss(z, y):
-    traced.append(True)
-    return cross_entropy(z, y, reduction="nope")
+    def loss(z, y):
+        traced.append(True)
+        return cross_entropy(z, y, reduction="nope")
 
-  with pytest.raises(ValueError, match="reduction must be one of"):
-    jax.jit(loss)(LOGITS, LABELS)
-  with pytest.raises(ValueError, match=r"targets must have the logits' shape without"):
-    jax.jit(cross_entropy)(LOGITS, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        jax.jit(loss)(LOGITS, LABELS)
+    with pytest.raises(ValueError, match=r"targets must have the logits' shape without"):
+        jax.jit(cross_entropy)(LOGITS, jnp.array([0, 1]))
 
 
 def test_numpy_and_list_inputs_are_accepted():
-  value = cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]))
-  np.testing.assert_allclose(value, np.log(3.0), rtol=1e-6)
-  value = cross_entropy([[0.0, 0.0], [0.0, 0.0]], [0, 1])
-  np.testing.assert_allclose(value, np.log(2.0), rtol=1e-6)
+    value = cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]))
+    np.testing.assert_allclose(value, np.log(3.0), rtol=1e-6)
+    value = cross_entropy([[0.0, 0.0], [0.0, 0.0]], [0, 1])
+    np.testing.assert_allclose(value, np.log(2.0), rtol=1e-6)

@@ -8,15 +8,15 @@ import pytest
 
 
 def test_benchmark_quick_run(tmp_path):
-  pytest.importorskip("matplotlib")
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmark.py")
-  spec = importlib.util.spec_from_file_location("benchmark", path)
-  benchmark = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(benchmark)
-  rows = benchmark.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
-  assert {r["case"] for r in rows} == {1, 2, 3}
-  assert all(r.get("agree", True) for r in rows)
-  with open(tmp_path / "results.json") as f:
-    assert json.load(f)["meta"]["quick"] is True
-  assert (tmp_path / "results.md").read_text().startswith("# Benchmarks")
-  assert (tmp_path / "chart.png").stat().st_size > 0
+    pytest.importorskip("matplotlib")
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
+    assert {r["case"] for r in rows} == {1, 2, 3}
+    assert all(r.get("agree", True) for r in rows)
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["meta"]["quick"] is True
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmarks")
+    assert (tmp_path / "chart.png").stat().st_size > 0

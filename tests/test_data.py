@@ -14,13 +14,16 @@ class TestSpiral:
         for arm in range(4):
             points = x[y == arm]
             # the radius is linspace(0, 1, N) whatever the noise on the angle
-            np.testing.assert_allclose(np.hypot(points[:, 0], points[:, 1]),
-                                       np.linspace(0, 1, 50), atol=1e-6)
+            np.testing.assert_allclose(
+                np.hypot(points[:, 0], points[:, 1]), np.linspace(0, 1, 50), atol=1e-6
+            )
         noiseless, _ = data.spiral(50, 4, noise=0.0)
         angle = np.linspace(4.0, 8.0, 50)
-        np.testing.assert_allclose(noiseless[50:100],
-                                   np.linspace(0, 1, 50)[:, None]
-                                   * np.stack([np.sin(angle), np.cos(angle)], 1), atol=1e-6)
+        np.testing.assert_allclose(
+            noiseless[50:100],
+            np.linspace(0, 1, 50)[:, None] * np.stack([np.sin(angle), np.cos(angle)], 1),
+            atol=1e-6,
+        )
 
     def test_is_deterministic_in_the_seed(self):
         np.testing.assert_array_equal(data.spiral(seed=1)[0], data.spiral(seed=1)[0])
@@ -30,8 +33,13 @@ class TestSpiral:
 class TestLoad:
     @pytest.mark.parametrize(
         "name, features, classes, total",
-        [("spiral", 2, 3, 600), ("moons", 2, 2, 400), ("circles", 2, 2, 400),
-         ("iris", 4, 3, 150), ("digits", 64, 10, 1797)],
+        [
+            ("spiral", 2, 3, 600),
+            ("moons", 2, 2, 400),
+            ("circles", 2, 2, 400),
+            ("iris", 4, 3, 150),
+            ("digits", 64, 10, 1797),
+        ],
     )
     def test_shapes_dtypes_and_labels(self, name, features, classes, total):
         dataset = data.load(name)
@@ -92,8 +100,15 @@ class TestLoadTimeChecks:
 
     def test_dataset_checks_both_splits(self):
         with pytest.raises(ValueError, match="y_test holds labels outside"):
-            data.Dataset("d", np.zeros((2, 2), np.float32), np.array([0, 1]),
-                         np.zeros((1, 2), np.float32), np.array([2]), num_classes=2, split="")
+            data.Dataset(
+                "d",
+                np.zeros((2, 2), np.float32),
+                np.array([0, 1]),
+                np.zeros((1, 2), np.float32),
+                np.array([2]),
+                num_classes=2,
+                split="",
+            )
 
     def test_good_arrays_become_a_split_dataset(self):
         x, y = data.spiral(20, 3)

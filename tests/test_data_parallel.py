@@ -24,28 +24,56 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def run_with_devices(command, devices):
     environment = dict(os.environ)
-    flags = environment.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
+    flags = environment.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count", "--x"
+    )
     environment["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     environment["JAX_PLATFORMS"] = "cpu"
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True,
-                          timeout=600, check=False)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
+    return subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def test_eight_device_checks_pass():
     completed = run_with_devices(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/multidevice/check_data_parallel.py"], devices=8)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/multidevice/check_data_parallel.py",
+        ],
+        devices=8,
+    )
     report = completed.stdout[-20000:] + completed.stderr[-5000:]
     assert completed.returncode == 0, f"the 8-device checks failed:\n{report}"
     assert " passed" in completed.stdout and "failed" not in completed.stdout, report
 
 
 def test_train_script_on_8_devices_matches_one_device(tmp_path):
-    flags = ["--num-examples", "30", "--hidden", "16", "--steps", "40", "--eval-every", "20",
-             "--checkpoint-every", "20", "--no-plots", "--no-progress"]
-    completed = run_with_devices([sys.executable, "experiments/train.py", *flags, "--devices", "8",
-                                  "--out", str(tmp_path)], devices=8)
+    flags = [
+        "--num-examples",
+        "30",
+        "--hidden",
+        "16",
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "20",
+        "--no-plots",
+        "--no-progress",
+    ]
+    completed = run_with_devices(
+        [sys.executable, "experiments/train.py", *flags, "--devices", "8", "--out", str(tmp_path)],
+        devices=8,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "training data-parallel on 8" in completed.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -60,19 +88,37 @@ def test_train_script_on_8_devices_matches_one_device(tmp_path):
 
 
 def test_train_script_names_a_device_count_beyond_the_local_devices(tmp_path):
-    completed = run_with_devices([sys.executable, "experiments/train.py", "--devices", "9",
-                                  "--out", str(tmp_path)], devices=8)
+    completed = run_with_devices(
+        [sys.executable, "experiments/train.py", "--devices", "9", "--out", str(tmp_path)],
+        devices=8,
+    )
     assert completed.returncode == 2, completed.stdout + completed.stderr
-    assert ("--devices=9 asks for more devices than this process has: 8 local cpu device(s). "
-            "Ask for at most 8") in completed.stderr
+    assert (
+        "--devices=9 asks for more devices than this process has: 8 local cpu device(s). "
+        "Ask for at most 8"
+    ) in completed.stderr
     assert "xla_force_host_platform_device_count" in completed.stderr
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_comparison_script_runs_on_a_tiny_case(tmp_path):
-    completed = run_with_devices([sys.executable, "experiments/data_parallel.py", "--devices", "8",
-                                  "--steps", "5", "--num-examples", "20", "--hidden", "8",
-                                  "--json", str(tmp_path / "table.json")], devices=8)
+    completed = run_with_devices(
+        [
+            sys.executable,
+            "experiments/data_parallel.py",
+            "--devices",
+            "8",
+            "--steps",
+            "5",
+            "--num-examples",
+            "20",
+            "--hidden",
+            "8",
+            "--json",
+            str(tmp_path / "table.json"),
+        ],
+        devices=8,
+    )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     (row,) = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert row["devices"] == 8 and row["max_param_diff_1_vs_n"] < 1e-5
@@ -81,8 +127,9 @@ def test_comparison_script_runs_on_a_tiny_case(tmp_path):
 def test_one_device_process_refuses_two():
     assert jax.local_device_count() == 1
     with pytest.raises(ValueError, match=r"devices=2 asks for more devices .* 1 local"):
-        training.train(training.TrainConfig(hidden=(4,), steps=1, eval_every=1,
-                                            checkpoint_every=1, devices=2),
-                       data.load("spiral", num_examples=10))
+        training.train(
+            training.TrainConfig(hidden=(4,), steps=1, eval_every=1, checkpoint_every=1, devices=2),
+            data.load("spiral", num_examples=10),
+        )
     with pytest.raises(ValueError, match=r"devices=0 must be a positive number"):
         training.TrainConfig(devices=0)

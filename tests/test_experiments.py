@@ -11,10 +11,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_script(name, *arguments, expect_success=True):
-    environment = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     completed = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *arguments],
-        capture_output=True, text=True, env=environment, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        check=False,
     )
     if expect_success:
         assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -23,12 +30,33 @@ def run_script(name, *arguments, expect_success=True):
 
 def test_train_writes_its_outputs_and_resumes(tmp_path):
     out = tmp_path / "run"
-    first = run_script("train.py", "--num-examples", "30", "--hidden", "16,8", "--steps", "40",
-                       "--eval-every", "20", "--checkpoint-every", "20", "--out", str(out))
+    first = run_script(
+        "train.py",
+        "--num-examples",
+        "30",
+        "--hidden",
+        "16,8",
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "20",
+        "--out",
+        str(out),
+    )
     assert "device: cpu" in first.stdout or "device:" in first.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("train_accuracy", "test_accuracy", "final_loss", "steps", "train_seconds",
-                "device", "versions", "config"):
+    for key in (
+        "train_accuracy",
+        "test_accuracy",
+        "final_loss",
+        "steps",
+        "train_seconds",
+        "device",
+        "versions",
+        "config",
+    ):
         assert key in metrics
     assert metrics["steps"] == 40 and metrics["config"]["hidden"] == [16, 8]
     assert 0.0 <= metrics["train_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
@@ -38,37 +66,84 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
     for picture in ("loss.png", "decision_boundary.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    run_script("train.py", "--num-examples", "30", "--hidden", "16,8", "--steps", "60",
-               "--eval-every", "20", "--checkpoint-every", "20", "--out", str(out), "--resume",
-               "--no-plots", "--no-progress")
+    run_script(
+        "train.py",
+        "--num-examples",
+        "30",
+        "--hidden",
+        "16,8",
+        "--steps",
+        "60",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "20",
+        "--out",
+        str(out),
+        "--resume",
+        "--no-plots",
+        "--no-progress",
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and "resumed from step 40" in metrics["train_seconds_note"]
 
 
 def test_train_linear_classifier_on_four_features_draws_no_boundary(tmp_path):
-    run_script("train.py", "--dataset", "iris", "--standardize", "--hidden", "0", "--steps",
-               "50", "--eval-every", "50", "--checkpoint-every", "50", "--out", str(tmp_path),
-               "--no-progress")
+    run_script(
+        "train.py",
+        "--dataset",
+        "iris",
+        "--standardize",
+        "--hidden",
+        "0",
+        "--steps",
+        "50",
+        "--eval-every",
+        "50",
+        "--checkpoint-every",
+        "50",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["hidden"] == [] and metrics["dataset"]["features"] == 4
     assert (tmp_path / "loss.png").exists() and not (tmp_path / "decision_boundary.png").exists()
 
 
 def test_train_rejects_bad_flags_naming_the_choices(tmp_path):
-    unknown = run_script("train.py", "--dataset", "mnist", "--out", str(tmp_path),
-                         expect_success=False)
+    unknown = run_script(
+        "train.py", "--dataset", "mnist", "--out", str(tmp_path), expect_success=False
+    )
     assert unknown.returncode == 2
     assert "invalid choice: 'mnist'" in unknown.stderr
     assert "spiral" in unknown.stderr and "digits" in unknown.stderr
-    negative = run_script("train.py", "--hidden", "10,-3", "--out", str(tmp_path),
-                          expect_success=False)
+    negative = run_script(
+        "train.py", "--hidden", "10,-3", "--out", str(tmp_path), expect_success=False
+    )
     assert negative.returncode == 2 and "--hidden '10,-3'" in negative.stderr
 
 
 def test_train_stops_on_a_non_finite_loss(tmp_path):
-    stopped = run_script("train.py", "--num-examples", "20", "--hidden", "8", "--l2", "3",
-                         "--steps", "400", "--eval-every", "10", "--checkpoint-every", "20",
-                         "--out", str(tmp_path), "--no-progress", expect_success=False)
+    stopped = run_script(
+        "train.py",
+        "--num-examples",
+        "20",
+        "--hidden",
+        "8",
+        "--l2",
+        "3",
+        "--steps",
+        "400",
+        "--eval-every",
+        "10",
+        "--checkpoint-every",
+        "20",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        expect_success=False,
+    )
     assert stopped.returncode == 2
     assert "non-finite" in stopped.stderr and "last good checkpoint" in stopped.stderr
     assert (tmp_path / "checkpoint.npz").exists()
@@ -79,18 +154,29 @@ def test_gradient_check_passes_and_reports_every_parameter(tmp_path):
     assert "all 20 comparisons within tolerance" in completed.stdout
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert {(row["network"][:8], row["parameter"]) for row in rows} == {
-        (seed, p) for seed in ("seed 000", "seed 002") for p in ("W1", "b1", "W2", "b2")}
+        (seed, p) for seed in ("seed 000", "seed 002") for p in ("W1", "b1", "W2", "b2")
+    }
     assert all(row["ok"] for row in rows)
 
 
 def test_gradient_check_fails_when_a_tolerance_is_exceeded():
     # a finite-difference step of 1e-1 has a truncation error far above the 1e-8 tolerance
-    completed = run_script("gradient_check.py", "--eps", "1e-1", "--network", "000",
-                           expect_success=False)
+    completed = run_script(
+        "gradient_check.py", "--eps", "1e-1", "--network", "000", expect_success=False
+    )
     assert completed.returncode == 1 and "exceed their tolerance" in completed.stderr
 
 
 def test_per_example_grads_agree_with_the_loop():
-    completed = run_script("per_example_grads.py", "--dataset", "iris", "--batch-size", "8",
-                           "--hidden", "8", "--repeats", "1")
+    completed = run_script(
+        "per_example_grads.py",
+        "--dataset",
+        "iris",
+        "--batch-size",
+        "8",
+        "--hidden",
+        "8",
+        "--repeats",
+        "1",
+    )
     assert "max |vmap - loop|" in completed.stdout and "speed-up" in completed.stdout

@@ -26,252 +26,304 @@ OPTIONS = {
     "where": dict(where="where"),
     "sum": dict(reduction="sum"),
     "none": dict(reduction="none"),
-    "everything": dict(class_weights="weights", label_smoothing=0.1, z_loss=1e-3,
-                       logit_softcap=3.0, ignore_index=-100, where="where"),
+    "everything": dict(
+        class_weights="weights",
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        logit_softcap=3.0,
+        ignore_index=-100,
+        where="where",
+    ),
 }
 
 
 def _inputs(dtype=jnp.float32, batch=(N,), d=D, v=V, seed=0):
-  k = jax.random.split(jax.random.key(seed), 6)
-  hidden = jax.random.normal(k[0], batch + (d,)).astype(dtype)
-  classifier = (jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3).astype(dtype)
-  bias = jax.random.normal(k[2], (v,)).astype(dtype)
-  labels = jax.random.randint(k[3], batch, 0, v)
-  labels = jnp.where(jax.random.uniform(k[4], batch) < 0.15, -100, labels)
-  extras = {"weights": jax.random.uniform(k[5], (v,), minval=0.5, maxval=2.0),
-            "where": jax.random.uniform(k[4], batch) < 0.8}
-  return hidden, classifier, bias, labels, extras
+    k = jax.random.split(jax.random.key(seed), 6)
+    hidden = jax.random.normal(k[0], batch + (d,)).astype(dtype)
+    classifier = (jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3).astype(dtype)
+    bias = jax.random.normal(k[2], (v,)).astype(dtype)
+    labels = jax.random.randint(k[3], batch, 0, v)
+    labels = jnp.where(jax.random.uniform(k[4], batch) < 0.15, -100, labels)
+    extras = {
+        "weights": jax.random.uniform(k[5], (v,), minval=0.5, maxval=2.0),
+        "where": jax.random.uniform(k[4], batch) < 0.8,
+    }
+    return hidden, classifier, bias, labels, extras
 
 
 def _resolve(options, extras, labels):
-  kw = {name: extras[value] if isinstance(value, str) and value in extras else value
-        for name, value in options.items()}
-  if "ignore_index" not in kw:  # -100 is only a label with ignore_index set
-    labels = jnp.where(labels < 0, 0, labels)
-  return kw, labels
+    kw = {
+        name: extras[value] if isinstance(value, str) and value in extras else value
+        for name, value in options.items()
+    }
+    if "ignore_index" not in kw:  # -100 is only a label with ignore_index set
+        labels = jnp.where(labels < 0, 0, labels)
+    return kw, labels
 
 
 def _naive(hidden, classifier, bias, labels, **kw):
-  logits = hidden.astype(jnp.float32) @ classifier.astype(jnp.float32).T
-  logits = logits + bias.astype(jnp.float32).reshape((1,) * (logits.ndim - 1) + bias.shape)
-  return cross_entropy(logits, labels, **kw)
+    logits = hidden.astype(jnp.float32) @ classifier.astype(jnp.float32).T
+    logits = logits + bias.astype(jnp.float32).reshape((1,) * (logits.ndim - 1) + bias.shape)
+    return cross_entropy(logits, labels, **kw)
 
 
 def _value_and_grads(loss, hidden, classifier, bias):
-  def scalar(h, w, b):
-    out = loss(h, w, b)
-    return jnp.sum(out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype).reshape(out.shape)), out
-  (_, out), grads = jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)(
-      hidden, classifier, bias)
-  return (out,) + grads
+    def scalar(h, w, b):
+        out = loss(h, w, b)
+        return jnp.sum(
+            out * jnp.linspace(0.5, 1.5, out.size, dtype=out.dtype).reshape(out.shape)
+        ), out
+
+    (_, out), grads = jax.value_and_grad(scalar, (0, 1, 2), has_aux=True)(hidden, classifier, bias)
+    return (out,) + grads
 
 
-@pytest.mark.parametrize("name, jit", [(name, True) for name in sorted(OPTIONS)]
-                         + [("everything", False)])
+@pytest.mark.parametrize(
+    "name, jit", [(name, True) for name in sorted(OPTIONS)] + [("everything", False)]
+)
 def test_equals_naive_composition_float32(name, jit):
-  hidden, classifier, bias, labels, extras = _inputs()
-  kw, labels = _resolve(OPTIONS[name], extras, labels)
-  fused = lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **CHUNKS)
-  naive = lambda h, w, b: _naive(h, w, b, labels, **kw)
-  run = jax.jit(_value_and_grads, static_argnums=0) if jit else _value_and_grads
-  got = run(fused, hidden, classifier, bias)
-  want = _value_and_grads(naive, hidden, classifier, bias)
-  for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=what)
+    hidden, classifier, bias, labels, extras = _inputs()
+    kw, labels = _resolve(OPTIONS[name], extras, labels)
+    fused = lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **CHUNKS)
+    naive = lambda h, w, b: _naive(h, w, b, labels, **kw)
+    run = jax.jit(_value_and_grads, static_argnums=0) if jit else _value_and_grads
+    got = run(fused, hidden, classifier, bias)
+    want = _value_and_grads(naive, hidden, classifier, bias)
+    for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=what)
 
 
 @pytest.mark.parametrize("name", ["plain", "everything"])
 def test_equals_naive_composition_bfloat16(name):
-  hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16)
-  kw, labels = _resolve(OPTIONS[name], extras, labels)
-  got = _value_and_grads(
-      lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **CHUNKS),
-      hidden, classifier, bias)
-  # The reference: the naive composition on the same bf16 numbers, in float32.
-  want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw),
-                          hidden, classifier, bias)
-  assert [g.dtype for g in got] == [jnp.bfloat16] * 4
-  for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
-    scale = float(jnp.max(jnp.abs(w)))
-    np.testing.assert_allclose(g.astype(np.float32), w, rtol=2e-2, atol=1e-2 * scale,
-                               err_msg=what)
+    hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16)
+    kw, labels = _resolve(OPTIONS[name], extras, labels)
+    got = _value_and_grads(
+        lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **CHUNKS),
+        hidden,
+        classifier,
+        bias,
+    )
+    # The reference: the naive composition on the same bf16 numbers, in float32.
+    want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw), hidden, classifier, bias)
+    assert [g.dtype for g in got] == [jnp.bfloat16] * 4
+    for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(
+            g.astype(np.float32), w, rtol=2e-2, atol=1e-2 * scale, err_msg=what
+        )
 
 
 def test_batch_axes_and_default_chunks():
-  hidden, classifier, bias, labels, extras = _inputs(batch=(3, 13))
-  labels = jnp.where(labels < 0, 0, labels)
-  got = jax.jit(_value_and_grads, static_argnums=0)(
-      lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, reduction="none"),
-      hidden, classifier, bias)
-  want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, reduction="none"),
-                          hidden, classifier, bias)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    hidden, classifier, bias, labels, extras = _inputs(batch=(3, 13))
+    labels = jnp.where(labels < 0, 0, labels)
+    got = jax.jit(_value_and_grads, static_argnums=0)(
+        lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, reduction="none"),
+        hidden,
+        classifier,
+        bias,
+    )
+    want = _value_and_grads(
+        lambda h, w, b: _naive(h, w, b, labels, reduction="none"), hidden, classifier, bias
+    )
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("chunks", [(1, 1), (37, 23), (64, 64), (36, 22)])
 def test_chunk_sizes_do_not_change_the_result(chunks):
-  hidden, classifier, bias, labels, _ = _inputs()
-  labels = jnp.where(labels < 0, 0, labels)
-  kw = dict(label_smoothing=0.1, z_loss=1e-3)
-  got = _value_and_grads(
-      lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, token_chunk=chunks[0],
-                                           vocab_chunk=chunks[1], **kw),
-      hidden, classifier, bias)
-  want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw),
-                          hidden, classifier, bias)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    hidden, classifier, bias, labels, _ = _inputs()
+    labels = jnp.where(labels < 0, 0, labels)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    got = _value_and_grads(
+        lambda h, w, b: linear_cross_entropy(
+            h, w, labels, bias=b, token_chunk=chunks[0], vocab_chunk=chunks[1], **kw
+        ),
+        hidden,
+        classifier,
+        bias,
+    )
+    want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw), hidden, classifier, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
 def test_dense_kernel_layout():
-  hidden, classifier, bias, labels, _ = _inputs()
-  labels = jnp.where(labels < 0, 0, labels)
-  kernel = classifier.T
-  loss = lambda h, k: linear_cross_entropy(h, k, labels, classifier_layout="dv", **CHUNKS)
-  value, (d_hidden, d_kernel) = jax.value_and_grad(loss, (0, 1))(hidden, kernel)
-  naive = lambda h, k: cross_entropy(h @ k, labels)
-  value_n, (d_hidden_n, d_kernel_n) = jax.value_and_grad(naive, (0, 1))(hidden, kernel)
-  assert d_kernel.shape == kernel.shape
-  np.testing.assert_allclose(value, value_n, rtol=2e-6)
-  np.testing.assert_allclose(d_hidden, d_hidden_n, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(d_kernel, d_kernel_n, rtol=2e-5, atol=2e-6)
+    hidden, classifier, bias, labels, _ = _inputs()
+    labels = jnp.where(labels < 0, 0, labels)
+    kernel = classifier.T
+    loss = lambda h, k: linear_cross_entropy(h, k, labels, classifier_layout="dv", **CHUNKS)
+    value, (d_hidden, d_kernel) = jax.value_and_grad(loss, (0, 1))(hidden, kernel)
+    naive = lambda h, k: cross_entropy(h @ k, labels)
+    value_n, (d_hidden_n, d_kernel_n) = jax.value_and_grad(naive, (0, 1))(hidden, kernel)
+    assert d_kernel.shape == kernel.shape
+    np.testing.assert_allclose(value, value_n, rtol=2e-6)
+    np.testing.assert_allclose(d_hidden, d_hidden_n, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(d_kernel, d_kernel_n, rtol=2e-5, atol=2e-6)
 
 
 def test_without_bias_and_with_bfloat16_accumulation():
-  hidden, classifier, _, labels, _ = _inputs(jnp.bfloat16)
-  labels = jnp.where(labels < 0, 0, labels)
-  loss = lambda h, w, dt: linear_cross_entropy(h, w, labels, accumulation_dtype=dt, **CHUNKS)
-  g32 = jax.grad(loss, 1)(hidden, classifier, jnp.float32)
-  g16 = jax.grad(loss, 1)(hidden, classifier, jnp.bfloat16)
-  assert g32.dtype == g16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(g16.astype(np.float32), g32.astype(np.float32), atol=2e-2)
+    hidden, classifier, _, labels, _ = _inputs(jnp.bfloat16)
+    labels = jnp.where(labels < 0, 0, labels)
+    loss = lambda h, w, dt: linear_cross_entropy(h, w, labels, accumulation_dtype=dt, **CHUNKS)
+    g32 = jax.grad(loss, 1)(hidden, classifier, jnp.float32)
+    g16 = jax.grad(loss, 1)(hidden, classifier, jnp.bfloat16)
+    assert g32.dtype == g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g16.astype(np.float32), g32.astype(np.float32), atol=2e-2)
 
 
 def test_class_weights_get_a_zero_gradient_and_bad_labels_give_nan():
-  hidden, classifier, _, labels, extras = _inputs()
-  labels = jnp.where(labels < 0, 0, labels).at[3].set(V)
-  loss = lambda h, cw: linear_cross_entropy(h, classifier, labels, class_weights=cw,
-                                            reduction="none", **CHUNKS)
-  out = loss(hidden, extras["weights"])
-  assert np.isnan(out[3]) and np.all(np.isfinite(np.delete(np.asarray(out), 3)))
-  d_hidden, d_weights = jax.grad(lambda h, cw: jnp.sum(loss(h, cw)[:3]), (0, 1))(
-      hidden, extras["weights"])
-  assert np.all(d_weights == 0) and np.all(np.isfinite(d_hidden[:3]))
+    hidden, classifier, _, labels, extras = _inputs()
+    labels = jnp.where(labels < 0, 0, labels).at[3].set(V)
+    loss = lambda h, cw: linear_cross_entropy(
+        h, classifier, labels, class_weights=cw, reduction="none", **CHUNKS
+    )
+    out = loss(hidden, extras["weights"])
+    assert np.isnan(out[3]) and np.all(np.isfinite(np.delete(np.asarray(out), 3)))
+    d_hidden, d_weights = jax.grad(lambda h, cw: jnp.sum(loss(h, cw)[:3]), (0, 1))(
+        hidden, extras["weights"]
+    )
+    assert np.all(d_weights == 0) and np.all(np.isfinite(d_hidden[:3]))
 
 
 def test_every_example_ignored_gives_zero():
-  hidden, classifier, _, _, _ = _inputs()
-  labels = jnp.full((N,), -100)
-  value, grad = jax.value_and_grad(
-      lambda h: linear_cross_entropy(h, classifier, labels, ignore_index=-100, **CHUNKS))(
-          hidden)
-  assert float(value) == 0.0 and np.all(grad == 0)
+    hidden, classifier, _, _, _ = _inputs()
+    labels = jnp.full((N,), -100)
+    value, grad = jax.value_and_grad(
+        lambda h: linear_cross_entropy(h, classifier, labels, ignore_index=-100, **CHUNKS)
+    )(hidden)
+    assert float(value) == 0.0 and np.all(grad == 0)
 
 
 def _largest_intermediate(jaxpr):
-  largest = 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          largest = max(largest, _largest_intermediate(sub.jaxpr))
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          largest = max(largest, _largest_intermediate(sub))
-  return largest
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, math.prod(getattr(var.aval, "shape", ())))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    largest = max(largest, _largest_intermediate(sub.jaxpr))
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    largest = max(largest, _largest_intermediate(sub))
+    return largest
 
 
 def test_no_array_of_size_n_by_v_is_built():
-  n, d, v = 64, 8, 96
-  hidden, classifier, bias, labels, _ = _inputs(batch=(n,), d=d, v=v)
-  labels = jnp.where(labels < 0, 0, labels)
-  loss = lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, label_smoothing=0.1,
-                                              token_chunk=16, vocab_chunk=32)
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2)))(hidden, classifier, bias)
-  assert _largest_intermediate(jaxpr.jaxpr) < n * v / 4
-  naive = lambda h, w, b: _naive(h, w, b, labels)
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(naive, (0, 1, 2)))(hidden, classifier, bias)
-  assert _largest_intermediate(jaxpr.jaxpr) >= n * v  # the check sees the naive logits
+    n, d, v = 64, 8, 96
+    hidden, classifier, bias, labels, _ = _inputs(batch=(n,), d=d, v=v)
+    labels = jnp.where(labels < 0, 0, labels)
+    loss = lambda h, w, b: linear_cross_entropy(
+        h, w, labels, bias=b, label_smoothing=0.1, token_chunk=16, vocab_chunk=32
+    )
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2)))(hidden, classifier, bias)
+    assert _largest_intermediate(jaxpr.jaxpr) < n * v / 4
+    naive = lambda h, w, b: _naive(h, w, b, labels)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(naive, (0, 1, 2)))(hidden, classifier, bias)
+    assert _largest_intermediate(jaxpr.jaxpr) >= n * v  # the check sees the naive logits
 
 
 def _temp_bytes(loss, n, d, v, dtype):
-  s = jax.ShapeDtypeStruct
-  compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(
-      s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32)).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+    s = jax.ShapeDtypeStruct
+    compiled = (
+        jax.jit(jax.value_and_grad(loss, (0, 1)))
+        .lower(s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
+        .compile()
+    )
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def memory_bound(n, d, v, token_chunk, vocab_chunk, dtype):
-  """Temporary bytes allowed: a few logit tiles plus the float32 accumulators.
+    """Temporary bytes allowed: a few logit tiles plus the float32 accumulators.
 
-  ``4 T Vc`` float32 tiles (logits, gradient, their products), ``2 N d`` for ``dh``
-  (float32, and its cast), ``2 Vc d`` for one chunk of ``dW`` and 1 MiB of scalars. On the
-  CPU, whose XLA backend upcasts bf16 slices to float32 and hoists that out of the loop,
-  a float32 copy of the classifier (``4 V d``) is added for bf16 inputs.
-  """
-  tile = token_chunk * vocab_chunk * 4
-  bound = 4 * tile + 2 * n * d * 4 + 2 * vocab_chunk * d * 4 + 2**20
-  if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
-    bound += 4 * v * d
-  return bound
+    ``4 T Vc`` float32 tiles (logits, gradient, their products), ``2 N d`` for ``dh``
+    (float32, and its cast), ``2 Vc d`` for one chunk of ``dW`` and 1 MiB of scalars. On the
+    CPU, whose XLA backend upcasts bf16 slices to float32 and hoists that out of the loop,
+    a float32 copy of the classifier (``4 V d``) is added for bf16 inputs.
+    """
+    tile = token_chunk * vocab_chunk * 4
+    bound = 4 * tile + 2 * n * d * 4 + 2 * vocab_chunk * d * 4 + 2**20
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+        bound += 4 * v * d
+    return bound
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_temporary_memory_is_bounded_by_the_chunks(dtype):
-  n, d, v, tc, vc = 4096, 128, 50_000, 512, 2048
-  fused = _temp_bytes(
-      lambda h, w, y: linear_cross_entropy(h, w, y, token_chunk=tc, vocab_chunk=vc),
-      n, d, v, dtype)
-  bound = memory_bound(n, d, v, tc, vc, dtype)
-  naive = _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
-  assert fused <= bound, (fused, bound)
-  assert naive > 2 * bound, (naive, bound)  # the bound is far below the naive N x V path
+    n, d, v, tc, vc = 4096, 128, 50_000, 512, 2048
+    fused = _temp_bytes(
+        lambda h, w, y: linear_cross_entropy(h, w, y, token_chunk=tc, vocab_chunk=vc),
+        n,
+        d,
+        v,
+        dtype,
+    )
+    bound = memory_bound(n, d, v, tc, vc, dtype)
+    naive = _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
+    assert fused <= bound, (fused, bound)
+    assert naive > 2 * bound, (naive, bound)  # the bound is far below the naive N x V path
 
 
 def test_default_chunks():
-  assert default_chunks(8192, 256000) == (1024, 4096)
-  assert default_chunks(10, 7) == (10, 7)
-  assert default_chunks(1, 100_000)[0] == 1
+    assert default_chunks(8192, 256000) == (1024, 4096)
+    assert default_chunks(10, 7) == (10, 7)
+    assert default_chunks(1, 100_000)[0] == 1
 
 
-@pytest.mark.parametrize("call, error, words", [
-    (lambda h, w, y: linear_cross_entropy(h, w.T, y), ValueError, "classifier_layout='dv'"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, classifier_layout="kd"), ValueError,
-     "classifier_layout"),
-    (lambda h, w, y: linear_cross_entropy(h, w.astype(jnp.bfloat16), y), TypeError,
-     "hidden's dtype"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y.astype(jnp.float32)), TypeError, "labels"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y[:-1]), ValueError, "labels"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, bias=jnp.zeros(3)), ValueError, "bias"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, where=jnp.ones((N, V), bool)), ValueError,
-     "N x V"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, token_chunk=0), ValueError, "token_chunk"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, vocab_chunk=2.5), TypeError, "vocab_chunk"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, label_smoothing=2.0), ValueError,
-     "label_smoothing"),
-    (lambda h, w, y: linear_cross_entropy(h, w, y, accumulation_dtype=jnp.int32), TypeError,
-     "accumulation_dtype"),
-    (lambda h, w, y: linear_cross_entropy(h.astype(jnp.int32), w, y), TypeError, "hidden"),
-])
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda h, w, y: linear_cross_entropy(h, w.T, y), ValueError, "classifier_layout='dv'"),
+        (
+            lambda h, w, y: linear_cross_entropy(h, w, y, classifier_layout="kd"),
+            ValueError,
+            "classifier_layout",
+        ),
+        (
+            lambda h, w, y: linear_cross_entropy(h, w.astype(jnp.bfloat16), y),
+            TypeError,
+            "hidden's dtype",
+        ),
+        (lambda h, w, y: linear_cross_entropy(h, w, y.astype(jnp.float32)), TypeError, "labels"),
+        (lambda h, w, y: linear_cross_entropy(h, w, y[:-1]), ValueError, "labels"),
+        (lambda h, w, y: linear_cross_entropy(h, w, y, bias=jnp.zeros(3)), ValueError, "bias"),
+        (
+            lambda h, w, y: linear_cross_entropy(h, w, y, where=jnp.ones((N, V), bool)),
+            ValueError,
+            "N x V",
+        ),
+        (lambda h, w, y: linear_cross_entropy(h, w, y, token_chunk=0), ValueError, "token_chunk"),
+        (lambda h, w, y: linear_cross_entropy(h, w, y, vocab_chunk=2.5), TypeError, "vocab_chunk"),
+        (
+            lambda h, w, y: linear_cross_entropy(h, w, y, label_smoothing=2.0),
+            ValueError,
+            "label_smoothing",
+        ),
+        (
+            lambda h, w, y: linear_cross_entropy(h, w, y, accumulation_dtype=jnp.int32),
+            TypeError,
+            "accumulation_dtype",
+        ),
+        (lambda h, w, y: linear_cross_entropy(h.astype(jnp.int32), w, y), TypeError, "hidden"),
+    ],
+)
 def test_errors_name_the_argument(call, error, words):
-  hidden, classifier, _, labels, _ = _inputs()
-  with pytest.raises(error, match=words.replace("(", r"\(")):
-    call(hidden, classifier, labels)
+    hidden, classifier, _, labels, _ = _inputs()
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        call(hidden, classifier, labels)
 
 
 def test_rule_class_block_matches_whole_row():
-  """The rule on a chunk of classes equals that chunk of the rule on the whole row."""
-  k = jax.random.split(jax.random.key(3), 3)
-  logits = jax.random.normal(k[0], (5, 11))
-  labels = jnp.array([0, 4, 7, 10, 5])
-  weights = jax.random.uniform(k[1], (11,)) + 0.5
-  options = _rule.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
-  _, stats = _rule._forward(logits, labels, None, weights, None, options)
-  g = jnp.arange(1.0, 6.0)
-  whole = _rule._logits_gradient(logits, labels, None, weights, None, stats, g, options)
-  block = _rule.ClassBlock(4, 11, weights)
-  part = _rule._logits_gradient(logits[:, 4:8], labels, None, weights[4:8], None, stats, g,
-                                options, block)
-  np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)
+    """The rule on a chunk of classes equals that chunk of the rule on the whole row."""
+    k = jax.random.split(jax.random.key(3), 3)
+    logits = jax.random.normal(k[0], (5, 11))
+    labels = jnp.array([0, 4, 7, 10, 5])
+    weights = jax.random.uniform(k[1], (11,)) + 0.5
+    options = _rule.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
+    _, stats = _rule._forward(logits, labels, None, weights, None, options)
+    g = jnp.arange(1.0, 6.0)
+    whole = _rule._logits_gradient(logits, labels, None, weights, None, stats, g, options)
+    block = _rule.ClassBlock(4, 11, weights)
+    part = _rule._logits_gradient(
+        logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
+    )
+    np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)

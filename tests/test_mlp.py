@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from jaxsoftmax import mlp
 
@@ -42,8 +42,10 @@ def random_problem(sizes, num_examples, seed=0, dtype=jnp.float32, bias_scale=0.
     key_params, key_x, key_y, key_b = jax.random.split(jax.random.key(seed), 4)
     params = mlp.init(key_params, sizes, scheme="glorot", dtype=dtype)
     params = [
-        {"W": p["W"], "b": bias_scale * jax.random.normal(jax.random.fold_in(key_b, i),
-                                                          p["b"].shape, dtype)}
+        {
+            "W": p["W"],
+            "b": bias_scale * jax.random.normal(jax.random.fold_in(key_b, i), p["b"].shape, dtype),
+        }
         for i, p in enumerate(params)
     ]
     x = jax.random.normal(key_x, (num_examples, sizes[0]), dtype)
@@ -139,20 +141,23 @@ class TestLoss:
         log_softmax = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
         smoothed = 0.9 * np.eye(3)[labels] + 0.1 / 3
         expected = -np.mean(np.sum(smoothed * log_softmax, axis=1))
-        np.testing.assert_allclose(mlp.loss(params, x, labels, label_smoothing=0.1), expected,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            mlp.loss(params, x, labels, label_smoothing=0.1), expected, rtol=1e-5
+        )
         weights = np.array([1.0, 2.0, 0.5])
         nll = -log_softmax[np.arange(6), labels]
         weighted = np.sum(weights[labels] * nll) / np.sum(weights[labels])
         np.testing.assert_allclose(
-            mlp.loss(params, x, labels, class_weights=jnp.asarray(weights, jnp.float32)), weighted,
-            rtol=1e-5)
+            mlp.loss(params, x, labels, class_weights=jnp.asarray(weights, jnp.float32)),
+            weighted,
+            rtol=1e-5,
+        )
 
     def test_one_example_is_a_batch_of_one(self):
         params, x, labels = random_problem([4, 10, 3], 3)
-        np.testing.assert_allclose(mlp.loss(params, x[1], labels[1]),
-                                   mlp.loss(params, x[1:2], labels[1:2]), rtol=1e-6)
-
+        np.testing.assert_allclose(
+            mlp.loss(params, x[1], labels[1]), mlp.loss(params, x[1:2], labels[1:2]), rtol=1e-6
+        )
 
     def test_masked_padding_rows_change_neither_value_nor_gradient(self):
         # how training pads a batch that does not split evenly across devices
@@ -162,20 +167,24 @@ class TestLoss:
         mask = jnp.arange(8) < 5
         weights = jnp.array([1.0, 2.0, 0.5])
         for options in ({"l2": 1e-2}, {"class_weights": weights, "label_smoothing": 0.1}):
-            got = jax.value_and_grad(mlp.loss)(params, padded_x, padded_labels, where=mask,
-                                               **options)
+            got = jax.value_and_grad(mlp.loss)(
+                params, padded_x, padded_labels, where=mask, **options
+            )
             expected = jax.value_and_grad(mlp.loss)(params, x, labels, **options)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
 
 class TestGradients:
     @pytest.mark.parametrize("activation", ["relu", "tanh"])
     def test_custom_rule_matches_naive_composition(self, activation):
         params, x, labels = random_problem([4, 10, 3], 5)
         got = jax.jit(jax.grad(lambda p: mlp.loss(p, x, labels, l2=1e-2, activation=activation)))(
-            params)
-        expected = jax.jit(jax.grad(naive_loss), static_argnums=3)(params, x, labels, activation,
-                                                                    1e-2)
+            params
+        )
+        expected = jax.jit(jax.grad(naive_loss), static_argnums=3)(
+            params, x, labels, activation, 1e-2
+        )
         for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
@@ -190,8 +199,10 @@ class TestGradients:
             @jax.jit
             def central_differences(t, eps=1e-6):
                 basis = eps * jnp.eye(t.size, dtype=jnp.float64)
-                return (jax.vmap(loss_of_vector)(t[None, :] + basis)
-                        - jax.vmap(loss_of_vector)(t[None, :] - basis)) / (2 * eps)
+                return (
+                    jax.vmap(loss_of_vector)(t[None, :] + basis)
+                    - jax.vmap(loss_of_vector)(t[None, :] - basis)
+                ) / (2 * eps)
 
             numeric = central_differences(theta)
             analytic = jax.jit(jax.grad(loss_of_vector))(theta)
@@ -205,7 +216,9 @@ class TestGradients:
         single_example_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
         for n in range(6):
             single = single_example_grad(params, x[n], labels[n])
-            for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(single)):
+            for a, b in zip(
+                jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(single)
+            ):
                 np.testing.assert_allclose(a[n], b, rtol=1e-5, atol=1e-7)
         batch = jax.jit(jax.grad(lambda p: mlp.loss(p, x, labels, **options)))(params)
         for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(batch)):

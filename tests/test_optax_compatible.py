@@ -12,28 +12,36 @@ from jax.test_util import check_grads
 
 import jaxsoftmax
 
-CASES = [((4, 5), -1), ((3, 4, 6), -1), ((6, 4), 0), ((2, 3, 4, 5), (2, 3)),
-         ((2, 3, 4, 5), (3, 1)), ((3, 7), (-1,))]
+CASES = [
+    ((4, 5), -1),
+    ((3, 4, 6), -1),
+    ((6, 4), 0),
+    ((2, 3, 4, 5), (2, 3)),
+    ((2, 3, 4, 5), (3, 1)),
+    ((3, 7), (-1,)),
+]
 
 
 def problem(shape, axis, seed=0):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  logits = 2.0 * jax.random.normal(k1, shape)
-  axes = (axis,) if isinstance(axis, int) else axis
-  axes = tuple(a % len(shape) for a in axes)
-  batch = tuple(s for i, s in enumerate(shape) if i not in axes)
-  num_classes = int(np.prod([shape[a] for a in axes]))
-  labels = jax.random.randint(k2, batch, 0, num_classes)
-  probs = jax.nn.softmax(jax.random.normal(k3, shape), axis=axes)
-  return logits, labels, probs
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    logits = 2.0 * jax.random.normal(k1, shape)
+    axes = (axis,) if isinstance(axis, int) else axis
+    axes = tuple(a % len(shape) for a in axes)
+    batch = tuple(s for i, s in enumerate(shape) if i not in axes)
+    num_classes = int(np.prod([shape[a] for a in axes]))
+    labels = jax.random.randint(k2, batch, 0, num_classes)
+    probs = jax.nn.softmax(jax.random.normal(k3, shape), axis=axes)
+    return logits, labels, probs
 
 
 def with_optax_strictness(fn):
-  """optax itself relies on rank promotion; run its side with the default config."""
-  def wrapped(*args, **kwargs):
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-      return fn(*args, **kwargs)
-  return wrapped
+    """optax itself relies on rank promotion; run its side with the default config."""
+
+    def wrapped(*args, **kwargs):
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 OPTAX_INT = with_optax_strictness(optax.softmax_cross_entropy_with_integer_labels)
@@ -41,127 +49,149 @@ OPTAX_PROB = with_optax_strictness(optax.softmax_cross_entropy)
 
 
 def test_signatures_match_optax_positionally():
-  for ours, theirs in [(jaxsoftmax.softmax_cross_entropy, optax.softmax_cross_entropy),
-                       (jaxsoftmax.softmax_cross_entropy_with_integer_labels,
-                        optax.softmax_cross_entropy_with_integer_labels)]:
-    ours_params = [p for p in inspect.signature(ours).parameters.values()
-                   if p.kind is not p.KEYWORD_ONLY]
-    theirs_params = list(inspect.signature(theirs).parameters.values())
-    assert [(p.name, p.default) for p in ours_params] == [
-        (p.name, p.default) for p in theirs_params]
+    for ours, theirs in [
+        (jaxsoftmax.softmax_cross_entropy, optax.softmax_cross_entropy),
+        (
+            jaxsoftmax.softmax_cross_entropy_with_integer_labels,
+            optax.softmax_cross_entropy_with_integer_labels,
+        ),
+    ]:
+        ours_params = [
+            p for p in inspect.signature(ours).parameters.values() if p.kind is not p.KEYWORD_ONLY
+        ]
+        theirs_params = list(inspect.signature(theirs).parameters.values())
+        assert [(p.name, p.default) for p in ours_params] == [
+            (p.name, p.default) for p in theirs_params
+        ]
 
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_integer_labels_match_optax(shape, axis, jit):
-  logits, labels, _ = problem(shape, axis)
-  ours = jaxsoftmax.softmax_cross_entropy_with_integer_labels
-  if jit:
-    ours = jax.jit(ours, static_argnums=2)
-  got = ours(logits, labels, axis)
-  expected = OPTAX_INT(logits, labels, axis)
-  assert got.shape == expected.shape
-  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-  g_ours = jax.grad(lambda z: jnp.sum(ours(z, labels, axis) ** 2))(logits)
-  g_optax = jax.grad(lambda z: jnp.sum(OPTAX_INT(z, labels, axis) ** 2))(logits)
-  np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
+    logits, labels, _ = problem(shape, axis)
+    ours = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+    if jit:
+        ours = jax.jit(ours, static_argnums=2)
+    got = ours(logits, labels, axis)
+    expected = OPTAX_INT(logits, labels, axis)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    g_ours = jax.grad(lambda z: jnp.sum(ours(z, labels, axis) ** 2))(logits)
+    g_optax = jax.grad(lambda z: jnp.sum(OPTAX_INT(z, labels, axis) ** 2))(logits)
+    np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,axis", CASES[:4])
 def test_probability_labels_match_optax_including_label_gradient(shape, axis):
-  logits, _, probs = problem(shape, axis)
-  f = jax.jit(jaxsoftmax.softmax_cross_entropy, static_argnums=2)
-  got = f(logits, probs, axis)
-  expected = OPTAX_PROB(logits, probs, axis)
-  assert got.shape == expected.shape
-  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-  for argnum in (0, 1):
-    g_ours = jax.grad(lambda z, y: jnp.sum(f(z, y, axis) ** 2), argnum)(logits, probs)
-    g_optax = jax.grad(lambda z, y: jnp.sum(OPTAX_PROB(z, y, axis) ** 2), argnum)(logits, probs)
-    np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
+    logits, _, probs = problem(shape, axis)
+    f = jax.jit(jaxsoftmax.softmax_cross_entropy, static_argnums=2)
+    got = f(logits, probs, axis)
+    expected = OPTAX_PROB(logits, probs, axis)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    for argnum in (0, 1):
+        g_ours = jax.grad(lambda z, y: jnp.sum(f(z, y, axis) ** 2), argnum)(logits, probs)
+        g_optax = jax.grad(lambda z, y: jnp.sum(OPTAX_PROB(z, y, axis) ** 2), argnum)(logits, probs)
+        np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
 
 
 def test_axis_none_reduces_everything_like_optax():
-  logits, _, probs = problem((3, 4), -1)
-  got = jaxsoftmax.softmax_cross_entropy(logits, probs, None)
-  np.testing.assert_allclose(got, OPTAX_PROB(logits, probs / 3, None) * 3, rtol=1e-6)
-  assert got.shape == ()
+    logits, _, probs = problem((3, 4), -1)
+    got = jaxsoftmax.softmax_cross_entropy(logits, probs, None)
+    np.testing.assert_allclose(got, OPTAX_PROB(logits, probs / 3, None) * 3, rtol=1e-6)
+    assert got.shape == ()
 
 
 @pytest.mark.parametrize("kind", ["per_example", "per_logit"])
 def test_where_matches_optax_on_rows_that_are_not_fully_masked(kind):
-  logits, labels, probs = problem((6, 5), -1, seed=3)
-  if kind == "per_example":
-    where = jnp.array([True, False, True, True, False, True])
-  else:
-    where = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (6, 5))
-    where = where.at[jnp.arange(6), labels].set(True)
-  got = jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=where)
-  np.testing.assert_allclose(got, OPTAX_INT(logits, labels, where=where), rtol=1e-6, atol=1e-6)
-  got = jaxsoftmax.softmax_cross_entropy(logits, probs, where=where)
-  np.testing.assert_allclose(got, OPTAX_PROB(logits, probs, where=where), rtol=1e-6, atol=1e-6)
+    logits, labels, probs = problem((6, 5), -1, seed=3)
+    if kind == "per_example":
+        where = jnp.array([True, False, True, True, False, True])
+    else:
+        where = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (6, 5))
+        where = where.at[jnp.arange(6), labels].set(True)
+    got = jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=where)
+    np.testing.assert_allclose(got, OPTAX_INT(logits, labels, where=where), rtol=1e-6, atol=1e-6)
+    got = jaxsoftmax.softmax_cross_entropy(logits, probs, where=where)
+    np.testing.assert_allclose(got, OPTAX_PROB(logits, probs, where=where), rtol=1e-6, atol=1e-6)
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradient_where_optax_is_nan():
-  logits, labels, probs = problem((3, 4), -1, seed=5)
-  where = jnp.array([True, False, True])
-  for ours, targets in [(jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels),
-                        (jaxsoftmax.softmax_cross_entropy, probs)]:
-    loss = ours(logits, targets, where=where)
-    grad = jax.grad(lambda z, t=targets, f=ours: jnp.sum(f(z, t, where=where)))(logits)
-    assert loss[1] == 0.0
-    np.testing.assert_array_equal(grad[1], np.zeros(4))
-    assert np.all(np.isfinite(grad))
+    logits, labels, probs = problem((3, 4), -1, seed=5)
+    where = jnp.array([True, False, True])
+    for ours, targets in [
+        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels),
+        (jaxsoftmax.softmax_cross_entropy, probs),
+    ]:
+        loss = ours(logits, targets, where=where)
+        grad = jax.grad(lambda z, t=targets, f=ours: jnp.sum(f(z, t, where=where)))(logits)
+        assert loss[1] == 0.0
+        np.testing.assert_array_equal(grad[1], np.zeros(4))
+        assert np.all(np.isfinite(grad))
 
 
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))])
 def test_forward_mode_jvp_and_jacfwd_match_optax(shape, axis):
-  logits, labels, probs = problem(shape, axis, seed=6)
-  tangent = jax.random.normal(jax.random.PRNGKey(7), shape)
-  ours = lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels, axis)
-  theirs = lambda z: OPTAX_INT(z, labels, axis)
-  _, t_ours = jax.jvp(ours, (logits,), (tangent,))
-  _, t_theirs = jax.jvp(theirs, (logits,), (tangent,))
-  np.testing.assert_allclose(t_ours, t_theirs, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(jax.jacfwd(ours)(logits), jax.jacrev(theirs)(logits),
-                             rtol=1e-5, atol=1e-6)
-  ours_p = lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, axis)
-  theirs_p = lambda z, y: OPTAX_PROB(z, y, axis)
-  t_y = jax.random.normal(jax.random.PRNGKey(8), shape)
-  np.testing.assert_allclose(jax.jvp(ours_p, (logits, probs), (tangent, t_y))[1],
-                             jax.jvp(theirs_p, (logits, probs), (tangent, t_y))[1],
-                             rtol=1e-5, atol=1e-6)
+    logits, labels, probs = problem(shape, axis, seed=6)
+    tangent = jax.random.normal(jax.random.PRNGKey(7), shape)
+    ours = lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels, axis)
+    theirs = lambda z: OPTAX_INT(z, labels, axis)
+    _, t_ours = jax.jvp(ours, (logits,), (tangent,))
+    _, t_theirs = jax.jvp(theirs, (logits,), (tangent,))
+    np.testing.assert_allclose(t_ours, t_theirs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jacfwd(ours)(logits), jax.jacrev(theirs)(logits), rtol=1e-5, atol=1e-6
+    )
+    ours_p = lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, axis)
+    theirs_p = lambda z, y: OPTAX_PROB(z, y, axis)
+    t_y = jax.random.normal(jax.random.PRNGKey(8), shape)
+    np.testing.assert_allclose(
+        jax.jvp(ours_p, (logits, probs), (tangent, t_y))[1],
+        jax.jvp(theirs_p, (logits, probs), (tangent, t_y))[1],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_hessian_matches_softmax_jacobian():
-  """d2L/dz2 = diag(s) - s s^T for each row: the softmax Jacobian of the seeds."""
-  logits, labels, _ = problem((3, 4), -1, seed=9)
-  hess = jax.hessian(
-      lambda z: jnp.sum(jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels)))(logits)
-  s = np.asarray(jax.nn.softmax(logits), np.float64)
-  for n in range(3):
-    expected = np.diag(s[n]) - np.outer(s[n], s[n])
-    np.testing.assert_allclose(hess[n, :, n, :], expected, rtol=1e-5, atol=1e-6)
-    other = [m for m in range(3) if m != n]
-    np.testing.assert_array_equal(hess[n, :, other, :], 0.0)
+    """d2L/dz2 = diag(s) - s s^T for each row: the softmax Jacobian of the seeds."""
+    logits, labels, _ = problem((3, 4), -1, seed=9)
+    hess = jax.hessian(
+        lambda z: jnp.sum(jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels))
+    )(logits)
+    s = np.asarray(jax.nn.softmax(logits), np.float64)
+    for n in range(3):
+        expected = np.diag(s[n]) - np.outer(s[n], s[n])
+        np.testing.assert_allclose(hess[n, :, n, :], expected, rtol=1e-5, atol=1e-6)
+        other = [m for m in range(3) if m != n]
+        np.testing.assert_array_equal(hess[n, :, other, :], 0.0)
 
 
 def test_finite_differences_both_modes():
-  with jax.enable_x64(True):
-    logits, labels, probs = problem((3, 5), -1, seed=10)
-    logits, probs = logits.astype(jnp.float64), probs.astype(jnp.float64)
-    check_grads(lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels),
-                (logits,), order=2, modes=["fwd", "rev"])
-    check_grads(jaxsoftmax.softmax_cross_entropy, (logits, probs), order=2,
-                modes=["fwd", "rev"])
+    with jax.enable_x64(True):
+        logits, labels, probs = problem((3, 5), -1, seed=10)
+        logits, probs = logits.astype(jnp.float64), probs.astype(jnp.float64)
+        check_grads(
+            lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels),
+            (logits,),
+            order=2,
+            modes=["fwd", "rev"],
+        )
+        check_grads(
+            jaxsoftmax.softmax_cross_entropy, (logits, probs), order=2, modes=["fwd", "rev"]
+        )
 
 
 def test_vmap_over_logits_and_labels():
-  logits, labels, probs = problem((5, 3, 4), -1, seed=11)
-  f = jaxsoftmax.softmax_cross_entropy_with_integer_labels
-  np.testing.assert_allclose(jax.vmap(f)(logits, labels), f(logits, labels), rtol=1e-6)
-  np.testing.assert_allclose(jax.vmap(jaxsoftmax.softmax_cross_entropy)(logits, probs),
-                             OPTAX_PROB(logits, probs), rtol=1e-6)
-  per_example_grads = jax.vmap(jax.grad(lambda z, y: jnp.sum(f(z, y))))(logits, labels)
-  np.testing.assert_allclose(per_example_grads,
-                             jax.grad(lambda z: jnp.sum(f(z, labels)))(logits), rtol=1e-6)
+    logits, labels, probs = problem((5, 3, 4), -1, seed=11)
+    f = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+    np.testing.assert_allclose(jax.vmap(f)(logits, labels), f(logits, labels), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(jaxsoftmax.softmax_cross_entropy)(logits, probs),
+        OPTAX_PROB(logits, probs),
+        rtol=1e-6,
+    )
+    per_example_grads = jax.vmap(jax.grad(lambda z, y: jnp.sum(f(z, y))))(logits, labels)
+    np.testing.assert_allclose(
+        per_example_grads, jax.grad(lambda z: jnp.sum(f(z, labels)))(logits), rtol=1e-6
+    )

@@ -29,90 +29,133 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(command, *, devices, timeout):
-  env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-  return result
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result
 
 
 def test_eight_device_checks_pass():
-  # The child loads tests/conftest.py too, so it is as strict as this run.
-  result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "tests/multidevice/check_sharded.py",
-                 "tests/multidevice/check_sharded_linear.py"],
-                devices=8, timeout=900)
-  report = result.stdout[-20000:] + result.stderr[-5000:]
-  assert result.returncode == 0, f"8-device checks failed:\n{report}"
-  assert " passed" in result.stdout and "failed" not in result.stdout, report
+    # The child loads tests/conftest.py too, so it is as strict as this run.
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/multidevice/check_sharded.py",
+            "tests/multidevice/check_sharded_linear.py",
+        ],
+        devices=8,
+        timeout=900,
+    )
+    report = result.stdout[-20000:] + result.stderr[-5000:]
+    assert result.returncode == 0, f"8-device checks failed:\n{report}"
+    assert " passed" in result.stdout and "failed" not in result.stdout, report
 
 
 def test_benchmark_runs_on_a_tiny_config(tmp_path):
-  result = _run([sys.executable, "experiments/benchmark_sharded.py", "--rows", "16",
-                 "--classes", "64", "--devices", "1,2", "--repeats", "1", "--model-rows", "0",
-                 "--out", str(tmp_path)], devices=2, timeout=300)
-  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-  data = json.loads((tmp_path / "sharded.json").read_text())
-  runs = data["runs"]
-  assert [r["devices"] for r in runs] == [1, 2]
-  assert all(r["seconds"] > 0 for r in runs)
-  # One device needs no collective; two exchange per-row statistics only.
-  assert runs[0]["all_reduce_bytes_per_device"] == 0
-  assert 0 < runs[1]["all_reduce_bytes_per_device"] < 16 * 64 * 4
-  linear = data["linear_runs"]
-  assert [r["devices"] for r in linear] == [1, 2]
-  assert linear[0]["all_reduce_bytes_per_device"] == 0
-  # Two devices: the statistics, and the hidden states' gradient [16, d] summed once.
-  assert 0 < linear[1]["all_reduce_bytes_split"]["per_row"] < 16 * 64 * 4
-  assert linear[1]["all_reduce_bytes_split"]["larger"] == 16 * 128 * 4
-  np.testing.assert_allclose(linear[1]["loss"], linear[1]["loss_single_device"], rtol=1e-5)
-  assert (tmp_path / "sharded.md").read_text().startswith("#")
+    result = _run(
+        [
+            sys.executable,
+            "experiments/benchmark_sharded.py",
+            "--rows",
+            "16",
+            "--classes",
+            "64",
+            "--devices",
+            "1,2",
+            "--repeats",
+            "1",
+            "--model-rows",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        devices=2,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    data = json.loads((tmp_path / "sharded.json").read_text())
+    runs = data["runs"]
+    assert [r["devices"] for r in runs] == [1, 2]
+    assert all(r["seconds"] > 0 for r in runs)
+    # One device needs no collective; two exchange per-row statistics only.
+    assert runs[0]["all_reduce_bytes_per_device"] == 0
+    assert 0 < runs[1]["all_reduce_bytes_per_device"] < 16 * 64 * 4
+    linear = data["linear_runs"]
+    assert [r["devices"] for r in linear] == [1, 2]
+    assert linear[0]["all_reduce_bytes_per_device"] == 0
+    # Two devices: the statistics, and the hidden states' gradient [16, d] summed once.
+    assert 0 < linear[1]["all_reduce_bytes_split"]["per_row"] < 16 * 64 * 4
+    assert linear[1]["all_reduce_bytes_split"]["larger"] == 16 * 128 * 4
+    np.testing.assert_allclose(linear[1]["loss"], linear[1]["loss_single_device"], rtol=1e-5)
+    assert (tmp_path / "sharded.md").read_text().startswith("#")
 
 
 def test_one_device_mesh_equals_cross_entropy():
-  """On this process's single device the wrapper is the plain loss (shard count 1)."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
-  logits = jax.random.normal(jax.random.PRNGKey(0), (6, 10))
-  labels = jnp.array([0, 9, 3, 3, -100, 5])
-  options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3)
-  for reduction in ("mean", "sum", "none"):
-    got = jax.jit(lambda z: sharded_cross_entropy(
-        z, labels, mesh=mesh, class_axis_name="vocab", reduction=reduction, **options))
-    want = jax.jit(lambda z: cross_entropy(z, labels, reduction=reduction, **options))
-    np.testing.assert_allclose(got(logits), want(logits), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda z: jnp.sum(got(z)))(logits),
-                               jax.grad(lambda z: jnp.sum(want(z)))(logits),
-                               rtol=1e-6, atol=1e-6)
+    """On this process's single device the wrapper is the plain loss (shard count 1)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    logits = jax.random.normal(jax.random.PRNGKey(0), (6, 10))
+    labels = jnp.array([0, 9, 3, 3, -100, 5])
+    options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3)
+    for reduction in ("mean", "sum", "none"):
+        got = jax.jit(
+            lambda z: sharded_cross_entropy(
+                z, labels, mesh=mesh, class_axis_name="vocab", reduction=reduction, **options
+            )
+        )
+        want = jax.jit(lambda z: cross_entropy(z, labels, reduction=reduction, **options))
+        np.testing.assert_allclose(got(logits), want(logits), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            jax.grad(lambda z: jnp.sum(got(z)))(logits),
+            jax.grad(lambda z: jnp.sum(want(z)))(logits),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_mesh_errors_are_clear():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
-  logits = jnp.zeros((2, 3))
-  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
-    sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=None, class_axis_name="vocab")
-  with pytest.raises(TypeError, match="class_axis_name must name a mesh axis"):
-    sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=mesh, class_axis_name=None)
-  with pytest.raises(ValueError, match="targets must have the logits' shape without"):
-    sharded_cross_entropy(logits, jnp.array([0, 1, 2]), mesh=mesh, class_axis_name="vocab")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    logits = jnp.zeros((2, 3))
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=None, class_axis_name="vocab")
+    with pytest.raises(TypeError, match="class_axis_name must name a mesh axis"):
+        sharded_cross_entropy(logits, jnp.array([0, 1]), mesh=mesh, class_axis_name=None)
+    with pytest.raises(ValueError, match="targets must have the logits' shape without"):
+        sharded_cross_entropy(logits, jnp.array([0, 1, 2]), mesh=mesh, class_axis_name="vocab")
 
 
 def test_one_device_mesh_equals_linear_cross_entropy():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  hidden = jax.random.normal(keys[0], (6, 4))
-  classifier = jax.random.normal(keys[1], (10, 4))
-  labels = jnp.array([0, 9, 3, 3, -100, 5])
-  options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, vocab_chunk=3)
-  got = jax.jit(jax.value_and_grad(lambda h, w: sharded_linear_cross_entropy(
-      h, w, labels, mesh=mesh, class_axis_name="vocab", **options), argnums=(0, 1)))
-  want = jax.jit(jax.value_and_grad(lambda h, w: linear_cross_entropy(
-      h, w, labels, **options), argnums=(0, 1)))
-  for a, b in zip(jax.tree.leaves(got(hidden, classifier)),
-                  jax.tree.leaves(want(hidden, classifier))):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
-    sharded_linear_cross_entropy(hidden, classifier, labels, mesh=None,
-                                 class_axis_name="vocab")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    hidden = jax.random.normal(keys[0], (6, 4))
+    classifier = jax.random.normal(keys[1], (10, 4))
+    labels = jnp.array([0, 9, 3, 3, -100, 5])
+    options = dict(label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, vocab_chunk=3)
+    got = jax.jit(
+        jax.value_and_grad(
+            lambda h, w: sharded_linear_cross_entropy(
+                h, w, labels, mesh=mesh, class_axis_name="vocab", **options
+            ),
+            argnums=(0, 1),
+        )
+    )
+    want = jax.jit(
+        jax.value_and_grad(
+            lambda h, w: linear_cross_entropy(h, w, labels, **options), argnums=(0, 1)
+        )
+    )
+    for a, b in zip(
+        jax.tree.leaves(got(hidden, classifier)), jax.tree.leaves(want(hidden, classifier))
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        sharded_linear_cross_entropy(hidden, classifier, labels, mesh=None, class_axis_name="vocab")

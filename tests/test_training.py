@@ -28,8 +28,15 @@ def test_two_layer_network_reaches_its_target_and_the_linear_model_cannot():
 
 @pytest.mark.parametrize("optimizer, learning_rate", [("momentum", 0.1), ("adam", 0.01)])
 def test_other_optimizers_with_minibatches_learn(optimizer, learning_rate):
-    config = training.TrainConfig(hidden=(30,), optimizer=optimizer, learning_rate=learning_rate,
-                                  batch_size=32, steps=400, eval_every=200, checkpoint_every=200)
+    config = training.TrainConfig(
+        hidden=(30,),
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        batch_size=32,
+        steps=400,
+        eval_every=200,
+        checkpoint_every=200,
+    )
     # optax 0.2.8's adam bias correction mixes a Python float with its int32 step count, which
     # the strict promotion of tests/conftest.py refuses; users run with standard promotion.
     with jax.numpy_dtype_promotion("standard"):
@@ -39,8 +46,15 @@ def test_other_optimizers_with_minibatches_learn(optimizer, learning_rate):
 
 
 def test_same_seed_same_parameters_bit_for_bit():
-    config = training.TrainConfig(hidden=(16,), optimizer="momentum", learning_rate=0.1,
-                                  batch_size=20, steps=60, eval_every=20, checkpoint_every=20)
+    config = training.TrainConfig(
+        hidden=(16,),
+        optimizer="momentum",
+        learning_rate=0.1,
+        batch_size=20,
+        steps=60,
+        eval_every=20,
+        checkpoint_every=20,
+    )
     first, second = training.train(config, SPIRAL), training.train(config, SPIRAL)
     assert_params_identical(first.params, second.params)
     assert first.history == second.history
@@ -63,8 +77,15 @@ class _Interrupt(Exception):
 
 
 def test_resume_after_an_interruption_is_bit_identical(tmp_path):
-    config = training.TrainConfig(hidden=(16,), optimizer="momentum", learning_rate=0.1,
-                                  batch_size=32, steps=80, eval_every=10, checkpoint_every=20)
+    config = training.TrainConfig(
+        hidden=(16,),
+        optimizer="momentum",
+        learning_rate=0.1,
+        batch_size=32,
+        steps=80,
+        eval_every=10,
+        checkpoint_every=20,
+    )
     uninterrupted = training.train(config, SPIRAL, checkpoint_dir=str(tmp_path / "whole"))
 
     def crash_at_step_50(row, steps_in_run):
@@ -72,8 +93,9 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
             raise _Interrupt  # after the checkpoint of step 40, before the one of step 60
 
     with pytest.raises(_Interrupt):
-        training.train(config, SPIRAL, checkpoint_dir=str(tmp_path / "cut"),
-                       on_run_end=crash_at_step_50)
+        training.train(
+            config, SPIRAL, checkpoint_dir=str(tmp_path / "cut"), on_run_end=crash_at_step_50
+        )
     resumed = training.train(config, SPIRAL, checkpoint_dir=str(tmp_path / "cut"), resume=True)
     assert resumed.resumed_from == 40
     assert_params_identical(resumed.params, uninterrupted.params)
@@ -121,14 +143,17 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr * l2 = 3 > 2: plain gradient descent multiplies the weights by -2 each step, so the
     # penalty overflows float32 after about 60 steps, long after the checkpoint of step 20.
-    config = training.TrainConfig(hidden=(8,), l2=3.0, steps=400, eval_every=10,
-                                  checkpoint_every=20)
-    with pytest.raises(training.NonFiniteLossError,
-                       match=r"non-finite at step \d+.*last good checkpoint, step \d+"):
+    config = training.TrainConfig(
+        hidden=(8,), l2=3.0, steps=400, eval_every=10, checkpoint_every=20
+    )
+    with pytest.raises(
+        training.NonFiniteLossError, match=r"non-finite at step \d+.*last good checkpoint, step \d+"
+    ):
         training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
     state, _ = training.init_state(config, SPIRAL.num_features, SPIRAL.num_classes)
-    saved, history = training.load_checkpoint(str(tmp_path / training.CHECKPOINT_FILENAME),
-                                              state, config, SPIRAL)
+    saved, history = training.load_checkpoint(
+        str(tmp_path / training.CHECKPOINT_FILENAME), state, config, SPIRAL
+    )
     assert 20 <= int(saved.step) < 400
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(saved))
     assert np.isfinite(history[-1]["train_loss"])

@@ -24,8 +24,15 @@ from jaxsoftmax import data, training
 
 SPIRAL = data.load("spiral", num_examples=50)  # 150 training points
 FULL_BATCH = {"hidden": (16,), "steps": 40, "eval_every": 20, "checkpoint_every": 20}
-MINIBATCH = {"hidden": (16,), "optimizer": "momentum", "learning_rate": 0.1, "batch_size": 20,
-             "steps": 40, "eval_every": 20, "checkpoint_every": 20}
+MINIBATCH = {
+    "hidden": (16,),
+    "optimizer": "momentum",
+    "learning_rate": 0.1,
+    "batch_size": 20,
+    "steps": 40,
+    "eval_every": 20,
+    "checkpoint_every": 20,
+}
 # Measured: at most 5e-7 apart after 60 steps. Over thousands of steps the runs drift apart as
 # any change of summation order does (experiments/data_parallel.py); here they must not.
 RTOL, ATOL = 1e-5, 2e-6
@@ -34,9 +41,11 @@ RTOL, ATOL = 1e-5, 2e-6
 @pytest.fixture(scope="module", autouse=True)
 def eight_strict_devices():
     if jax.device_count() != 8:
-        pytest.fail(f"these checks need 8 devices; got {jax.device_count()}. Run them with "
-                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_data_parallel.py "
-                    "does).")
+        pytest.fail(
+            f"these checks need 8 devices; got {jax.device_count()}. Run them with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_data_parallel.py "
+            "does)."
+        )
     with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
         yield
 
@@ -46,16 +55,21 @@ def train(options, devices, **keywords):
 
 
 def assert_same_run(got, expected, *, exact=False):
-    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected.params)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected.params)
+    ):
         if exact:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         else:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
     assert [row["step"] for row in got.history] == [row["step"] for row in expected.history]
     for key in ("batch_loss", "train_loss", "test_loss", "train_accuracy", "test_accuracy"):
-        np.testing.assert_allclose([row[key] or 0.0 for row in got.history],
-                                   [row[key] or 0.0 for row in expected.history],
-                                   rtol=0 if exact else RTOL, atol=0 if exact else ATOL)
+        np.testing.assert_allclose(
+            [row[key] or 0.0 for row in got.history],
+            [row[key] or 0.0 for row in expected.history],
+            rtol=0 if exact else RTOL,
+            atol=0 if exact else ATOL,
+        )
 
 
 @pytest.mark.parametrize("options", [FULL_BATCH, MINIBATCH], ids=["full_batch", "minibatch"])
@@ -111,6 +125,9 @@ def test_resume_is_bit_identical_on_8_devices_and_close_on_another_count(tmp_pat
 
 
 def test_more_devices_than_there_are_is_named():
-    with pytest.raises(ValueError, match=r"devices=9 asks for more devices than this process "
-                                         r"has: 8 local cpu device\(s\)\. Ask for at most 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"devices=9 asks for more devices than this process "
+        r"has: 8 local cpu device\(s\)\. Ask for at most 8",
+    ):
         train(FULL_BATCH, 9)

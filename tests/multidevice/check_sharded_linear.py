@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
 from jaxsoftmax import linear_cross_entropy
@@ -25,7 +26,8 @@ from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
-    "hlo_collectives", _ROOT / "experiments" / "hlo_collectives.py")
+    "hlo_collectives", _ROOT / "experiments" / "hlo_collectives.py"
+)
 hlo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hlo)
 
@@ -36,14 +38,16 @@ CHUNKS = dict(token_chunk=3, vocab_chunk=5)  # several ragged chunks on every sh
 
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
-  if jax.device_count() != 8:
-    pytest.fail(f"these checks need 8 devices; got {jax.device_count()}. Run them with "
-                "XLA_FLAGS=--xla_force_host_platform_device_count=8.")
+    if jax.device_count() != 8:
+        pytest.fail(
+            f"these checks need 8 devices; got {jax.device_count()}. Run them with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8."
+        )
 
 
 def auto_mesh(shape, names):
-  devices = np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape)
-  return jax.sharding.Mesh(devices, names)
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+    return jax.sharding.Mesh(devices, names)
 
 
 MESHES = {
@@ -54,21 +58,21 @@ MESHES = {
 
 
 def make_inputs(num_classes, layout="vd", seed=0):
-  k = jax.random.split(jax.random.PRNGKey(seed), 6)
-  hidden = jax.random.normal(k[0], (N, D))
-  classifier = jax.random.normal(k[1], (num_classes, D))
-  if layout == "dv":
-    classifier = classifier.T
-  bias = jax.random.normal(k[2], (num_classes,))
-  labels = jax.random.randint(k[3], (N,), 0, num_classes)
-  labels = labels.at[1].set(num_classes - 1)  # the last class (on a padded shard)
-  weights = jax.random.uniform(k[4], (num_classes,), minval=0.2, maxval=2.0)
-  where = jnp.arange(N) % 4 != 2
-  return hidden, classifier, bias, labels, weights, where
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    hidden = jax.random.normal(k[0], (N, D))
+    classifier = jax.random.normal(k[1], (num_classes, D))
+    if layout == "dv":
+        classifier = classifier.T
+    bias = jax.random.normal(k[2], (num_classes,))
+    labels = jax.random.randint(k[3], (N,), 0, num_classes)
+    labels = labels.at[1].set(num_classes - 1)  # the last class (on a padded shard)
+    weights = jax.random.uniform(k[4], (num_classes,), minval=0.2, maxval=2.0)
+    where = jnp.arange(N) % 4 != 2
+    return hidden, classifier, bias, labels, weights, where
 
 
 def _ignored(labels):
-  return labels.at[::5].set(-100)
+    return labels.at[::5].set(-100)
 
 
 # name: builder(weights, where, labels) -> (options, labels)
@@ -78,9 +82,17 @@ OPTIONS = {
     "weights": lambda w, r, y: (dict(class_weights=w), y),
     "ignore_index_where": lambda w, r, y: (dict(ignore_index=-100, where=r), _ignored(y)),
     "z_loss_softcap": lambda w, r, y: (dict(z_loss=1e-2, logit_softcap=2.5), y),
-    "everything": lambda w, r, y: (dict(
-        label_smoothing=0.15, class_weights=w, ignore_index=-100, where=r, z_loss=1e-2,
-        logit_softcap=4.0), _ignored(y)),
+    "everything": lambda w, r, y: (
+        dict(
+            label_smoothing=0.15,
+            class_weights=w,
+            ignore_index=-100,
+            where=r,
+            z_loss=1e-2,
+            logit_softcap=4.0,
+        ),
+        _ignored(y),
+    ),
 }
 
 # (option, mesh, V, layout): even and uneven vocabularies, both layouts, and 13 classes over
@@ -98,136 +110,195 @@ CASES = [
 
 
 def values_and_grads(loss_fn, hidden, classifier, bias, labels):
-  cotangent = jnp.linspace(0.5, 1.5, N)
+    cotangent = jnp.linspace(0.5, 1.5, N)
 
-  def objective(h, w, b):
-    values = {reduction: loss_fn(h, w, labels, bias=b, reduction=reduction)
-              for reduction in ("mean", "sum", "none")}
-    total = values["mean"] + 0.25 * values["sum"] + jnp.dot(values["none"], cotangent)
-    return total, values
+    def objective(h, w, b):
+        values = {
+            reduction: loss_fn(h, w, labels, bias=b, reduction=reduction)
+            for reduction in ("mean", "sum", "none")
+        }
+        total = values["mean"] + 0.25 * values["sum"] + jnp.dot(values["none"], cotangent)
+        return total, values
 
-  (_, values), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2),
-                                                  has_aux=True))(hidden, classifier, bias)
-  return values, grads
+    (_, values), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))(
+        hidden, classifier, bias
+    )
+    return values, grads
 
 
-@pytest.mark.parametrize("option, mesh_name, num_classes, layout", CASES,
-                         ids=[f"{o}-{m}-V{v}-{l}" for o, m, v, l in CASES])
+@pytest.mark.parametrize(
+    "option, mesh_name, num_classes, layout",
+    CASES,
+    ids=[f"{o}-{m}-V{v}-{l}" for o, m, v, l in CASES],
+)
 def test_sharded_equals_single_device(option, mesh_name, num_classes, layout):
-  shape, names, class_axis, batch_axis = MESHES[mesh_name]
-  mesh = auto_mesh(shape, names)
-  hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, layout)
-  options, labels = OPTIONS[option](weights, where, labels)
-  options = dict(options, classifier_layout=layout, **CHUNKS)
-  sharded = functools.partial(sharded_linear_cross_entropy, mesh=mesh,
-                              class_axis_name=class_axis, batch_axis_name=batch_axis,
-                              **options)
-  single = functools.partial(linear_cross_entropy, **options)
-  values, grads = values_and_grads(sharded, hidden, classifier, bias, labels)
-  ref_values, ref_grads = values_and_grads(single, hidden, classifier, bias, labels)
-  for name in ref_values:
-    assert values[name].shape == ref_values[name].shape, name
-    np.testing.assert_allclose(values[name], ref_values[name], rtol=RTOL, atol=ATOL,
-                               err_msg=name)
-  for name, got, want in zip(("hidden", "classifier", "bias"), grads, ref_grads):
-    assert got.shape == want.shape, name
-    assert np.all(np.isfinite(got)), name
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+    shape, names, class_axis, batch_axis = MESHES[mesh_name]
+    mesh = auto_mesh(shape, names)
+    hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, layout)
+    options, labels = OPTIONS[option](weights, where, labels)
+    options = dict(options, classifier_layout=layout, **CHUNKS)
+    sharded = functools.partial(
+        sharded_linear_cross_entropy,
+        mesh=mesh,
+        class_axis_name=class_axis,
+        batch_axis_name=batch_axis,
+        **options,
+    )
+    single = functools.partial(linear_cross_entropy, **options)
+    values, grads = values_and_grads(sharded, hidden, classifier, bias, labels)
+    ref_values, ref_grads = values_and_grads(single, hidden, classifier, bias, labels)
+    for name in ref_values:
+        assert values[name].shape == ref_values[name].shape, name
+        np.testing.assert_allclose(
+            values[name], ref_values[name], rtol=RTOL, atol=ATOL, err_msg=name
+        )
+    for name, got, want in zip(("hidden", "classifier", "bias"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        assert np.all(np.isfinite(got)), name
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 def test_label_smoothing_spreads_over_the_global_classes():
-  """K is all V classes: the V / S of one shard would give another loss."""
-  mesh = auto_mesh((8,), ("vocab",))
-  hidden, classifier, _, labels, _, _ = make_inputs(64)
-  got = jax.jit(functools.partial(
-      sharded_linear_cross_entropy, mesh=mesh, class_axis_name="vocab", label_smoothing=0.3,
-      reduction="none"))(hidden, classifier, labels)
-  z = np.asarray(hidden, np.float64) @ np.asarray(classifier, np.float64).T
-  lse = np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1)) + z.max(-1)
-  by_hand = 0.7 * (lse - z[np.arange(N), np.asarray(labels)]) + 0.3 * np.mean(
-      lse[:, None] - z, axis=-1)
-  np.testing.assert_allclose(got, by_hand, rtol=RTOL, atol=ATOL)
+    """K is all V classes: the V / S of one shard would give another loss."""
+    mesh = auto_mesh((8,), ("vocab",))
+    hidden, classifier, _, labels, _, _ = make_inputs(64)
+    got = jax.jit(
+        functools.partial(
+            sharded_linear_cross_entropy,
+            mesh=mesh,
+            class_axis_name="vocab",
+            label_smoothing=0.3,
+            reduction="none",
+        )
+    )(hidden, classifier, labels)
+    z = np.asarray(hidden, np.float64) @ np.asarray(classifier, np.float64).T
+    lse = np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1)) + z.max(-1)
+    by_hand = 0.7 * (lse - z[np.arange(N), np.asarray(labels)]) + 0.3 * np.mean(
+        lse[:, None] - z, axis=-1
+    )
+    np.testing.assert_allclose(got, by_hand, rtol=RTOL, atol=ATOL)
 
 
 def test_bad_labels_are_nan_like_one_device():
-  """Labels past V, including those that land on a padding row, give NaN; masked ones not."""
-  mesh = auto_mesh((2, 4), ("batch", "vocab"))
-  hidden, classifier, *_ = make_inputs(61)
-  labels = jnp.zeros(N, jnp.int32).at[0].set(61).at[2].set(63).at[4].set(-3).at[6].set(62)
-  where = jnp.ones(N, bool).at[6].set(False)
-  got = jax.jit(functools.partial(
-      sharded_linear_cross_entropy, mesh=mesh, class_axis_name="vocab",
-      batch_axis_name="batch", reduction="none"))(hidden, classifier, labels, where=where)
-  want = linear_cross_entropy(hidden, classifier, labels, where=where, reduction="none")
-  assert np.isnan(got).tolist() == np.isnan(want).tolist()
-  assert np.flatnonzero(np.isnan(got)).tolist() == [0, 2, 4]
-  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    """Labels past V, including those that land on a padding row, give NaN; masked ones not."""
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    hidden, classifier, *_ = make_inputs(61)
+    labels = jnp.zeros(N, jnp.int32).at[0].set(61).at[2].set(63).at[4].set(-3).at[6].set(62)
+    where = jnp.ones(N, bool).at[6].set(False)
+    got = jax.jit(
+        functools.partial(
+            sharded_linear_cross_entropy,
+            mesh=mesh,
+            class_axis_name="vocab",
+            batch_axis_name="batch",
+            reduction="none",
+        )
+    )(hidden, classifier, labels, where=where)
+    want = linear_cross_entropy(hidden, classifier, labels, where=where, reduction="none")
+    assert np.isnan(got).tolist() == np.isnan(want).tolist()
+    assert np.flatnonzero(np.isnan(got)).tolist() == [0, 2, 4]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 def test_gradients_land_sharded_like_their_inputs(layout):
-  """Explicit mesh, inputs already placed: no padding, every gradient keeps its sharding."""
-  mesh = jax.make_mesh((2, 4), ("data", "model"))
-  hidden, classifier, bias, labels, _, _ = make_inputs(64, layout)
-  w_spec = P("model", None) if layout == "vd" else P(None, "model")
-  loss_fn = functools.partial(sharded_linear_cross_entropy, mesh=mesh,
-                              class_axis_name="model", batch_axis_name="data",
-                              classifier_layout=layout, label_smoothing=0.1, **CHUNKS)
-  with jax.set_mesh(mesh):
-    placed = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in (
-        (hidden, P("data", None)), (classifier, w_spec), (bias, P("model")),
-        (labels, P("data")))]
-    value, grads = jax.jit(jax.value_and_grad(
-        lambda h, w, b, y: loss_fn(h, w, y, bias=b), argnums=(0, 1, 2)))(*placed)
-  want, want_grads = jax.value_and_grad(
-      lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, classifier_layout=layout,
-                                           label_smoothing=0.1), argnums=(0, 1, 2))(
-          hidden, classifier, bias)
-  np.testing.assert_allclose(value, want, rtol=RTOL)
-  for got, ref, spec in zip(grads, want_grads, (P("data", None), w_spec, P("model"))):
-    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
-    assert got.sharding.spec == spec
+    """Explicit mesh, inputs already placed: no padding, every gradient keeps its sharding."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    hidden, classifier, bias, labels, _, _ = make_inputs(64, layout)
+    w_spec = P("model", None) if layout == "vd" else P(None, "model")
+    loss_fn = functools.partial(
+        sharded_linear_cross_entropy,
+        mesh=mesh,
+        class_axis_name="model",
+        batch_axis_name="data",
+        classifier_layout=layout,
+        label_smoothing=0.1,
+        **CHUNKS,
+    )
+    with jax.set_mesh(mesh):
+        placed = [
+            jax.device_put(x, NamedSharding(mesh, s))
+            for x, s in (
+                (hidden, P("data", None)),
+                (classifier, w_spec),
+                (bias, P("model")),
+                (labels, P("data")),
+            )
+        ]
+        value, grads = jax.jit(
+            jax.value_and_grad(lambda h, w, b, y: loss_fn(h, w, y, bias=b), argnums=(0, 1, 2))
+        )(*placed)
+    want, want_grads = jax.value_and_grad(
+        lambda h, w, b: linear_cross_entropy(
+            h, w, labels, bias=b, classifier_layout=layout, label_smoothing=0.1
+        ),
+        argnums=(0, 1, 2),
+    )(hidden, classifier, bias)
+    np.testing.assert_allclose(value, want, rtol=RTOL)
+    for got, ref, spec in zip(grads, want_grads, (P("data", None), w_spec, P("model"))):
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+        assert got.sharding.spec == spec
 
 
 def test_cotangent_without_vma_typing():
-  """``shard_map(check_vma=False)`` hands each shard a share of the cotangent (summed by
-  ``_rule._whole_cotangent``) and adds the hidden states' partial gradients itself; with
-  ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient."""
-  mesh = auto_mesh((4,), ("vocab",))
-  hidden, classifier, _, labels, weights, _ = make_inputs(24)
-  options = dict(label_smoothing=0.1, z_loss=1e-2, class_weights=weights, reduction="sum",
-                 **CHUNKS)
-  call = lce._validated(hidden, classifier, labels, bias=None, where=None, ignore_index=None,
-                        logit_softcap=None, classifier_layout="vd",
-                        accumulation_dtype=jnp.float32, **options)
+    """``shard_map(check_vma=False)`` hands each shard a share of the cotangent (summed by
+    ``_rule._whole_cotangent``) and adds the hidden states' partial gradients itself; with
+    ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient."""
+    mesh = auto_mesh((4,), ("vocab",))
+    hidden, classifier, _, labels, weights, _ = make_inputs(24)
+    options = dict(
+        label_smoothing=0.1, z_loss=1e-2, class_weights=weights, reduction="sum", **CHUNKS
+    )
+    call = lce._validated(
+        hidden,
+        classifier,
+        labels,
+        bias=None,
+        where=None,
+        ignore_index=None,
+        logit_softcap=None,
+        classifier_layout="vd",
+        accumulation_dtype=jnp.float32,
+        **options,
+    )
 
-  def local(h, w):
-    plan = lce.make_plan(call, h.shape[0], w.shape[0], axis_name="vocab")
-    loss, _ = lce.rows_and_weights(h, w, None, labels, call.class_weights, None, plan)
-    return jnp.sum(loss)
+    def local(h, w):
+        plan = lce.make_plan(call, h.shape[0], w.shape[0], axis_name="vocab")
+        loss, _ = lce.rows_and_weights(h, w, None, labels, call.class_weights, None, plan)
+        return jnp.sum(loss)
 
-  want = jax.grad(functools.partial(linear_cross_entropy, labels=labels, **options),
-                  argnums=(0, 1))(hidden, classifier)
-  for check_vma in (True, False):
-    loss = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("vocab")), out_specs=P(),
-                         check_vma=check_vma)
-    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, classifier)
-    for a, b in zip(got, want):
-      np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"vma={check_vma}")
+    want = jax.grad(
+        functools.partial(linear_cross_entropy, labels=labels, **options), argnums=(0, 1)
+    )(hidden, classifier)
+    for check_vma in (True, False):
+        loss = jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P("vocab")), out_specs=P(), check_vma=check_vma
+        )
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, classifier)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"vma={check_vma}")
 
 
 def test_argument_errors_name_the_fix():
-  mesh = auto_mesh((2, 4), ("batch", "vocab"))
-  hidden, classifier, _, labels, _, _ = make_inputs(16)
-  with pytest.raises(ValueError, match="must divide by the 2 shards"):
-    sharded_linear_cross_entropy(hidden[:7], classifier, labels[:7], mesh=mesh,
-                                 class_axis_name="vocab", batch_axis_name="batch")
-  with pytest.raises(ValueError, match="different mesh axes"):
-    sharded_linear_cross_entropy(hidden, classifier, labels, mesh=mesh,
-                                 class_axis_name="vocab", batch_axis_name="vocab")
-  with pytest.raises(ValueError, match="It looks transposed"):
-    sharded_linear_cross_entropy(hidden, classifier.T, labels, mesh=mesh,
-                                 class_axis_name="vocab")
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    hidden, classifier, _, labels, _, _ = make_inputs(16)
+    with pytest.raises(ValueError, match="must divide by the 2 shards"):
+        sharded_linear_cross_entropy(
+            hidden[:7],
+            classifier,
+            labels[:7],
+            mesh=mesh,
+            class_axis_name="vocab",
+            batch_axis_name="batch",
+        )
+    with pytest.raises(ValueError, match="different mesh axes"):
+        sharded_linear_cross_entropy(
+            hidden, classifier, labels, mesh=mesh, class_axis_name="vocab", batch_axis_name="vocab"
+        )
+    with pytest.raises(ValueError, match="It looks transposed"):
+        sharded_linear_cross_entropy(
+            hidden, classifier.T, labels, mesh=mesh, class_axis_name="vocab"
+        )
 
 
 # The compiled program: which collectives, on which shapes, between which devices.
@@ -237,92 +308,112 @@ MESH_SHAPES = {"batch2_vocab4": (2, 4), "vocab8": (1, 8)}
 
 
 def compiled_collectives(options, *, grad, mesh_name):
-  """The program's collectives as ``(op, shape, over)``, ``over`` naming the mesh axis
-  whose device groups it runs over, and the local rows and classes."""
-  mesh = auto_mesh(MESH_SHAPES[mesh_name], ("batch", "vocab"))
-  batches, vocabs = MESH_SHAPES[mesh_name]
-  hidden = jax.ShapeDtypeStruct((ROWS, WIDTH), jnp.float32,
-                                sharding=NamedSharding(mesh, P("batch", None)))
-  classifier = jax.ShapeDtypeStruct((CLASSES, WIDTH), jnp.float32,
-                                    sharding=NamedSharding(mesh, P("vocab", None)))
-  labels = jax.ShapeDtypeStruct((ROWS,), jnp.int32, sharding=NamedSharding(mesh, P("batch")))
-  extra = dict(options)
-  if extra.pop("weights", False):
-    extra["class_weights"] = jnp.ones((CLASSES,))
-  if extra.pop("where", False):
-    extra["where"] = jnp.arange(ROWS) % 3 != 0
+    """The program's collectives as ``(op, shape, over)``, ``over`` naming the mesh axis
+    whose device groups it runs over, and the local rows and classes."""
+    mesh = auto_mesh(MESH_SHAPES[mesh_name], ("batch", "vocab"))
+    batches, vocabs = MESH_SHAPES[mesh_name]
+    hidden = jax.ShapeDtypeStruct(
+        (ROWS, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("batch", None))
+    )
+    classifier = jax.ShapeDtypeStruct(
+        (CLASSES, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("vocab", None))
+    )
+    labels = jax.ShapeDtypeStruct((ROWS,), jnp.int32, sharding=NamedSharding(mesh, P("batch")))
+    extra = dict(options)
+    if extra.pop("weights", False):
+        extra["class_weights"] = jnp.ones((CLASSES,))
+    if extra.pop("where", False):
+        extra["where"] = jnp.arange(ROWS) % 3 != 0
 
-  def loss_fn(h, w, y):
-    return sharded_linear_cross_entropy(h, w, y, mesh=mesh, class_axis_name="vocab",
-                                        batch_axis_name="batch", **extra)
+    def loss_fn(h, w, y):
+        return sharded_linear_cross_entropy(
+            h, w, y, mesh=mesh, class_axis_name="vocab", batch_axis_name="batch", **extra
+        )
 
-  fn = jax.value_and_grad(loss_fn, argnums=(0, 1)) if grad else loss_fn
-  text = jax.jit(fn).lower(hidden, classifier, labels).compile().as_text()
-  ids = np.vectorize(lambda d: d.id)(mesh.devices)
-  axes = {"vocab": {frozenset(row) for row in ids.tolist()},
-          "batch": {frozenset(col) for col in ids.T.tolist()}}
-  found = []
-  for op, shapes, groups in hlo.collectives_with_groups(text):
-    over = [name for name, g in axes.items() if g == groups]
-    assert over, f"{op} {shapes} over device groups {groups}: neither mesh axis"
-    found += [(op, shape, over[0]) for _, shape in shapes]
-  return found, ROWS // batches, CLASSES // vocabs
+    fn = jax.value_and_grad(loss_fn, argnums=(0, 1)) if grad else loss_fn
+    text = jax.jit(fn).lower(hidden, classifier, labels).compile().as_text()
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    axes = {
+        "vocab": {frozenset(row) for row in ids.tolist()},
+        "batch": {frozenset(col) for col in ids.T.tolist()},
+    }
+    found = []
+    for op, shapes, groups in hlo.collectives_with_groups(text):
+        over = [name for name, g in axes.items() if g == groups]
+        assert over, f"{op} {shapes} over device groups {groups}: neither mesh axis"
+        found += [(op, shape, over[0]) for _, shape in shapes]
+    return found, ROWS // batches, CLASSES // vocabs
 
 
 def check_exchanges(found, rows, classes, *, grad):
-  """Over the vocabulary axis: per-row statistics, and in the backward one ``[rows, d]``
-  sum of the hidden states' gradient. Over the batch axis: the mean's scalars, and in
-  the backward the classifier's gradient (the data-parallel gradient sum every
-  batch-split step needs). No operand has ``V`` or ``[rows, classes]`` entries."""
-  assert found, "no collective found: the HLO parser or the sharding is broken"
-  hidden_sums, gradient_sums = [], []
-  for op, shape, over in found:
-    assert op == "all-reduce", f"{op} {shape}: only all-reduces expected"
-    assert CLASSES not in shape, f"{op} {shape} over {over}"
-    assert hlo.elements(shape) < rows * classes, f"{op} {shape} over {over}"
-    if over == "vocab" and shape == (rows, WIDTH):
-      hidden_sums.append(shape)
-    elif over == "batch" and shape == (classes, WIDTH):
-      gradient_sums.append(shape)
-    else:  # a per-row statistic (over the vocabulary) or a scalar of the global mean
-      assert hlo.elements(shape) <= rows, f"{op} {shape} over {over}"
-      assert over == "vocab" or shape == (), f"{op} {shape} over {over}"
-  assert hidden_sums == ([(rows, WIDTH)] if grad else [])
-  assert len(gradient_sums) == (1 if grad and rows < ROWS else 0)
-  return [(shape, over) for _, shape, over in found if len(shape) <= 1]
+    """Over the vocabulary axis: per-row statistics, and in the backward one ``[rows, d]``
+    sum of the hidden states' gradient. Over the batch axis: the mean's scalars, and in
+    the backward the classifier's gradient (the data-parallel gradient sum every
+    batch-split step needs). No operand has ``V`` or ``[rows, classes]`` entries."""
+    assert found, "no collective found: the HLO parser or the sharding is broken"
+    hidden_sums, gradient_sums = [], []
+    for op, shape, over in found:
+        assert op == "all-reduce", f"{op} {shape}: only all-reduces expected"
+        assert CLASSES not in shape, f"{op} {shape} over {over}"
+        assert hlo.elements(shape) < rows * classes, f"{op} {shape} over {over}"
+        if over == "vocab" and shape == (rows, WIDTH):
+            hidden_sums.append(shape)
+        elif over == "batch" and shape == (classes, WIDTH):
+            gradient_sums.append(shape)
+        else:  # a per-row statistic (over the vocabulary) or a scalar of the global mean
+            assert hlo.elements(shape) <= rows, f"{op} {shape} over {over}"
+            assert over == "vocab" or shape == (), f"{op} {shape} over {over}"
+    assert hidden_sums == ([(rows, WIDTH)] if grad else [])
+    assert len(gradient_sums) == (1 if grad and rows < ROWS else 0)
+    return [(shape, over) for _, shape, over in found if len(shape) <= 1]
 
 
-EVERYTHING = dict(weights=True, where=True, label_smoothing=0.1, ignore_index=-100,
-                  z_loss=1e-3, logit_softcap=5.0)
+EVERYTHING = dict(
+    weights=True, where=True, label_smoothing=0.1, ignore_index=-100, z_loss=1e-3, logit_softcap=5.0
+)
 
 
-@pytest.mark.parametrize("options, mesh_name", [
-    ({}, "batch2_vocab4"), ({}, "vocab8"), (EVERYTHING, "batch2_vocab4")],
-    ids=["plain-batch2_vocab4", "plain-vocab8", "everything-batch2_vocab4"])
+@pytest.mark.parametrize(
+    "options, mesh_name",
+    [({}, "batch2_vocab4"), ({}, "vocab8"), (EVERYTHING, "batch2_vocab4")],
+    ids=["plain-batch2_vocab4", "plain-vocab8", "everything-batch2_vocab4"],
+)
 def test_collectives_move_per_row_statistics(options, mesh_name):
-  forward, rows, classes = compiled_collectives(options, grad=False, mesh_name=mesh_name)
-  statistics = check_exchanges(forward, rows, classes, grad=False)
-  # max, sum of exponentials, label logit (and the smoothing sum): one value per row each
-  assert len([s for s, over in statistics if s == (rows,) and over == "vocab"]) >= 3
-  both, _, _ = compiled_collectives(options, grad=True, mesh_name=mesh_name)
-  # The backward adds no statistic: only the two gradient sums checked above.
-  assert sorted(check_exchanges(both, rows, classes, grad=True)) == sorted(statistics)
+    forward, rows, classes = compiled_collectives(options, grad=False, mesh_name=mesh_name)
+    statistics = check_exchanges(forward, rows, classes, grad=False)
+    # max, sum of exponentials, label logit (and the smoothing sum): one value per row each
+    assert len([s for s, over in statistics if s == (rows,) and over == "vocab"]) >= 3
+    both, _, _ = compiled_collectives(options, grad=True, mesh_name=mesh_name)
+    # The backward adds no statistic: only the two gradient sums checked above.
+    assert sorted(check_exchanges(both, rows, classes, grad=True)) == sorted(statistics)
 
 
 def test_hlo_check_catches_gathered_logits():
-  """Negative control: the naive sharded composition that gathers its logits is caught."""
-  mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    """Negative control: the naive sharded composition that gathers its logits is caught."""
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
 
-  @functools.partial(jax.shard_map, mesh=mesh, out_specs=P("batch"), check_vma=False,
-                     in_specs=(P("batch", None), P("vocab", None), P("batch")))
-  def gathered(h, w, y):
-    logits = jax.lax.all_gather(h @ w.T, "vocab", axis=1, tiled=True)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        out_specs=P("batch"),
+        check_vma=False,
+        in_specs=(P("batch", None), P("vocab", None), P("batch")),
+    )
+    def gathered(h, w, y):
+        logits = jax.lax.all_gather(h @ w.T, "vocab", axis=1, tiled=True)
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
 
-  text = jax.jit(gathered).lower(jnp.zeros((ROWS, WIDTH)), jnp.zeros((CLASSES, WIDTH)),
-                                 jnp.zeros((ROWS,), jnp.int32)).compile().as_text()
-  found = [(op, shape, "vocab") for op, shapes, _ in hlo.collectives_with_groups(text)
-           for _, shape in shapes]
-  assert ("all-gather", (ROWS // 2, CLASSES), "vocab") in found
-  with pytest.raises(AssertionError):
-    check_exchanges(found, ROWS // 2, CLASSES // 4, grad=False)
+    text = (
+        jax.jit(gathered)
+        .lower(jnp.zeros((ROWS, WIDTH)), jnp.zeros((CLASSES, WIDTH)), jnp.zeros((ROWS,), jnp.int32))
+        .compile()
+        .as_text()
+    )
+    found = [
+        (op, shape, "vocab")
+        for op, shapes, _ in hlo.collectives_with_groups(text)
+        for _, shape in shapes
+    ]
+    assert ("all-gather", (ROWS // 2, CLASSES), "vocab") in found
+    with pytest.raises(AssertionError):
+        check_exchanges(found, ROWS // 2, CLASSES // 4, grad=False)

@@ -44,6 +44,8 @@ def test_eight_device_checks_pass():
             "-m",
             "pytest",
             "-q",
+            "-n",
+            "0",  # one process: the parent already runs its workers on these cores
             "-p",
             "no:cacheprovider",
             "tests/multidevice/check_data_parallel.py",

@@ -4,11 +4,8 @@ import importlib.util
 import json
 import os
 
-import pytest
-
 
 def test_benchmark_quick_run(tmp_path):
-    pytest.importorskip("matplotlib")
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmark.py")
     spec = importlib.util.spec_from_file_location("benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)

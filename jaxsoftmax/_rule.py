@@ -35,8 +35,9 @@ The forward keeps the logits (alive anyway in a training step) and two numbers p
 the row maximum ``m`` and ``log_sum = log sum_k exp(z_k - m)``. Keeping ``m`` and
 ``log_sum`` apart rather than their sum ``lse`` keeps the softmax exact at huge logits:
 at ``|z| ~ 1e30`` in float32, ``lse`` rounds to ``m`` and ``exp(z - lse)`` would lose the
-``log_sum`` entirely, while ``exp((z - m) - log_sum)`` does not. No second array of the
-logits' size is saved; the softmax is recomputed in the backward.
+``log_sum`` entirely. The backward computes ``exp((z - hi) - lo)`` with ``hi = m + log_sum``
+rounded and ``lo`` its rounding error (:func:`_split_sum`), which keeps it. No second array
+of the logits' size is saved; the softmax is recomputed in the backward.
 
 Precision: bf16 and f16 logits are computed in float32 and the gradient is cast back to
 the logits' dtype; float64 stays float64 under ``jax_enable_x64``.
@@ -157,6 +158,21 @@ def _row_statistics(x, class_mask, options: RuleOptions):
     shifted = x - top
     log_sum = jnp.log(_sum_classes(jnp.exp(shifted), options))
     return top, log_sum, shifted
+
+
+def _split_sum(top, log_sum):
+    """``lse = top + log_sum`` per row, as the rounded sum ``hi`` and its rounding error ``lo``.
+
+    The backward computes ``z - lse`` as ``(z - hi) - lo``. Near the row's maximum the
+    subtraction of ``hi`` is exact (Sterbenz) and ``lo`` restores what rounding dropped:
+    at ``|z| ~ 1e30`` in float32, ``hi`` rounds to ``top`` and ``lo = log_sum``, so tied
+    maxima still get ``1 / k`` each. Not forming ``z - top`` in the backward also keeps
+    that difference a forward-only value, which XLA fuses into the forward's reduction
+    instead of writing it out as a logits-sized temporary once forward and backward are
+    compiled together.
+    """
+    hi = top + log_sum
+    return hi, (top - hi) + log_sum
 
 
 def _is_indices(targets) -> bool:
@@ -364,12 +380,13 @@ def _logits_gradient(
     dtype = x.dtype
     top, log_sum = statistics
     live = live_rows(class_mask, row_mask, options)
-    shifted = x - top
-    if class_mask is not None:
-        shifted = jnp.where(class_mask, shifted, -jnp.inf)
     if live is not None:
         log_sum = jnp.where(live, log_sum, 0.0)
-    softmax = jnp.exp(shifted - log_sum)
+    lse, lse_error = _split_sum(top, log_sum)
+    shifted = (x - lse) - lse_error
+    if class_mask is not None:
+        shifted = jnp.where(class_mask, shifted, -jnp.inf)
+    softmax = jnp.exp(shifted)
     q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)
     scale = _target_total(targets, class_mask, all_weights, num_total, dtype, options)
     if options.z_loss:

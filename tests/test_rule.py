@@ -235,3 +235,21 @@ def test_rule_options_are_static_and_hashable():
     f = functools.partial(_rule.softmax_cross_entropy_rows, options=options)
     out = jax.jit(f)(jnp.zeros((2, 3)), jnp.array([0, 1]), None, None, None)
     np.testing.assert_allclose(out, [np.log(3.0) + 1e-4 * np.log(3.0) ** 2] * 2, rtol=1e-6)
+
+
+def test_compiled_loss_and_gradient_write_one_logits_sized_array():
+    """Forward and backward compiled together (``value_and_grad`` under ``jit``) read the
+    logits three times and write exactly one ``[N, C]`` array: the gradient. A backward that
+    shares an intermediate with the forward (``z - m``) makes XLA write that intermediate
+    out as well. Compiled for the CPU, whose fusion decisions this pins."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    logits = jax.ShapeDtypeStruct((256, 1000), jnp.float32, sharding=cpu)
+    labels = jax.ShapeDtypeStruct((256,), jnp.int32, sharding=cpu)
+    hlo = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    written = [
+        line
+        for line in entry.splitlines()
+        if " = f32[256,1000]" in line and "parameter(" not in line
+    ]
+    assert len(written) == 1, "\n".join(written)

@@ -224,6 +224,25 @@ class TestGradients:
         for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(batch)):
             np.testing.assert_allclose(jnp.mean(a, axis=0), b, rtol=1e-5, atol=1e-7)
 
+    def test_per_example_grads_split_where_per_example(self):
+        # a masked example contributes no data term: its gradient is the penalty's l2 * W alone
+        params, x, labels = random_problem([4, 10, 3], 6)
+        where = jnp.array([True, False, True, True, False, True])
+        options = {"l2": 1e-2, "activation": "tanh"}
+        per_example = jax.jit(lambda p, w: mlp.per_example_grads(p, x, labels, where=w, **options))(
+            params, where
+        )
+        unmasked_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
+        penalty_only = [{"W": 1e-2 * p["W"], "b": jnp.zeros_like(p["b"])} for p in params]
+        for n in range(6):
+            expected = (
+                unmasked_grad(params, x[n : n + 1], labels[n : n + 1]) if where[n] else penalty_only
+            )
+            for a, b in zip(
+                jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(expected)
+            ):
+                np.testing.assert_allclose(a[n], b, rtol=1e-5, atol=1e-7)
+
 
 def test_predict_and_accuracy():
     params = [{"W": jnp.array([[1.0, -1.0, 0.0]]), "b": jnp.array([0.0, 0.0, 0.5])}]

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.flatten_util import ravel_pytree
 
 from jaxsoftmax import mlp
@@ -152,6 +153,43 @@ class TestLoss:
             weighted,
             rtol=1e-5,
         )
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"z_loss": 0.1},
+            {"logit_softcap": 1.5},
+            {"ignore_index": -100},
+            {
+                "z_loss": 0.05,
+                "logit_softcap": 2.0,
+                "ignore_index": -100,
+                "label_smoothing": 0.1,
+                "class_weights": (1.0, 2.0, 0.5),
+                "l2": 1e-2,
+            },
+        ],
+        ids=["z_loss", "logit_softcap", "ignore_index", "all_together"],
+    )
+    def test_more_core_options_pass_through(self, options):
+        params, x, labels = random_problem([4, 10, 3], 8, bias_scale=1.0)
+        if "ignore_index" in options:
+            labels = labels.at[jnp.array([1, 5])].set(options["ignore_index"])
+        l2 = options.get("l2", 0.0)
+        expected = reference.cross_entropy(
+            numpy_forward(params, x, "relu"),
+            np.asarray(labels),
+            reduction="mean",
+            **{k: v for k, v in options.items() if k != "l2"},
+        ) + 0.5 * l2 * sum(np.sum(np.asarray(p["W"], np.float64) ** 2) for p in params)
+        if "class_weights" in options:
+            options = {**options, "class_weights": jnp.asarray(options["class_weights"])}
+        got = jax.jit(lambda p: mlp.loss(p, x, labels, **options))(params)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        plain = reference.cross_entropy(
+            numpy_forward(params, x, "relu"), np.asarray(labels).clip(0), reduction="mean"
+        )
+        assert abs(expected - plain) > 1e-3  # the option changes the loss: it is not ignored
 
     def test_one_example_is_a_batch_of_one(self):
         params, x, labels = random_problem([4, 10, 3], 3)

@@ -8,7 +8,8 @@ The loop has three layers, each usable on its own:
   choosing each step's batch from ``(seed, step)`` alone, so 10,000 steps are 100 dispatches of a
   100-step program, not 10,000 Python calls.
 - :func:`train`: runs of ``eval_every`` steps, an evaluation on both splits after each, atomic
-  checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss.
+  checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss,
+  parameter or optimizer state (which is then never checkpointed).
 
 Data parallelism: :func:`train` runs on ``config.devices`` local devices (all of them by default)
 through JAX's SPMD partitioner. A one-axis :class:`jax.sharding.Mesh` named ``"batch"`` spans
@@ -55,7 +56,8 @@ BATCH_AXIS = "batch"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss or the parameters became NaN or infinite; the run was stopped."""
+    """The training loss, the parameters or the optimizer state became NaN or infinite; the run
+    was stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,8 +479,9 @@ def train(
       A :class:`TrainResult`.
 
     Raises:
-      NonFiniteLossError: a run produced a NaN or infinite loss or parameter; the checkpoint on
-        disk is the last one with finite values.
+      NonFiniteLossError: a run produced a NaN or infinite loss, parameter or optimizer state
+        (an overflowed moment estimate can leave the loss and parameters finite); the checkpoint
+        on disk is the last one with finite values.
       ValueError: ``config.devices`` exceeds the local devices, or a checkpoint does not match.
     """
     started = time.perf_counter()
@@ -533,21 +536,28 @@ def train(
         x_steps, y_steps, where = steps_data
         new_state, losses = run_of_steps(state, x_steps, y_steps, run_length, where)
         losses = np.asarray(losses)
-        if not (np.all(np.isfinite(losses)) and _all_finite(new_state.params)):
-            first_bad = (
-                step + int(np.argmin(np.isfinite(losses)))
-                if not np.all(np.isfinite(losses))
-                else step + run_length
+        non_finite = [
+            name
+            for name, finite in (
+                ("loss", np.all(np.isfinite(losses))),
+                ("parameters", _all_finite(new_state.params)),
+                ("optimizer state", _all_finite(new_state.opt_state)),
             )
-            where = (
+            if not finite
+        ]
+        if non_finite:
+            when = f"between steps {step} and {step + run_length}"
+            if "loss" in non_finite:
+                when = f"at step {step + int(np.argmin(np.isfinite(losses)))} ({when})"
+            kept = (
                 f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
                 if last_checkpoint is not None
                 else "no checkpoint had been written yet"
             )
             raise NonFiniteLossError(
-                f"the training loss became non-finite at step {first_bad} (between steps {step} "
-                f"and {step + run_length}); {where}. Try a smaller learning_rate "
-                f"(was {config.learning_rate}) or a larger l2 (was {config.l2})."
+                f"the training {' and '.join(non_finite)} became non-finite {when}; {kept}. "
+                f"Try a smaller learning_rate (was {config.learning_rate}) or a larger l2 "
+                f"(was {config.l2})."
             )
         state = new_state
         row = history_row(state, float(np.mean(losses)))

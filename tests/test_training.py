@@ -3,7 +3,9 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsoftmax import data, training
@@ -157,6 +159,41 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert 20 <= int(saved.step) < 400
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(saved))
     assert np.isfinite(history[-1]["train_loss"])
+
+
+def sgd_with_an_overflowing_statistic(config):
+    """Plain gradient descent plus a float32 state leaf multiplied by 1e4 each step: it overflows
+    to inf at step 10 while the updates, the parameters and the loss stay finite, as when a
+    squared-gradient moment overflows and only freezes its coordinates."""
+    sgd = optax.sgd(config.learning_rate)
+
+    def init(params):
+        return sgd.init(params), jnp.ones((), jnp.float32)
+
+    def update(grads, state, params=None):
+        updates, sgd_state = sgd.update(grads, state[0], params)
+        return updates, (sgd_state, state[1] * jnp.float32(1e4))
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_a_non_finite_optimizer_state_stops_the_run_and_is_never_checkpointed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(training, "make_optimizer", sgd_with_an_overflowing_statistic)
+    config = training.TrainConfig(hidden=(8,), steps=40, eval_every=5, checkpoint_every=5)
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"optimizer state became non-finite between steps 5 and 10; "
+        r"the last good checkpoint, step 5,",
+    ):
+        training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
+    state, _ = training.init_state(config, SPIRAL.num_features, SPIRAL.num_classes)
+    saved, history = training.load_checkpoint(
+        str(tmp_path / training.CHECKPOINT_FILENAME), state, config, SPIRAL
+    )
+    assert int(saved.step) == 5 and saved.opt_state[1] == np.float32(1e20)
+    assert [row["step"] for row in history] == [0, 5]
 
 
 def test_bad_configurations_are_named():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -36,6 +37,8 @@ import jax
 import numpy as np
 
 from jaxsoftmax import data, mlp, training
+
+OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv")  # and the checkpoint, by training
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -146,10 +149,11 @@ def library_versions() -> dict[str, str]:
 
 
 def write_history(path: str, history: list[dict]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    training.write_atomically(path, text.getvalue())
 
 
 def plot_history(path: str, history: list[dict], title: str) -> None:
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
     )
     os.makedirs(arguments.out, exist_ok=True)
+    for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
+        training.remove_stale_temporaries(os.path.join(arguments.out, name))
 
     progress_bar = None
     if not arguments.no_progress:
@@ -297,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": config.to_dict(),
     }
-    with open(os.path.join(arguments.out, "metrics.json"), "w") as file:
-        json.dump(metrics, file, indent=2)
+    training.write_atomically(
+        os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
+    )
     write_history(os.path.join(arguments.out, "history.csv"), result.history)
     kind = config.activation if config.hidden else "linear softmax classifier"
     title = f"{dataset.name}, {architecture} {kind}, {config.steps} steps"

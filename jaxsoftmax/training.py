@@ -373,22 +373,57 @@ def _dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file beside ``path``, syncs it, then renames it over
-    ``path``: a reader sees the old file or the new one, never a partial one."""
+def _temporary_prefix(path: str) -> str:
+    """``dir/checkpoint.npz`` -> ``.checkpoint-``: the temporaries of ``path`` are
+    ``dir/.checkpoint-*.tmp``."""
+    return "." + os.path.splitext(os.path.basename(path))[0] + "-"
+
+
+def write_atomically(path: str, payload: bytes | str) -> None:
+    """Writes ``payload`` (``str`` as UTF-8) to ``path`` so that a reader, or a crash, sees the
+    old file or the new one, never a partial one.
+
+    The bytes go to a temporary file beside ``path`` (``.NAME-*.tmp`` for ``NAME.ext``), which
+    is synced and then renamed over ``path``. If writing fails the temporary is removed and
+    ``path`` is untouched; only a process killed mid-write leaves one behind, for
+    :func:`remove_stale_temporaries`. Checkpoints, ``metrics.json`` and ``history.csv`` of
+    ``experiments/train.py`` and the table of ``experiments/gradient_check.py`` are written so.
+    """
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(
+        dir=directory, prefix=_temporary_prefix(path), suffix=".tmp"
+    )
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(payload)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Deletes the temporaries that :func:`write_atomically` ``(path, ...)`` left when its process
+    was killed mid-write, and returns their paths. Call it before a run writes ``path``, not
+    while another process may be writing it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _temporary_prefix(path)
+    if not os.path.isdir(directory):
+        return []
+    stale = [
+        os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.startswith(prefix) and name.endswith(".tmp")
+    ]
+    for temporary in stale:
+        os.unlink(temporary)
+    return stale
 
 
 def save_checkpoint(
@@ -405,7 +440,7 @@ def save_checkpoint(
     arrays["dataset"] = np.asarray(json.dumps([dataset.name, _dataset_fingerprint(dataset)]))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def load_checkpoint(
@@ -470,7 +505,8 @@ def train(
       config: the hyperparameters.
       dataset: from :func:`jaxsoftmax.data.load` (or ``from_arrays``).
       checkpoint_dir: where ``checkpoint.npz`` is written every ``config.checkpoint_every`` steps
-        and at the end; ``None`` writes nothing.
+        and at the end, atomically (:func:`write_atomically`); temporaries a killed run left
+        there are removed first. ``None`` writes nothing.
       resume: continue from ``checkpoint_dir/checkpoint.npz`` if it exists (fresh start if not).
       on_run_end: called as ``on_run_end(history_row, steps_in_run)`` after each compiled run,
         e.g. to advance a progress bar.
@@ -503,6 +539,7 @@ def train(
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
+        remove_stale_temporaries(checkpoint_path)  # of a run killed while it saved
 
     def history_row(state: TrainState, batch_loss: float | None) -> dict[str, Any]:
         on_train = evaluate(state.params, x_train, y_train)

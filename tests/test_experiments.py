@@ -66,6 +66,12 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
     for picture in ("loss.png", "decision_boundary.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # a reader of the first run's files keeps reading them whole while the second run writes
+    # (the new files are renamed into place); temporaries of a killed run are cleared
+    readers = {name: open(out / name, newline="") for name in ("metrics.json", "history.csv")}
+    first_contents = {name: (out / name).read_bytes().decode() for name in readers}
+    for name in (".metrics-dead.tmp", ".history-dead.tmp", ".checkpoint-dead.tmp"):
+        (out / name).write_text("partial")
     run_script(
         "train.py",
         "--num-examples",
@@ -84,8 +90,14 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
         "--no-plots",
         "--no-progress",
     )
+    seen = {}
+    for name, reader in readers.items():
+        with reader:
+            seen[name] = reader.read()
+    assert seen == first_contents
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and "resumed from step 40" in metrics["train_seconds_note"]
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_train_linear_classifier_on_four_features_draws_no_boundary(tmp_path):
@@ -150,7 +162,10 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
 
 
 def test_gradient_check_passes_and_reports_every_parameter(tmp_path):
-    completed = run_script("gradient_check.py", "--json", str(tmp_path / "table.json"))
+    (tmp_path / "table.json").write_text("old table")
+    with open(tmp_path / "table.json") as reader:  # the new table is renamed into place
+        completed = run_script("gradient_check.py", "--json", str(tmp_path / "table.json"))
+        assert reader.read() == "old table"
     assert "all 20 comparisons within tolerance" in completed.stdout
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert {(row["network"][:8], row["parameter"]) for row in rows} == {

@@ -142,6 +142,25 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert int(loaded.step) == 0 and history == [{"step": 0}]
 
 
+def test_write_atomically_replaces_the_file_and_a_run_removes_stale_temporaries(tmp_path):
+    path = tmp_path / "metrics.json"
+    training.write_atomically(str(path), "old")
+    with open(path) as reader:  # opened before the rewrite: keeps the complete old file
+        training.write_atomically(str(path), b"new \xe2\x9c\x93")
+        assert reader.read() == "old"
+    assert path.read_text(encoding="utf-8") == "new \u2713"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+    # what a run killed mid-write leaves: temporaries of the checkpoint and of another file
+    for name in (".checkpoint-k1ll3d.tmp", ".checkpoint-x.tmp", ".metrics-x.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+    removed = training.remove_stale_temporaries(str(path))
+    assert [os.path.basename(p) for p in removed] == [".metrics-x.tmp"]
+    config = training.TrainConfig(hidden=(8,), steps=10, eval_every=10, checkpoint_every=10)
+    training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [training.CHECKPOINT_FILENAME, "metrics.json"]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr * l2 = 3 > 2: plain gradient descent multiplies the weights by -2 each step, so the
     # penalty overflows float32 after about 60 steps, long after the checkpoint of step 20.

@@ -36,6 +36,7 @@ import sys
 import jax
 import numpy as np
 
+import jaxsoftmax
 from jaxsoftmax import data, mlp, training
 
 OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv")  # and the checkpoint, by training
@@ -139,12 +140,13 @@ def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig
 
 
 def library_versions() -> dict[str, str]:
+    """Installed versions; for jaxsoftmax run from a source tree, its ``__version__``."""
     versions = {"python": platform.python_version()}
     for name in ("jaxsoftmax", "jax", "jaxlib", "optax", "numpy"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed (source tree)"
+            versions[name] = jaxsoftmax.__version__ if name == "jaxsoftmax" else "not installed"
     return versions
 
 

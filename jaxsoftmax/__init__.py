@@ -18,6 +18,8 @@ The public API:
 """
 
 import importlib.metadata
+import pathlib
+import tomllib
 
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
@@ -37,10 +39,25 @@ from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
 from jaxsoftmax.training import TrainConfig as TrainConfig
 from jaxsoftmax.training import train as train
 
-try:
-    __version__ = importlib.metadata.version("jaxsoftmax")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+
+def _version() -> str:
+    """The installed distribution's version; in a source tree that is not installed, the
+    version in its ``pyproject.toml`` marked ``+source`` (``"0.0.0+unknown"`` without one)."""
+    try:
+        return importlib.metadata.version("jaxsoftmax")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0.0.0+unknown"
+    if project.get("name") != "jaxsoftmax" or "version" not in project:
+        return "0.0.0+unknown"
+    return f"{project['version']}+source"
+
+
+__version__ = _version()
 
 __all__ = [
     "NonFiniteLossError",

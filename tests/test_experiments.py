@@ -1,13 +1,28 @@
 """The experiment scripts, run end to end as a user runs them, on tiny configurations."""
 
 import csv
+import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import jaxsoftmax
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    """An experiment script imported as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(
+        f"experiments_{name}", ROOT / "experiments" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(name, *arguments, expect_success=True):
@@ -98,6 +113,22 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and "resumed from step 40" in metrics["train_seconds_note"]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_metrics_versions_name_the_package_version_when_not_installed(monkeypatch):
+    train = load_script("train")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    versions = train.library_versions()
+    assert versions["jaxsoftmax"] == jaxsoftmax.__version__
+    assert versions["jax"] == "not installed"
+    # a source tree that is not installed reports its pyproject version, marked as such
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1)
+    assert jaxsoftmax._version() == f"{version}+source"
 
 
 def test_train_linear_classifier_on_four_features_draws_no_boundary(tmp_path):

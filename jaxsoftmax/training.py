@@ -52,6 +52,7 @@ from jaxsoftmax.data import Dataset
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 CHECKPOINT_FILENAME = "checkpoint.npz"
+DEFAULT_CHECKPOINT_EVERY = 1000  # steps, rounded up to a multiple of eval_every
 BATCH_AXIS = "batch"
 
 
@@ -78,7 +79,9 @@ class TrainConfig:
       init_scheme, init_scale: passed to :func:`jaxsoftmax.mlp.init` (CS231n: 0.01 * randn).
       label_smoothing, class_weights, z_loss, logit_softcap: options of the core cross-entropy.
       eval_every: steps per compiled run; the history gets one row per run.
-      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``.
+      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``; ``None`` (the
+        default) is every 1000 steps rounded up to a multiple of ``eval_every`` (1000 for the
+        default ``eval_every=100``), and the config holds that number.
       devices: train data-parallel on the first ``devices`` local devices; ``None`` uses all of
         them (one on an ordinary CPU). Not a hyperparameter: any count gives the same run up to
         float rounding, so a checkpoint may be resumed on another count.
@@ -100,7 +103,7 @@ class TrainConfig:
     z_loss: float = 0.0
     logit_softcap: float | None = None
     eval_every: int = 100
-    checkpoint_every: int = 1000
+    checkpoint_every: int | None = None
     devices: int | None = None
 
     def __post_init__(self) -> None:
@@ -118,8 +121,11 @@ class TrainConfig:
             )
         mlp._activation_function(self.activation)
         for name in ("steps", "eval_every", "checkpoint_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.checkpoint_every is None:
+            runs = -(-DEFAULT_CHECKPOINT_EVERY // self.eval_every)
+            object.__setattr__(self, "checkpoint_every", runs * self.eval_every)
         if self.devices is not None and self.devices <= 0:
             raise ValueError(
                 f"devices={self.devices} must be a positive number of devices, or None for all "
@@ -210,6 +216,33 @@ def init_state(
     params = mlp.init(init_key, sizes, scheme=config.init_scheme, scale=config.init_scale)
     optimizer = make_optimizer(config)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)), optimizer
+
+
+def check_config_for_dataset(config: TrainConfig, dataset: Dataset) -> None:
+    """Raises ``ValueError`` (or ``TypeError``) naming the setting if ``config`` cannot train on
+    ``dataset``, before anything is computed or compiled.
+
+    ``class_weights`` must hold one weight per class of ``dataset``; every other loss option
+    goes through the loss's own checks, which look at shapes and Python values only, by tracing
+    :func:`jaxsoftmax.mlp.loss` abstractly (``jax.eval_shape``: no arithmetic). :func:`train`
+    calls it first; a script calls it to report a bad flag as a usage error.
+    """
+    if config.class_weights is not None and len(config.class_weights) != dataset.num_classes:
+        raise ValueError(
+            f"class_weights={config.class_weights} holds {len(config.class_weights)} weight(s) "
+            f"but dataset {dataset.name!r} has {dataset.num_classes} classes; expected one "
+            "weight per class."
+        )
+    sizes = [dataset.num_features, *config.hidden, dataset.num_classes]
+    params = jax.eval_shape(
+        lambda: mlp.init(
+            jax.random.key(0), sizes, scheme=config.init_scheme, scale=config.init_scale
+        )
+    )
+    options = config.loss_options()
+    jax.eval_shape(
+        lambda p: mlp.loss(p, dataset.x_train[:1], dataset.y_train[:1], **options), params
+    )
 
 
 def select_devices(count: int | None, *, name: str = "devices") -> list[jax.Device]:
@@ -518,9 +551,11 @@ def train(
       NonFiniteLossError: a run produced a NaN or infinite loss, parameter or optimizer state
         (an overflowed moment estimate can leave the loss and parameters finite); the checkpoint
         on disk is the last one with finite values.
-      ValueError: ``config.devices`` exceeds the local devices, or a checkpoint does not match.
+      ValueError: ``config.devices`` exceeds the local devices, ``config`` does not fit
+        ``dataset`` (:func:`check_config_for_dataset`), or a checkpoint does not match.
     """
     started = time.perf_counter()
+    check_config_for_dataset(config, dataset)
     mesh = make_mesh(config.devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     x_train, y_train, x_test, y_test = jax.device_put(

@@ -10,7 +10,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import jaxsoftmax
+from jaxsoftmax import training
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -165,6 +168,62 @@ def test_train_rejects_bad_flags_naming_the_choices(tmp_path):
         "train.py", "--hidden", "10,-3", "--out", str(tmp_path), expect_success=False
     )
     assert negative.returncode == 2 and "--hidden '10,-3'" in negative.stderr
+
+
+BAD_FLAGS = [
+    (["--steps", "0"], ["argument --steps:", "positive integer", "'0'"]),
+    (["--batch-size", "0"], ["argument --batch-size:", "positive integer", "'0'"]),
+    (["--eval-every", "-5"], ["argument --eval-every:", "positive integer", "'-5'"]),
+    (
+        ["--eval-every", "30", "--checkpoint-every", "100"],
+        ["argument --checkpoint-every:", "checkpoint_every=100", "multiple of eval_every=30"],
+    ),
+    (
+        ["--class-weights", "1,2"],
+        ["argument --class-weights:", "(1.0, 2.0) holds 2 weight(s)", "has 3 classes"],
+    ),
+    (["--class-weights", "1,a"], ["argument --class-weights:", "numbers", "'1,a'"]),
+    (
+        ["--dataset", "iris", "--num-examples", "10"],
+        ["argument --num-examples:", "num_examples=10", "'iris'", "leave it unset"],
+    ),
+    (
+        ["--dataset", "moons", "--num-examples", "1"],
+        ["argument --num-examples:", "num_examples=1", "at least 2"],
+    ),
+    (["--label-smoothing", "2"], ["argument --label-smoothing:", "<= 1.0; got 2.0"]),
+    (["--logit-softcap", "0"], ["argument --logit-softcap:", "> 0.0; got 0.0"]),
+]
+
+
+@pytest.mark.parametrize(
+    "flags, expected", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS]
+)
+def test_train_reports_bad_flags_as_usage_errors_before_computing(
+    flags, expected, tmp_path, capsys, monkeypatch
+):
+    train = load_script("train")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started despite a bad flag")
+
+    monkeypatch.setattr(training, "train", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flags, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "error: argument" in stderr
+    for part in expected:
+        assert part in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_checkpoint_interval_follows_eval_every():
+    train = load_script("train")
+    for eval_every, checkpoint_every in (("100", 1000), ("30", 1020), ("2500", 2500)):
+        arguments = train.parse_arguments(["--eval-every", eval_every])
+        config = train.config_from_arguments(arguments)
+        assert (config.eval_every, config.checkpoint_every) == (int(eval_every), checkpoint_every)
 
 
 def test_train_stops_on_a_non_finite_loss(tmp_path):

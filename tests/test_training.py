@@ -215,6 +215,26 @@ def test_a_non_finite_optimizer_state_stops_the_run_and_is_never_checkpointed(
     assert [row["step"] for row in history] == [0, 5]
 
 
+def test_settings_that_do_not_fit_the_data_are_refused_before_anything_runs(tmp_path):
+    weights = training.TrainConfig(hidden=(4,), steps=10, eval_every=10, class_weights=(1, 2))
+    with pytest.raises(ValueError, match=r"class_weights=\(1.0, 2.0\) holds 2 .* 3 classes"):
+        training.train(weights, SPIRAL, checkpoint_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    smoothing = training.TrainConfig(hidden=(4,), steps=10, eval_every=10, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing must be <= 1.0; got 1.5"):
+        training.check_config_for_dataset(smoothing, SPIRAL)
+    training.check_config_for_dataset(
+        training.TrainConfig(hidden=(4,), class_weights=(1, 2, 3)), SPIRAL
+    )
+
+
+def test_the_default_checkpoint_interval_is_a_multiple_of_eval_every():
+    assert training.TrainConfig().checkpoint_every == 1000
+    assert training.TrainConfig(eval_every=30).checkpoint_every == 1020
+    assert training.TrainConfig(eval_every=3000).checkpoint_every == 3000
+    assert training.TrainConfig(eval_every=30, checkpoint_every=60).checkpoint_every == 60
+
+
 def test_bad_configurations_are_named():
     with pytest.raises(ValueError, match="optimizer='rmsprop'.*sgd, momentum, adam"):
         training.TrainConfig(optimizer="rmsprop")

@@ -7,7 +7,8 @@ The public API:
   drop-in replacements for optax's losses of the same names, with forward mode.
 * :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
 * :func:`linear_cross_entropy`: classifier layer and loss fused; never builds the
-  ``[N, V]`` logits.
+  ``[N, V]`` logits. It has no ``axis_name=``: the vocabulary-split fused loss is
+  :func:`sharded_linear_cross_entropy`.
 * :func:`sharded_cross_entropy`: the vocabulary-parallel loss on a device mesh (the
   ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
 * :func:`sharded_linear_cross_entropy`: :func:`linear_cross_entropy` with the classifier

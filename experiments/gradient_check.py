@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxsoftmax import data, mlp
+from jaxsoftmax import data, mlp, training
 
 RELATIVE_FLOOR = 1e-6  # below it a difference is judged by its absolute size
 # (absolute, relative) tolerances: exact references agree to rounding, finite differences to
@@ -188,8 +188,9 @@ def main(argv=None) -> int:
         )
     failed = [row for row in rows if not row["ok"]]
     if arguments.json:
-        with open(arguments.json, "w") as file:
-            json.dump({"tolerances": TOLERANCES, "rows": rows}, file, indent=2)
+        training.write_atomically(
+            arguments.json, json.dumps({"tolerances": TOLERANCES, "rows": rows}, indent=2)
+        )
     if failed:
         print(
             f"\n{len(failed)} comparison(s) exceed their tolerance "

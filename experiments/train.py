@@ -27,15 +27,20 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata
+import io
 import json
 import os
 import platform
+import re
 import sys
 
 import jax
 import numpy as np
 
+import jaxsoftmax
 from jaxsoftmax import data, mlp, training
+
+OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv")  # and the checkpoint, by training
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -55,13 +60,34 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
-def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+def positive_integer(text: str) -> int:
+    """The type of the counting flags: ``--steps 0`` is a usage error, not a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+def parse_class_weights(text: str) -> tuple[float, ...]:
+    """``"1,2,0.5"`` -> (1.0, 2.0, 0.5); their number is checked against the dataset's classes."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, one weight per class, such as 1,2,0.5; got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = training.TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=data.DATASETS, default="spiral")
     parser.add_argument(
         "--num-examples",
-        type=int,
+        type=positive_integer,
         default=None,
         help="points per class (spiral) or in total (moons, circles)",
     )
@@ -83,25 +109,38 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--momentum", type=float, default=defaults.momentum)
     parser.add_argument("--l2", type=float, default=defaults.l2)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: full batch")
+    parser.add_argument("--steps", type=positive_integer, default=defaults.steps)
+    parser.add_argument(
+        "--batch-size", type=positive_integer, default=None, help="default: full batch"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--init-scheme", choices=mlp.INIT_SCHEMES, default=defaults.init_scheme)
     parser.add_argument("--init-scale", type=float, default=defaults.init_scale)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument(
         "--class-weights",
-        type=lambda s: tuple(float(w) for w in s.split(",")),
+        type=parse_class_weights,
         default=None,
         help="comma-separated, one per class",
     )
     parser.add_argument("--z-loss", type=float, default=0.0)
     parser.add_argument("--logit-softcap", type=float, default=None)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument(
+        "--eval-every",
+        type=positive_integer,
+        default=defaults.eval_every,
+        help="steps per compiled run, one history row each",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_integer,
+        default=None,
+        help=f"a multiple of --eval-every (default: every {training.DEFAULT_CHECKPOINT_EVERY} "
+        "steps, rounded up to one)",
+    )
     parser.add_argument(
         "--devices",
-        type=int,
+        type=positive_integer,
         default=None,
         help="train data-parallel on the first N local devices (default: all)",
     )
@@ -109,7 +148,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig:
@@ -135,21 +178,36 @@ def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig
     )
 
 
+def name_the_flag(message: str, arguments: argparse.Namespace) -> str:
+    """A library error about a setting, prefixed as argparse does with the flag that sets it:
+    ``"eval_every=30 must ..."`` -> ``"argument --eval-every: eval_every=30 must ..."``. The
+    setting is the first one the message names; a message naming a flag already is kept."""
+    if "--" in message:
+        return message
+    flags = {name: "--" + name.replace("_", "-") for name in vars(arguments)}
+    flags["learning_rate"] = "--lr"
+    names = "|".join(sorted(flags, key=len, reverse=True))
+    first = re.search(rf"(?<![\w-])({names})(?![\w-])", message)
+    return message if first is None else f"argument {flags[first.group(1)]}: {message}"
+
+
 def library_versions() -> dict[str, str]:
+    """Installed versions; for jaxsoftmax run from a source tree, its ``__version__``."""
     versions = {"python": platform.python_version()}
     for name in ("jaxsoftmax", "jax", "jaxlib", "optax", "numpy"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed (source tree)"
+            versions[name] = jaxsoftmax.__version__ if name == "jaxsoftmax" else "not installed"
     return versions
 
 
 def write_history(path: str, history: list[dict]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    training.write_atomically(path, text.getvalue())
 
 
 def plot_history(path: str, history: list[dict], title: str) -> None:
@@ -216,19 +274,22 @@ def plot_decision_boundary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    # Flags that contradict each other or the data are usage errors (exit status 2), found
+    # before anything is computed: the library's checks, reported under the flag's name.
     try:
         devices = training.select_devices(arguments.devices, name="--devices")
-    except ValueError as error:
-        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-        return 2
-    config = config_from_arguments(arguments)
-    dataset = data.load(
-        arguments.dataset,
-        seed=arguments.seed,
-        standardized=arguments.standardize,
-        num_examples=arguments.num_examples,
-    )
+        config = config_from_arguments(arguments)
+        dataset = data.load(
+            arguments.dataset,
+            seed=arguments.seed,
+            standardized=arguments.standardize,
+            num_examples=arguments.num_examples,
+        )
+        training.check_config_for_dataset(config, dataset)
+    except (ValueError, TypeError) as error:
+        parser.error(name_the_flag(str(error), arguments))
     device = jax.devices()[0]
     device_description = f"{device.platform}: {device.device_kind}"
     print(
@@ -243,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
     )
     os.makedirs(arguments.out, exist_ok=True)
+    for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
+        training.remove_stale_temporaries(os.path.join(arguments.out, name))
 
     progress_bar = None
     if not arguments.no_progress:
@@ -297,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": config.to_dict(),
     }
-    with open(os.path.join(arguments.out, "metrics.json"), "w") as file:
-        json.dump(metrics, file, indent=2)
+    training.write_atomically(
+        os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
+    )
     write_history(os.path.join(arguments.out, "history.csv"), result.history)
     kind = config.activation if config.hidden else "linear softmax classifier"
     title = f"{dataset.name}, {architecture} {kind}, {config.steps} steps"

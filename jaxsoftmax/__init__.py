@@ -7,7 +7,8 @@ The public API:
   drop-in replacements for optax's losses of the same names, with forward mode.
 * :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
 * :func:`linear_cross_entropy`: classifier layer and loss fused; never builds the
-  ``[N, V]`` logits.
+  ``[N, V]`` logits. It has no ``axis_name=``: the vocabulary-split fused loss is
+  :func:`sharded_linear_cross_entropy`.
 * :func:`sharded_cross_entropy`: the vocabulary-parallel loss on a device mesh (the
   ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
 * :func:`sharded_linear_cross_entropy`: :func:`linear_cross_entropy` with the classifier
@@ -18,6 +19,8 @@ The public API:
 """
 
 import importlib.metadata
+import pathlib
+import tomllib
 
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
@@ -37,10 +40,25 @@ from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
 from jaxsoftmax.training import TrainConfig as TrainConfig
 from jaxsoftmax.training import train as train
 
-try:
-    __version__ = importlib.metadata.version("jaxsoftmax")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+
+def _version() -> str:
+    """The installed distribution's version; in a source tree that is not installed, the
+    version in its ``pyproject.toml`` marked ``+source`` (``"0.0.0+unknown"`` without one)."""
+    try:
+        return importlib.metadata.version("jaxsoftmax")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0.0.0+unknown"
+    if project.get("name") != "jaxsoftmax" or "version" not in project:
+        return "0.0.0+unknown"
+    return f"{project['version']}+source"
+
+
+__version__ = _version()
 
 __all__ = [
     "NonFiniteLossError",

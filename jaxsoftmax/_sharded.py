@@ -5,8 +5,10 @@
 classes and the rows' statistics (row maximum, sum of exponentials, target logit, and
 the per-row sums that class weights and class masks need) are combined with
 ``pmax`` / ``psum`` over that axis. Only per-row values cross devices: ``O(N)`` numbers
-per device per reduction, never the ``[N, V]`` logits. The backward of the plain loss
-needs no communication at all; see docs/scaling.md for the volumes.
+per device per reduction, never the ``[N, V]`` logits. The backward of integer labels
+without class weights needs no communication at all; with class weights or probability
+targets it recomputes ``sum_c q_c`` with one more all-reduce of per-row values (and, for
+class weights with label smoothing, of ``sum_c w_c``); see docs/scaling.md for the volumes.
 
 :func:`sharded_cross_entropy` does the ``shard_map`` for the user: it takes the global
 arrays, a ``jax.sharding.Mesh`` and the names of the mesh axes the classes (and,

@@ -269,6 +269,8 @@ def per_example_grads(
       x: ``[N, fan_in]``.
       labels: ``[N]`` integer class indices (or ``[N, num_classes]`` probabilities).
       **loss_options: the keyword arguments of :func:`loss` (``l2``, ``activation``, ...).
+        ``where`` (bool ``[N]``) is split per example like ``x`` and ``labels``: example ``n``
+        gets ``where[n]``, so a masked example's gradient is the penalty's ``l2 * W`` alone.
 
     Returns:
       A pytree shaped like ``params`` with a leading example axis.
@@ -279,7 +281,10 @@ def per_example_grads(
     (5, 4, 10)
     """
 
-    def example_loss(p, example_x, example_label):
-        return loss(p, example_x, example_label, **loss_options)
+    where = loss_options.pop("where", None)
 
-    return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, labels)
+    def example_loss(p, example_x, example_label, example_where):
+        return loss(p, example_x, example_label, where=example_where, **loss_options)
+
+    in_axes = (None, 0, 0, None if where is None else 0)
+    return jax.vmap(jax.grad(example_loss), in_axes=in_axes)(params, x, labels, where)

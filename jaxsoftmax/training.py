@@ -8,7 +8,8 @@ The loop has three layers, each usable on its own:
   choosing each step's batch from ``(seed, step)`` alone, so 10,000 steps are 100 dispatches of a
   100-step program, not 10,000 Python calls.
 - :func:`train`: runs of ``eval_every`` steps, an evaluation on both splits after each, atomic
-  checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss.
+  checkpoints every ``checkpoint_every`` steps, ``resume``, and a stop on a non-finite loss,
+  parameter or optimizer state (which is then never checkpointed).
 
 Data parallelism: :func:`train` runs on ``config.devices`` local devices (all of them by default)
 through JAX's SPMD partitioner. A one-axis :class:`jax.sharding.Mesh` named ``"batch"`` spans
@@ -51,11 +52,13 @@ from jaxsoftmax.data import Dataset
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 CHECKPOINT_FILENAME = "checkpoint.npz"
+DEFAULT_CHECKPOINT_EVERY = 1000  # steps, rounded up to a multiple of eval_every
 BATCH_AXIS = "batch"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss or the parameters became NaN or infinite; the run was stopped."""
+    """The training loss, the parameters or the optimizer state became NaN or infinite; the run
+    was stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,9 @@ class TrainConfig:
       init_scheme, init_scale: passed to :func:`jaxsoftmax.mlp.init` (CS231n: 0.01 * randn).
       label_smoothing, class_weights, z_loss, logit_softcap: options of the core cross-entropy.
       eval_every: steps per compiled run; the history gets one row per run.
-      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``.
+      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``; ``None`` (the
+        default) is every 1000 steps rounded up to a multiple of ``eval_every`` (1000 for the
+        default ``eval_every=100``), and the config holds that number.
       devices: train data-parallel on the first ``devices`` local devices; ``None`` uses all of
         them (one on an ordinary CPU). Not a hyperparameter: any count gives the same run up to
         float rounding, so a checkpoint may be resumed on another count.
@@ -98,7 +103,7 @@ class TrainConfig:
     z_loss: float = 0.0
     logit_softcap: float | None = None
     eval_every: int = 100
-    checkpoint_every: int = 1000
+    checkpoint_every: int | None = None
     devices: int | None = None
 
     def __post_init__(self) -> None:
@@ -116,8 +121,11 @@ class TrainConfig:
             )
         mlp._activation_function(self.activation)
         for name in ("steps", "eval_every", "checkpoint_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.checkpoint_every is None:
+            runs = -(-DEFAULT_CHECKPOINT_EVERY // self.eval_every)
+            object.__setattr__(self, "checkpoint_every", runs * self.eval_every)
         if self.devices is not None and self.devices <= 0:
             raise ValueError(
                 f"devices={self.devices} must be a positive number of devices, or None for all "
@@ -208,6 +216,33 @@ def init_state(
     params = mlp.init(init_key, sizes, scheme=config.init_scheme, scale=config.init_scale)
     optimizer = make_optimizer(config)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)), optimizer
+
+
+def check_config_for_dataset(config: TrainConfig, dataset: Dataset) -> None:
+    """Raises ``ValueError`` (or ``TypeError``) naming the setting if ``config`` cannot train on
+    ``dataset``, before anything is computed or compiled.
+
+    ``class_weights`` must hold one weight per class of ``dataset``; every other loss option
+    goes through the loss's own checks, which look at shapes and Python values only, by tracing
+    :func:`jaxsoftmax.mlp.loss` abstractly (``jax.eval_shape``: no arithmetic). :func:`train`
+    calls it first; a script calls it to report a bad flag as a usage error.
+    """
+    if config.class_weights is not None and len(config.class_weights) != dataset.num_classes:
+        raise ValueError(
+            f"class_weights={config.class_weights} holds {len(config.class_weights)} weight(s) "
+            f"but dataset {dataset.name!r} has {dataset.num_classes} classes; expected one "
+            "weight per class."
+        )
+    sizes = [dataset.num_features, *config.hidden, dataset.num_classes]
+    params = jax.eval_shape(
+        lambda: mlp.init(
+            jax.random.key(0), sizes, scheme=config.init_scheme, scale=config.init_scale
+        )
+    )
+    options = config.loss_options()
+    jax.eval_shape(
+        lambda p: mlp.loss(p, dataset.x_train[:1], dataset.y_train[:1], **options), params
+    )
 
 
 def select_devices(count: int | None, *, name: str = "devices") -> list[jax.Device]:
@@ -371,22 +406,57 @@ def _dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file beside ``path``, syncs it, then renames it over
-    ``path``: a reader sees the old file or the new one, never a partial one."""
+def _temporary_prefix(path: str) -> str:
+    """``dir/checkpoint.npz`` -> ``.checkpoint-``: the temporaries of ``path`` are
+    ``dir/.checkpoint-*.tmp``."""
+    return "." + os.path.splitext(os.path.basename(path))[0] + "-"
+
+
+def write_atomically(path: str, payload: bytes | str) -> None:
+    """Writes ``payload`` (``str`` as UTF-8) to ``path`` so that a reader, or a crash, sees the
+    old file or the new one, never a partial one.
+
+    The bytes go to a temporary file beside ``path`` (``.NAME-*.tmp`` for ``NAME.ext``), which
+    is synced and then renamed over ``path``. If writing fails the temporary is removed and
+    ``path`` is untouched; only a process killed mid-write leaves one behind, for
+    :func:`remove_stale_temporaries`. Checkpoints, ``metrics.json`` and ``history.csv`` of
+    ``experiments/train.py`` and the table of ``experiments/gradient_check.py`` are written so.
+    """
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
     directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(
+        dir=directory, prefix=_temporary_prefix(path), suffix=".tmp"
+    )
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(payload)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Deletes the temporaries that :func:`write_atomically` ``(path, ...)`` left when its process
+    was killed mid-write, and returns their paths. Call it before a run writes ``path``, not
+    while another process may be writing it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _temporary_prefix(path)
+    if not os.path.isdir(directory):
+        return []
+    stale = [
+        os.path.join(directory, name)
+        for name in sorted(os.listdir(directory))
+        if name.startswith(prefix) and name.endswith(".tmp")
+    ]
+    for temporary in stale:
+        os.unlink(temporary)
+    return stale
 
 
 def save_checkpoint(
@@ -403,7 +473,7 @@ def save_checkpoint(
     arrays["dataset"] = np.asarray(json.dumps([dataset.name, _dataset_fingerprint(dataset)]))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def load_checkpoint(
@@ -468,7 +538,8 @@ def train(
       config: the hyperparameters.
       dataset: from :func:`jaxsoftmax.data.load` (or ``from_arrays``).
       checkpoint_dir: where ``checkpoint.npz`` is written every ``config.checkpoint_every`` steps
-        and at the end; ``None`` writes nothing.
+        and at the end, atomically (:func:`write_atomically`); temporaries a killed run left
+        there are removed first. ``None`` writes nothing.
       resume: continue from ``checkpoint_dir/checkpoint.npz`` if it exists (fresh start if not).
       on_run_end: called as ``on_run_end(history_row, steps_in_run)`` after each compiled run,
         e.g. to advance a progress bar.
@@ -477,11 +548,14 @@ def train(
       A :class:`TrainResult`.
 
     Raises:
-      NonFiniteLossError: a run produced a NaN or infinite loss or parameter; the checkpoint on
-        disk is the last one with finite values.
-      ValueError: ``config.devices`` exceeds the local devices, or a checkpoint does not match.
+      NonFiniteLossError: a run produced a NaN or infinite loss, parameter or optimizer state
+        (an overflowed moment estimate can leave the loss and parameters finite); the checkpoint
+        on disk is the last one with finite values.
+      ValueError: ``config.devices`` exceeds the local devices, ``config`` does not fit
+        ``dataset`` (:func:`check_config_for_dataset`), or a checkpoint does not match.
     """
     started = time.perf_counter()
+    check_config_for_dataset(config, dataset)
     mesh = make_mesh(config.devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     x_train, y_train, x_test, y_test = jax.device_put(
@@ -500,6 +574,7 @@ def train(
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
+        remove_stale_temporaries(checkpoint_path)  # of a run killed while it saved
 
     def history_row(state: TrainState, batch_loss: float | None) -> dict[str, Any]:
         on_train = evaluate(state.params, x_train, y_train)
@@ -533,21 +608,28 @@ def train(
         x_steps, y_steps, where = steps_data
         new_state, losses = run_of_steps(state, x_steps, y_steps, run_length, where)
         losses = np.asarray(losses)
-        if not (np.all(np.isfinite(losses)) and _all_finite(new_state.params)):
-            first_bad = (
-                step + int(np.argmin(np.isfinite(losses)))
-                if not np.all(np.isfinite(losses))
-                else step + run_length
+        non_finite = [
+            name
+            for name, finite in (
+                ("loss", np.all(np.isfinite(losses))),
+                ("parameters", _all_finite(new_state.params)),
+                ("optimizer state", _all_finite(new_state.opt_state)),
             )
-            where = (
+            if not finite
+        ]
+        if non_finite:
+            when = f"between steps {step} and {step + run_length}"
+            if "loss" in non_finite:
+                when = f"at step {step + int(np.argmin(np.isfinite(losses)))} ({when})"
+            kept = (
                 f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
                 if last_checkpoint is not None
                 else "no checkpoint had been written yet"
             )
             raise NonFiniteLossError(
-                f"the training loss became non-finite at step {first_bad} (between steps {step} "
-                f"and {step + run_length}); {where}. Try a smaller learning_rate "
-                f"(was {config.learning_rate}) or a larger l2 (was {config.l2})."
+                f"the training {' and '.join(non_finite)} became non-finite {when}; {kept}. "
+                f"Try a smaller learning_rate (was {config.learning_rate}) or a larger l2 "
+                f"(was {config.l2})."
             )
         state = new_state
         row = history_row(state, float(np.mean(losses)))

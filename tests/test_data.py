@@ -77,8 +77,13 @@ class TestLoad:
     def test_options_that_do_not_apply_are_refused(self):
         with pytest.raises(ValueError, match="num_classes=4 can only be chosen for spiral"):
             data.load("moons", num_classes=4)
-        with pytest.raises(ValueError, match="num_examples=10 cannot be chosen for 'iris'"):
+        with pytest.raises(ValueError, match="num_examples=10 cannot be chosen for 'iris'.*unset"):
             data.load("iris", num_examples=10)
+
+    @pytest.mark.parametrize("name, too_few", [("spiral", 0), ("moons", 1), ("circles", -5)])
+    def test_too_few_examples_are_refused(self, name, too_few):
+        with pytest.raises(ValueError, match=f"num_examples={too_few} is too few for '{name}'"):
+            data.load(name, num_examples=too_few)
 
 
 class TestLoadTimeChecks:

@@ -1,13 +1,31 @@
 """The experiment scripts, run end to end as a user runs them, on tiny configurations."""
 
 import csv
+import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import pytest
+
+import jaxsoftmax
+from jaxsoftmax import training
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    """An experiment script imported as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(
+        f"experiments_{name}", ROOT / "experiments" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(name, *arguments, expect_success=True):
@@ -66,6 +84,12 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
     for picture in ("loss.png", "decision_boundary.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # a reader of the first run's files keeps reading them whole while the second run writes
+    # (the new files are renamed into place); temporaries of a killed run are cleared
+    readers = {name: open(out / name, newline="") for name in ("metrics.json", "history.csv")}
+    first_contents = {name: (out / name).read_bytes().decode() for name in readers}
+    for name in (".metrics-dead.tmp", ".history-dead.tmp", ".checkpoint-dead.tmp"):
+        (out / name).write_text("partial")
     run_script(
         "train.py",
         "--num-examples",
@@ -84,8 +108,30 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
         "--no-plots",
         "--no-progress",
     )
+    seen = {}
+    for name, reader in readers.items():
+        with reader:
+            seen[name] = reader.read()
+    assert seen == first_contents
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 60 and "resumed from step 40" in metrics["train_seconds_note"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_metrics_versions_name_the_package_version_when_not_installed(monkeypatch):
+    train = load_script("train")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    versions = train.library_versions()
+    assert versions["jaxsoftmax"] == jaxsoftmax.__version__
+    assert versions["jax"] == "not installed"
+    # a source tree that is not installed reports its pyproject version, marked as such
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1)
+    assert jaxsoftmax._version() == f"{version}+source"
 
 
 def test_train_linear_classifier_on_four_features_draws_no_boundary(tmp_path):
@@ -124,6 +170,62 @@ def test_train_rejects_bad_flags_naming_the_choices(tmp_path):
     assert negative.returncode == 2 and "--hidden '10,-3'" in negative.stderr
 
 
+BAD_FLAGS = [
+    (["--steps", "0"], ["argument --steps:", "positive integer", "'0'"]),
+    (["--batch-size", "0"], ["argument --batch-size:", "positive integer", "'0'"]),
+    (["--eval-every", "-5"], ["argument --eval-every:", "positive integer", "'-5'"]),
+    (
+        ["--eval-every", "30", "--checkpoint-every", "100"],
+        ["argument --checkpoint-every:", "checkpoint_every=100", "multiple of eval_every=30"],
+    ),
+    (
+        ["--class-weights", "1,2"],
+        ["argument --class-weights:", "(1.0, 2.0) holds 2 weight(s)", "has 3 classes"],
+    ),
+    (["--class-weights", "1,a"], ["argument --class-weights:", "numbers", "'1,a'"]),
+    (
+        ["--dataset", "iris", "--num-examples", "10"],
+        ["argument --num-examples:", "num_examples=10", "'iris'", "leave it unset"],
+    ),
+    (
+        ["--dataset", "moons", "--num-examples", "1"],
+        ["argument --num-examples:", "num_examples=1", "at least 2"],
+    ),
+    (["--label-smoothing", "2"], ["argument --label-smoothing:", "<= 1.0; got 2.0"]),
+    (["--logit-softcap", "0"], ["argument --logit-softcap:", "> 0.0; got 0.0"]),
+]
+
+
+@pytest.mark.parametrize(
+    "flags, expected", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS]
+)
+def test_train_reports_bad_flags_as_usage_errors_before_computing(
+    flags, expected, tmp_path, capsys, monkeypatch
+):
+    train = load_script("train")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started despite a bad flag")
+
+    monkeypatch.setattr(training, "train", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flags, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "error: argument" in stderr
+    for part in expected:
+        assert part in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_checkpoint_interval_follows_eval_every():
+    train = load_script("train")
+    for eval_every, checkpoint_every in (("100", 1000), ("30", 1020), ("2500", 2500)):
+        arguments = train.parse_arguments(["--eval-every", eval_every])
+        config = train.config_from_arguments(arguments)
+        assert (config.eval_every, config.checkpoint_every) == (int(eval_every), checkpoint_every)
+
+
 def test_train_stops_on_a_non_finite_loss(tmp_path):
     stopped = run_script(
         "train.py",
@@ -150,7 +252,10 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
 
 
 def test_gradient_check_passes_and_reports_every_parameter(tmp_path):
-    completed = run_script("gradient_check.py", "--json", str(tmp_path / "table.json"))
+    (tmp_path / "table.json").write_text("old table")
+    with open(tmp_path / "table.json") as reader:  # the new table is renamed into place
+        completed = run_script("gradient_check.py", "--json", str(tmp_path / "table.json"))
+        assert reader.read() == "old table"
     assert "all 20 comparisons within tolerance" in completed.stdout
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert {(row["network"][:8], row["parameter"]) for row in rows} == {

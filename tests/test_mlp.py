@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.flatten_util import ravel_pytree
 
 from jaxsoftmax import mlp
@@ -153,6 +154,43 @@ class TestLoss:
             rtol=1e-5,
         )
 
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"z_loss": 0.1},
+            {"logit_softcap": 1.5},
+            {"ignore_index": -100},
+            {
+                "z_loss": 0.05,
+                "logit_softcap": 2.0,
+                "ignore_index": -100,
+                "label_smoothing": 0.1,
+                "class_weights": (1.0, 2.0, 0.5),
+                "l2": 1e-2,
+            },
+        ],
+        ids=["z_loss", "logit_softcap", "ignore_index", "all_together"],
+    )
+    def test_more_core_options_pass_through(self, options):
+        params, x, labels = random_problem([4, 10, 3], 8, bias_scale=1.0)
+        if "ignore_index" in options:
+            labels = labels.at[jnp.array([1, 5])].set(options["ignore_index"])
+        l2 = options.get("l2", 0.0)
+        expected = reference.cross_entropy(
+            numpy_forward(params, x, "relu"),
+            np.asarray(labels),
+            reduction="mean",
+            **{k: v for k, v in options.items() if k != "l2"},
+        ) + 0.5 * l2 * sum(np.sum(np.asarray(p["W"], np.float64) ** 2) for p in params)
+        if "class_weights" in options:
+            options = {**options, "class_weights": jnp.asarray(options["class_weights"])}
+        got = jax.jit(lambda p: mlp.loss(p, x, labels, **options))(params)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        plain = reference.cross_entropy(
+            numpy_forward(params, x, "relu"), np.asarray(labels).clip(0), reduction="mean"
+        )
+        assert abs(expected - plain) > 1e-3  # the option changes the loss: it is not ignored
+
     def test_one_example_is_a_batch_of_one(self):
         params, x, labels = random_problem([4, 10, 3], 3)
         np.testing.assert_allclose(
@@ -223,6 +261,25 @@ class TestGradients:
         batch = jax.jit(jax.grad(lambda p: mlp.loss(p, x, labels, **options)))(params)
         for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(batch)):
             np.testing.assert_allclose(jnp.mean(a, axis=0), b, rtol=1e-5, atol=1e-7)
+
+    def test_per_example_grads_split_where_per_example(self):
+        # a masked example contributes no data term: its gradient is the penalty's l2 * W alone
+        params, x, labels = random_problem([4, 10, 3], 6)
+        where = jnp.array([True, False, True, True, False, True])
+        options = {"l2": 1e-2, "activation": "tanh"}
+        per_example = jax.jit(lambda p, w: mlp.per_example_grads(p, x, labels, where=w, **options))(
+            params, where
+        )
+        unmasked_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
+        penalty_only = [{"W": 1e-2 * p["W"], "b": jnp.zeros_like(p["b"])} for p in params]
+        for n in range(6):
+            expected = (
+                unmasked_grad(params, x[n : n + 1], labels[n : n + 1]) if where[n] else penalty_only
+            )
+            for a, b in zip(
+                jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(expected)
+            ):
+                np.testing.assert_allclose(a[n], b, rtol=1e-5, atol=1e-7)
 
 
 def test_predict_and_accuracy():

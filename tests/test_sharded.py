@@ -11,8 +11,10 @@ its single device. A failure prints the child's report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -161,3 +163,41 @@ def test_one_device_mesh_equals_linear_cross_entropy():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         sharded_linear_cross_entropy(hidden, classifier, labels, mesh=None, class_axis_name="vocab")
+
+
+def _operand_bytes(operand):
+    """``"f32[8192, 1]"`` -> 32768: the bytes of one all-reduce operand as the JSON lists it."""
+    dtype, dims = re.fullmatch(r"(\w+)\[([\d, ]*)\]", operand).groups()
+    elements = math.prod(int(d) for d in dims.split(",") if d.strip())
+    return elements * {"f32": 4, "bf16": 2, "f16": 2, "f64": 8}[dtype]
+
+
+def test_committed_model_size_communication_is_as_predicted():
+    """benchmarks/results/cpu/sharded.json, compiled for N = 8192, V = 256000 on 8 devices:
+    the all-reduce bytes read from the HLO equal 3 float32 per row (docs/scaling.md)."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "cpu" / "sharded.json").read_text())
+    model = results["model_size"]
+    rows = model["rows"]
+    predicted = 3 * rows * 4  # row maximum, sum of exponentials, label logit, float32
+    operands = [o for op, shapes in model["collectives"] for o in shapes if op == "all-reduce"]
+    assert [op for op, _ in model["collectives"]] == ["all-reduce"] * len(model["collectives"])
+    assert sorted(operands) == [f"f32[{rows}, 1]"] * 3
+    assert sum(map(_operand_bytes, operands)) == model["all_reduce_bytes_per_device"]
+    assert model["all_reduce_bytes_per_device"] == model["predicted_bytes_per_device"]
+    assert model["predicted_bytes_per_device"] == predicted == 98_304
+
+    linear = results["linear_model_size"]
+    rows, width = linear["rows"], linear["width"]
+    operands = [o for op, shapes in linear["collectives"] for o in shapes if op == "all-reduce"]
+    assert [op for op, _ in linear["collectives"]] == ["all-reduce"] * len(linear["collectives"])
+    statistics = [o for o in operands if o == f"f32[{rows}]"]
+    assert len(statistics) == 3 and sorted(operands) == sorted(
+        [*statistics, f"f32[{rows}, {width}]"]
+    )
+    assert sum(map(_operand_bytes, statistics)) == linear["statistics_bytes_per_device"]
+    assert linear["statistics_bytes_per_device"] == linear["predicted_statistics_bytes"]
+    assert linear["predicted_statistics_bytes"] == 3 * rows * 4
+    # dh: a bf16 psum in the program, widened to float32 by XLA's CPU compiler
+    assert linear["predicted_hidden_gradient_bytes"] == rows * width * 2
+    assert linear["hidden_gradient_bytes_per_device"] == _operand_bytes(f"f32[{rows}, {width}]")
+    assert linear["all_reduce_bytes_per_device"] == sum(map(_operand_bytes, operands))

@@ -3,7 +3,9 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxsoftmax import data, training
@@ -140,6 +142,25 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert int(loaded.step) == 0 and history == [{"step": 0}]
 
 
+def test_write_atomically_replaces_the_file_and_a_run_removes_stale_temporaries(tmp_path):
+    path = tmp_path / "metrics.json"
+    training.write_atomically(str(path), "old")
+    with open(path) as reader:  # opened before the rewrite: keeps the complete old file
+        training.write_atomically(str(path), b"new \xe2\x9c\x93")
+        assert reader.read() == "old"
+    assert path.read_text(encoding="utf-8") == "new \u2713"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+    # what a run killed mid-write leaves: temporaries of the checkpoint and of another file
+    for name in (".checkpoint-k1ll3d.tmp", ".checkpoint-x.tmp", ".metrics-x.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+    removed = training.remove_stale_temporaries(str(path))
+    assert [os.path.basename(p) for p in removed] == [".metrics-x.tmp"]
+    config = training.TrainConfig(hidden=(8,), steps=10, eval_every=10, checkpoint_every=10)
+    training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [training.CHECKPOINT_FILENAME, "metrics.json"]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr * l2 = 3 > 2: plain gradient descent multiplies the weights by -2 each step, so the
     # penalty overflows float32 after about 60 steps, long after the checkpoint of step 20.
@@ -157,6 +178,61 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert 20 <= int(saved.step) < 400
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree_util.tree_leaves(saved))
     assert np.isfinite(history[-1]["train_loss"])
+
+
+def sgd_with_an_overflowing_statistic(config):
+    """Plain gradient descent plus a float32 state leaf multiplied by 1e4 each step: it overflows
+    to inf at step 10 while the updates, the parameters and the loss stay finite, as when a
+    squared-gradient moment overflows and only freezes its coordinates."""
+    sgd = optax.sgd(config.learning_rate)
+
+    def init(params):
+        return sgd.init(params), jnp.ones((), jnp.float32)
+
+    def update(grads, state, params=None):
+        updates, sgd_state = sgd.update(grads, state[0], params)
+        return updates, (sgd_state, state[1] * jnp.float32(1e4))
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_a_non_finite_optimizer_state_stops_the_run_and_is_never_checkpointed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(training, "make_optimizer", sgd_with_an_overflowing_statistic)
+    config = training.TrainConfig(hidden=(8,), steps=40, eval_every=5, checkpoint_every=5)
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"optimizer state became non-finite between steps 5 and 10; "
+        r"the last good checkpoint, step 5,",
+    ):
+        training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
+    state, _ = training.init_state(config, SPIRAL.num_features, SPIRAL.num_classes)
+    saved, history = training.load_checkpoint(
+        str(tmp_path / training.CHECKPOINT_FILENAME), state, config, SPIRAL
+    )
+    assert int(saved.step) == 5 and saved.opt_state[1] == np.float32(1e20)
+    assert [row["step"] for row in history] == [0, 5]
+
+
+def test_settings_that_do_not_fit_the_data_are_refused_before_anything_runs(tmp_path):
+    weights = training.TrainConfig(hidden=(4,), steps=10, eval_every=10, class_weights=(1, 2))
+    with pytest.raises(ValueError, match=r"class_weights=\(1.0, 2.0\) holds 2 .* 3 classes"):
+        training.train(weights, SPIRAL, checkpoint_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    smoothing = training.TrainConfig(hidden=(4,), steps=10, eval_every=10, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing must be <= 1.0; got 1.5"):
+        training.check_config_for_dataset(smoothing, SPIRAL)
+    training.check_config_for_dataset(
+        training.TrainConfig(hidden=(4,), class_weights=(1, 2, 3)), SPIRAL
+    )
+
+
+def test_the_default_checkpoint_interval_is_a_multiple_of_eval_every():
+    assert training.TrainConfig().checkpoint_every == 1000
+    assert training.TrainConfig(eval_every=30).checkpoint_every == 1020
+    assert training.TrainConfig(eval_every=3000).checkpoint_every == 3000
+    assert training.TrainConfig(eval_every=30, checkpoint_every=60).checkpoint_every == 60
 
 
 def test_bad_configurations_are_named():

@@ -385,6 +385,10 @@ def compiled_collectives(options, *, grad=True, mesh_shape=(2, 4)):
         jnp.zeros((N_ROWS, N_CLASSES)), NamedSharding(mesh, P("batch", "vocab"))
     )
     labels = jax.device_put(jnp.zeros((N_ROWS,), jnp.int32), batch)
+    if options.pop("probabilities", False):
+        labels = jax.device_put(
+            jnp.full((N_ROWS, N_CLASSES), 1.0 / N_CLASSES), NamedSharding(mesh, P("batch", "vocab"))
+        )
     extra = {}
     if options.pop("weights", False):
         extra["class_weights"] = jax.device_put(
@@ -392,6 +396,10 @@ def compiled_collectives(options, *, grad=True, mesh_shape=(2, 4)):
         )
     if options.pop("row_mask", False):
         extra["where"] = jax.device_put(jnp.ones((N_ROWS,), bool), batch)
+    if options.pop("class_mask", False):
+        extra["where"] = jax.device_put(
+            jnp.ones((N_ROWS, N_CLASSES), bool), NamedSharding(mesh, P("batch", "vocab"))
+        )
 
     def loss_fn(z, y, kw):
         return sharded_cross_entropy(
@@ -430,15 +438,54 @@ def test_collectives_move_per_row_statistics_only(options):
     assert len(rows) >= 3
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{}, dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0)],
-    ids=["plain", "smoothing_zloss_softcap"],
-)
-def test_backward_adds_no_communication(options):
+ROW = ("f32", (ROWS_LOCAL, 1))  # one float32 per local row
+
+
+def all_operands(found):
+    return sorted(operand for _, operands in found for operand in operands)
+
+
+# options: the all-reduce operands the value-and-gradient program has beyond the forward's,
+# as docs/scaling.md states them. The rule's backward recomputes sum_c q_c, the factor of
+# softmax(z) in dL/dz, instead of saving it: free for integer labels without class weights
+# (it is 1), a per-row psum of w[label] with class weights (and with smoothing the psum of
+# sum_c w_c: one number, or one per row under a class mask), a per-row sum of q with
+# probability targets.
+BACKWARD_EXTRAS = {
+    "plain": ({}, []),
+    "smoothing_zloss_softcap": (dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0), []),
+    "row_mask_ignore": (dict(row_mask=True, ignore_index=-100), []),
+    "weights": (dict(weights=True), [ROW]),
+    "weights_zloss_mask_ignore": (
+        dict(weights=True, z_loss=1e-3, row_mask=True, ignore_index=-100),
+        [ROW],
+    ),
+    "weights_smoothing": (dict(weights=True, label_smoothing=0.1), [ROW, ("f32", (1, 1))]),
+    "weights_smoothing_class_mask": (
+        dict(weights=True, label_smoothing=0.1, class_mask=True),
+        [ROW, ROW],
+    ),
+    "class_mask_smoothing": (dict(class_mask=True, label_smoothing=0.1), []),
+    "probabilities": (dict(probabilities=True), [ROW]),
+    "probabilities_weights_smoothing": (
+        dict(probabilities=True, weights=True, label_smoothing=0.1),
+        [ROW],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_EXTRAS)
+def test_backward_adds_no_communication(case):
+    """Plain integer labels: the value-and-gradient program has exactly the forward's
+    collectives. Class weights or probability targets: exactly the documented per-row extras,
+    still all-reduces of at most one value per row."""
+    options, extras = BACKWARD_EXTRAS[case]
     forward, _ = compiled_collectives(dict(options), grad=False)
     both, _ = compiled_collectives(dict(options), grad=True)
-    assert sorted(map(str, both)) == sorted(map(str, forward))
+    assert_per_row_statistics_only(both)
+    if not extras:
+        assert sorted(map(str, both)) == sorted(map(str, forward))
+    assert all_operands(both) == sorted(all_operands(forward) + extras)
 
 
 def test_hlo_check_catches_gathered_logits():

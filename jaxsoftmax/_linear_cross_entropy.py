@@ -500,6 +500,10 @@ def linear_cross_entropy(
         the token chunks (float32 by default: bf16 sums lose small contributions); never
         below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).
 
+    There is no ``axis_name``: for a classifier split by vocabulary over a device mesh, use
+    :func:`jaxsoftmax.sharded_linear_cross_entropy`, which combines the shards' per-row
+    statistics (calling this loss on one shard's rows would normalize over that shard only).
+
     Returns:
       The reduced loss, or one loss per example with ``reduction="none"``, in ``hidden``'s
       dtype. Statistics are float32 (float64 for float64 inputs) whatever the inputs' dtype.

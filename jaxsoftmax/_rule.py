@@ -44,10 +44,11 @@ the logits' dtype; float64 stays float64 under ``jax_enable_x64``.
 
 Vocabulary sharding: with ``axis_name`` set, the class axis is split over that mapped axis
 (``shard_map`` / ``pmap``). Each shard reduces its own classes and the rows' statistics
-are combined with ``pmax`` / ``psum`` of per-row values only; the backward needs no
-communication beyond what its residuals already hold, except a per-row ``psum`` of the
-cotangent where values are not vma-typed (``pmap``, ``shard_map(check_vma=False)``),
-see :func:`_whole_cotangent`.
+are combined with ``pmax`` / ``psum`` of per-row values only. For integer labels without
+class weights the backward needs nothing beyond its residuals; class weights or probability
+targets make it recompute ``sum_c q_c`` with one more per-row ``psum`` (``docs/scaling.md``
+lists each case). Where values are not vma-typed (``pmap``, ``shard_map(check_vma=False)``)
+the cotangent also takes a per-row ``psum``, see :func:`_whole_cotangent`.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jaxsoftmax import _checking, _rule
 from jaxsoftmax import _validation as v
 
+LABEL_HINT = " Leave an example out with ignore_index= or where=."
+
 
 def per_example_loss(
     logits,
@@ -51,6 +53,7 @@ def per_example_loss(
     targets_kind=None,
     targets_name="targets",
     kind_hint="",
+    label_hint=LABEL_HINT,
 ):
     """Validates, moves the class axes last and applies the rule row by row.
 
@@ -58,7 +61,8 @@ def per_example_loss(
     example's share of a mean's denominator (0 for dropped examples).
 
     ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
-    ``targets_name`` and ``kind_hint`` word the error messages.
+    ``targets_name``, ``kind_hint`` and ``label_hint`` (checked mode: how to leave an
+    example out) word the error messages.
     """
     logits = v.check_logits(logits)
     axes = v.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
@@ -83,6 +87,19 @@ def per_example_loss(
         ),
         axis_name=axis_name,
     )
+    label_check = None
+    if checked and integer:
+        # Labels known in Python are checked here, before any computation; traced labels
+        # get a checkify check inside the computation, which needs `jaxsoftmax.checked`.
+        defer = _checking.check_labels_or_defer(
+            targets,
+            None if axis_name is not None else num_classes,
+            row_mask,
+            name=name,
+            ignore_index=ignore_index,
+            hint=label_hint,
+        )
+        label_check = (name, label_hint) if defer else None
 
     return _rows_and_weights(
         logits,
@@ -95,8 +112,7 @@ def per_example_loss(
         ignore_index=ignore_index,
         options=options,
         forward_mode=forward_mode,
-        checked=checked,
-        name=name,
+        label_check=label_check,
     )
 
 
@@ -108,8 +124,7 @@ def per_example_loss(
         "ignore_index",
         "options",
         "forward_mode",
-        "checked",
-        "name",
+        "label_check",
     ),
 )
 def _rows_and_weights(
@@ -124,10 +139,12 @@ def _rows_and_weights(
     ignore_index,
     options,
     forward_mode,
-    checked,
-    name,
+    label_check,
 ):
-    """The computation after validation, jitted so eager calls compile once per shape."""
+    """The computation after validation, jitted so eager calls compile once per shape.
+
+    ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None.
+    """
     num_classes = math.prod(logits.shape[a] for a in axes)
     logits = v.move_classes_last(logits, axes)
     if not integer:
@@ -137,11 +154,14 @@ def _rows_and_weights(
     if ignore_index is not None:
         kept = targets != ignore_index
         row_mask = kept if row_mask is None else row_mask & kept
-    if checked and integer:
+    if label_check is not None:
         total = num_classes
         if options.axis_name is not None:
             total = jax.lax.psum(num_classes, options.axis_name)
-        _checking.check_labels(targets, total, row_mask, name=name)
+        name, hint = label_check
+        _checking.check_labels(
+            targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint
+        )
 
     rows = (
         _rule.softmax_cross_entropy_rows_fwd_capable
@@ -220,7 +240,11 @@ def cross_entropy(
       reduction: ``"mean"`` (weighted as above), ``"sum"`` or ``"none"``.
       axis_name: mapped axis (``shard_map`` / ``pmap``) the class axis is split over, for a
         vocabulary-parallel loss; None when each device holds all classes.
-      checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
+      checked: raise on integer targets out of range (other than ``ignore_index``), naming
+        the label and its position: a ``ValueError`` before any computation when the
+        targets are known in Python (an eager call); when they are traced (under ``jit``),
+        a checkify check that needs :func:`jaxsoftmax.checked` as the *outermost* wrapper,
+        ``jaxsoftmax.checked(jax.jit(f))`` (``jax.jit(jaxsoftmax.checked(f))`` fails).
 
     Returns:
       The reduced loss (a scalar) or, with ``reduction="none"``, one loss per example, in

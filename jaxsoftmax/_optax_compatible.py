@@ -100,7 +100,11 @@ def softmax_cross_entropy_with_integer_labels(
       where: bool, one value per example or the logits' shape (classes taking part in the
         normalizer; the label's own logit always counts, as in optax).
       axis_name: mapped axis the class axis is split over (vocabulary parallel), or None.
-      checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
+      checked: raise on labels out of range, naming the label and its position: a
+        ``ValueError`` before any computation when the labels are known in Python (an eager
+        call); when they are traced (under ``jit``), a checkify check that needs
+        :func:`jaxsoftmax.checked` as the *outermost* wrapper,
+        ``jaxsoftmax.checked(jax.jit(f))`` (``jax.jit(jaxsoftmax.checked(f))`` fails).
 
     Returns:
       The loss per example, in the logits' dtype. A label out of range gives NaN for its
@@ -126,5 +130,6 @@ def softmax_cross_entropy_with_integer_labels(
         targets_kind="indices",
         targets_name="labels",
         kind_hint=" For probabilities use softmax_cross_entropy.",
+        label_hint=" Leave an example out with where=.",
     )
     return loss.astype(logits.dtype)

@@ -1,4 +1,4 @@
-"""jit, vmap, grad of grad, shard_map / pmap, and the checked mode under jit."""
+"""jit, vmap, grad of grad, shard_map / pmap (checked mode: tests/test_checking.py)."""
 
 import functools
 
@@ -9,7 +9,6 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-import jaxsoftmax
 from jaxsoftmax import cross_entropy
 
 OPTIONS = dict(
@@ -113,30 +112,6 @@ def test_inside_shard_map_and_pmap_without_global_shapes():
     pmapped = jax.pmap(lambda z, y: cross_entropy(z, y, **OPTIONS))
     out = pmapped(logits[None], labels[None])
     np.testing.assert_allclose(out[0], cross_entropy(logits, labels, **OPTIONS), rtol=1e-6)
-
-
-def test_checked_mode_names_the_bad_label_and_its_position_under_jit():
-    logits, _ = problem(5, (2, 3, 4))
-    labels = jnp.array([[0, 1, 2], [3, 9, 1]])
-    f = jaxsoftmax.checked(jax.jit(functools.partial(cross_entropy, checked=True)))
-    with pytest.raises(Exception, match=r"targets out of range.*label 9.*position \[1 1\].*< 4"):
-        f(logits, labels)
-    good = labels.at[1, 1].set(2)
-    np.testing.assert_allclose(f(logits, good), cross_entropy(logits, good), rtol=1e-6)
-
-
-def test_checked_mode_skips_ignored_labels_and_covers_the_dropin():
-    logits, _ = problem(6, (3, 4))
-    labels = jnp.array([0, -100, 2])
-    f = jaxsoftmax.checked(
-        jax.jit(functools.partial(cross_entropy, checked=True, ignore_index=-100))
-    )
-    np.testing.assert_allclose(f(logits, labels), cross_entropy(logits, labels, ignore_index=-100))
-    dropin = jaxsoftmax.checked(
-        functools.partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, checked=True)
-    )
-    with pytest.raises(Exception, match=r"label -100 at position \[1\]"):
-        dropin(logits, labels)
 
 
 def test_unchecked_out_of_range_label_is_nan_not_a_plausible_number():

@@ -66,8 +66,10 @@ def per_example_loss(
     """
     logits = v.check_logits(logits)
     axes = v.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
+    num_classes = v.check_num_classes(logits.shape, axes)
     name = targets_name
     targets = v.as_array(targets, name)
+    v.check_not_bool(targets, logits.shape, axes, name=name, kind=targets_kind)
     if targets_kind is None:
         targets_kind = "indices" if jnp.issubdtype(targets.dtype, jnp.integer) else "probabilities"
     if targets_kind == "indices":
@@ -77,7 +79,6 @@ def per_example_loss(
     integer = targets_kind == "indices"
     row_mask, class_mask = v.check_where(where, logits.shape, axes)
     ignore_index = v.check_ignore_index(ignore_index, integer)
-    num_classes = math.prod(logits.shape[a] for a in axes)
     class_weights = v.check_class_weights(class_weights, num_classes)
     options = _rule.RuleOptions(
         label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),

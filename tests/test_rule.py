@@ -190,33 +190,75 @@ def test_half_precision_is_computed_in_float32_and_keeps_its_dtype(dtype):
     assert "reduce_sum" in jaxpr and "f32[32,50]" in jaxpr
 
 
-def test_huge_logits_are_finite_and_exact_where_naive_fails():
-    logits = jnp.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], jnp.float32)
-    labels = jnp.array([0, 1, 1])
-    per = cross_entropy(logits, labels, reduction="none")
-    np.testing.assert_allclose(per, [0.0, np.log(2.0), 1e30 - 5.0], rtol=1e-6)
-    grad = jax.grad(lambda z: jnp.sum(cross_entropy(z, labels, reduction="none")))(logits)
-    np.testing.assert_allclose(grad, [[0, 0, 0], [0.5, -0.5, 0], [0, -1, 1]], atol=1e-7)
-    naive = -jnp.sum(jax.nn.one_hot(labels, 3) * jnp.log(jax.nn.softmax(logits)), -1)
-    assert not np.all(np.isfinite(naive)) or not np.allclose(naive, per)
-    naive_grad = jax.grad(
-        lambda z: -jnp.sum(jax.nn.one_hot(labels, 3) * jnp.log(jax.nn.softmax(z)))
-    )(logits)
-    assert not np.all(np.isfinite(naive_grad))
+def one_hot(labels, num_classes):
+    return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def test_minus_inf_logits_on_classes_without_target_mass_are_finite():
-    logits = jnp.array([[0.0, -jnp.inf, 1.0, -jnp.inf], [2.0, 0.5, -jnp.inf, -1.0]])
-    labels = jnp.array([2, 0])
-    probs = jnp.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]])
-    for targets in (labels, probs):
-        value, grad = jax.value_and_grad(cross_entropy)(logits, targets)
-        assert np.isfinite(value) and np.all(np.isfinite(grad))
-        expected = reference.cross_entropy(np.asarray(logits), np.asarray(targets))
-        np.testing.assert_allclose(value, expected, rtol=1e-6)
-        assert grad[0, 1] == 0.0 and grad[1, 2] == 0.0
-    value, grad = jax.value_and_grad(lambda z: jnp.sum(integer_loss(z, labels)))(logits)
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
+def smoothed(labels, num_classes, eps=0.1):
+    return ((1 - eps) * one_hot(labels, num_classes) + eps / num_classes).astype(np.float32)
+
+
+# (per-row loss, kind of targets it takes) for every public loss.
+PER_ROW_LOSSES = {
+    "cross_entropy": lambda z, t: cross_entropy(z, t, reduction="none"),
+    "integer_dropin": integer_loss,
+    "probability_dropin": softmax_cross_entropy,
+}
+EXTREME_CASES = [
+    ("cross_entropy", "labels"),
+    ("cross_entropy", "one_hot"),
+    ("cross_entropy", "distribution"),
+    ("integer_dropin", "labels"),
+    ("probability_dropin", "one_hot"),
+    ("probability_dropin", "distribution"),
+]
+
+
+def extreme_targets(kind, labels, distribution):
+    """Integer labels, or as probabilities: their one-hot or another distribution."""
+    num_classes = distribution.shape[-1]
+    targets = {"labels": labels, "one_hot": one_hot(labels, num_classes)}
+    targets["distribution"] = distribution
+    y = targets["one_hot"] if kind == "labels" else targets[kind]
+    return jnp.asarray(targets[kind]), y
+
+
+@pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
+def test_huge_logits_are_finite_and_exact_where_naive_fails(loss, kind):
+    logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
+    labels = np.array([0, 1, 1])
+    targets, y = extreme_targets(kind, labels, smoothed(labels, 3))
+    f = PER_ROW_LOSSES[loss]
+    per, grad = jax.jit(jax.vmap(jax.value_and_grad(f)))(logits, targets)
+    expected, expected_grad = reference.loss_and_gradient(logits, y)
+    if kind != "distribution":  # the reference itself, against the values by hand
+        big = np.float64(np.float32(1e30))
+        np.testing.assert_allclose(expected, [0.0, np.log(2.0), big - 5.0], rtol=1e-15)
+    np.testing.assert_allclose(per, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.grad(lambda z: jnp.sum(f(z, targets)))(logits), grad)
+    naive = lambda z: -jnp.sum(y * jnp.log(jax.nn.softmax(z)), -1)
+    assert not np.all(np.isfinite(naive(logits))) or not np.allclose(naive(logits), expected)
+    assert not np.all(np.isfinite(jax.grad(lambda z: jnp.sum(naive(z)))(logits)))
+
+
+@pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
+def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf], [2.0, 0.5, -np.inf, -1.0]], np.float32)
+    labels = np.array([2, 0])
+    distribution = np.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]], np.float32)
+    targets, y = extreme_targets(kind, labels, distribution)
+    f = PER_ROW_LOSSES[loss]
+    per = f(logits, targets)
+    grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(logits)
+    assert np.all(np.isfinite(per)) and np.all(np.isfinite(grad))
+    expected, expected_grad = reference.loss_and_gradient(logits, y)
+    np.testing.assert_allclose(per, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    assert grad[0, 1] == 0.0 and grad[0, 3] == 0.0 and grad[1, 2] == 0.0
+    if loss == "cross_entropy":  # the mean, against PyTorch's semantics in float64
+        value = cross_entropy(logits, targets)
+        np.testing.assert_allclose(value, reference.cross_entropy(logits, targets), rtol=1e-6)
 
 
 def test_label_smoothing_on_a_minus_inf_class_is_infinite_as_the_math_says():

@@ -76,36 +76,67 @@ def test_values_match_float64_reference(problem):
     )
 
 
-def count_rule_calls(monkeypatch):
-    calls = {"logits_gradient": 0}
-    original = _rule._logits_gradient
+@pytest.fixture
+def patch_rule(monkeypatch):
+    """Replaces functions of ``_rule`` for one test; no trace made with them outlives it."""
 
-    def counting(*args, **kwargs):
-        calls["logits_gradient"] += 1
-        return original(*args, **kwargs)
+    def patch(name, replacement):
+        monkeypatch.setattr(_rule, name, replacement)
+        jax.clear_caches()  # a cached trace would not call the rule's Python again
 
-    monkeypatch.setattr(_rule, "_logits_gradient", counting)
-    jax.clear_caches()  # a cached trace would not call the rule's Python again
+    yield patch
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def count_rule_calls(patch_rule):
+    """Counts calls of the rule's two gradient functions (logits and probability labels)."""
+    calls = {"_logits_gradient": 0, "_probabilities_gradient": 0}
+    for name in calls:
+        original = getattr(_rule, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        patch_rule(name, counting)
     return calls
 
 
-@pytest.mark.parametrize(
-    "loss",
-    [
-        lambda z, y: cross_entropy(z, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=3.0),
-        lambda z, y: jnp.sum(integer_loss(z, y)),
-    ],
-    ids=["cross_entropy", "integer_dropin"],
-)
-def test_gradient_runs_through_the_derived_rule(monkeypatch, loss):
-    """Fails if the gradient came from autodiff of the forward instead of the rule."""
-    calls = count_rule_calls(monkeypatch)
+def rule_problem(kind):
     logits = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
-    labels = jnp.arange(7) % 5
-    jax.block_until_ready(loss(logits, labels))
-    assert calls["logits_gradient"] == 0, "the forward must not compute the gradient"
-    jax.grad(loss)(logits, labels)
-    assert calls["logits_gradient"] >= 1, "jax.grad bypassed the custom rule"
+    if kind == "labels":
+        return logits, jnp.arange(7) % 5
+    return logits, jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (7, 5)))
+
+
+def with_options(z, y):
+    return cross_entropy(z, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=3.0)
+
+
+RULE_CASES = {
+    "cross_entropy": (with_options, "labels"),
+    "cross_entropy_probabilities": (with_options, "probabilities"),
+    "integer_dropin": (lambda z, y: jnp.sum(integer_loss(z, y)), "labels"),
+    "probability_dropin": (lambda z, y: jnp.sum(softmax_cross_entropy(z, y)), "probabilities"),
+}
+
+
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_gradient_runs_through_the_derived_rule(patch_rule, case):
+    """Fails if a gradient came from autodiff of the forward instead of the rule."""
+    loss, kind = RULE_CASES[case]
+    logits, targets = rule_problem(kind)
+    calls = count_rule_calls(patch_rule)
+    jax.block_until_ready(loss(logits, targets))
+    assert calls == {"_logits_gradient": 0, "_probabilities_gradient": 0}, "forward only"
+    jax.grad(loss)(logits, targets)
+    assert calls["_logits_gradient"] >= 1, "jax.grad bypassed the custom rule"
+    if kind == "probabilities":
+        calls.update(_logits_gradient=0, _probabilities_gradient=0)
+        jax.clear_caches()
+        jax.grad(loss, argnums=1)(logits, targets)
+        assert calls["_probabilities_gradient"] >= 1, "the label gradient bypassed the rule"
 
 
 def test_jaxpr_contains_the_custom_vjp_call():
@@ -114,18 +145,27 @@ def test_jaxpr_contains_the_custom_vjp_call():
     assert "custom_vjp_call" in str(jaxpr)
     jaxpr = jax.make_jaxpr(lambda z: integer_loss(z, jnp.array([0, 1, 2])))(logits)
     assert "custom_jvp_call" in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda z: softmax_cross_entropy(z, jnp.full((3, 4), 0.25)))(logits)
+    assert "custom_jvp_call" in str(jaxpr)
 
 
-def test_a_wrong_rule_would_be_caught(monkeypatch):
-    """Sanity check of the test design: a sabotaged rule changes the gradient."""
-    logits = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
-    labels = jnp.array([0, 1, 2, 0])
-    good = jax.grad(cross_entropy)(logits, labels)
-    original = _rule._logits_gradient
-    monkeypatch.setattr(_rule, "_logits_gradient", lambda *a, **k: 2 * original(*a, **k))
-    jax.clear_caches()
-    bad = jax.grad(cross_entropy)(logits, labels)
-    assert not np.allclose(good, bad)
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_a_wrong_rule_would_be_caught(patch_rule, case):
+    """Sanity check of the test design: sabotaging one of the rule's gradient functions
+    changes exactly the gradient it computes."""
+    loss, kind = RULE_CASES[case]
+    logits, targets = rule_problem(kind)
+    argnums = (0, 1) if kind == "probabilities" else (0,)
+    good = jax.grad(loss, argnums)(logits, targets)
+    names = ["_logits_gradient", "_probabilities_gradient"][: len(argnums)]
+    for sabotaged, name in enumerate(names):
+        original = getattr(_rule, name)
+        patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
+        bad = jax.grad(loss, argnums)(logits, targets)
+        patch_rule(name, original)
+        for argnum in range(len(argnums)):
+            changed = not np.allclose(good[argnum], bad[argnum])
+            assert changed == (argnum == sabotaged), (name, argnum)
 
 
 def residual_arrays(fn, logits):

@@ -5,7 +5,9 @@ Same positional signatures, output shapes and semantics as
 (``axis`` an int or a tuple of ints, ``where`` per example or per logit), so research code
 switches its import and nothing else. Differences are deliberate and documented:
 
-* fully masked rows give 0 *and a zero, finite gradient* (optax's gradient is NaN there);
+* fully masked rows give 0 and zero, finite gradients for the logits *and* the probability
+  labels (optax also gives 0 and a zero logits gradient there, but its gradient with
+  respect to the labels is NaN on such rows, checked with optax 0.2.8);
 * nothing is broadcast: ``labels`` must match the documented shape exactly;
 * the gradient is the hand-derived rule, and these names also support forward mode
   (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) through a ``custom_jvp`` whose tangent is

@@ -116,18 +116,33 @@ def test_where_matches_optax_on_rows_that_are_not_fully_masked(kind):
     np.testing.assert_allclose(got, OPTAX_PROB(logits, probs, where=where), rtol=1e-6, atol=1e-6)
 
 
-def test_fully_masked_rows_are_zero_with_finite_gradient_where_optax_is_nan():
+@pytest.mark.parametrize("kind", ["per_example", "per_logit"])
+def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan(kind):
+    """As the module docstring says: on a fully masked row both libraries give a zero loss
+    and a zero logits gradient; optax's gradient with respect to probability labels is NaN
+    there, ours is zero."""
     logits, labels, probs = problem((3, 4), -1, seed=5)
     where = jnp.array([True, False, True])
-    for ours, targets in [
-        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels),
-        (jaxsoftmax.softmax_cross_entropy, probs),
+    if kind == "per_logit":
+        where = jnp.broadcast_to(where[:, None], logits.shape)
+    total = lambda f: lambda z, y: jnp.sum(f(z, y, where=where))
+    for ours, theirs, targets in [
+        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, OPTAX_INT, labels),
+        (jaxsoftmax.softmax_cross_entropy, OPTAX_PROB, probs),
     ]:
         loss = ours(logits, targets, where=where)
-        grad = jax.grad(lambda z, t=targets, f=ours: jnp.sum(f(z, t, where=where)))(logits)
+        np.testing.assert_allclose(loss, theirs(logits, targets, where=where), rtol=1e-6)
         assert loss[1] == 0.0
+        grad = jax.grad(total(ours))(logits, targets)
         np.testing.assert_array_equal(grad[1], np.zeros(4))
         assert np.all(np.isfinite(grad))
+        np.testing.assert_allclose(grad, jax.grad(total(theirs))(logits, targets), atol=1e-6)
+    label_grad = jax.grad(total(jaxsoftmax.softmax_cross_entropy), argnums=1)(logits, probs)
+    np.testing.assert_array_equal(label_grad[1], np.zeros(4))
+    assert np.all(np.isfinite(label_grad))
+    optax_label_grad = jax.grad(total(OPTAX_PROB), argnums=1)(logits, probs)
+    assert np.all(np.isnan(optax_label_grad[1]))
+    np.testing.assert_allclose(label_grad[0::2], optax_label_grad[0::2], rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))])

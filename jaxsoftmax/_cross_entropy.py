@@ -6,10 +6,12 @@ The loss of each counted example ``n`` with logits ``z_n`` over ``C`` classes is
 
    \\ell_n = -\\sum_c q_{nc} \\log \\mathrm{softmax}(\\hat z_n)_c
              + \\beta\\, r_n \\operatorname{lse}(\\hat z_n)^2,
-   \\qquad q_{nc} = w_c\\big((1-\\varepsilon) y_{nc} + \\varepsilon / C\\big),
+   \\qquad q_{nc} = w_c\\big((1-\\varepsilon) y_{nc} + \\varepsilon / K_n\\big),
 
 with ``y`` one-hot (integer targets) or given probabilities, class weights ``w``, label
-smoothing ``eps``, z-loss coefficient ``beta``, row weight ``r_n = w[label_n]`` for
+smoothing ``eps`` spread over the ``K_n`` classes taking part in row ``n`` (all ``C``
+without a per-logit ``where``; the sum runs over those classes and a masked class gets
+``q = 0``), z-loss coefficient ``beta``, row weight ``r_n = w[label_n]`` for
 integer targets (1 for probabilities) and ``hat z = cap * tanh(z / cap)`` under a logit
 soft cap. The reductions follow ``torch.nn.functional.cross_entropy``:
 
@@ -211,10 +213,13 @@ def cross_entropy(
 
     .. math::
 
-       \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{C}\big)
+       \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{K_n}\big)
                 \log \mathrm{softmax}(\hat z_n)_c + \beta\, r_n\, \mathrm{lse}(\hat z_n)^2
 
-    and its gradient, supplied by a ``jax.custom_vjp`` rule rather than autodiff,
+    where ``c`` runs over the ``K_n`` classes taking part in row ``n`` (all ``C``, or those a
+    per-logit ``where`` keeps; the softmax is then over those classes too). With ``q_nc``
+    the weight of ``log softmax`` in that sum, the gradient, supplied by a
+    ``jax.custom_vjp`` rule rather than autodiff, is
 
     .. math::
 

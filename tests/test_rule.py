@@ -301,6 +301,40 @@ def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
         np.testing.assert_allclose(value, reference.cross_entropy(logits, targets), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["labels", "one_hot"])
+def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind):
+    """docs/derivation.md, Numerics: lse^2 overflows float32 past |lse| ~ 1.8e19, so the
+    loss is inf there; the gradient, linear in lse, stays finite and exact."""
+    beta = 1e-4
+    logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
+    labels = np.array([0, 1, 1])
+    targets, y = extreme_targets(kind, labels, one_hot(labels, 3))
+    f = lambda z: cross_entropy(z, targets, z_loss=beta, reduction="none")
+    per = f(logits)
+    assert np.all(per == np.inf) and cross_entropy(logits, targets, z_loss=beta) == np.inf
+    grad = jax.grad(lambda z: jnp.sum(f(z)))(logits)
+    assert np.all(np.isfinite(grad))
+    # float64: d/dz [ce + beta lse^2] = softmax (1 + 2 beta lse) - y, with lse = max z here.
+    _, ce_grad = reference.loss_and_gradient(logits, y)
+    softmax = ce_grad + y
+    lse = np.max(logits.astype(np.float64), axis=-1, keepdims=True)
+    expected = softmax * (1 + 2 * beta * lse) - y
+    big = np.float64(np.float32(1e30))
+    np.testing.assert_allclose(expected[2], [0.0, -1.0, 2 * beta * big], rtol=1e-15)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+    # The threshold is lse^2 itself: at lse = 2e19 beta * lse^2 = 4e34 would fit in float32.
+    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0]], np.float32)
+    near_targets, _ = extreme_targets(kind, np.array([0, 0]), one_hot(np.array([0, 0]), 3))
+    values = cross_entropy(near, near_targets, z_loss=beta, reduction="none")
+    np.testing.assert_allclose(values[0], beta * np.float64(np.float32(1e19)) ** 2, rtol=1e-6)
+    assert values[1] == np.inf
+    with jax.enable_x64(True):  # float64 holds beta * lse^2 ~ 1e56
+        wide = cross_entropy(
+            jnp.asarray(logits, jnp.float64), targets, z_loss=beta, reduction="none"
+        )
+        np.testing.assert_allclose(wide, beta * lse[:, 0] ** 2, rtol=1e-12)
+
+
 def test_label_smoothing_on_a_minus_inf_class_is_infinite_as_the_math_says():
     logits = jnp.array([[0.0, -jnp.inf, 1.0]])
     value = cross_entropy(logits, jnp.array([0]), label_smoothing=0.1)

@@ -259,6 +259,13 @@ def cross_entropy(
     Integer labels out of range (other than ``ignore_index``) cannot raise under ``jit``:
     their example's loss and gradient are NaN. Use ``checked=True`` for an error.
 
+    Reverse mode only: the rule is a ``jax.custom_vjp``, so ``jax.grad``, ``jax.vjp`` and
+    ``jax.jacrev`` work, and so do derivatives of the gradient (grad of grad,
+    ``jax.hessian``), but ``jax.jvp`` and ``jax.jacfwd`` of the loss raise a ``TypeError``.
+    For forward mode use :func:`~jaxsoftmax.softmax_cross_entropy` or
+    :func:`~jaxsoftmax.softmax_cross_entropy_with_integer_labels` (same rule, through a
+    ``custom_jvp``; no options), see docs/custom-gradients.md.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxsoftmax import cross_entropy

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxsoftmax import cross_entropy
+from jaxsoftmax import cross_entropy, softmax_cross_entropy_with_integer_labels
 
 OPTIONS = dict(
     label_smoothing=0.1,
@@ -89,6 +89,28 @@ def test_grad_of_grad_matches_autodiff_of_the_formula(options):
             return jnp.sum(jnp.where(kept, per, 0.0)) / jnp.sum(jnp.where(kept, w[labels], 0.0))
 
         np.testing.assert_allclose(hessian, jax.hessian(formula)(logits), rtol=1e-9, atol=1e-12)
+
+
+def test_cross_entropy_is_reverse_mode_only_and_the_dropins_do_forward_mode():
+    """As its docstring and docs/custom-gradients.md say: jvp / jacfwd of cross_entropy
+    raise (custom_vjp), derivatives of its gradient work, and the drop-in names give the
+    forward mode through the same rule."""
+    logits, labels = problem(8, (3, 5))
+    loss = lambda z: cross_entropy(z, labels, reduction="sum")
+    with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
+        jax.jvp(loss, (logits,), (jnp.ones_like(logits),))
+    with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
+        jax.jacfwd(loss)(logits)
+    dropin = lambda z: jnp.sum(softmax_cross_entropy_with_integer_labels(z, labels))
+    tangent = jax.random.normal(jax.random.PRNGKey(9), logits.shape)
+    _, forward = jax.jvp(dropin, (logits,), (tangent,))
+    np.testing.assert_allclose(forward, jnp.vdot(jax.grad(loss)(logits), tangent), rtol=1e-5)
+    np.testing.assert_allclose(jax.jacfwd(dropin)(logits), jax.grad(loss)(logits), rtol=1e-6)
+    # Forward over reverse differentiates the rule itself: the softmax Jacobian per row.
+    hessian = jax.hessian(loss)(logits)
+    np.testing.assert_allclose(hessian, jax.hessian(dropin)(logits), rtol=1e-5, atol=1e-7)
+    s = np.asarray(jax.nn.softmax(logits), np.float64)
+    np.testing.assert_allclose(hessian[1, :, 1, :], np.diag(s[1]) - np.outer(s[1], s[1]), atol=1e-6)
 
 
 def test_inside_shard_map_and_pmap_without_global_shapes():

@@ -6,10 +6,12 @@ The loss of each counted example ``n`` with logits ``z_n`` over ``C`` classes is
 
    \\ell_n = -\\sum_c q_{nc} \\log \\mathrm{softmax}(\\hat z_n)_c
              + \\beta\\, r_n \\operatorname{lse}(\\hat z_n)^2,
-   \\qquad q_{nc} = w_c\\big((1-\\varepsilon) y_{nc} + \\varepsilon / C\\big),
+   \\qquad q_{nc} = w_c\\big((1-\\varepsilon) y_{nc} + \\varepsilon / K_n\\big),
 
 with ``y`` one-hot (integer targets) or given probabilities, class weights ``w``, label
-smoothing ``eps``, z-loss coefficient ``beta``, row weight ``r_n = w[label_n]`` for
+smoothing ``eps`` spread over the ``K_n`` classes taking part in row ``n`` (all ``C``
+without a per-logit ``where``; the sum runs over those classes and a masked class gets
+``q = 0``), z-loss coefficient ``beta``, row weight ``r_n = w[label_n]`` for
 integer targets (1 for probabilities) and ``hat z = cap * tanh(z / cap)`` under a logit
 soft cap. The reductions follow ``torch.nn.functional.cross_entropy``:
 
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 from jaxsoftmax import _checking, _rule
 from jaxsoftmax import _validation as v
 
+LABEL_HINT = " Leave an example out with ignore_index= or where=."
+
 
 def per_example_loss(
     logits,
@@ -51,6 +55,7 @@ def per_example_loss(
     targets_kind=None,
     targets_name="targets",
     kind_hint="",
+    label_hint=LABEL_HINT,
 ):
     """Validates, moves the class axes last and applies the rule row by row.
 
@@ -58,12 +63,15 @@ def per_example_loss(
     example's share of a mean's denominator (0 for dropped examples).
 
     ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
-    ``targets_name`` and ``kind_hint`` word the error messages.
+    ``targets_name``, ``kind_hint`` and ``label_hint`` (checked mode: how to leave an
+    example out) word the error messages.
     """
     logits = v.check_logits(logits)
     axes = v.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
+    num_classes = v.check_num_classes(logits.shape, axes)
     name = targets_name
     targets = v.as_array(targets, name)
+    v.check_not_bool(targets, logits.shape, axes, name=name, kind=targets_kind)
     if targets_kind is None:
         targets_kind = "indices" if jnp.issubdtype(targets.dtype, jnp.integer) else "probabilities"
     if targets_kind == "indices":
@@ -73,7 +81,6 @@ def per_example_loss(
     integer = targets_kind == "indices"
     row_mask, class_mask = v.check_where(where, logits.shape, axes)
     ignore_index = v.check_ignore_index(ignore_index, integer)
-    num_classes = math.prod(logits.shape[a] for a in axes)
     class_weights = v.check_class_weights(class_weights, num_classes)
     options = _rule.RuleOptions(
         label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
@@ -83,6 +90,19 @@ def per_example_loss(
         ),
         axis_name=axis_name,
     )
+    label_check = None
+    if checked and integer:
+        # Labels known in Python are checked here, before any computation; traced labels
+        # get a checkify check inside the computation, which needs `jaxsoftmax.checked`.
+        defer = _checking.check_labels_or_defer(
+            targets,
+            None if axis_name is not None else num_classes,
+            row_mask,
+            name=name,
+            ignore_index=ignore_index,
+            hint=label_hint,
+        )
+        label_check = (name, label_hint) if defer else None
 
     return _rows_and_weights(
         logits,
@@ -95,8 +115,7 @@ def per_example_loss(
         ignore_index=ignore_index,
         options=options,
         forward_mode=forward_mode,
-        checked=checked,
-        name=name,
+        label_check=label_check,
     )
 
 
@@ -108,8 +127,7 @@ def per_example_loss(
         "ignore_index",
         "options",
         "forward_mode",
-        "checked",
-        "name",
+        "label_check",
     ),
 )
 def _rows_and_weights(
@@ -124,10 +142,12 @@ def _rows_and_weights(
     ignore_index,
     options,
     forward_mode,
-    checked,
-    name,
+    label_check,
 ):
-    """The computation after validation, jitted so eager calls compile once per shape."""
+    """The computation after validation, jitted so eager calls compile once per shape.
+
+    ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None.
+    """
     num_classes = math.prod(logits.shape[a] for a in axes)
     logits = v.move_classes_last(logits, axes)
     if not integer:
@@ -137,11 +157,14 @@ def _rows_and_weights(
     if ignore_index is not None:
         kept = targets != ignore_index
         row_mask = kept if row_mask is None else row_mask & kept
-    if checked and integer:
+    if label_check is not None:
         total = num_classes
         if options.axis_name is not None:
             total = jax.lax.psum(num_classes, options.axis_name)
-        _checking.check_labels(targets, total, row_mask, name=name)
+        name, hint = label_check
+        _checking.check_labels(
+            targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint
+        )
 
     rows = (
         _rule.softmax_cross_entropy_rows_fwd_capable
@@ -190,10 +213,13 @@ def cross_entropy(
 
     .. math::
 
-       \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{C}\big)
+       \ell_n = -\sum_c w_c\big((1-\varepsilon) y_{nc} + \tfrac{\varepsilon}{K_n}\big)
                 \log \mathrm{softmax}(\hat z_n)_c + \beta\, r_n\, \mathrm{lse}(\hat z_n)^2
 
-    and its gradient, supplied by a ``jax.custom_vjp`` rule rather than autodiff,
+    where ``c`` runs over the ``K_n`` classes taking part in row ``n`` (all ``C``, or those a
+    per-logit ``where`` keeps; the softmax is then over those classes too). With ``q_nc``
+    the weight of ``log softmax`` in that sum, the gradient, supplied by a
+    ``jax.custom_vjp`` rule rather than autodiff, is
 
     .. math::
 
@@ -220,7 +246,11 @@ def cross_entropy(
       reduction: ``"mean"`` (weighted as above), ``"sum"`` or ``"none"``.
       axis_name: mapped axis (``shard_map`` / ``pmap``) the class axis is split over, for a
         vocabulary-parallel loss; None when each device holds all classes.
-      checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
+      checked: raise on integer targets out of range (other than ``ignore_index``), naming
+        the label and its position: a ``ValueError`` before any computation when the
+        targets are known in Python (an eager call); when they are traced (under ``jit``),
+        a checkify check that needs :func:`jaxsoftmax.checked` as the *outermost* wrapper,
+        ``jaxsoftmax.checked(jax.jit(f))`` (``jax.jit(jaxsoftmax.checked(f))`` fails).
 
     Returns:
       The reduced loss (a scalar) or, with ``reduction="none"``, one loss per example, in
@@ -228,6 +258,13 @@ def cross_entropy(
 
     Integer labels out of range (other than ``ignore_index``) cannot raise under ``jit``:
     their example's loss and gradient are NaN. Use ``checked=True`` for an error.
+
+    Reverse mode only: the rule is a ``jax.custom_vjp``, so ``jax.grad``, ``jax.vjp`` and
+    ``jax.jacrev`` work, and so do derivatives of the gradient (grad of grad,
+    ``jax.hessian``), but ``jax.jvp`` and ``jax.jacfwd`` of the loss raise a ``TypeError``.
+    For forward mode use :func:`~jaxsoftmax.softmax_cross_entropy` or
+    :func:`~jaxsoftmax.softmax_cross_entropy_with_integer_labels` (same rule, through a
+    ``custom_jvp``; no options), see docs/custom-gradients.md.
 
     Example:
       >>> import jax.numpy as jnp

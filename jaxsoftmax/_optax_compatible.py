@@ -5,7 +5,9 @@ Same positional signatures, output shapes and semantics as
 (``axis`` an int or a tuple of ints, ``where`` per example or per logit), so research code
 switches its import and nothing else. Differences are deliberate and documented:
 
-* fully masked rows give 0 *and a zero, finite gradient* (optax's gradient is NaN there);
+* fully masked rows give 0 and zero, finite gradients for the logits *and* the probability
+  labels (optax also gives 0 and a zero logits gradient there, but its gradient with
+  respect to the labels is NaN on such rows, checked with optax 0.2.8);
 * nothing is broadcast: ``labels`` must match the documented shape exactly;
 * the gradient is the hand-derived rule, and these names also support forward mode
   (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) through a ``custom_jvp`` whose tangent is
@@ -100,7 +102,11 @@ def softmax_cross_entropy_with_integer_labels(
       where: bool, one value per example or the logits' shape (classes taking part in the
         normalizer; the label's own logit always counts, as in optax).
       axis_name: mapped axis the class axis is split over (vocabulary parallel), or None.
-      checked: add a checkify check of the label range (see :func:`jaxsoftmax.checked`).
+      checked: raise on labels out of range, naming the label and its position: a
+        ``ValueError`` before any computation when the labels are known in Python (an eager
+        call); when they are traced (under ``jit``), a checkify check that needs
+        :func:`jaxsoftmax.checked` as the *outermost* wrapper,
+        ``jaxsoftmax.checked(jax.jit(f))`` (``jax.jit(jaxsoftmax.checked(f))`` fails).
 
     Returns:
       The loss per example, in the logits' dtype. A label out of range gives NaN for its
@@ -126,5 +132,6 @@ def softmax_cross_entropy_with_integer_labels(
         targets_kind="indices",
         targets_name="labels",
         kind_hint=" For probabilities use softmax_cross_entropy.",
+        label_hint=" Leave an example out with where=.",
     )
     return loss.astype(logits.dtype)

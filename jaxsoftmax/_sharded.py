@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _checking
 from jaxsoftmax import _validation as v
-from jaxsoftmax._cross_entropy import per_example_loss
+from jaxsoftmax._cross_entropy import LABEL_HINT, per_example_loss
 
 AxisName = str | Sequence[str]
 
@@ -239,11 +239,11 @@ def sharded_cross_entropy(
         else:
             row_mask = where
     if checked and integer:
-        # The check runs on the global labels, outside shard_map, against the real V.
-        kept = row_mask
-        if ignore_index is not None:
-            kept = (targets != ignore_index) if kept is None else kept & (targets != ignore_index)
-        _checking.check_labels(targets, num_classes, kept, name="targets")
+        # The check runs on the global labels, outside shard_map, against the real V: in
+        # Python when they are known there, else as a checkify check (needs `checked`).
+        check = dict(name="targets", ignore_index=ignore_index, hint=LABEL_HINT)
+        if _checking.check_labels_or_defer(targets, num_classes, row_mask, **check):
+            _checking.check_labels(targets, num_classes, row_mask, **check)
 
     if padding:
         # Padded classes are masked out of every class sum, so a row mask becomes part of the

@@ -80,6 +80,48 @@ def class_axes(axis, ndim: int, *, allow_none: bool = False) -> tuple[int, ...]:
     return tuple(normalized)
 
 
+def check_num_classes(logits_shape, axes: tuple[int, ...]) -> int:
+    """The number of classes (the product of the class axes' sizes); at least one."""
+    num_classes = math.prod(logits_shape[a] for a in axes)
+    if num_classes == 0:
+        which = (
+            f"class axis {axes[0]} has size 0"
+            if len(axes) == 1
+            else f"class axes {axes} hold 0 classes"
+        )
+        raise ValueError(
+            f"logits must have at least one class; got logits of shape {tuple(logits_shape)}, "
+            f"whose {which}. Expected a class axis of size >= 1 (check the axis argument and "
+            "the logits' shape)."
+        )
+    return num_classes
+
+
+def check_not_bool(targets, logits_shape, axes, *, name="targets", kind=None):
+    """A TypeError for boolean targets, which are neither class indices nor probabilities.
+
+    ``kind`` is ``"indices"``, ``"probabilities"`` or None (either), for the message.
+    """
+    if targets.dtype != jnp.bool_:
+        return
+    rows = batch_shape(logits_shape, axes)
+    indices = f"integer class indices of shape {rows}"
+    probabilities = f"float probabilities of shape {tuple(logits_shape)}"
+    expected = {"indices": indices, "probabilities": probabilities}.get(
+        kind, f"{indices} or {probabilities}"
+    )
+    if tuple(targets.shape) == tuple(logits_shape):
+        fix = f"A one-hot mask? Use {name}.astype(jnp.float32) as probabilities."
+    elif tuple(targets.shape) == rows:
+        fix = f"Class indices 0 and 1? Use {name}.astype(jnp.int32)."
+    else:
+        fix = "Cast them to the kind of target you mean."
+    raise TypeError(
+        f"{name} must be {expected}; got {_describe(targets)}: booleans are neither class "
+        f"indices nor probabilities. {fix}"
+    )
+
+
 def batch_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in axes)
 

@@ -86,3 +86,20 @@ def closed_form_gradient(z, labels, g=1.0):
     logp, _ = log_softmax(z)
     y = np.eye(z.shape[-1])[np.asarray(labels)]
     return (np.exp(logp) - y) * np.asarray(g, np.float64)[..., None]
+
+
+def loss_and_gradient(z, y):
+    """Per-row ``-sum_c y_c log softmax(z)_c`` and its gradient ``softmax(z) sum(y) - y``.
+
+    float64, with ``log softmax(z) = (z - max z) - log sum exp(z - max z)`` never forming
+    ``log sum exp(z)`` itself: at ``|z| ~ 1e30`` that sum rounds to ``max z`` even in float64
+    and would lose ``log 2`` for two tied maxima. Classes with ``y_c = 0`` add nothing (so
+    ``-inf`` logits there give finite results). ``y`` has the logits' shape.
+    """
+    z = np.asarray(z, np.float64)
+    y = np.asarray(y, np.float64)
+    shifted = z - np.max(z, axis=-1, keepdims=True)
+    logp = shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    loss = -np.sum(y * np.where(y != 0, logp, 0.0), axis=-1)
+    gradient = np.exp(logp) * np.sum(y, axis=-1, keepdims=True) - y
+    return loss, gradient

@@ -137,6 +137,67 @@ PROBS = jnp.full((4, 3), 1 / 3)
             r"got bool array of shape \(4, 1\)",
         ),
         (lambda: cross_entropy(LOGITS, "labels"), TypeError, r"targets must be an array; got str"),
+        (
+            lambda: cross_entropy(jnp.zeros((4, 0)), jnp.zeros((4,), jnp.int32)),
+            ValueError,
+            r"logits must have at least one class; got logits of shape \(4, 0\), whose class "
+            r"axis 1 has size 0\. Expected a class axis of size >= 1",
+        ),
+        (
+            lambda: integer_loss(jnp.zeros((4, 0)), jnp.zeros((4,), jnp.int32)),
+            ValueError,
+            r"logits must have at least one class; got logits of shape \(4, 0\)",
+        ),
+        (
+            lambda: softmax_cross_entropy(jnp.zeros((4, 0)), jnp.zeros((4, 0))),
+            ValueError,
+            r"logits must have at least one class; got logits of shape \(4, 0\)",
+        ),
+        (
+            lambda: cross_entropy(jnp.zeros((0, 3)), jnp.zeros((3,), jnp.int32), axis=0),
+            ValueError,
+            r"logits of shape \(0, 3\), whose class axis 0 has size 0",
+        ),
+        (
+            lambda: integer_loss(jnp.zeros((2, 0, 3)), jnp.zeros((2,), jnp.int32), (1, 2)),
+            ValueError,
+            r"logits of shape \(2, 0, 3\), whose class axes \(1, 2\) hold 0 classes",
+        ),
+        (
+            lambda: softmax_cross_entropy(jnp.zeros((0,)), jnp.zeros((0,)), None),
+            ValueError,
+            r"logits of shape \(0,\), whose class axis 0 has size 0",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, PROBS > 0),
+            TypeError,
+            r"targets must be integer class indices of shape \(4,\) or float probabilities of "
+            r"shape \(4, 3\); got bool array of shape \(4, 3\): booleans are neither class "
+            r"indices nor probabilities\. A one-hot mask\? Use targets\.astype\(jnp\.float32\)",
+        ),
+        (
+            lambda: cross_entropy(LOGITS, LABELS > 0),
+            TypeError,
+            r"got bool array of shape \(4,\): booleans are neither.*Class indices 0 and 1\? Use "
+            r"targets\.astype\(jnp\.int32\)",
+        ),
+        (
+            lambda: softmax_cross_entropy(LOGITS, PROBS > 0),
+            TypeError,
+            r"labels must be float probabilities of shape \(4, 3\); got bool array of shape "
+            r"\(4, 3\): booleans are neither",
+        ),
+        (
+            lambda: integer_loss(LOGITS, LABELS > 0),
+            TypeError,
+            r"labels must be integer class indices of shape \(4,\); got bool array of shape "
+            r"\(4,\): booleans are neither.*labels\.astype\(jnp\.int32\)",
+        ),
+        (
+            lambda: integer_loss(LOGITS, jnp.zeros((2,), bool)),
+            TypeError,
+            r"got bool array of shape \(2,\): booleans are neither.*Cast them",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, message):

@@ -2,6 +2,7 @@
 float64 NumPy of PyTorch's documented semantics, finite differences."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,55 @@ def test_value_and_gradient_match_naive_composition(shape, axis, jit):
     expected_value, expected_grad = jax.value_and_grad(naive)(logits, labels)
     np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def naive_composition(logits, targets, axes):
+    """-sum(y * log(softmax(z))) over the class axes, averaged over examples, in the logits'
+    own layout: integer labels (row-major flat indices into the class axes, in the order
+    given) become a one-hot over those axes, moved into place."""
+    axes = tuple(a % logits.ndim for a in axes)
+    y = targets
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        sizes = tuple(logits.shape[a] for a in axes)
+        y = jax.nn.one_hot(targets, math.prod(sizes), dtype=logits.dtype)
+        y = jnp.moveaxis(y.reshape(targets.shape + sizes), range(targets.ndim, logits.ndim), axes)
+    return -jnp.mean(jnp.sum(y * jnp.log(jax.nn.softmax(logits, axis=axes)), axis=axes))
+
+
+TUPLE_AXES = [
+    ((2, 3, 4, 5), (2, 3)),
+    ((2, 3, 4, 5), (3, 1)),
+    ((3, 4, 6), (0, 2)),
+    ((3, 7), (-1,)),
+    ((4, 6), 0),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("kind", ["labels", "probabilities"])
+@pytest.mark.parametrize("shape,axis", TUPLE_AXES)
+def test_tuple_axes_and_probability_targets_match_naive_composition(shape, axis, kind, jit):
+    """Values, the logits' gradient and (for probabilities) the targets' gradient."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    k1, k2 = jax.random.split(jax.random.PRNGKey(21))
+    logits = 3.0 * jax.random.normal(k1, shape)
+    if kind == "labels":
+        batch = tuple(s for i, s in enumerate(shape) if i not in {a % len(shape) for a in axes})
+        num_classes = math.prod(shape[a] for a in axes)
+        targets = jax.random.randint(k2, batch, 0, num_classes)
+        argnums = 0
+    else:
+        targets = jax.nn.softmax(jax.random.normal(k2, shape), axis=axes)
+        argnums = (0, 1)
+    ours = functools.partial(cross_entropy, axis=axis)
+    naive = functools.partial(naive_composition, axes=axes)
+    if jit:
+        ours, naive = jax.jit(ours), jax.jit(naive)
+    value, grad = jax.value_and_grad(ours, argnums)(logits, targets)
+    expected_value, expected_grad = jax.value_and_grad(naive, argnums)(logits, targets)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (8, 10), (3, 4, 7)])

@@ -116,18 +116,33 @@ def test_where_matches_optax_on_rows_that_are_not_fully_masked(kind):
     np.testing.assert_allclose(got, OPTAX_PROB(logits, probs, where=where), rtol=1e-6, atol=1e-6)
 
 
-def test_fully_masked_rows_are_zero_with_finite_gradient_where_optax_is_nan():
+@pytest.mark.parametrize("kind", ["per_example", "per_logit"])
+def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan(kind):
+    """As the module docstring says: on a fully masked row both libraries give a zero loss
+    and a zero logits gradient; optax's gradient with respect to probability labels is NaN
+    there, ours is zero."""
     logits, labels, probs = problem((3, 4), -1, seed=5)
     where = jnp.array([True, False, True])
-    for ours, targets in [
-        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, labels),
-        (jaxsoftmax.softmax_cross_entropy, probs),
+    if kind == "per_logit":
+        where = jnp.broadcast_to(where[:, None], logits.shape)
+    total = lambda f: lambda z, y: jnp.sum(f(z, y, where=where))
+    for ours, theirs, targets in [
+        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, OPTAX_INT, labels),
+        (jaxsoftmax.softmax_cross_entropy, OPTAX_PROB, probs),
     ]:
         loss = ours(logits, targets, where=where)
-        grad = jax.grad(lambda z, t=targets, f=ours: jnp.sum(f(z, t, where=where)))(logits)
+        np.testing.assert_allclose(loss, theirs(logits, targets, where=where), rtol=1e-6)
         assert loss[1] == 0.0
+        grad = jax.grad(total(ours))(logits, targets)
         np.testing.assert_array_equal(grad[1], np.zeros(4))
         assert np.all(np.isfinite(grad))
+        np.testing.assert_allclose(grad, jax.grad(total(theirs))(logits, targets), atol=1e-6)
+    label_grad = jax.grad(total(jaxsoftmax.softmax_cross_entropy), argnums=1)(logits, probs)
+    np.testing.assert_array_equal(label_grad[1], np.zeros(4))
+    assert np.all(np.isfinite(label_grad))
+    optax_label_grad = jax.grad(total(OPTAX_PROB), argnums=1)(logits, probs)
+    assert np.all(np.isnan(optax_label_grad[1]))
+    np.testing.assert_allclose(label_grad[0::2], optax_label_grad[0::2], rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))])
@@ -195,3 +210,61 @@ def test_vmap_over_logits_and_labels():
     np.testing.assert_allclose(
         per_example_grads, jax.grad(lambda z: jnp.sum(f(z, labels)))(logits), rtol=1e-6
     )
+
+
+HALF_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-3}
+
+
+def weighted_sum(per_example):
+    """Sums with per-example weights that every float dtype holds exactly (0.5, 1, 2), so
+    the cotangent reaching the rule is the same in half precision and in float32."""
+    weights = jnp.array([0.5, 1.0, 2.0], per_example.dtype)
+    return jnp.sum(per_example * jnp.resize(weights, per_example.shape))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_integer_dropin_keeps_half_precision_against_the_float32_computation(dtype):
+    logits, labels, _ = problem((6, 4, 9), -1, seed=12)
+    logits = logits.astype(dtype)
+    ours = jaxsoftmax.softmax_cross_entropy_with_integer_labels
+    per = jax.jit(ours)(logits, labels)
+    grad = jax.jit(jax.grad(lambda z: weighted_sum(ours(z, labels))))(logits)
+    assert per.dtype == logits.dtype and grad.dtype == logits.dtype
+    upcast = logits.astype(jnp.float32)  # the same values, computed in float32 by optax
+    tolerance = HALF_TOLERANCE[dtype]
+    np.testing.assert_allclose(
+        np.asarray(per, np.float32), OPTAX_INT(upcast, labels), rtol=tolerance
+    )
+    expected = jax.grad(lambda z: weighted_sum(OPTAX_INT(z, labels)))(upcast)
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), expected, rtol=tolerance, atol=tolerance * 1e-2
+    )
+
+
+@pytest.mark.parametrize("labels_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_probability_dropin_keeps_each_arguments_dtype_against_float32(dtype, labels_dtype):
+    """The loss and the logits' gradient in the logits' dtype, the labels' gradient in the
+    labels' dtype, each within one rounding of the float32 computation."""
+    logits, _, probs = problem((6, 4, 9), -1, seed=13)
+    logits = logits.astype(dtype)
+    probs = probs.astype(dtype if labels_dtype == "same" else labels_dtype)
+    ours = jaxsoftmax.softmax_cross_entropy
+    per = jax.jit(ours)(logits, probs)
+    d_logits, d_labels = jax.jit(jax.grad(lambda z, y: weighted_sum(ours(z, y)), (0, 1)))(
+        logits, probs
+    )
+    assert per.dtype == logits.dtype and d_logits.dtype == logits.dtype
+    assert d_labels.dtype == probs.dtype
+    z32, y32 = logits.astype(jnp.float32), probs.astype(jnp.float32)
+    tolerance = HALF_TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(per, np.float32), OPTAX_PROB(z32, y32), rtol=tolerance)
+    expected = jax.grad(lambda z, y: weighted_sum(OPTAX_PROB(z, y)), (0, 1))(z32, y32)
+    # Float32 labels get a float32 gradient: computed from the same logits in float32, it
+    # matches optax's to float32 accuracy, with no half-precision rounding at all.
+    labels_tolerance = 1e-5 if probs.dtype == jnp.float32 else tolerance
+    for got, want, rtol in [
+        (d_logits, expected[0], tolerance),
+        (d_labels, expected[1], labels_tolerance),
+    ]:
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol * 1e-2)

@@ -33,3 +33,12 @@ def test_fused_example_runs_and_equals_logits_then_loss():
 
     expected = jaxsoftmax.cross_entropy(hidden @ embedding.T, jnp.arange(8), z_loss=1e-4)
     np.testing.assert_allclose(namespace["loss"], expected, rtol=1e-6)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run says it runs the README's install-and-test command; keep the two equal."""
+    text = README.read_text()
+    command = re.search(r"The tests:\n\n {4}(.+)\n", text).group(1)
+    assert command == 'pip install -e ".[test]" && pytest'
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command in ci, f"{command!r} is not a line of .ci/run"

@@ -76,36 +76,67 @@ def test_values_match_float64_reference(problem):
     )
 
 
-def count_rule_calls(monkeypatch):
-    calls = {"logits_gradient": 0}
-    original = _rule._logits_gradient
+@pytest.fixture
+def patch_rule(monkeypatch):
+    """Replaces functions of ``_rule`` for one test; no trace made with them outlives it."""
 
-    def counting(*args, **kwargs):
-        calls["logits_gradient"] += 1
-        return original(*args, **kwargs)
+    def patch(name, replacement):
+        monkeypatch.setattr(_rule, name, replacement)
+        jax.clear_caches()  # a cached trace would not call the rule's Python again
 
-    monkeypatch.setattr(_rule, "_logits_gradient", counting)
-    jax.clear_caches()  # a cached trace would not call the rule's Python again
+    yield patch
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def count_rule_calls(patch_rule):
+    """Counts calls of the rule's two gradient functions (logits and probability labels)."""
+    calls = {"_logits_gradient": 0, "_probabilities_gradient": 0}
+    for name in calls:
+        original = getattr(_rule, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        patch_rule(name, counting)
     return calls
 
 
-@pytest.mark.parametrize(
-    "loss",
-    [
-        lambda z, y: cross_entropy(z, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=3.0),
-        lambda z, y: jnp.sum(integer_loss(z, y)),
-    ],
-    ids=["cross_entropy", "integer_dropin"],
-)
-def test_gradient_runs_through_the_derived_rule(monkeypatch, loss):
-    """Fails if the gradient came from autodiff of the forward instead of the rule."""
-    calls = count_rule_calls(monkeypatch)
+def rule_problem(kind):
     logits = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
-    labels = jnp.arange(7) % 5
-    jax.block_until_ready(loss(logits, labels))
-    assert calls["logits_gradient"] == 0, "the forward must not compute the gradient"
-    jax.grad(loss)(logits, labels)
-    assert calls["logits_gradient"] >= 1, "jax.grad bypassed the custom rule"
+    if kind == "labels":
+        return logits, jnp.arange(7) % 5
+    return logits, jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (7, 5)))
+
+
+def with_options(z, y):
+    return cross_entropy(z, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=3.0)
+
+
+RULE_CASES = {
+    "cross_entropy": (with_options, "labels"),
+    "cross_entropy_probabilities": (with_options, "probabilities"),
+    "integer_dropin": (lambda z, y: jnp.sum(integer_loss(z, y)), "labels"),
+    "probability_dropin": (lambda z, y: jnp.sum(softmax_cross_entropy(z, y)), "probabilities"),
+}
+
+
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_gradient_runs_through_the_derived_rule(patch_rule, case):
+    """Fails if a gradient came from autodiff of the forward instead of the rule."""
+    loss, kind = RULE_CASES[case]
+    logits, targets = rule_problem(kind)
+    calls = count_rule_calls(patch_rule)
+    jax.block_until_ready(loss(logits, targets))
+    assert calls == {"_logits_gradient": 0, "_probabilities_gradient": 0}, "forward only"
+    jax.grad(loss)(logits, targets)
+    assert calls["_logits_gradient"] >= 1, "jax.grad bypassed the custom rule"
+    if kind == "probabilities":
+        calls.update(_logits_gradient=0, _probabilities_gradient=0)
+        jax.clear_caches()
+        jax.grad(loss, argnums=1)(logits, targets)
+        assert calls["_probabilities_gradient"] >= 1, "the label gradient bypassed the rule"
 
 
 def test_jaxpr_contains_the_custom_vjp_call():
@@ -114,18 +145,27 @@ def test_jaxpr_contains_the_custom_vjp_call():
     assert "custom_vjp_call" in str(jaxpr)
     jaxpr = jax.make_jaxpr(lambda z: integer_loss(z, jnp.array([0, 1, 2])))(logits)
     assert "custom_jvp_call" in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda z: softmax_cross_entropy(z, jnp.full((3, 4), 0.25)))(logits)
+    assert "custom_jvp_call" in str(jaxpr)
 
 
-def test_a_wrong_rule_would_be_caught(monkeypatch):
-    """Sanity check of the test design: a sabotaged rule changes the gradient."""
-    logits = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
-    labels = jnp.array([0, 1, 2, 0])
-    good = jax.grad(cross_entropy)(logits, labels)
-    original = _rule._logits_gradient
-    monkeypatch.setattr(_rule, "_logits_gradient", lambda *a, **k: 2 * original(*a, **k))
-    jax.clear_caches()
-    bad = jax.grad(cross_entropy)(logits, labels)
-    assert not np.allclose(good, bad)
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_a_wrong_rule_would_be_caught(patch_rule, case):
+    """Sanity check of the test design: sabotaging one of the rule's gradient functions
+    changes exactly the gradient it computes."""
+    loss, kind = RULE_CASES[case]
+    logits, targets = rule_problem(kind)
+    argnums = (0, 1) if kind == "probabilities" else (0,)
+    good = jax.grad(loss, argnums)(logits, targets)
+    names = ["_logits_gradient", "_probabilities_gradient"][: len(argnums)]
+    for sabotaged, name in enumerate(names):
+        original = getattr(_rule, name)
+        patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
+        bad = jax.grad(loss, argnums)(logits, targets)
+        patch_rule(name, original)
+        for argnum in range(len(argnums)):
+            changed = not np.allclose(good[argnum], bad[argnum])
+            assert changed == (argnum == sabotaged), (name, argnum)
 
 
 def residual_arrays(fn, logits):
@@ -134,19 +174,22 @@ def residual_arrays(fn, logits):
 
 
 @pytest.mark.parametrize(
-    "loss",
+    "loss,logits_sized",
     [
-        lambda z: cross_entropy(z, jnp.arange(64) % 1000, label_smoothing=0.1, z_loss=1e-4),
-        lambda z: jnp.sum(integer_loss(z, jnp.arange(64) % 1000)),
-        lambda z: jnp.sum(softmax_cross_entropy(z, jnp.full((64, 1000), 1e-3))),
+        (lambda z: cross_entropy(z, jnp.arange(64) % 1000, label_smoothing=0.1, z_loss=1e-4), 1),
+        (lambda z: jnp.sum(integer_loss(z, jnp.arange(64) % 1000)), 1),
+        (lambda z: cross_entropy(z, jnp.full((64, 1000), 1e-3), label_smoothing=0.1), 2),
+        (lambda z: jnp.sum(softmax_cross_entropy(z, jnp.full((64, 1000), 1e-3))), 2),
     ],
-    ids=["cross_entropy", "integer_dropin", "probability_dropin"],
+    ids=["cross_entropy", "integer_dropin", "cross_entropy_probabilities", "probability_dropin"],
 )
-def test_residuals_are_the_logits_and_per_row_statistics(loss):
+def test_residuals_are_the_logits_and_per_row_statistics(loss, logits_sized):
+    """Integer labels keep one logits-sized residual (the logits); probability targets may
+    add a second one, the targets themselves, and nothing else."""
     logits = jax.random.normal(jax.random.PRNGKey(2), (64, 1000))
     leaves = residual_arrays(loss, logits)
     big = [leaf for leaf in leaves if leaf.size >= logits.size]
-    assert sum(leaf.size for leaf in big) <= 2 * logits.size  # logits (+ probability targets)
+    assert sum(leaf.size for leaf in big) <= logits_sized * logits.size, [l.shape for l in big]
     assert all(leaf.size <= logits.size for leaf in leaves)
     small = sum(leaf.size for leaf in leaves if leaf.size < logits.size)
     assert small <= 8 * 64 + 1000, f"unexpected residuals {[l.shape for l in leaves]}"
@@ -187,33 +230,109 @@ def test_half_precision_is_computed_in_float32_and_keeps_its_dtype(dtype):
     assert "reduce_sum" in jaxpr and "f32[32,50]" in jaxpr
 
 
-def test_huge_logits_are_finite_and_exact_where_naive_fails():
-    logits = jnp.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], jnp.float32)
-    labels = jnp.array([0, 1, 1])
-    per = cross_entropy(logits, labels, reduction="none")
-    np.testing.assert_allclose(per, [0.0, np.log(2.0), 1e30 - 5.0], rtol=1e-6)
-    grad = jax.grad(lambda z: jnp.sum(cross_entropy(z, labels, reduction="none")))(logits)
-    np.testing.assert_allclose(grad, [[0, 0, 0], [0.5, -0.5, 0], [0, -1, 1]], atol=1e-7)
-    naive = -jnp.sum(jax.nn.one_hot(labels, 3) * jnp.log(jax.nn.softmax(logits)), -1)
-    assert not np.all(np.isfinite(naive)) or not np.allclose(naive, per)
-    naive_grad = jax.grad(
-        lambda z: -jnp.sum(jax.nn.one_hot(labels, 3) * jnp.log(jax.nn.softmax(z)))
-    )(logits)
-    assert not np.all(np.isfinite(naive_grad))
+def one_hot(labels, num_classes):
+    return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def test_minus_inf_logits_on_classes_without_target_mass_are_finite():
-    logits = jnp.array([[0.0, -jnp.inf, 1.0, -jnp.inf], [2.0, 0.5, -jnp.inf, -1.0]])
-    labels = jnp.array([2, 0])
-    probs = jnp.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]])
-    for targets in (labels, probs):
-        value, grad = jax.value_and_grad(cross_entropy)(logits, targets)
-        assert np.isfinite(value) and np.all(np.isfinite(grad))
-        expected = reference.cross_entropy(np.asarray(logits), np.asarray(targets))
-        np.testing.assert_allclose(value, expected, rtol=1e-6)
-        assert grad[0, 1] == 0.0 and grad[1, 2] == 0.0
-    value, grad = jax.value_and_grad(lambda z: jnp.sum(integer_loss(z, labels)))(logits)
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
+def smoothed(labels, num_classes, eps=0.1):
+    return ((1 - eps) * one_hot(labels, num_classes) + eps / num_classes).astype(np.float32)
+
+
+# (per-row loss, kind of targets it takes) for every public loss.
+PER_ROW_LOSSES = {
+    "cross_entropy": lambda z, t: cross_entropy(z, t, reduction="none"),
+    "integer_dropin": integer_loss,
+    "probability_dropin": softmax_cross_entropy,
+}
+EXTREME_CASES = [
+    ("cross_entropy", "labels"),
+    ("cross_entropy", "one_hot"),
+    ("cross_entropy", "distribution"),
+    ("integer_dropin", "labels"),
+    ("probability_dropin", "one_hot"),
+    ("probability_dropin", "distribution"),
+]
+
+
+def extreme_targets(kind, labels, distribution):
+    """Integer labels, or as probabilities: their one-hot or another distribution."""
+    num_classes = distribution.shape[-1]
+    targets = {"labels": labels, "one_hot": one_hot(labels, num_classes)}
+    targets["distribution"] = distribution
+    y = targets["one_hot"] if kind == "labels" else targets[kind]
+    return jnp.asarray(targets[kind]), y
+
+
+@pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
+def test_huge_logits_are_finite_and_exact_where_naive_fails(loss, kind):
+    logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
+    labels = np.array([0, 1, 1])
+    targets, y = extreme_targets(kind, labels, smoothed(labels, 3))
+    f = PER_ROW_LOSSES[loss]
+    per, grad = jax.jit(jax.vmap(jax.value_and_grad(f)))(logits, targets)
+    expected, expected_grad = reference.loss_and_gradient(logits, y)
+    if kind != "distribution":  # the reference itself, against the values by hand
+        big = np.float64(np.float32(1e30))
+        np.testing.assert_allclose(expected, [0.0, np.log(2.0), big - 5.0], rtol=1e-15)
+    np.testing.assert_allclose(per, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.grad(lambda z: jnp.sum(f(z, targets)))(logits), grad)
+    naive = lambda z: -jnp.sum(y * jnp.log(jax.nn.softmax(z)), -1)
+    assert not np.all(np.isfinite(naive(logits))) or not np.allclose(naive(logits), expected)
+    assert not np.all(np.isfinite(jax.grad(lambda z: jnp.sum(naive(z)))(logits)))
+
+
+@pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
+def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf], [2.0, 0.5, -np.inf, -1.0]], np.float32)
+    labels = np.array([2, 0])
+    distribution = np.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]], np.float32)
+    targets, y = extreme_targets(kind, labels, distribution)
+    f = PER_ROW_LOSSES[loss]
+    per = f(logits, targets)
+    grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(logits)
+    assert np.all(np.isfinite(per)) and np.all(np.isfinite(grad))
+    expected, expected_grad = reference.loss_and_gradient(logits, y)
+    np.testing.assert_allclose(per, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
+    assert grad[0, 1] == 0.0 and grad[0, 3] == 0.0 and grad[1, 2] == 0.0
+    if loss == "cross_entropy":  # the mean, against PyTorch's semantics in float64
+        value = cross_entropy(logits, targets)
+        np.testing.assert_allclose(value, reference.cross_entropy(logits, targets), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["labels", "one_hot"])
+def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind):
+    """docs/derivation.md, Numerics: lse^2 overflows float32 past |lse| ~ 1.8e19, so the
+    loss is inf there; the gradient, linear in lse, stays finite and exact."""
+    beta = 1e-4
+    logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
+    labels = np.array([0, 1, 1])
+    targets, y = extreme_targets(kind, labels, one_hot(labels, 3))
+    f = lambda z: cross_entropy(z, targets, z_loss=beta, reduction="none")
+    per = f(logits)
+    assert np.all(per == np.inf) and cross_entropy(logits, targets, z_loss=beta) == np.inf
+    grad = jax.grad(lambda z: jnp.sum(f(z)))(logits)
+    assert np.all(np.isfinite(grad))
+    # float64: d/dz [ce + beta lse^2] = softmax (1 + 2 beta lse) - y, with lse = max z here.
+    _, ce_grad = reference.loss_and_gradient(logits, y)
+    softmax = ce_grad + y
+    lse = np.max(logits.astype(np.float64), axis=-1, keepdims=True)
+    expected = softmax * (1 + 2 * beta * lse) - y
+    big = np.float64(np.float32(1e30))
+    np.testing.assert_allclose(expected[2], [0.0, -1.0, 2 * beta * big], rtol=1e-15)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+    # The threshold is lse^2 itself: at lse = 2e19 beta * lse^2 = 4e34 would fit in float32.
+    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0]], np.float32)
+    near_targets, _ = extreme_targets(kind, np.array([0, 0]), one_hot(np.array([0, 0]), 3))
+    values = cross_entropy(near, near_targets, z_loss=beta, reduction="none")
+    np.testing.assert_allclose(values[0], beta * np.float64(np.float32(1e19)) ** 2, rtol=1e-6)
+    assert values[1] == np.inf
+    with jax.enable_x64(True):  # float64 holds beta * lse^2 ~ 1e56
+        wide = cross_entropy(
+            jnp.asarray(logits, jnp.float64), targets, z_loss=beta, reduction="none"
+        )
+        np.testing.assert_allclose(wide, beta * lse[:, 0] ** 2, rtol=1e-12)
 
 
 def test_label_smoothing_on_a_minus_inf_class_is_infinite_as_the_math_says():

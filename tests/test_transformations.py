@@ -1,4 +1,4 @@
-"""jit, vmap, grad of grad, shard_map / pmap, and the checked mode under jit."""
+"""jit, vmap, grad of grad, shard_map / pmap (checked mode: tests/test_checking.py)."""
 
 import functools
 
@@ -9,8 +9,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-import jaxsoftmax
-from jaxsoftmax import cross_entropy
+from jaxsoftmax import cross_entropy, softmax_cross_entropy_with_integer_labels
 
 OPTIONS = dict(
     label_smoothing=0.1,
@@ -92,6 +91,28 @@ def test_grad_of_grad_matches_autodiff_of_the_formula(options):
         np.testing.assert_allclose(hessian, jax.hessian(formula)(logits), rtol=1e-9, atol=1e-12)
 
 
+def test_cross_entropy_is_reverse_mode_only_and_the_dropins_do_forward_mode():
+    """As its docstring and docs/custom-gradients.md say: jvp / jacfwd of cross_entropy
+    raise (custom_vjp), derivatives of its gradient work, and the drop-in names give the
+    forward mode through the same rule."""
+    logits, labels = problem(8, (3, 5))
+    loss = lambda z: cross_entropy(z, labels, reduction="sum")
+    with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
+        jax.jvp(loss, (logits,), (jnp.ones_like(logits),))
+    with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
+        jax.jacfwd(loss)(logits)
+    dropin = lambda z: jnp.sum(softmax_cross_entropy_with_integer_labels(z, labels))
+    tangent = jax.random.normal(jax.random.PRNGKey(9), logits.shape)
+    _, forward = jax.jvp(dropin, (logits,), (tangent,))
+    np.testing.assert_allclose(forward, jnp.vdot(jax.grad(loss)(logits), tangent), rtol=1e-5)
+    np.testing.assert_allclose(jax.jacfwd(dropin)(logits), jax.grad(loss)(logits), rtol=1e-6)
+    # Forward over reverse differentiates the rule itself: the softmax Jacobian per row.
+    hessian = jax.hessian(loss)(logits)
+    np.testing.assert_allclose(hessian, jax.hessian(dropin)(logits), rtol=1e-5, atol=1e-7)
+    s = np.asarray(jax.nn.softmax(logits), np.float64)
+    np.testing.assert_allclose(hessian[1, :, 1, :], np.diag(s[1]) - np.outer(s[1], s[1]), atol=1e-6)
+
+
 def test_inside_shard_map_and_pmap_without_global_shapes():
     logits, labels = problem(4, (8, 5))
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
@@ -113,30 +134,6 @@ def test_inside_shard_map_and_pmap_without_global_shapes():
     pmapped = jax.pmap(lambda z, y: cross_entropy(z, y, **OPTIONS))
     out = pmapped(logits[None], labels[None])
     np.testing.assert_allclose(out[0], cross_entropy(logits, labels, **OPTIONS), rtol=1e-6)
-
-
-def test_checked_mode_names_the_bad_label_and_its_position_under_jit():
-    logits, _ = problem(5, (2, 3, 4))
-    labels = jnp.array([[0, 1, 2], [3, 9, 1]])
-    f = jaxsoftmax.checked(jax.jit(functools.partial(cross_entropy, checked=True)))
-    with pytest.raises(Exception, match=r"targets out of range.*label 9.*position \[1 1\].*< 4"):
-        f(logits, labels)
-    good = labels.at[1, 1].set(2)
-    np.testing.assert_allclose(f(logits, good), cross_entropy(logits, good), rtol=1e-6)
-
-
-def test_checked_mode_skips_ignored_labels_and_covers_the_dropin():
-    logits, _ = problem(6, (3, 4))
-    labels = jnp.array([0, -100, 2])
-    f = jaxsoftmax.checked(
-        jax.jit(functools.partial(cross_entropy, checked=True, ignore_index=-100))
-    )
-    np.testing.assert_allclose(f(logits, labels), cross_entropy(logits, labels, ignore_index=-100))
-    dropin = jaxsoftmax.checked(
-        functools.partial(jaxsoftmax.softmax_cross_entropy_with_integer_labels, checked=True)
-    )
-    with pytest.raises(Exception, match=r"label -100 at position \[1\]"):
-        dropin(logits, labels)
 
 
 def test_unchecked_out_of_range_label_is_nan_not_a_plausible_number():

@@ -266,7 +266,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         )
         loss = loss + eps / num_classes * (weight_total * lse - weighted)
     if options.z_loss:
-        loss = loss + options.z_loss * r * lse**2
+        loss = loss + options.z_loss * lse * lse * r  # beta * lse first, as in the core
     if row_mask is not None:
         loss = jnp.where(row_mask, loss, 0.0)
     bad = _rule._bad_label_rows(labels, row_mask, num_classes, rule)

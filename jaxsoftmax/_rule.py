@@ -341,7 +341,10 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
         loss = _sum_classes(jnp.where(q != 0, q * (log_sum - shifted), 0.0), options)
     if options.z_loss:
         r = row_weight(targets, class_weights, num_local, dtype, options)
-        loss = loss + options.z_loss * r * (top + log_sum) ** 2
+        lse = top + log_sum
+        # beta * lse first: lse**2 alone overflows float32 past |lse| ~ 1.8e19, while the
+        # term overflows only where its true value does.
+        loss = loss + options.z_loss * lse * lse * r
     live = live_rows(class_mask, row_mask, options)
     if live is not None:
         loss = jnp.where(live, loss, 0.0)

@@ -303,8 +303,9 @@ def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
 
 @pytest.mark.parametrize("kind", ["labels", "one_hot"])
 def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind):
-    """docs/derivation.md, Numerics: lse^2 overflows float32 past |lse| ~ 1.8e19, so the
-    loss is inf there; the gradient, linear in lse, stays finite and exact."""
+    """docs/derivation.md, Numerics: beta * lse^2 overflows float32 where its true value
+    does (past |lse| ~ 1.8e21 for beta = 1e-4), so the loss is inf at 1e30; the gradient,
+    linear in lse, stays finite and exact."""
     beta = 1e-4
     logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
     labels = np.array([0, 1, 1])
@@ -322,12 +323,15 @@ def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind
     big = np.float64(np.float32(1e30))
     np.testing.assert_allclose(expected[2], [0.0, -1.0, 2 * beta * big], rtol=1e-15)
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
-    # The threshold is lse^2 itself: at lse = 2e19 beta * lse^2 = 4e34 would fit in float32.
-    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0]], np.float32)
-    near_targets, _ = extreme_targets(kind, np.array([0, 0]), one_hot(np.array([0, 0]), 3))
+    # The threshold is beta * lse^2 itself, not lse^2: 4e34 at lse = 2e19 fits in float32
+    # (lse^2 = 4e38 would not), 9e38 at lse = 3e21 does not.
+    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0], [3e21, 0.0, -1.0]], np.float32)
+    near_labels = np.array([0, 0, 0])
+    near_targets, _ = extreme_targets(kind, near_labels, one_hot(near_labels, 3))
     values = cross_entropy(near, near_targets, z_loss=beta, reduction="none")
-    np.testing.assert_allclose(values[0], beta * np.float64(np.float32(1e19)) ** 2, rtol=1e-6)
-    assert values[1] == np.inf
+    expected_near = beta * near[:2, 0].astype(np.float64) ** 2
+    np.testing.assert_allclose(values[:2], expected_near, rtol=1e-6)
+    assert values[2] == np.inf
     with jax.enable_x64(True):  # float64 holds beta * lse^2 ~ 1e56
         wide = cross_entropy(
             jnp.asarray(logits, jnp.float64), targets, z_loss=beta, reduction="none"

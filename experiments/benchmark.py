@@ -41,6 +41,10 @@ import jaxsoftmax
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
 
+# PyTorch's OpenMP workers spin for a while after each call (the default active wait
+# policy), taking the cores from whichever competitor runs next; passive waiting lets them
+# sleep at once. Set before torch is imported; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:
     import torch
     import torch.nn.functional as F
@@ -57,14 +61,20 @@ def _block(x):
 
 
 def time_interleaved(callables: dict, repeats: int) -> dict:
-    """Median seconds per competitor; one warm-up call each, then interleaved rounds."""
+    """Median seconds per competitor; one warm-up call each, then interleaved rounds.
+
+    The order rotates from round to round, so no competitor always runs right after the
+    same other one (whose lingering threads or cache state it would inherit).
+    """
     for fn in callables.values():
         _block(fn())
-    times = {name: [] for name in callables}
-    for _ in range(repeats):
-        for name, fn in callables.items():
+    names = list(callables)
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            _block(fn())
+            _block(callables[name]())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -384,10 +394,12 @@ def case_spiral(steps, repeats):
         runs["torch"] = lambda: train_torch(x, y, params, steps)
     seconds = {name: [] for name in runs}
     final = {}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for round_index in range(repeats):  # rotating order, as in time_interleaved
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            final[name] = fn()
+            final[name] = runs[name]()
             seconds[name].append(time.perf_counter() - start)
     seconds = {k: statistics.median(v) for k, v in seconds.items()}
     speedup = seconds["numpy"] / seconds["jaxsoftmax"]
@@ -570,7 +582,7 @@ def main(argv=None):
         rows += case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats)
         rows += case_spiral(200, 1)
     else:
-        repeats = args.repeats or 5
+        repeats = args.repeats or 7
         rows = case_integer_labels(
             [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
             + ([(8192, 65536)] if args.large else []),

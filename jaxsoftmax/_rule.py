@@ -29,6 +29,10 @@ Together, the backward expression (:func:`_logits_gradient`) is::
 
     dloss/dz = ((sum_c q_c + 2 beta r lse) * s - q) * g * (1 - tanh(z / cap)^2)
 
+For integer labels the one-hot part of ``q`` lives at one class per row: the expression is
+written for every class with ``q``'s smoothing part, and each row's label entry is then set
+to the expression evaluated there with its whole ``q`` (a scatter, in place once compiled).
+
 Residuals
 ---------
 The forward keeps the logits (alive anyway in a training step) and two numbers per row:
@@ -230,13 +234,51 @@ def _target_vector(
         if class_mask is not None:
             y = jnp.where(class_mask, y, 0.0)
     q = (1.0 - eps) * weights * y
-    if eps:
-        num_classes = num_local if block is None else block.num_classes
-        smoothing = eps * weights / _num_participating(class_mask, num_classes, dtype, options)
-        if class_mask is not None:
-            smoothing = jnp.where(class_mask, smoothing, 0.0)
-        q = q + smoothing
-    return q
+    smoothing = _smoothing_vector(class_mask, class_weights, num_local, ndim, dtype, options, block)
+    return q if smoothing is None else q + smoothing
+
+
+def _smoothing_vector(
+    class_mask, class_weights, num_local, ndim, dtype, options: RuleOptions, block=None
+):
+    """The smoothing part of ``q``, ``eps w_c / K`` on participating classes (0 elsewhere),
+    ``[..., C]`` or broadcastable to it; None without label smoothing."""
+    eps = options.label_smoothing
+    if not eps:
+        return None
+    weights = 1.0 if class_weights is None else _per_class(class_weights, ndim, dtype)
+    num_classes = num_local if block is None else block.num_classes
+    smoothing = eps * weights / _num_participating(class_mask, num_classes, dtype, options)
+    if class_mask is not None:
+        smoothing = jnp.where(class_mask, smoothing, 0.0)
+    return smoothing
+
+
+def _local_label(targets, num_local: int, options: RuleOptions, block: ClassBlock | None):
+    """Each row's label as an index into this tile's classes, and whether the tile holds it.
+
+    The tile is the whole row, one vocabulary shard (``axis_name``) or one chunk (``block``).
+    """
+    index = targets.astype(jnp.int32)
+    if options.axis_name is not None:
+        index = index - lax.axis_index(options.axis_name) * num_local
+    if block is not None:
+        index = index - block.offset
+    return index, (index >= 0) & (index < num_local)
+
+
+def _set_at_label(values, index, owned, label_values):
+    """``values`` ``[..., C]`` with ``label_values[..., 0]`` written at each owned row's label.
+
+    A scatter of one entry per row into ``values`` (in place once compiled); rows whose label
+    lies outside this tile are left as they are.
+    """
+    num_local = values.shape[-1]
+    flat = values.reshape(-1, num_local)
+    rows = jnp.arange(flat.shape[0])
+    columns = jnp.where(owned, index, num_local).reshape(-1)  # num_local: out of bounds, dropped
+    flat = flat.at[rows, columns].set(label_values.reshape(-1), mode="drop")
+    return flat.reshape(values.shape)
 
 
 def _num_participating(class_mask, num_local, dtype, options: RuleOptions):
@@ -387,11 +429,6 @@ def _logits_gradient(
     if live is not None:
         log_sum = jnp.where(live, log_sum, 0.0)
     lse, lse_error = _split_sum(top, log_sum)
-    shifted = (x - lse) - lse_error
-    if class_mask is not None:
-        shifted = jnp.where(class_mask, shifted, -jnp.inf)
-    softmax = jnp.exp(shifted)
-    q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)
     scale = _target_total(targets, class_mask, all_weights, num_total, dtype, options)
     if options.z_loss:
         r = row_weight(targets, all_weights, num_total, dtype, options)
@@ -402,10 +439,44 @@ def _logits_gradient(
     bad = _bad_label_rows(targets, row_mask, num_total, options)
     if bad is not None:
         row_g = jnp.where(bad, jnp.nan, row_g)
-    grad = (scale * softmax - q) * row_g
-    if options.logit_softcap is not None:
-        grad = grad * (1.0 - (x / options.logit_softcap) ** 2)
-    return grad.astype(logits.dtype)
+
+    def rule(x, q, taking_part):
+        """The expression, elementwise given the per-row ``scale``, ``lse`` and ``g``."""
+        shifted = (x - lse) - lse_error
+        if taking_part is not None:
+            shifted = jnp.where(taking_part, shifted, -jnp.inf)
+        grad = (scale * jnp.exp(shifted) - q) * row_g
+        if options.logit_softcap is not None:
+            grad = grad * (1.0 - (x / options.logit_softcap) ** 2)
+        return grad
+
+    if not _is_indices(targets):
+        q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)
+        return rule(x, q, class_mask).astype(logits.dtype)
+
+    # Integer labels: q is the smoothing part plus (1 - eps) w_y at the label. The tile gets
+    # the rule with the smoothing part alone; the label's entry is then overwritten with the
+    # rule evaluated at the label with its whole q (one entry per row, a scatter), rather
+    # than comparing every class index with the label (which costs as much as the exponential).
+    ndim = x.ndim
+    smoothing = _smoothing_vector(class_mask, class_weights, num_local, ndim, dtype, options, block)
+    grad = rule(x, 0.0 if smoothing is None else smoothing, class_mask).astype(logits.dtype)
+    index, owned = _local_label(targets, num_local, options, block)
+    at_label = lambda values: jnp.take_along_axis(
+        values, jnp.clip(index, 0, num_local - 1)[..., None], axis=-1
+    )
+    label_taking_part = None if class_mask is None else at_label(class_mask)
+    eps = options.label_smoothing
+    label_weight = row_weight(targets, all_weights, num_total, dtype, options)  # w_y, or 1
+    q_label = (1.0 - eps) * label_weight
+    if smoothing is not None:  # the smoothing vector's entry at the label, eps w_y / K
+        num_classes = num_local if block is None else block.num_classes
+        spread = eps * label_weight / _num_participating(class_mask, num_classes, dtype, options)
+        if label_taking_part is not None:
+            spread = jnp.where(label_taking_part, spread, 0.0)
+        q_label = q_label + spread
+    label_grad = rule(at_label(x), q_label, label_taking_part).astype(logits.dtype)
+    return _set_at_label(grad, index, owned, label_grad)
 
 
 def _probabilities_gradient(

@@ -362,17 +362,21 @@ def test_rule_options_are_static_and_hashable():
 
 def test_compiled_loss_and_gradient_write_one_logits_sized_array():
     """Forward and backward compiled together (``value_and_grad`` under ``jit``) read the
-    logits three times and write exactly one ``[N, C]`` array: the gradient. A backward that
-    shares an intermediate with the forward (``z - m``) makes XLA write that intermediate
-    out as well. Compiled for the CPU, whose fusion decisions this pins."""
+    logits three times and write exactly one ``[N, C]`` array: the gradient, whose label
+    entries a scatter then sets in place. A backward that shares an intermediate with the
+    forward (``z - m``) makes XLA write that intermediate out as well; a scatter that is not
+    in place needs a second logits-sized buffer. Compiled for the CPU, whose fusion
+    decisions this pins."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     logits = jax.ShapeDtypeStruct((256, 1000), jnp.float32, sharding=cpu)
     labels = jax.ShapeDtypeStruct((256,), jnp.int32, sharding=cpu)
-    hlo = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile().as_text()
+    compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile()
+    hlo = compiled.as_text()
     entry = hlo[hlo.index("\nENTRY") :]
     written = [
         line
         for line in entry.splitlines()
-        if " = f32[256,1000]" in line and "parameter(" not in line
+        if " = f32[256,1000]" in line and "parameter(" not in line and "scatter" not in line
     ]
     assert len(written) == 1, "\n".join(written)
+    assert compiled.memory_analysis().temp_size_in_bytes < 256 * 1000 * 4 // 4

@@ -29,7 +29,7 @@ Together, the backward expression (:func:`_logits_gradient`) is::
 
     dloss/dz = ((sum_c q_c + 2 beta r lse) * s - q) * g * (1 - tanh(z / cap)^2)
 
-For integer labels the one-hot part of ``q`` lives at one class per row: the expression is
+For integer labels (float32/float64 logits) the one-hot part of ``q`` lives at one class per row: the expression is
 written for every class with ``q``'s smoothing part, and each row's label entry is then set
 to the expression evaluated there with its whole ``q`` (a scatter, in place once compiled).
 
@@ -450,7 +450,9 @@ def _logits_gradient(
             grad = grad * (1.0 - (x / options.logit_softcap) ** 2)
         return grad
 
-    if not _is_indices(targets):
+    if not _is_indices(targets) or jnp.dtype(logits.dtype) != dtype:
+        # Probability targets; or bf16/f16 logits, whose gradient XLA's CPU backend would
+        # widen to float32 as a whole to scatter into it (it has no narrow-float scatter).
         q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)
         return rule(x, q, class_mask).astype(logits.dtype)
 

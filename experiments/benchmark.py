@@ -41,10 +41,6 @@ import jaxsoftmax
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
 
-# PyTorch's OpenMP workers spin for a while after each call (the default active wait
-# policy), taking the cores from whichever competitor runs next; passive waiting lets them
-# sleep at once. Set before torch is imported; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:
     import torch
     import torch.nn.functional as F
@@ -64,7 +60,9 @@ def time_interleaved(callables: dict, repeats: int) -> dict:
     """Median seconds per competitor; one warm-up call each, then interleaved rounds.
 
     The order rotates from round to round, so no competitor always runs right after the
-    same other one (whose lingering threads or cache state it would inherit).
+    same other one, whose lingering threads (PyTorch's OpenMP workers spin for a while after
+    each call) or cache state it would inherit; the median then drops the rounds that did.
+    (Making OpenMP wait passively instead slowed PyTorch's small eager steps sevenfold.)
     """
     for fn in callables.values():
         _block(fn())

@@ -274,11 +274,13 @@ def _set_at_label(values, index, owned, label_values):
     lies outside this tile are left as they are.
     """
     num_local = values.shape[-1]
-    flat = values.reshape(-1, num_local)
-    rows = jnp.arange(flat.shape[0])
-    columns = jnp.where(owned, index, num_local).reshape(-1)  # num_local: out of bounds, dropped
-    flat = flat.at[rows, columns].set(label_values.reshape(-1), mode="drop")
-    return flat.reshape(values.shape)
+    columns = jnp.where(owned, index, num_local)  # num_local: out of bounds, dropped
+    set_one = lambda row, column, value: row.at[column].set(value, mode="drop")
+    # Rows as a batch dimension of the scatter (not explicit row indices), so that a batch
+    # split over devices stays split: the SPMD partitioner keeps batch dimensions local.
+    for _ in range(values.ndim - 1):
+        set_one = jax.vmap(set_one)
+    return set_one(values, columns, label_values[..., 0])
 
 
 def _num_participating(class_mask, num_local, dtype, options: RuleOptions):

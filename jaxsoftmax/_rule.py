@@ -243,15 +243,19 @@ def _smoothing_vector(
 ):
     """The smoothing part of ``q``, ``eps w_c / K`` on participating classes (0 elsewhere),
     ``[..., C]`` or broadcastable to it; None without label smoothing."""
-    eps = options.label_smoothing
-    if not eps:
+    if not options.label_smoothing:
         return None
     weights = 1.0 if class_weights is None else _per_class(class_weights, ndim, dtype)
-    num_classes = num_local if block is None else block.num_classes
-    smoothing = eps * weights / _num_participating(class_mask, num_classes, dtype, options)
+    smoothing = weights * _smoothing_per_weight(class_mask, num_local, dtype, options, block)
     if class_mask is not None:
         smoothing = jnp.where(class_mask, smoothing, 0.0)
     return smoothing
+
+
+def _smoothing_per_weight(class_mask, num_local, dtype, options: RuleOptions, block=None):
+    """``eps / K``: the smoothing mass per unit of class weight (per row, or a scalar)."""
+    num_classes = num_local if block is None else block.num_classes
+    return options.label_smoothing / _num_participating(class_mask, num_classes, dtype, options)
 
 
 def _local_label(targets, num_local: int, options: RuleOptions, block: ClassBlock | None):
@@ -434,7 +438,7 @@ def _logits_gradient(
     scale = _target_total(targets, class_mask, all_weights, num_total, dtype, options)
     if options.z_loss:
         r = row_weight(targets, all_weights, num_total, dtype, options)
-        scale = scale + 2.0 * options.z_loss * r * (top + log_sum)
+        scale = scale + 2.0 * options.z_loss * r * lse
     row_g = g.astype(dtype)[..., None]
     if live is not None:
         row_g = jnp.where(live, row_g, 0.0)
@@ -462,8 +466,9 @@ def _logits_gradient(
     # the rule with the smoothing part alone; the label's entry is then overwritten with the
     # rule evaluated at the label with its whole q (one entry per row, a scatter), rather
     # than comparing every class index with the label (which costs as much as the exponential).
-    ndim = x.ndim
-    smoothing = _smoothing_vector(class_mask, class_weights, num_local, ndim, dtype, options, block)
+    smoothing = _smoothing_vector(
+        class_mask, class_weights, num_local, x.ndim, dtype, options, block
+    )
     grad = rule(x, 0.0 if smoothing is None else smoothing, class_mask).astype(logits.dtype)
     index, owned = _local_label(targets, num_local, options, block)
     at_label = lambda values: jnp.take_along_axis(
@@ -474,8 +479,7 @@ def _logits_gradient(
     label_weight = row_weight(targets, all_weights, num_total, dtype, options)  # w_y, or 1
     q_label = (1.0 - eps) * label_weight
     if smoothing is not None:  # the smoothing vector's entry at the label, eps w_y / K
-        num_classes = num_local if block is None else block.num_classes
-        spread = eps * label_weight / _num_participating(class_mask, num_classes, dtype, options)
+        spread = label_weight * _smoothing_per_weight(class_mask, num_local, dtype, options, block)
         if label_taking_part is not None:
             spread = jnp.where(label_taking_part, spread, 0.0)
         q_label = q_label + spread

@@ -109,14 +109,22 @@ def _visited(v0, i, vc, offset, num_classes, options):
 def default_chunks(num_tokens: int, num_classes: int) -> tuple[int, int]:
     """``(token_chunk, vocab_chunk)`` used when none is given.
 
-    ``Vc = min(V, 4096)`` and ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits is at
-    most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the shapes
-    this loss is for, and large enough for the matrix products to run at full speed.
+    ``Vc`` is ``V`` up to 4096 classes; above that, the largest divisor of ``V`` between
+    2048 and 4096 (so the chunks tile the vocabulary exactly and the classifier's gradient is
+    assembled from them without a ``[V, d]`` update per chunk), or 4096 when ``V`` has none
+    (the last chunk is then ragged). ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits
+    is at most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the
+    shapes this loss is for, and large enough for the matrix products to run at full speed.
 
-    >>> default_chunks(8192, 256000)
+    >>> default_chunks(8192, 256000)  # 256000 = 64 * 4000
+    (1048, 4000)
+    >>> default_chunks(8192, 50257)  # 50257 = 29 * 1733: no divisor in [2048, 4096]
     (1024, 4096)
     """
     vocab_chunk = max(1, min(num_classes, _DEFAULT_VOCAB_CHUNK))
+    if num_classes > _DEFAULT_VOCAB_CHUNK:
+        divisors = (c for c in range(_DEFAULT_VOCAB_CHUNK, _DEFAULT_VOCAB_CHUNK // 2 - 1, -1))
+        vocab_chunk = next((c for c in divisors if num_classes % c == 0), vocab_chunk)
     token_chunk = max(1, min(num_tokens, _DEFAULT_TILE // vocab_chunk))
     return token_chunk, vocab_chunk
 
@@ -126,22 +134,37 @@ def _chunk_starts(total: int, chunk: int):
     return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
 
 
+def _narrow_on_cpu(x) -> bool:
+    """bf16/f16 on XLA's CPU backend, which computes those in float32 (see :func:`_slice`)."""
+    return jax.default_backend() == "cpu" and jnp.dtype(x.dtype).itemsize < 4
+
+
+def _slice(x, start, size, axis=0):
+    """``x[start : start + size]`` along ``axis``, never converting the whole of ``x``.
+
+    XLA's CPU backend has no bf16/f16 dynamic slice: it slices a float32 conversion of the
+    whole operand, and as that conversion does not change from one loop iteration to the next
+    it is hoisted out of the loop, a float32 copy of the classifier (``4 V d`` bytes, 2.2 GiB at
+    Gemma's shape). Inside a ``lax.cond`` the conversion stays next to the slice, where it is
+    fused into it: only the chunk is converted. The predicate is always true (chunk starts are
+    never negative); the other branch exists only to give the conditional two branches. Other
+    backends slice narrow floats natively and get the plain slice.
+    """
+    take = functools.partial(lax.dynamic_slice_in_dim, slice_size=size, axis=axis)
+    if not _narrow_on_cpu(x):
+        return take(x, start)
+    return lax.cond(start >= 0, lambda x: take(x, start), lambda x: take(x, 0), x)
+
+
 def _classifier_chunk(classifier, start, width, layout):
-    return lax.dynamic_slice_in_dim(classifier, start, width, axis=0 if layout == "vd" else 1)
+    return _slice(classifier, start, width, axis=0 if layout == "vd" else 1)
 
 
 def _operand(chunk):
-    """A chunk about to enter a matrix product; on the CPU, bf16/f16 is upcast per chunk.
-
-    XLA's CPU backend has no bf16 matrix product or dynamic slice: it converts to float32
-    and hoists the conversion of the whole classifier out of the loop (``4 V d`` bytes,
-    2.2 GiB at Gemma's shape). Converting here, behind a barrier, was meant to keep that
-    chunk-sized, but the CPU compiler drops the barrier, so the copy remains; see
-    docs/linear-cross-entropy.md. Other backends keep the inputs' dtype (tensor cores).
-    """
-    if jax.default_backend() != "cpu" or chunk.dtype.itemsize >= 4:
-        return chunk
-    return lax.optimization_barrier(chunk).astype(jnp.float32)
+    """A chunk about to enter a matrix product: on the CPU, bf16/f16 is upcast to float32
+    (XLA's CPU backend multiplies those in float32). Other backends keep the inputs' dtype
+    (tensor cores)."""
+    return chunk.astype(jnp.float32) if _narrow_on_cpu(chunk) else chunk
 
 
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
@@ -188,7 +211,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
 
     def token_step(outputs, j):
         t0 = token_start(j)
-        hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+        hidden_t = _slice(hidden, t0, tc)
         labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
 
         def vocab_step(carry, i):
@@ -309,7 +332,7 @@ def _backward(
         def token_step(inner, j):
             d_hidden, d_classifier_c, d_bias_c = inner
             t0 = token_start(j)
-            hidden_t = lax.dynamic_slice_in_dim(hidden, t0, tc)
+            hidden_t = _slice(hidden, t0, tc)
             rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
             # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
             fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
@@ -358,31 +381,39 @@ def _backward(
             ),
         )
         (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
+        d_classifier_c = d_classifier_c.astype(classifier.dtype)
+        d_bias_c = None if bias is None else d_bias_c.astype(bias.dtype)
+        if stacked:  # the chunks are the scan's outputs, laid end to end below
+            return (d_hidden, None, None), (d_classifier_c, d_bias_c)
         # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
         d_classifier = lax.dynamic_update_slice_in_dim(
             d_classifier,
-            _classifier_chunk(d_classifier, v0, vc, plan.layout)
-            + d_classifier_c.astype(classifier.dtype),
+            _classifier_chunk(d_classifier, v0, vc, plan.layout) + d_classifier_c,
             v0,
             vocab_axis,
         )
         if d_bias is not None:
             d_bias = lax.dynamic_update_slice_in_dim(
-                d_bias,
-                lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(bias.dtype),
-                v0,
-                0,
+                d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c, v0, 0
             )
         return (d_hidden, d_classifier, d_bias), None
 
+    # When the chunks tile the [V, d] classifier exactly, each chunk's gradient is a row block
+    # of the result: the scan stacks them ([V / Vc, Vc, d], reshaped for free) instead of
+    # updating a [V, d] buffer in place, which XLA's CPU backend does for bf16 by converting
+    # the whole buffer to float32 at every chunk.
+    stacked = plan.layout == "vd" and num_vc * vc == local_classes
     init = varying(
         (
             jnp.zeros(hidden.shape, hidden_acc),
-            jnp.zeros_like(classifier),
-            None if bias is None else jnp.zeros_like(bias),
+            None if stacked else jnp.zeros_like(classifier),
+            None if bias is None or stacked else jnp.zeros_like(bias),
         )
     )
-    (d_hidden, d_classifier, d_bias), _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    (d_hidden, d_classifier, d_bias), chunks = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    if stacked:
+        d_classifier = chunks[0].reshape(classifier.shape)
+        d_bias = None if bias is None else chunks[1].reshape(bias.shape)
     return d_hidden.astype(hidden.dtype), d_classifier, d_bias
 
 
@@ -495,7 +526,7 @@ def linear_cross_entropy(
       classifier_layout: ``"vd"`` or ``"dv"``; the ``"dv"`` kernel is read in column blocks,
         never transposed as a whole.
       token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
-        :func:`default_chunks` (``Vc = min(V, 4096)``, ``T * Vc <= 2**22``).
+        :func:`default_chunks` (``Vc <= 4096``, dividing ``V`` where it can; ``T * Vc <= 2**22``).
       accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
         the token chunks (float32 by default: bf16 sums lose small contributions); never
         below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).

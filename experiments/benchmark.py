@@ -40,6 +40,7 @@ import optax
 import jaxsoftmax
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
+from jaxsoftmax._linear_forward_gradient import AUTO_MAX_CLASSIFIER_SIZE
 
 try:
     import torch
@@ -179,9 +180,15 @@ def _naive_linear_dv(h, k, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels((h @ k).astype(jnp.float32), y))
 
 
+def auto_method(d, v):
+    """What ``linear_cross_entropy(method="auto")`` does for a mean over ``[V, d]``."""
+    return "forward" if v * d <= AUTO_MAX_CLASSIFIER_SIZE else "recompute"
+
+
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
     rows = []
-    fused = lambda h, w, y: linear_cross_entropy(h, w, y)
+    fused = lambda h, w, y: linear_cross_entropy(h, w, y)  # method="auto"
+    recompute = lambda h, w, y: linear_cross_entropy(h, w, y, method="recompute")
     fused_dv = lambda h, k, y: linear_cross_entropy(h, k, y, classifier_layout="dv")
     grads = lambda f: jax.value_and_grad(f, (0, 1))
     s = jax.ShapeDtypeStruct
@@ -205,6 +212,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 v=v,
                 temp_bytes=memory,
                 memory_ratio=ratio,
+                method=auto_method(d, v),
             )
             if (n, d, v) == GEMMA:
                 row["meets_memory_target"] = ratio >= 50
@@ -226,6 +234,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
             w = (jax.random.normal(key[1], (v, d)) / np.sqrt(d)).astype(dtype)
             y = jax.random.randint(key[2], (n,), 0, v)
             f_fused, f_naive = jax.jit(grads(fused)), jax.jit(grads(_naive_linear))
+            f_recompute = jax.jit(grads(recompute))
             a, b = f_fused(h, w, y), f_naive(h, w, y)
             tol = 1e-3 if dtype == jnp.float32 else 5e-2
             agree = all(
@@ -240,6 +249,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
             seconds = time_interleaved(
                 {
                     "fused": functools.partial(f_fused, h, w, y),
+                    "recompute": functools.partial(f_recompute, h, w, y),
                     "naive": functools.partial(f_naive, h, w, y),
                 },
                 repeats,
@@ -256,6 +266,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 seconds=seconds,
                 time_ratio=ratio,
                 meets_time_target=ratio <= 1.0,
+                method=auto_method(d, v),
             )
             rows.append(row)
             print(
@@ -462,9 +473,12 @@ def write_markdown(path, meta, rows):
         "",
         "## 2. linear_cross_entropy vs logits then optax (loss + both gradients)",
         "",
-        "| dtype | N | d | V | fused temp MiB | naive temp MiB | naive / fused | "
+        'Fused: `linear_cross_entropy` with its default `method="auto"` (the method it '
+        'chose is shown); recompute: `method="recompute"`.',
+        "",
+        "| dtype | N | d | V | method | fused temp MiB | naive temp MiB | naive / fused | "
         "fused [d,V] MiB | naive [d,V] MiB | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows if r["case"] == 2 and r["kind"] == "memory"):
         m = r["temp_bytes"]
@@ -474,19 +488,21 @@ def write_markdown(path, meta, rows):
             else (">= 50: met" if r["meets_memory_target"] else ">= 50: **missed**")
         )
         lines.append(
-            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {mib(m['fused'])} | "
-            f"{mib(m['naive'])} | {r['memory_ratio']:.1f} | {mib(m['fused_dv'])} | "
+            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {r['method']} | "
+            f"{mib(m['fused'])} | {mib(m['naive'])} | {r['memory_ratio']:.1f} | {mib(m['fused_dv'])} | "
             f"{mib(m['naive_dv'])} | {target} |"
         )
     lines += [
         "",
-        "| dtype | N | d | V | fused ms | naive ms | fused / naive (<= 1.0) | agree |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | N | d | V | method | fused ms | recompute ms | naive ms | "
+        "fused / naive (<= 1.0) | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows if r["case"] == 2 and r["kind"] == "time"):
         s = r["seconds"]
         lines.append(
-            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {s['fused'] * 1e3:.1f} | "
+            f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {r['method']} | "
+            f"{s['fused'] * 1e3:.1f} | {s['recompute'] * 1e3:.1f} | "
             f"{s['naive'] * 1e3:.1f} | {r['time_ratio']:.2f} "
             f"{'met' if r['meets_time_target'] else '**missed**'} | {r['agree']} |"
         )

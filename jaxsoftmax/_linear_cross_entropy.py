@@ -54,11 +54,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxsoftmax import _linear_forward_gradient as forward_gradient
 from jaxsoftmax import _rule
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cross_entropy import reduce_loss
+from jaxsoftmax._narrow_floats import operand, slice_chunk
 
 LAYOUTS = ("vd", "dv")
+METHODS = ("auto", "recompute", "forward")
 
 # The automatic chunks hold a tile of at most 2**22 logits (16 MiB in float32).
 _DEFAULT_VOCAB_CHUNK = 4096
@@ -134,45 +137,16 @@ def _chunk_starts(total: int, chunk: int):
     return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
 
 
-def _narrow_on_cpu(x) -> bool:
-    """bf16/f16 on XLA's CPU backend, which computes those in float32 (see :func:`_slice`)."""
-    return jax.default_backend() == "cpu" and jnp.dtype(x.dtype).itemsize < 4
-
-
-def _slice(x, start, size, axis=0):
-    """``x[start : start + size]`` along ``axis``, never converting the whole of ``x``.
-
-    XLA's CPU backend has no bf16/f16 dynamic slice: it slices a float32 conversion of the
-    whole operand, and as that conversion does not change from one loop iteration to the next
-    it is hoisted out of the loop, a float32 copy of the classifier (``4 V d`` bytes, 2.2 GiB at
-    Gemma's shape). Inside a ``lax.cond`` the conversion stays next to the slice, where it is
-    fused into it: only the chunk is converted. The predicate is always true (chunk starts are
-    never negative); the other branch exists only to give the conditional two branches. Other
-    backends slice narrow floats natively and get the plain slice.
-    """
-    take = functools.partial(lax.dynamic_slice_in_dim, slice_size=size, axis=axis)
-    if not _narrow_on_cpu(x):
-        return take(x, start)
-    return lax.cond(start >= 0, lambda x: take(x, start), lambda x: take(x, 0), x)
-
-
 def _classifier_chunk(classifier, start, width, layout):
-    return _slice(classifier, start, width, axis=0 if layout == "vd" else 1)
-
-
-def _operand(chunk):
-    """A chunk about to enter a matrix product: on the CPU, bf16/f16 is upcast to float32
-    (XLA's CPU backend multiplies those in float32). Other backends keep the inputs' dtype
-    (tensor cores)."""
-    return chunk.astype(jnp.float32) if _narrow_on_cpu(chunk) else chunk
+    return slice_chunk(classifier, start, width, axis=0 if layout == "vd" else 1)
 
 
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
     """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
     contract = 1 if layout == "vd" else 0
     z = lax.dot_general(
-        _operand(hidden_t),
-        _operand(classifier_c),
+        operand(hidden_t),
+        operand(classifier_c),
         (((1,), (contract,)), ((), ())),
         preferred_element_type=dtype,
     )
@@ -211,7 +185,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
 
     def token_step(outputs, j):
         t0 = token_start(j)
-        hidden_t = _slice(hidden, t0, tc)
+        hidden_t = slice_chunk(hidden, t0, tc)
         labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
 
         def vocab_step(carry, i):
@@ -332,7 +306,7 @@ def _backward(
         def token_step(inner, j):
             d_hidden, d_classifier_c, d_bias_c = inner
             t0 = token_start(j)
-            hidden_t = _slice(hidden, t0, tc)
+            hidden_t = slice_chunk(hidden, t0, tc)
             rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
             # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
             fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
@@ -351,8 +325,8 @@ def _backward(
             )
             grad = jnp.where(fresh[None, :], grad, 0.0)
             # The matrix products run in the inputs' dtype, as the naive composition's do.
-            grad_in = _operand(grad.astype(hidden.dtype))
-            hidden_in, classifier_in = _operand(hidden_t), _operand(classifier_c)
+            grad_in = operand(grad.astype(hidden.dtype))
+            hidden_in, classifier_in = operand(hidden_t), operand(classifier_c)
             d_hidden_t = lax.dot_general(
                 grad_in,
                 classifier_in,
@@ -499,6 +473,7 @@ def linear_cross_entropy(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
+    method: str = "auto",
 ) -> jax.Array:
     r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
 
@@ -527,9 +502,23 @@ def linear_cross_entropy(
         never transposed as a whole.
       token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
         :func:`default_chunks` (``Vc <= 4096``, dividing ``V`` where it can; ``T * Vc <= 2**22``).
+        With ``method="forward"``, ``token_chunk`` is the rows per block (None:
+        ``min(N, 2**24 // V)``) and ``vocab_chunk`` is not used.
       accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
         the token chunks (float32 by default: bf16 sums lose small contributions); never
         below the inputs' dtype. ``hidden``'s gradient is summed in float32 (or float64).
+      method: how the gradients are computed (the values are the same):
+
+        * ``"recompute"``: the forward keeps two numbers per row; the backward recomputes
+          each tile of logits. Four ``N V d`` matrix products; memory: a few tiles.
+        * ``"forward"``: the gradients are computed in the forward, from blocks of
+          ``token_chunk`` whole rows of logits (:mod:`jaxsoftmax._linear_forward_gradient`).
+          Three products, as the naive path; holds the classifier's gradient, ``[V, d]``
+          in ``accumulation_dtype``, from the forward to the backward. Scalar reductions
+          only (``"mean"``, ``"sum"``).
+        * ``"auto"`` (default): ``"forward"`` for a scalar reduction when
+          ``V * d <= 2**26`` (an accumulator of at most 256 MiB in float32), else
+          ``"recompute"``. Large vocabularies thus get the least memory, small ones speed.
 
     There is no ``axis_name``: for a classifier split by vocabulary over a device mesh, use
     :func:`jaxsoftmax.sharded_linear_cross_entropy`, which combines the shards' per-row
@@ -566,7 +555,18 @@ def linear_cross_entropy(
         vocab_chunk=vocab_chunk,
         accumulation_dtype=accumulation_dtype,
     )
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    if method == "forward" and call.reduction == "none":
+        raise ValueError(
+            'method="forward" needs reduction="mean" or "sum" (the gradients are computed '
+            'before the per-row cotangents are known); got reduction="none". Use '
+            'method="recompute" or "auto".'
+        )
     plan = make_plan(call, call.hidden.shape[0], call.num_classes)
+    if choose_method(call, method) == "forward":
+        out = _reduced_by_forward_gradient(call, plan)
+        return out.astype(call.hidden.dtype)
     loss, weight = rows_and_weights(
         call.hidden,
         call.classifier,
@@ -631,6 +631,53 @@ def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, 
     if row_mask is not None:
         weight = jnp.where(row_mask, weight, 0.0)
     return loss, weight
+
+
+def choose_method(call: _Call, method: str) -> str:
+    """The method ``"auto"`` stands for with these arguments (see
+    :func:`linear_cross_entropy`); other methods are returned as they are."""
+    if method != "auto":
+        return method
+    scalar = call.reduction != "none" and call.hidden.shape[0] > 0
+    small = call.num_classes * call.hidden.shape[-1] <= forward_gradient.AUTO_MAX_CLASSIFIER_SIZE
+    return "forward" if scalar and small else "recompute"
+
+
+def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+    """Per-row losses by the online forward, nothing differentiated."""
+    return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
+
+
+def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
+    """The reduced loss, its gradients computed in the forward (``method="forward"``)."""
+    num_tokens = call.hidden.shape[0]
+    if num_tokens == 0:  # no rows: nothing to differentiate, the recompute path's result
+        loss, weight = rows_and_weights(
+            call.hidden, call.classifier, call.bias, call.labels,
+            call.class_weights, call.row_mask, plan,
+        )  # fmt: skip
+        return reduce_loss(loss, weight, call.reduction)
+    rows = call.token_chunk or forward_gradient.default_block(num_tokens, call.num_classes)
+    block_plan = dataclasses.replace(plan, token_chunk=min(rows, num_tokens))
+    dtype = _rule.compute_dtype(call.hidden.dtype)
+    weight = _rule.row_weight(
+        call.labels, call.class_weights, call.num_classes, dtype, plan.options
+    )
+    weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
+    if call.row_mask is not None:
+        weight = jnp.where(call.row_mask, weight, 0.0)
+    return forward_gradient.reduced_loss(
+        call.hidden,
+        call.classifier,
+        call.bias,
+        call.labels,
+        call.class_weights,
+        call.row_mask,
+        weight,
+        call.reduction,
+        block_plan,
+        functools.partial(_loss_rows, plan=plan),
+    )
 
 
 def _validated(

@@ -78,13 +78,25 @@ def _value_and_grads(loss, hidden, classifier, bias):
     return (out,) + grads
 
 
+METHODS = ["recompute", "forward"]
+
+
 @pytest.mark.parametrize(
-    "name, jit", [(name, True) for name in sorted(OPTIONS)] + [("everything", False)]
+    "name, jit, method",
+    [
+        (name, True, method)
+        for method in METHODS
+        for name in sorted(OPTIONS)
+        if not (method == "forward" and name == "none")  # scalar reductions only
+    ]
+    + [("everything", False, method) for method in METHODS],
 )
-def test_equals_naive_composition_float32(name, jit):
+def test_equals_naive_composition_float32(name, jit, method):
     hidden, classifier, bias, labels, extras = _inputs()
     kw, labels = _resolve(OPTIONS[name], extras, labels)
-    fused = lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **CHUNKS)
+    fused = lambda h, w, b: linear_cross_entropy(
+        h, w, labels, bias=b, **kw, **CHUNKS, method=method
+    )
     naive = lambda h, w, b: _naive(h, w, b, labels, **kw)
     run = jax.jit(_value_and_grads, static_argnums=0) if jit else _value_and_grads
     got = run(fused, hidden, classifier, bias)
@@ -97,10 +109,11 @@ def test_equals_naive_composition_float32(name, jit):
 # V = 24 in chunks of 6 is tiled exactly (the chunks' gradients stacked by the scan).
 @pytest.mark.parametrize("v, vocab_chunk", [(V, 5), (24, 6)])
 @pytest.mark.parametrize("name", ["plain", "everything"])
-def test_equals_naive_composition_bfloat16(name, v, vocab_chunk):
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_naive_composition_bfloat16(name, v, vocab_chunk, method):
     hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16, v=v)
     kw, labels = _resolve(OPTIONS[name], extras, labels)
-    chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk)
+    chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk, method=method)
     got = _value_and_grads(
         lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **chunks),
         hidden,
@@ -133,14 +146,15 @@ def test_batch_axes_and_default_chunks():
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("chunks", [(1, 1), (37, 23), (64, 64), (36, 22)])
-def test_chunk_sizes_do_not_change_the_result(chunks):
+def test_chunk_sizes_do_not_change_the_result(chunks, method):
     hidden, classifier, bias, labels, _ = _inputs()
     labels = jnp.where(labels < 0, 0, labels)
     kw = dict(label_smoothing=0.1, z_loss=1e-3)
     got = _value_and_grads(
         lambda h, w, b: linear_cross_entropy(
-            h, w, labels, bias=b, token_chunk=chunks[0], vocab_chunk=chunks[1], **kw
+            h, w, labels, bias=b, token_chunk=chunks[0], vocab_chunk=chunks[1], method=method, **kw
         ),
         hidden,
         classifier,
@@ -151,11 +165,14 @@ def test_chunk_sizes_do_not_change_the_result(chunks):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
 
 
-def test_dense_kernel_layout():
+@pytest.mark.parametrize("method", METHODS)
+def test_dense_kernel_layout(method):
     hidden, classifier, bias, labels, _ = _inputs()
     labels = jnp.where(labels < 0, 0, labels)
     kernel = classifier.T
-    loss = lambda h, k: linear_cross_entropy(h, k, labels, classifier_layout="dv", **CHUNKS)
+    loss = lambda h, k: linear_cross_entropy(
+        h, k, labels, classifier_layout="dv", method=method, **CHUNKS
+    )
     value, (d_hidden, d_kernel) = jax.value_and_grad(loss, (0, 1))(hidden, kernel)
     naive = lambda h, k: cross_entropy(h @ k, labels)
     value_n, (d_hidden_n, d_kernel_n) = jax.value_and_grad(naive, (0, 1))(hidden, kernel)
@@ -165,10 +182,13 @@ def test_dense_kernel_layout():
     np.testing.assert_allclose(d_kernel, d_kernel_n, rtol=2e-5, atol=2e-6)
 
 
-def test_without_bias_and_with_bfloat16_accumulation():
+@pytest.mark.parametrize("method", METHODS)
+def test_without_bias_and_with_bfloat16_accumulation(method):
     hidden, classifier, _, labels, _ = _inputs(jnp.bfloat16)
     labels = jnp.where(labels < 0, 0, labels)
-    loss = lambda h, w, dt: linear_cross_entropy(h, w, labels, accumulation_dtype=dt, **CHUNKS)
+    loss = lambda h, w, dt: linear_cross_entropy(
+        h, w, labels, accumulation_dtype=dt, method=method, **CHUNKS
+    )
     g32 = jax.grad(loss, 1)(hidden, classifier, jnp.float32)
     g16 = jax.grad(loss, 1)(hidden, classifier, jnp.bfloat16)
     assert g32.dtype == g16.dtype == jnp.bfloat16
@@ -189,11 +209,14 @@ def test_class_weights_get_a_zero_gradient_and_bad_labels_give_nan():
     assert np.all(d_weights == 0) and np.all(np.isfinite(d_hidden[:3]))
 
 
-def test_every_example_ignored_gives_zero():
+@pytest.mark.parametrize("method", METHODS)
+def test_every_example_ignored_gives_zero(method):
     hidden, classifier, _, _, _ = _inputs()
     labels = jnp.full((N,), -100)
     value, grad = jax.value_and_grad(
-        lambda h: linear_cross_entropy(h, classifier, labels, ignore_index=-100, **CHUNKS)
+        lambda h: linear_cross_entropy(
+            h, classifier, labels, ignore_index=-100, method=method, **CHUNKS
+        )
     )(hidden)
     assert float(value) == 0.0 and np.all(grad == 0)
 
@@ -212,12 +235,20 @@ def _largest_intermediate(jaxpr):
     return largest
 
 
-def test_no_array_of_size_n_by_v_is_built():
+@pytest.mark.parametrize("method, token_chunk", [("recompute", 16), ("forward", 8)])
+def test_no_array_of_size_n_by_v_is_built(method, token_chunk):
     n, d, v = 64, 8, 96
     hidden, classifier, bias, labels, _ = _inputs(batch=(n,), d=d, v=v)
     labels = jnp.where(labels < 0, 0, labels)
     loss = lambda h, w, b: linear_cross_entropy(
-        h, w, labels, bias=b, label_smoothing=0.1, token_chunk=16, vocab_chunk=32
+        h,
+        w,
+        labels,
+        bias=b,
+        label_smoothing=0.1,
+        token_chunk=token_chunk,
+        vocab_chunk=32,
+        method=method,
     )
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2)))(hidden, classifier, bias)
     assert _largest_intermediate(jaxpr.jaxpr) < n * v / 4
@@ -256,7 +287,13 @@ def test_compiled_temporary_memory_is_bounded_by_the_chunks(dtype, vocab_chunk, 
     n, d, v, tc = 4096, 128, 100_000, 256
     fused = _temp_bytes(
         lambda h, w, y: linear_cross_entropy(
-            h, w, y, token_chunk=tc, vocab_chunk=vocab_chunk, classifier_layout=layout
+            h,
+            w,
+            y,
+            token_chunk=tc,
+            vocab_chunk=vocab_chunk,
+            classifier_layout=layout,
+            method="recompute",
         ),
         n,
         d,
@@ -270,6 +307,96 @@ def test_compiled_temporary_memory_is_bounded_by_the_chunks(dtype, vocab_chunk, 
     # The bound is far below the naive N x V path, and below one float32 classifier.
     assert naive > 2 * bound, (naive, bound)
     assert bound < 4 * v * d, (bound, 4 * v * d)
+
+
+def _forward_memory_bound(n, d, v, block, dtype):
+    """``method="forward"``: five ``[T, V]`` float32 blocks (logits, gradient, its casts), the ``[V, d]`` accumulator
+    (float32) and, for bf16 on the CPU, the float32 copy of the classifier its products use;
+    ``2 N d`` for ``dh`` and 1 MiB of scalars."""
+    bound = 5 * block * v * 4 + 4 * v * d + 2 * n * d * 4 + 2**20
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype).itemsize < 4:
+        bound += 4 * v * d
+    return bound
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_method_temporary_memory_is_bounded_by_the_blocks(dtype, layout):
+    n, d, v, block = 4096, 128, 100_000, 40
+    fused = _temp_bytes(
+        lambda h, w, y: linear_cross_entropy(
+            h, w, y, token_chunk=block, classifier_layout=layout, method="forward"
+        ),
+        n,
+        d,
+        v,
+        dtype,
+        layout,
+    )
+    bound = _forward_memory_bound(n, d, v, block, dtype)
+    naive = _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
+    assert fused <= bound, (fused, bound)
+    assert naive > 2 * bound, (naive, bound)
+
+
+def _count_products(loss, n, d, v):
+    """Matrix products in the lowered program of the loss and its two gradients."""
+    s = jax.ShapeDtypeStruct
+    lowered = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(
+        s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32)
+    )
+    return lowered.as_text().count("stablehlo.dot_general")
+
+
+def test_forward_method_does_three_products_and_auto_chooses_by_size():
+    n, d = 64, 16
+    small = 2**10  # V d = 2**14: "auto" computes the gradients in the forward
+    large = 2**26 // d + 1  # V d just above 2**26: "auto" recomputes
+    count = lambda v, **kw: _count_products(
+        lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y, **kw)), n, d, v
+    )
+    assert count(small, method="forward") == 3  # z = h W^T, dh = G W, dW = G^T h
+    assert count(small, method="recompute") == 4  # the logits twice
+    assert count(small) == 3
+    assert count(small, reduction="sum") == 3
+    assert count(small, reduction="none") == 4  # per-row cotangents: recompute
+    assert count(large) == 4
+    assert count(large, method="forward") == 3
+
+
+def test_forward_method_needs_a_scalar_reduction():
+    hidden, classifier, _, labels, _ = _inputs()
+    with pytest.raises(ValueError, match='method="forward" needs reduction'):
+        linear_cross_entropy(hidden, classifier, labels, reduction="none", method="forward")
+    with pytest.raises(ValueError, match="method must be one of"):
+        linear_cross_entropy(hidden, classifier, labels, method="fast")
+
+
+def test_methods_agree_on_every_gradient_including_class_weights():
+    """Every option at once, and the class weights' gradient (zero in both: not trained)."""
+    hidden, classifier, bias, labels, extras = _inputs()
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, **CHUNKS)
+
+    def grads(method):
+        loss = lambda h, w, b, cw: linear_cross_entropy(
+            h, w, labels, bias=b, class_weights=cw, method=method, **kw
+        )
+        return jax.value_and_grad(loss, (0, 1, 2, 3))(hidden, classifier, bias, extras["weights"])
+
+    (v_f, g_f), (v_r, g_r) = grads("forward"), grads("recompute")
+    np.testing.assert_allclose(v_f, v_r, rtol=1e-6)
+    for a, b in zip(g_f, g_r):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_method_with_no_tokens():
+    _, classifier, _, _, _ = _inputs()
+    hidden, labels = jnp.zeros((0, D)), jnp.zeros((0,), jnp.int32)
+    for reduction in ("mean", "sum"):
+        value, grad = jax.value_and_grad(
+            lambda w: linear_cross_entropy(hidden, w, labels, reduction=reduction, method="forward")
+        )(classifier)
+        assert float(value) == 0.0 and np.all(grad == 0)
 
 
 def test_default_chunks():

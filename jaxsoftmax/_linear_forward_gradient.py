@@ -1,0 +1,175 @@
+"""``linear_cross_entropy(method="forward")``: the gradients computed in the forward pass.
+
+The default path (:mod:`jaxsoftmax._linear_cross_entropy`) computes the logits twice: once
+in the forward for each row's log-sum-exp, once more in the backward to turn each tile into
+its gradient. That is four ``N x V x d`` matrix products where the naive composition has
+three (``z = h W^T``, ``dh = G W``, ``dW = G^T h``), so it is slower than the naive path when
+the products dominate (a CPU, or small vocabularies).
+
+This path does the three products once each. Tokens are cut into blocks of ``T`` rows and
+each block's logits are computed for the whole vocabulary, ``z = h[T] W^T + b``
+(``[T, V]``). A whole row is then at hand, so the core rule applies to the block as it is:
+:func:`jaxsoftmax._rule._forward` gives each row's loss and statistics and
+:func:`jaxsoftmax._rule._logits_gradient` the block's gradient ``G = dL/dz`` for the
+per-row cotangent ``c_n``, which is consumed at once::
+
+    dh[T] = G W          dW += G^T h[T]          db += sum_T G
+
+This needs ``c_n`` before the backward runs, which holds when the loss is reduced to a
+scalar: ``L = reduce(loss)`` is linear in the per-row losses, so ``c_n = dL/dloss_n``
+(``1`` for ``"sum"``, ``w_n / sum_m w_m`` for ``"mean"``) is known from the labels and
+weights alone, and the backward only multiplies the stored gradients by the scalar
+cotangent it receives. ``reduction="none"`` hands the backward an arbitrary cotangent per
+row, which the sum in ``dW`` cannot take afterwards: that reduction uses the default path.
+
+The cost: ``dW`` (and ``db``) are accumulated over the token blocks in
+``accumulation_dtype`` during the forward, one ``[V, d]`` array held until the backward,
+and each block holds ``[T, V]`` logits. ``method="auto"`` takes this path only when that
+accumulator is small (:data:`AUTO_MAX_CLASSIFIER_SIZE`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax import _rule
+from jaxsoftmax._cross_entropy import reduce_loss
+from jaxsoftmax._narrow_floats import narrow_on_cpu, operand
+
+# method="auto" computes the gradients in the forward when V * d is at most this: a float32
+# accumulator of at most 256 MiB for the classifier's gradient.
+AUTO_MAX_CLASSIFIER_SIZE = 2**26
+
+# Each token block holds at most 2**24 logits (64 MiB in float32): fewer rows than that make
+# the [T, d] x [d, V] products run below full speed on a CPU.
+_DEFAULT_BLOCK = 2**24
+
+
+def default_block(num_tokens: int, num_classes: int) -> int:
+    """Rows per token block: ``min(N, max(1, 2**24 // V))``.
+
+    >>> default_block(2048, 32768)
+    512
+    """
+    return max(1, min(num_tokens, _DEFAULT_BLOCK // max(num_classes, 1)))
+
+
+def reduction_cotangents(weight, reduction: str):
+    """``c_n = dL/dloss_n`` of the reduction: it is linear in the losses, so this does not
+    depend on them (the derivative at zero losses is the derivative everywhere)."""
+    return jax.grad(lambda loss: reduce_loss(loss, weight, reduction))(jnp.zeros_like(weight))
+
+
+def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, plan):
+    """Per-row losses and the gradients for cotangent ``c`` [N], block by block."""
+    options = plan.options
+    num_tokens, width = hidden.shape
+    vd = plan.layout == "vd"
+    dtype = _rule.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+    acc = plan.accumulation_dtype  # never below the inputs' dtype
+    if acc.itemsize < classifier.dtype.itemsize:
+        acc = classifier.dtype
+    hidden_acc = _rule.compute_dtype(hidden.dtype)
+    block = plan.token_chunk
+    num_blocks = -(-num_tokens // block)
+    ragged = num_blocks * block != num_tokens
+    contract = 1 if vd else 0  # the classifier's feature axis
+
+    # XLA's CPU backend multiplies bf16/f16 in float32: the operands are converted up front
+    # (the classifier once, a float32 copy of it: ``4 V d`` bytes), as XLA would.
+    to_product = operand if narrow_on_cpu(classifier) else lambda x: x
+    classifier_in = to_product(classifier)
+
+    def step(carry, j):
+        loss, d_hidden, d_classifier, d_bias = carry
+        # The last block is moved back to end at N: its first rows were done by the block
+        # before, and are recomputed identically (losses and dh are overwritten with the same
+        # values) but left out of dW and db.
+        t0 = jnp.minimum(j * block, num_tokens - block)
+        rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, block)
+        hidden_t, labels_t, mask_t = rows(hidden), rows(labels), rows(row_mask)
+        hidden_in = to_product(hidden_t)
+        z = lax.dot_general(
+            hidden_in, classifier_in, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+        )
+        if bias is not None:
+            z = z + bias.astype(dtype)[None, :]
+        loss_t, statistics = _rule._forward(z, labels_t, None, class_weights, mask_t, options)
+        grad = _rule._logits_gradient(
+            z, labels_t, None, class_weights, mask_t, statistics, rows(c), options
+        )
+        grad_in = to_product(grad.astype(hidden.dtype))  # products in the inputs' dtype
+        d_hidden_t = lax.dot_general(
+            grad_in,
+            classifier_in,
+            (((1,), (1 - contract,)), ((), ())),
+            preferred_element_type=hidden_acc,
+        )
+        if ragged:
+            fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
+            grad_in = jnp.where(fresh, grad_in, 0)
+        if vd:  # G^T h: [V, d]
+            d_classifier = d_classifier + lax.dot_general(
+                grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
+        else:  # h^T G: [d, V]
+            d_classifier = d_classifier + lax.dot_general(
+                hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
+        if bias is not None:
+            d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
+        loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)
+        d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, d_hidden_t, t0, 0)
+        return (loss, d_hidden, d_classifier, d_bias), None
+
+    init = (
+        jnp.zeros((num_tokens,), dtype),
+        jnp.zeros((num_tokens, width), hidden_acc),
+        jnp.zeros(classifier.shape, acc),
+        None if bias is None else jnp.zeros(bias.shape, acc),
+    )
+    (loss, d_hidden, d_classifier, d_bias), _ = lax.scan(step, init, jnp.arange(num_blocks))
+    return loss, (d_hidden, d_classifier, d_bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def reduced_loss(
+    hidden, classifier, bias, labels, class_weights, row_mask, weight, reduction, plan, rows_fn
+):
+    """``reduce(loss_n, w_n)`` for ``"mean"``/``"sum"``, with the gradients from the forward.
+
+    ``rows_fn`` computes the per-row losses without gradients (the default path's forward),
+    used when nothing is differentiated; ``weight`` are the reduction's per-row weights.
+    """
+    loss = rows_fn(hidden, classifier, bias, labels, class_weights, row_mask)
+    return reduce_loss(loss, weight, reduction)
+
+
+def _reduced_loss_fwd(
+    hidden, classifier, bias, labels, class_weights, row_mask, weight, reduction, plan, rows_fn
+):
+    c = reduction_cotangents(weight, reduction)
+    loss, grads = _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, plan)
+    # The stored gradients' target dtypes, as zero-size arrays (residuals must be arrays).
+    like = tuple(
+        None if x is None else jnp.zeros((0,), x.dtype) for x in (hidden, classifier, bias)
+    )
+    return reduce_loss(loss, weight, reduction), (grads, like, loss, weight, class_weights)
+
+
+def _reduced_loss_bwd(reduction, plan, rows_fn, residuals, g):
+    grads, like, loss, weight, class_weights = residuals
+    scaled = [
+        None if d is None else (g.astype(d.dtype) * d).astype(x.dtype) for d, x in zip(grads, like)
+    ]
+    # The per-row weights enter the reduction (the mean's denominator) outside the rule.
+    (d_weight,) = jax.vjp(lambda w: reduce_loss(loss, w, reduction), weight)[1](g)
+    d_class_weights = None if class_weights is None else jnp.zeros_like(class_weights)
+    return (*scaled, None, d_class_weights, None, d_weight)
+
+
+reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)

@@ -40,6 +40,10 @@ Ragged sizes: when ``Vc`` does not divide ``V`` the last chunk is moved back to 
 ``V`` and the classes already visited are masked (left out of the sums; their gradient
 columns are zeroed); tokens likewise. Nothing is padded or copied, so no array of the
 inputs' size is allocated besides the gradients themselves.
+
+This is ``method="recompute"``: four ``N V d`` matrix products. ``method="forward"``
+(:mod:`jaxsoftmax._linear_forward_gradient`) does three, at the price of holding the
+classifier's gradient from the forward to the backward; ``"auto"`` chooses by its size.
 """
 
 from __future__ import annotations

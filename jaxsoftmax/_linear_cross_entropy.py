@@ -568,7 +568,7 @@ def linear_cross_entropy(
             'method="recompute" or "auto".'
         )
     plan = make_plan(call, call.hidden.shape[0], call.num_classes)
-    if choose_method(call, method) == "forward":
+    if choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
         out = _reduced_by_forward_gradient(call, plan)
         return out.astype(call.hidden.dtype)
     loss, weight = rows_and_weights(
@@ -630,11 +630,17 @@ def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, 
         loss = jnp.zeros((0,), dtype)
     else:
         loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
-    weight = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
-    weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
+    return loss, _mean_weights(labels, class_weights, row_mask, num_classes, dtype, rule)
+
+
+def _mean_weights(labels, class_weights, row_mask, num_classes: int, dtype, options):
+    """Each row's weight in the mean, ``[N]``: ``w[label]`` (1 without class weights), 0 where
+    ``row_mask`` drops the row."""
+    weight = _rule.row_weight(labels, class_weights, num_classes, dtype, options)
+    weight = jnp.broadcast_to(weight, (labels.shape[0], 1))[:, 0]
     if row_mask is not None:
         weight = jnp.where(row_mask, weight, 0.0)
-    return loss, weight
+    return weight
 
 
 def choose_method(call: _Call, method: str) -> str:
@@ -655,21 +661,12 @@ def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: 
 def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
     """The reduced loss, its gradients computed in the forward (``method="forward"``)."""
     num_tokens = call.hidden.shape[0]
-    if num_tokens == 0:  # no rows: nothing to differentiate, the recompute path's result
-        loss, weight = rows_and_weights(
-            call.hidden, call.classifier, call.bias, call.labels,
-            call.class_weights, call.row_mask, plan,
-        )  # fmt: skip
-        return reduce_loss(loss, weight, call.reduction)
     rows = call.token_chunk or forward_gradient.default_block(num_tokens, call.num_classes)
     block_plan = dataclasses.replace(plan, token_chunk=min(rows, num_tokens))
     dtype = _rule.compute_dtype(call.hidden.dtype)
-    weight = _rule.row_weight(
-        call.labels, call.class_weights, call.num_classes, dtype, plan.options
+    weight = _mean_weights(
+        call.labels, call.class_weights, call.row_mask, call.num_classes, dtype, plan.options
     )
-    weight = jnp.broadcast_to(weight, (num_tokens, 1))[:, 0]
-    if call.row_mask is not None:
-        weight = jnp.where(call.row_mask, weight, 0.0)
     return forward_gradient.reduced_loss(
         call.hidden,
         call.classifier,

@@ -40,7 +40,7 @@ import optax
 import jaxsoftmax
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
-from jaxsoftmax._linear_forward_gradient import AUTO_MAX_CLASSIFIER_SIZE
+from jaxsoftmax._linear_forward_gradient import auto_method
 
 try:
     import torch
@@ -180,11 +180,6 @@ def _naive_linear_dv(h, k, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels((h @ k).astype(jnp.float32), y))
 
 
-def auto_method(d, v):
-    """What ``linear_cross_entropy(method="auto")`` does for a mean over ``[V, d]``."""
-    return "forward" if v * d <= AUTO_MAX_CLASSIFIER_SIZE else "recompute"
-
-
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
     rows = []
     fused = lambda h, w, y: linear_cross_entropy(h, w, y)  # method="auto"
@@ -212,7 +207,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 v=v,
                 temp_bytes=memory,
                 memory_ratio=ratio,
-                method=auto_method(d, v),
+                method=auto_method(v, d, "mean"),
             )
             if (n, d, v) == GEMMA:
                 row["meets_memory_target"] = ratio >= 50
@@ -266,7 +261,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 seconds=seconds,
                 time_ratio=ratio,
                 meets_time_target=ratio <= 1.0,
-                method=auto_method(d, v),
+                method=auto_method(v, d, "mean"),
             )
             rows.append(row)
             print(

@@ -648,9 +648,7 @@ def choose_method(call: _Call, method: str) -> str:
     :func:`linear_cross_entropy`); other methods are returned as they are."""
     if method != "auto":
         return method
-    scalar = call.reduction != "none" and call.hidden.shape[0] > 0
-    small = call.num_classes * call.hidden.shape[-1] <= forward_gradient.AUTO_MAX_CLASSIFIER_SIZE
-    return "forward" if scalar and small else "recompute"
+    return forward_gradient.auto_method(call.num_classes, call.hidden.shape[-1], call.reduction)
 
 
 def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):

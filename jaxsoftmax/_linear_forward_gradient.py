@@ -49,6 +49,17 @@ AUTO_MAX_CLASSIFIER_SIZE = 2**26
 _DEFAULT_BLOCK = 2**24
 
 
+def auto_method(num_classes: int, width: int, reduction: str) -> str:
+    """What ``method="auto"`` stands for: ``"forward"`` for a scalar reduction of a
+    classifier with at most :data:`AUTO_MAX_CLASSIFIER_SIZE` entries, else ``"recompute"``.
+
+    >>> auto_method(32768, 512, "mean"), auto_method(256000, 2304, "mean")
+    ('forward', 'recompute')
+    """
+    small = num_classes * width <= AUTO_MAX_CLASSIFIER_SIZE
+    return "forward" if small and reduction != "none" else "recompute"
+
+
 def default_block(num_tokens: int, num_classes: int) -> int:
     """Rows per token block: ``min(N, max(1, 2**24 // V))``.
 

@@ -466,3 +466,24 @@ def test_rule_class_block_matches_whole_row():
         logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
     )
     np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vmap_gives_each_batch_its_own_cotangent(method):
+    """Under ``vmap`` a scalar loss per batch element gets its own cotangent: the forward
+    method's stored gradients must be scaled per element, not by one number."""
+    k = jax.random.split(jax.random.key(7), 3)
+    hidden = jax.random.normal(k[0], (3, 10, 8))
+    classifier = jax.random.normal(k[1], (13, 8))
+    labels = jax.random.randint(k[2], (3, 10), 0, 13)
+    fused = lambda h, w, y: linear_cross_entropy(h, w, y, method=method, token_chunk=4)
+    naive = lambda h, w, y: cross_entropy(h @ w.T, y)
+    weights = jnp.array([0.5, 2.0, -1.0])  # distinct cotangents per batch element
+
+    def total(loss, h, w):
+        return jnp.sum(weights * jax.vmap(loss, in_axes=(0, None, 0))(h, w, labels))
+
+    got = jax.grad(lambda h, w: total(fused, h, w), (0, 1))(hidden, classifier)
+    want = jax.grad(lambda h, w: total(naive, h, w), (0, 1))(hidden, classifier)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

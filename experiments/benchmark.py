@@ -3,7 +3,7 @@
 Every case first checks that the competitors agree, compiles once (warm-up), then times
 ``repeats`` rounds in which the competitors run one after the other (interleaved, so
 machine drift hits them alike), each call ended by ``block_until_ready``; the median is
-reported. Memory is the compiled program's ``memory_analysis()`` (temporary bytes).
+reported. A repeat of a call faster than 20 ms times as many calls as fill 20 ms. Memory is the compiled program's ``memory_analysis()`` (temporary bytes).
 
 Cases:
   1. loss + gradient with integer labels: cross_entropy vs optax vs jax.grad of the naive
@@ -57,24 +57,36 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def time_interleaved(callables: dict, repeats: int) -> dict:
-    """Median seconds per competitor; one warm-up call each, then interleaved rounds.
+def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 0.02) -> dict:
+    """Median seconds per call for each competitor; warm-up, then interleaved rounds.
+
+    One warm-up call each (it compiles), then a second timed call picks how many calls make
+    one sample: enough to last ``min_sample_seconds``, so that a 50-microsecond call is not
+    timed alone, where the clock and the scheduler's noise are as large as the call; every call
+    is still ended by ``block_until_ready``. A sample's time is divided by its call count.
 
     The order rotates from round to round, so no competitor always runs right after the
     same other one, whose lingering threads (PyTorch's OpenMP workers spin for a while after
     each call) or cache state it would inherit; the median then drops the rounds that did.
     (Making OpenMP wait passively instead slowed PyTorch's small eager steps sevenfold.)
     """
-    for fn in callables.values():
+    calls_per_sample = {}
+    for name, fn in callables.items():
         _block(fn())
+        start = time.perf_counter()
+        _block(fn())
+        once = time.perf_counter() - start
+        calls_per_sample[name] = max(1, min(1000, round(min_sample_seconds / max(once, 1e-7))))
     names = list(callables)
     times = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            fn, count = callables[name], calls_per_sample[name]
             start = time.perf_counter()
-            _block(callables[name]())
-            times[name].append(time.perf_counter() - start)
+            for _ in range(count):
+                _block(fn())
+            times[name].append((time.perf_counter() - start) / count)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -438,7 +450,8 @@ def write_markdown(path, meta, rows):
         f"jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
         f"torch {meta['torch']}, numpy {meta['numpy']}, Python {meta['python']}, "
         f"{meta['cpu_count']} CPU cores. Times are medians of interleaved repeats "
-        "(ms); memory is the compiled program's temporary bytes.",
+        "(ms per call; one repeat of a fast call times as many calls as fill 20 ms); memory "
+        "is the compiled program's temporary bytes.",
         "",
         "## 1. Loss + gradient, integer labels",
         "",

@@ -4,8 +4,8 @@ Trains the same configuration (default: CS231n's spiral case of ``experiments/tr
 device and on ``--devices N``, and, as a control, on one device with the training rows in reverse
 order: the same full-batch loss mathematically, only another order of float additions. For a
 few hundred steps the runs agree to float rounding; after that gradient descent on the spiral
-amplifies any rounding difference (the control drifts as far as N devices do, or farther), and the runs end
-in different but equally good minima.
+amplifies any rounding difference (the control drifts as far as N devices do, or farther), and
+the runs end in different but equally good minima.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/data_parallel.py \\
         --devices 8 --json experiments/results/data_parallel.json

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsoftmax import data, training
+from jaxsoftmax import data, mlp, training
 
 SPIRAL = data.load("spiral", num_examples=50)  # 150 points: small and fast
 
@@ -62,6 +62,32 @@ def test_same_seed_same_parameters_bit_for_bit():
     assert first.history == second.history
     other = training.train(training.TrainConfig(**{**config.__dict__, "seed": 1}), SPIRAL)
     assert not np.array_equal(other.params[0]["W"], first.params[0]["W"])
+
+
+@pytest.mark.parametrize("scheme", ["normal", "he", "glorot"])
+def test_the_initial_state_is_mlp_init_from_the_seed_and_the_optimizer_init(scheme):
+    # init_state compiles its draws as one unoptimized program; the eager mlp.init is the
+    # reference (the same draws, up to the last bit of the normal's transform).
+    config = training.TrainConfig(hidden=(7, 5), init_scheme=scheme, optimizer="adam", seed=3)
+    state, optimizer = training.init_state(config, 4, 3)
+    eager = jax.tree_util.tree_map(
+        np.asarray,
+        mlp.init(jax.random.fold_in(jax.random.key(3), 0), [4, 7, 5, 3], scheme=scheme),
+    )
+    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(eager)
+    for got, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(eager)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(state.opt_state),
+        jax.tree_util.tree_leaves(optimizer.init(state.params)),
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(state.step) == 0
+    again, _ = training.init_state(config, 4, 3)
+    assert_params_identical(state.params, again.params)
+    reseeded, _ = training.init_state(training.TrainConfig(**{**config.__dict__, "seed": 4}), 4, 3)
+    assert not np.array_equal(reseeded.params[0]["W"], state.params[0]["W"])
 
 
 def test_each_epoch_visits_every_example_once():

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import jaxsoftmax
@@ -285,3 +287,20 @@ def test_per_example_grads_agree_with_the_loop():
         "1",
     )
     assert "max |vmap - loop|" in completed.stdout and "speed-up" in completed.stdout
+
+
+def test_profile_fusions_reports_each_compiled_kernel_of_both_losses():
+    profile_fusions = load_script("profile_fusions")
+    report = profile_fusions.main(["--shape", "64", "50", "--calls", "3"])
+    assert set(report) == {"jaxsoftmax", "optax"}
+    for loss, rows in report.items():
+        fn = jax.jit(jax.value_and_grad(profile_fusions.LOSSES[loss]))
+        logits, labels = jnp.zeros((64, 50)), jnp.zeros((64,), jnp.int32)
+        compiled = profile_fusions.entry_instructions(fn.lower(logits, labels).compile().as_text())
+        assert rows and {row["name"] for row in rows} <= set(compiled)
+        assert all(row["seconds"] > 0 for row in rows)
+        # the gradient is written by some kernel with the logits' shape
+        assert any(row["shape"].startswith("f32[64,50]") for row in rows)
+        assert [row["seconds"] for row in rows] == sorted(
+            (r["seconds"] for r in rows), reverse=True
+        )

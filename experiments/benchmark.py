@@ -3,7 +3,8 @@
 Every case first checks that the competitors agree, compiles once (warm-up), then times
 ``repeats`` rounds in which the competitors run one after the other (interleaved, so
 machine drift hits them alike), each call ended by ``block_until_ready``; the median is
-reported. A repeat of a call faster than 20 ms times as many calls as fill 20 ms. Memory is the compiled program's ``memory_analysis()`` (temporary bytes).
+reported. A repeat of a call faster than 20 ms times as many calls as fill 20 ms. Memory is
+the compiled program's ``memory_analysis()`` (temporary bytes).
 
 Cases:
   1. loss + gradient with integer labels: cross_entropy vs optax vs jax.grad of the naive

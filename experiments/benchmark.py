@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 
 import jaxsoftmax
+from jaxsoftmax import training
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
 from jaxsoftmax._linear_forward_gradient import auto_method
@@ -50,12 +52,34 @@ except ImportError:  # torch is optional
     torch = None
 
 GEMMA = (8192, 2304, 256000)
+PARTIAL_RESULTS = ".partial.json"  # the finished cases of an interrupted run
 
 
 def _block(x):
     if torch is not None and isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         return x
     return jax.block_until_ready(x)
+
+
+def round_orders(names: list, repeats: int) -> list[list]:
+    """``repeats`` orders of ``names``, one per round, from a Williams design: over ``n`` rounds
+    (``2 n`` for an odd ``n``) every competitor runs right after every other one equally often.
+
+    Rotating one order would keep its cycle: whoever follows PyTorch in the first round would
+    follow it in almost every round, and inherit its spinning threads each time."""
+    n = len(names)
+    first, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: every difference mod n once
+    while len(first) < n:
+        if len(first) % 2:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    rows = [[(k + shift) % n for k in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [[names[k] for k in rows[r % len(rows)]] for r in range(repeats)]
 
 
 def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 0.02) -> dict:
@@ -66,10 +90,11 @@ def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 
     timed alone, where the clock and the scheduler's noise are as large as the call; every call
     is still ended by ``block_until_ready``. A sample's time is divided by its call count.
 
-    The order rotates from round to round, so no competitor always runs right after the
-    same other one, whose lingering threads (PyTorch's OpenMP workers spin for a while after
-    each call) or cache state it would inherit; the median then drops the rounds that did.
-    (Making OpenMP wait passively instead slowed PyTorch's small eager steps sevenfold.)
+    Each round runs the competitors in another order (:func:`round_orders`), so no
+    competitor always runs right after the same other one, whose lingering threads
+    (PyTorch's OpenMP workers spin for a while after each call) or cache state it would
+    inherit; the median then drops the rounds that did. (Making OpenMP wait passively instead
+    slowed PyTorch's small eager steps sevenfold.)
     """
     calls_per_sample = {}
     for name, fn in callables.items():
@@ -78,11 +103,9 @@ def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 
         _block(fn())
         once = time.perf_counter() - start
         calls_per_sample[name] = max(1, min(1000, round(min_sample_seconds / max(once, 1e-7))))
-    names = list(callables)
-    times = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    times = {name: [] for name in callables}
+    for order in round_orders(list(callables), repeats):
+        for name in order:
             fn, count = callables[name], calls_per_sample[name]
             start = time.perf_counter()
             for _ in range(count):
@@ -417,10 +440,8 @@ def case_spiral(steps, repeats):
         runs["torch"] = lambda: train_torch(x, y, params, steps)
     seconds = {name: [] for name in runs}
     final = {}
-    names = list(runs)
-    for round_index in range(repeats):  # rotating order, as in time_interleaved
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for order in round_orders(list(runs), repeats):  # as in time_interleaved
+        for name in order:
             start = time.perf_counter()
             final[name] = runs[name]()
             seconds[name].append(time.perf_counter() - start)
@@ -537,8 +558,7 @@ def write_markdown(path, meta, rows):
         )
     missed = [r for r in rows if any(k.startswith("meets") and v is False for k, v in r.items())]
     lines += ["", f"Targets missed: {len(missed)} row(s)." if missed else "", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    training.write_atomically(path, "\n".join(lines))
 
 
 def write_chart(path, rows):
@@ -587,7 +607,36 @@ def write_chart(path, rows):
         axes[2].set_ylabel("train_seconds")
         axes[2].set_title(f"3. spiral, {spiral_rows[0]['steps']} steps, end to end")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    training.write_atomically(path, buffer.getvalue())
+
+
+def run_cases(out: str, settings: dict, cases: list, fresh: bool = False) -> list[dict]:
+    """Runs ``cases`` (``(name, run)`` pairs, ``run()`` returning rows) and returns all rows.
+
+    After each case its rows are saved to ``out/.partial.json`` (atomically, with ``settings``),
+    so an interrupted benchmark, run again with the same settings, takes the finished cases from
+    there and runs only the rest; ``fresh`` discards them. Each case still times its
+    competitors side by side in one process. The caller deletes the file once the results are
+    written.
+    """
+    path = os.path.join(out, PARTIAL_RESULTS)
+    finished = {}
+    if os.path.exists(path) and not fresh:
+        with open(path) as file:
+            saved = json.load(file)
+        if saved["settings"] == settings:
+            finished = saved["cases"]
+    for name, run in cases:
+        if name in finished:
+            print(f"[{name}] taken from {path}, saved by an interrupted run", flush=True)
+            continue
+        # a JSON round trip, so that rows run now and rows resumed later are alike
+        finished[name] = json.loads(json.dumps(run(), default=float))
+        training.write_atomically(path, json.dumps(dict(settings=settings, cases=finished)))
+    return [row for name, _ in cases for row in finished[name]]
 
 
 def main(argv=None):
@@ -602,6 +651,11 @@ def main(argv=None):
         action="store_true",
         help="add case 1 at (8192, 65536): over 10 minutes on a 2-core CPU",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help=f"discard the finished cases an interrupted run saved in {PARTIAL_RESULTS}",
+    )
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     platform_name = device.platform
@@ -611,23 +665,36 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if args.quick:
         repeats = args.repeats or 3
-        rows = case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)
-        rows += case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats)
-        rows += case_spiral(200, 1)
+        cases = [
+            ("1", lambda: case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)),
+            (
+                "2",
+                lambda: case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats),
+            ),
+            ("3", lambda: case_spiral(200, 1)),
+        ]
     else:
-        repeats = args.repeats or 7
-        rows = case_integer_labels(
-            [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
-            + ([(8192, 65536)] if args.large else []),
-            [jnp.float32, jnp.bfloat16],
-            repeats,
-        )
+        repeats = args.repeats or 8  # two whole Williams squares of case 1's four competitors
+        shapes = [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768)]
+        shapes += [(8192, 65536)] if args.large else []
         memory_shapes = [GEMMA, (2048, 512, 32768)]
         timed = [(2048, 512, 32768)]
         if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
             timed.append((16384, 2304, 256000))
-        rows += case_linear(timed, memory_shapes, [jnp.float32, jnp.bfloat16], repeats)
-        rows += case_spiral(10_000, 3)
+        dtypes = [jnp.float32, jnp.bfloat16]
+        cases = [
+            (
+                f"1 {jnp.dtype(dtype).name}",
+                lambda d=dtype: case_integer_labels(shapes, [d], repeats),
+            )
+            for dtype in dtypes
+        ]
+        cases += [
+            ("2", lambda: case_linear(timed, memory_shapes, dtypes, repeats)),
+            ("3", lambda: case_spiral(10_000, 4)),  # one Williams square
+        ]
+    settings = dict(quick=args.quick, large=args.large, repeats=repeats, device=str(device))
+    rows = run_cases(out, settings, cases, fresh=args.fresh)
     meta = dict(
         device=f"{platform_name}: {device.device_kind}",
         command=" ".join(
@@ -644,10 +711,12 @@ def main(argv=None):
         machine=platform.platform(),
         quick=args.quick,
     )
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=float)
+    training.write_atomically(
+        os.path.join(out, "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1)
+    )
     write_markdown(os.path.join(out, "results.md"), meta, rows)
     write_chart(os.path.join(out, "chart.png"), rows)
+    os.remove(os.path.join(out, PARTIAL_RESULTS))
     print(f"wrote {out}/results.json, results.md, chart.png")
     return rows
 

@@ -78,6 +78,7 @@ import hlo_collectives
 from jaxsoftmax import (
     cross_entropy,
     linear_cross_entropy,
+    training,
 )
 from jaxsoftmax._sharded import sharded_cross_entropy
 from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
@@ -404,8 +405,8 @@ def main(args) -> dict:
         )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sharded.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "sharded.md").write_text(markdown(result))
+    training.write_atomically(str(out / "sharded.json"), json.dumps(result, indent=2) + "\n")
+    training.write_atomically(str(out / "sharded.md"), markdown(result))
     print(markdown(result))
     return result
 

@@ -90,18 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if arguments.json:
         device = jax.devices()[0]
-        with open(arguments.json, "w") as file:
-            json.dump(
-                {
-                    "device": f"{device.platform}: {device.device_kind}",
-                    "devices": devices,
-                    "columns": "final_loss, train_accuracy, test_accuracy: [1 device, N "
-                    "devices, 1 device with the training rows reversed]",
-                    "rows": rows,
-                },
-                file,
-                indent=2,
-            )
+        result = {
+            "device": f"{device.platform}: {device.device_kind}",
+            "devices": devices,
+            "columns": "final_loss, train_accuracy, test_accuracy: [1 device, N devices, 1 "
+            "device with the training rows reversed]",
+            "rows": rows,
+        }
+        training.write_atomically(arguments.json, json.dumps(result, indent=2))
     return 0
 
 

@@ -210,6 +210,13 @@ def write_history(path: str, history: list[dict]) -> None:
     training.write_atomically(path, text.getvalue())
 
 
+def save_figure(figure, path: str) -> None:
+    """A matplotlib figure as a PNG at ``path``, written atomically (rendered in memory first)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    training.write_atomically(path, buffer.getvalue())
+
+
 def plot_history(path: str, history: list[dict], title: str) -> None:
     import matplotlib
 
@@ -228,7 +235,7 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
     accuracy_axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     plt.close(figure)
 
 
@@ -269,7 +276,7 @@ def plot_decision_boundary(
     )
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path)
     plt.close(figure)
 
 

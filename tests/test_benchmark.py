@@ -1,15 +1,23 @@
-"""The benchmark script runs end to end in its quick mode and writes its three files."""
+"""The benchmark script: its quick run end to end, its round orders, and resuming a run."""
 
+import collections
 import importlib.util
 import json
 import os
 
+import pytest
 
-def test_benchmark_quick_run(tmp_path):
+
+def load_benchmark():
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmark.py")
     spec = importlib.util.spec_from_file_location("benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_benchmark_quick_run(tmp_path):
+    benchmark = load_benchmark()
     rows = benchmark.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
     assert {r["case"] for r in rows} == {1, 2, 3}
     assert all(r.get("agree", True) for r in rows)
@@ -17,3 +25,47 @@ def test_benchmark_quick_run(tmp_path):
         assert json.load(f)["meta"]["quick"] is True
     assert (tmp_path / "results.md").read_text().startswith("# Benchmarks")
     assert (tmp_path / "chart.png").stat().st_size > 0
+    assert sorted(os.listdir(tmp_path)) == ["chart.png", "results.json", "results.md"]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_every_competitor_follows_every_other_equally_often(n):
+    names = [f"competitor {i}" for i in range(n)]
+    rounds = n if n % 2 == 0 else 2 * n
+    orders = load_benchmark().round_orders(names, rounds)
+    assert len(orders) == rounds and all(sorted(order) == names for order in orders)
+    follows = collections.Counter(pair for order in orders for pair in zip(order, order[1:]))
+    expected = 1 if n % 2 == 0 else 2
+    assert follows == {(a, b): expected for a in names for b in names if a != b}
+
+
+def test_an_interrupted_run_resumes_with_its_finished_cases(tmp_path):
+    benchmark = load_benchmark()
+    settings = {"quick": True}
+    calls = []
+
+    def case(name, fail=False):
+        def run():
+            calls.append(name)
+            if fail:
+                raise KeyboardInterrupt
+            return [{"case": name, "seconds": {"x": 0.5}}]
+
+        return run
+
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_cases(str(tmp_path), settings, [("a", case("a")), ("b", case("b", True))])
+    assert calls == ["a", "b"]
+    saved = json.loads((tmp_path / benchmark.PARTIAL_RESULTS).read_text())
+    assert list(saved["cases"]) == ["a"]
+
+    rows = benchmark.run_cases(str(tmp_path), settings, [("a", case("a")), ("b", case("b"))])
+    assert calls == ["a", "b", "b"]  # "a" was not run again
+    assert [row["case"] for row in rows] == ["a", "b"]
+
+    rows = benchmark.run_cases(  # other settings: nothing is taken from the saved cases
+        str(tmp_path), {"quick": False}, [("a", case("a")), ("b", case("b"))]
+    )
+    assert calls == ["a", "b", "b", "a", "b"]
+    benchmark.run_cases(str(tmp_path), {"quick": False}, [("a", case("a"))], fresh=True)
+    assert calls[-1] == "a"

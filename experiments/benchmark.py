@@ -20,6 +20,10 @@ Usage::
 
   python experiments/benchmark.py            # full run, writes benchmarks/results/<device>/
   python experiments/benchmark.py --quick --out /tmp/bench   # smoke run in seconds
+
+Each finished case is saved in ``<out>/.partial.json``; run the same command again after an
+interruption and it goes on from the first unfinished case (``--fresh`` starts over). The
+result files are written atomically, once every case has run.
 """
 
 from __future__ import annotations

@@ -58,10 +58,10 @@ def entry_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def kernel_times(fn, args, calls: int) -> dict[str, float]:
-    """Median seconds per call of each top-level instruction of ``fn``'s compiled program that
-    the profiler saw run (parameters and tuples take no time and are absent)."""
-    names = entry_instructions(fn.lower(*args).compile().as_text())
+def kernel_times(fn, args, names, calls: int) -> dict[str, float]:
+    """Median seconds per call of each of ``names`` (top-level instructions of ``fn``'s compiled
+    program, from :func:`entry_instructions`) that the profiler saw run; parameters and tuples
+    take no time and are absent."""
     jax.block_until_ready(fn(*args))  # compile and warm up outside the trace
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
@@ -87,7 +87,7 @@ def profile(n: int, num_classes: int, dtype, calls: int) -> dict[str, list[dict]
     for name, loss in LOSSES.items():
         fn = jax.jit(jax.value_and_grad(loss))
         instructions = entry_instructions(fn.lower(logits, labels).compile().as_text())
-        times = kernel_times(fn, (logits, labels), calls)
+        times = kernel_times(fn, (logits, labels), instructions, calls)
         report[name] = sorted(
             (
                 dict(

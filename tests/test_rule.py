@@ -380,3 +380,20 @@ def test_compiled_loss_and_gradient_write_one_logits_sized_array():
     ]
     assert len(written) == 1, "\n".join(written)
     assert compiled.memory_analysis().temp_size_in_bytes < 256 * 1000 * 4 // 4
+
+
+def test_bf16_logits_are_widened_inside_the_passes_not_copied():
+    """For bf16 logits and integer labels, ``value_and_grad`` under ``jit`` needs no float32
+    copy of the logits: the maximum reads them as they are and each exponential's pass widens
+    them itself. Gathering the label's logit from the widened array, or letting the forward
+    and the backward share one widening, makes XLA's CPU backend write that copy (``4 N C``
+    bytes of temporary memory, twice the logits). Compiled for the CPU, whose fusion decisions
+    this pins; there float16 logits and a class mask (``where`` of the logits' shape) still
+    cost the copy, as the CPU's fused reductions do not widen float16 or select."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    rows, classes = 256, 1000
+    logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
+    labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=cpu)
+    compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile()
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    assert temporary < rows * classes * 4 // 4, temporary

@@ -150,18 +150,29 @@ def _capped(logits, options: RuleOptions):
 
 
 def _separate_readers(logits):
-    """Two names for bf16/f16 logits: one for the forward's reductions, one for its label gather.
+    """Two names for bf16/f16 logits: one for the forward's reductions, one for its other passes.
 
     XLA's CPU backend widens narrow logits inside the exponential's pass only when that pass is
-    the one reader of the widened array. A second reader (the label gather, or the backward's
-    widening, which XLA merges with the forward's when both are compiled together) makes it
-    write a float32 copy of the whole logits first: twice their bytes of temporary memory, and
-    at [4096, 32768] two and a half times as long to write as both reductions take to run. An
-    optimization barrier is an identity XLA cannot see through, so each reader keeps its own
-    name; nothing is copied.
+    the one reader of the widened array. A second reader (the label gather, the smoothing or
+    target sum, or the backward's widening, which XLA merges with the forward's when both are
+    compiled together) makes it write a float32 copy of the whole logits first: twice their
+    bytes of temporary memory, and at [4096, 32768] two and a half times as long to write as
+    both reductions take to run. An optimization barrier is an identity XLA cannot see
+    through, so each reader keeps its own name; nothing is copied.
     """
     for_statistics = lax.optimization_barrier(logits)
     return for_statistics, lax.optimization_barrier(for_statistics)
+
+
+def _shifted_again(logits, top, options: RuleOptions):
+    """``_capped(logits) - top`` for one more pass over the classes, from names of its own.
+
+    Shared with the sum of exponentials, ``x - top`` (or, once each pass widens by itself,
+    the broadcast of ``top`` to the logits' shape) is written out whole for both passes to
+    read; behind one more barrier each pass computes its own (see :func:`_separate_readers`).
+    """
+    logits, top = lax.optimization_barrier((logits, top))
+    return _capped(logits, options) - top
 
 
 def _row_statistics(logits, x, class_mask, options: RuleOptions):
@@ -387,14 +398,16 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
     num_local = logits.shape[-1]
     widened_only = options.logit_softcap is None and logits.dtype != compute_dtype(logits.dtype)
     if widened_only:
-        logits, label_source = _separate_readers(logits)
+        logits, other_passes = _separate_readers(logits)
     x = _capped(logits, options)
     dtype = x.dtype
     top, log_sum, shifted = _row_statistics(logits, x, class_mask, options)
+    if widened_only:  # the passes below compute their own (unmasked) shifted logits
+        shifted = _shifted_again(other_passes, top, options)
     eps = options.label_smoothing
     if _is_indices(targets):
         # The label's own logit counts even where class_mask drops it (optax's semantics).
-        label_logit = _at_label(label_source if widened_only else x, targets, options)
+        label_logit = _at_label(other_passes if widened_only else x, targets, options)
         label_shifted = label_logit.astype(dtype) - top
         loss = (
             (1.0 - eps)

@@ -382,18 +382,25 @@ def test_compiled_loss_and_gradient_write_one_logits_sized_array():
     assert compiled.memory_analysis().temp_size_in_bytes < 256 * 1000 * 4 // 4
 
 
-def test_bf16_logits_are_widened_inside_the_passes_not_copied():
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_bf16_logits_are_widened_inside_the_passes_not_copied(label_smoothing):
     """For bf16 logits and integer labels, ``value_and_grad`` under ``jit`` needs no float32
-    copy of the logits: the maximum reads them as they are and each exponential's pass widens
-    them itself. Gathering the label's logit from the widened array, or letting the forward
-    and the backward share one widening, makes XLA's CPU backend write that copy (``4 N C``
+    copy of the logits: the maximum reads them as they are and each pass over the classes
+    widens them itself. Gathering the label's logit from the widened array, sharing
+    ``z - m`` between the sum of exponentials and the smoothing sum, or letting the forward
+    and the backward share one widening, makes XLA's CPU backend write such a copy (``4 N C``
     bytes of temporary memory, twice the logits). Compiled for the CPU, whose fusion decisions
-    this pins; there float16 logits and a class mask (``where`` of the logits' shape) still
-    cost the copy, as the CPU's fused reductions do not widen float16 or select."""
+    this pins; there float16 logits, a class mask (``where`` of the logits' shape), a soft cap
+    and probability targets still cost a copy, as the CPU's fused reductions do not widen
+    float16 or compute select or tanh, and the targets' widening is shared."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     rows, classes = 256, 1000
     logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
     labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=cpu)
-    compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile()
+
+    def loss(z, y):
+        return cross_entropy(z, y, label_smoothing=label_smoothing)
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(logits, labels).compile()
     temporary = compiled.memory_analysis().temp_size_in_bytes
     assert temporary < rows * classes * 4 // 4, temporary

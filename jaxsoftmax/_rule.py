@@ -423,6 +423,8 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
                 class_mask, num_local, dtype, options
             )
     else:
+        if widened_only:  # the backward widens bf16 targets too; merged, they are written out
+            targets = lax.optimization_barrier(targets)
         q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options)
         # Classes without target mass are skipped, so -inf logits there give 0, not 0 * inf.
         loss = _sum_classes(jnp.where(q != 0, q * (log_sum - shifted), 0.0), options)

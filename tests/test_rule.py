@@ -392,7 +392,7 @@ def test_bf16_logits_are_widened_inside_the_passes_not_copied(label_smoothing):
     bytes of temporary memory, twice the logits). Compiled for the CPU, whose fusion decisions
     this pins; there float16 logits, a class mask (``where`` of the logits' shape), a soft cap
     and probability targets still cost a copy, as the CPU's fused reductions do not widen
-    float16 or compute select or tanh, and the targets' widening is shared."""
+    float16 or compute select or tanh."""
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     rows, classes = 256, 1000
     logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
@@ -404,3 +404,17 @@ def test_bf16_logits_are_widened_inside_the_passes_not_copied(label_smoothing):
     compiled = jax.jit(jax.value_and_grad(loss)).lower(logits, labels).compile()
     temporary = compiled.memory_analysis().temp_size_in_bytes
     assert temporary < rows * classes * 4 // 4, temporary
+
+
+def test_bf16_probability_targets_are_widened_once_per_pass():
+    """bf16 probability targets: the forward's target sum and the backward each widen the
+    targets themselves. Merged into one widening, XLA's CPU backend writes the float32 targets
+    out whole, a second float32 array of the logits' size next to the one the target sum's
+    select costs (see the test above)."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    rows, classes = 256, 1000
+    logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
+    targets = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
+    compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, targets).compile()
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    assert temporary < rows * classes * 4 * 5 // 4, temporary

@@ -197,6 +197,44 @@ def test_sharded_equals_single_device(option, layout, num_classes):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("option", ["int_plain", "int_smoothing", "int_class_mask", "prob_plain"])
+def test_bf16_logits_sharded_equal_single_device(option):
+    """bf16 logits (and bf16 probability targets): each shard reads its bf16 logits and label
+    logit as they are and widens them to float32; the sharded loss and gradients equal the
+    single-device ones up to the final rounding to bf16 (the partial sums add up in another
+    order)."""
+    probabilities, build = OPTIONS[option]
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    logits, targets, weights, row_mask, class_mask = make_inputs(
+        16, 61, probabilities=probabilities
+    )
+    options, targets = build(weights, row_mask, class_mask, targets)
+    logits = logits.astype(jnp.bfloat16)
+    if probabilities:
+        targets = targets.astype(jnp.bfloat16)
+    sharded = functools.partial(
+        sharded_cross_entropy,
+        mesh=mesh,
+        class_axis_name="vocab",
+        batch_axis_name="batch",
+        **options,
+    )
+    single = functools.partial(cross_entropy, **options)
+    argnums = (0, 1) if probabilities else 0
+    results = [
+        jax.jit(jax.value_and_grad(loss_fn, argnums=argnums))(logits, targets)
+        for loss_fn in (sharded, single)
+    ]
+    (value, grads), (ref_value, ref_grads) = results
+    assert value.dtype == ref_value.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(value), np.float32(ref_value), rtol=1e-2)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-4
+        )
+
+
 def test_label_smoothing_spreads_over_the_global_classes():
     """With eps, K is all V classes: the per-shard V / S would give a different loss."""
     mesh = auto_mesh((8,), ("vocab",))

@@ -365,7 +365,10 @@ def live_rows(class_mask, row_mask, options: RuleOptions):
     """
     live = None
     if class_mask is not None:
-        live = _sum_classes(class_mask.astype(jnp.int32), options) > 0
+        # Reduced with `any` on each shard, then counted across shards: a sum over the classes
+        # of the mask as integers makes XLA's CPU backend write those integers out first.
+        local = jnp.any(class_mask, axis=-1, keepdims=True)
+        live = _sum_classes(local.astype(jnp.int32), options) > 0
     if row_mask is not None:
         live = row_mask[..., None] if live is None else live & row_mask[..., None]
     return live

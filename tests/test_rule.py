@@ -418,3 +418,21 @@ def test_bf16_probability_targets_are_widened_once_per_pass():
     compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, targets).compile()
     temporary = compiled.memory_analysis().temp_size_in_bytes
     assert temporary < rows * classes * 4 * 5 // 4, temporary
+
+
+def test_a_class_mask_costs_no_logits_sized_temporary():
+    """Float32 logits with ``where`` of the logits' shape: whether a row has any class left is
+    an ``any`` over the mask, not a sum of the mask as integers, which XLA's CPU backend writes
+    out whole (``4 N C`` bytes) before summing it."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    rows, classes = 256, 1000
+    logits = jax.ShapeDtypeStruct((rows, classes), jnp.float32, sharding=cpu)
+    labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=cpu)
+    where = jax.ShapeDtypeStruct((rows, classes), jnp.bool_, sharding=cpu)
+
+    def loss(z, y, where):
+        return cross_entropy(z, y, where=where)
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(logits, labels, where).compile()
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    assert temporary < rows * classes * 4 // 4, temporary

@@ -405,9 +405,10 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
     x = _capped(logits, options)
     dtype = x.dtype
     top, log_sum, shifted = _row_statistics(logits, x, class_mask, options)
-    if widened_only:  # the passes below compute their own (unmasked) shifted logits
-        shifted = _shifted_again(other_passes, top, options)
     eps = options.label_smoothing
+    if widened_only and (eps or not _is_indices(targets)):
+        # The smoothing or target sum below computes its own (unmasked) shifted logits.
+        shifted = _shifted_again(other_passes, top, options)
     if _is_indices(targets):
         # The label's own logit counts even where class_mask drops it (optax's semantics).
         label_logit = _at_label(other_passes if widened_only else x, targets, options)

@@ -16,6 +16,7 @@ def load_benchmark():
     return benchmark
 
 
+@pytest.mark.longest
 def test_benchmark_quick_run(tmp_path):
     benchmark = load_benchmark()
     rows = benchmark.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])

@@ -37,6 +37,7 @@ def run_with_devices(command, devices):
     )
 
 
+@pytest.mark.longest
 def test_eight_device_checks_pass():
     completed = run_with_devices(
         [

@@ -42,8 +42,11 @@ def _run(command, *, devices, timeout):
     return result
 
 
-def test_eight_device_checks_pass():
-    # The child loads tests/conftest.py too, so it is as strict as this run.
+@pytest.mark.longest
+@pytest.mark.parametrize("checks", ["check_sharded.py", "check_sharded_linear.py"])
+def test_eight_device_checks_pass(checks):
+    # The child loads tests/conftest.py too, so it is as strict as this run. One child per
+    # file, so that the two test workers can run them side by side.
     result = _run(
         [
             sys.executable,
@@ -54,8 +57,7 @@ def test_eight_device_checks_pass():
             "0",  # one process: the parent already runs its workers on these cores
             "-p",
             "no:cacheprovider",
-            "tests/multidevice/check_sharded.py",
-            "tests/multidevice/check_sharded_linear.py",
+            f"tests/multidevice/{checks}",
         ],
         devices=8,
         timeout=900,

@@ -32,7 +32,6 @@ resumed run ends where an uninterrupted one does. Another device count changes o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -210,29 +209,38 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adam(config.learning_rate)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3), compiler_options=_RUN_ONCE_COMPILER_OPTIONS)
 def _initial_params(
     seed_key: jax.Array, sizes: tuple[int, ...], scheme: str, scale: float
 ) -> mlp.Params:
-    """``mlp.init`` from ``fold_in(seed_key, 0)``, as one program compiled once per network.
-
-    Run eagerly, each ``jax.random`` operation compiles a program of its own (1.4 s on the
-    2-core CPU for the spiral's network, longer than compiling the training run); compiled
-    whole with XLA's optimizations, the random-number code takes 1.0 s to compile for a
-    program that runs once in a millisecond. Unoptimized it compiles in about 0.4 s. The
-    values equal the eager ones up to the last bit of some weights, the same on every run.
-    """
+    """``mlp.init`` from ``fold_in(seed_key, 0)``."""
     return mlp.init(jax.random.fold_in(seed_key, 0), sizes, scheme=scheme, scale=scale)
+
+
+# Run eagerly, each ``jax.random`` operation compiles a program of its own (1.4 s on the 2-core
+# CPU for the spiral's network, longer than compiling the training run); compiled whole with
+# XLA's optimizations, the random-number code takes 1.0 s to compile for a program that runs
+# once in a millisecond. Unoptimized it compiles in about 0.4 s. The values equal the eager ones
+# up to the last bit of some weights, the same on every run.
+_initial_params_compiled_once = jax.jit(
+    _initial_params, static_argnums=(1, 2, 3), compiler_options=_RUN_ONCE_COMPILER_OPTIONS
+)
 
 
 def init_state(
     config: TrainConfig, num_features: int, num_classes: int
 ) -> tuple[TrainState, optax.GradientTransformation]:
-    """Fresh parameters from ``fold_in(key(seed), 0)``, the optimizer and its initial state."""
+    """Fresh parameters from ``fold_in(key(seed), 0)``, the optimizer and its initial state.
+
+    Called inside a trace (``jit``, ``eval_shape``), the draw becomes part of the caller's
+    program instead of a program compiled on its own.
+    """
     sizes = (num_features, *config.hidden, num_classes)
-    params = _initial_params(
-        jax.random.key(config.seed), sizes, config.init_scheme, config.init_scale
+    seed_key = jax.random.key(config.seed)
+    # Compiler options are for top-level programs only: traced, the draw joins the caller's.
+    draw = (
+        _initial_params if isinstance(seed_key, jax.core.Tracer) else _initial_params_compiled_once
     )
+    params = draw(seed_key, sizes, config.init_scheme, config.init_scale)
     optimizer = make_optimizer(config)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)), optimizer
 

@@ -90,6 +90,22 @@ def test_the_initial_state_is_mlp_init_from_the_seed_and_the_optimizer_init(sche
     assert not np.array_equal(reseeded.params[0]["W"], state.params[0]["W"])
 
 
+def test_the_initial_state_can_be_traced_by_jit_and_eval_shape():
+    # Its own draw compiles with compiler options, which JAX accepts on top-level programs
+    # only; inside a trace the draw must join the caller's program instead of raising.
+    config = training.TrainConfig(hidden=(7,), seed=2)
+    direct, _ = training.init_state(config, 4, 3)
+    shapes = jax.eval_shape(lambda: training.init_state(config, 4, 3)[0])
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes) == jax.tree_util.tree_map(
+        lambda a: (a.shape, a.dtype), direct
+    )
+    traced = jax.jit(lambda: training.init_state(config, 4, 3)[0].params)()
+    for got, want in zip(
+        jax.tree_util.tree_leaves(traced), jax.tree_util.tree_leaves(direct.params)
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
+
+
 def test_each_epoch_visits_every_example_once():
     config = training.TrainConfig(batch_size=30, seed=4)
     rows = [np.asarray(training.batch_indices(config, 150, step)) for step in range(10)]

@@ -12,7 +12,9 @@ Cases:
      <= 0.15 vs naive.
   2. linear_cross_entropy vs logits-then-optax, loss + both gradients; targets >= 50x
      fewer temporary bytes at the Gemma-2-2B shape (compiled only, never run here) and
-     time <= naive at N=2048, d=512, V=32768.
+     time <= naive at N=2048, d=512, V=32768. On an accelerator it is also timed at
+     d=2304, V=256000 with the largest N whose naive path fits in the device's memory
+     (``largest_naive_fit``).
   3. the spiral case study end to end (compilation included) vs NumPy (CS231n style) and
      torch eager; target >= 4x faster than NumPy.
 
@@ -218,6 +220,30 @@ def _naive_linear(h, w, y):
 
 def _naive_linear_dv(h, k, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels((h @ k).astype(jnp.float32), y))
+
+
+def largest_naive_fit(device, d, v, dtype, rows=(65536, 32768, 16384, 8192, 4096, 2048)):
+    """The largest ``(N, d, v)`` of ``rows`` whose naive path fits in ``device``'s memory.
+
+    Case 2's shape "as large as the accelerator's memory allows": the naive path (logits then
+    optax, loss and both gradients) is what runs out first, and what it needs is known before
+    it runs, from its compiled program: arguments, outputs and temporaries, against 90% of the
+    device's allocator limit. None where the device reports no limit (the CPU) or nothing fits.
+    """
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    s = jax.ShapeDtypeStruct
+    naive = jax.jit(jax.value_and_grad(_naive_linear, (0, 1)))
+    for n in sorted(rows, reverse=True):
+        args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
+        memory = naive.lower(*args).compile().memory_analysis()
+        needed = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+        )
+        if needed <= 0.9 * limit:
+            return (n, d, v)
+    return None
 
 
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
@@ -685,7 +711,8 @@ def main(argv=None):
         memory_shapes = [GEMMA, (2048, 512, 32768)]
         timed = [(2048, 512, 32768)]
         if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
-            timed.append((16384, 2304, 256000))
+            largest = largest_naive_fit(device, GEMMA[1], GEMMA[2], jnp.float32)
+            timed += [largest] if largest is not None else []
         dtypes = [jnp.float32, jnp.bfloat16]
         cases = [
             (

@@ -1,10 +1,13 @@
-"""The benchmark script: its quick run end to end, its round orders, and resuming a run."""
+"""The benchmark script: its quick run end to end, its round orders, resuming a run, and the
+largest shape an accelerator's memory allows."""
 
 import collections
 import importlib.util
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 
@@ -70,3 +73,36 @@ def test_an_interrupted_run_resumes_with_its_finished_cases(tmp_path):
     assert calls == ["a", "b", "b", "a", "b"]
     benchmark.run_cases(str(tmp_path), {"quick": False}, [("a", case("a"))], fresh=True)
     assert calls[-1] == "a"
+
+
+class _Device:
+    """A stand-in for an accelerator whose allocator holds ``limit`` bytes (None: the CPU's)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit}
+
+
+def test_the_accelerator_shape_is_the_largest_whose_naive_path_fits():
+    benchmark = load_benchmark()
+    d, v, rows = 16, 1000, (64, 128, 256)
+    s = jax.ShapeDtypeStruct
+
+    def needed(n):  # the naive path's arguments, outputs and temporaries
+        args = (s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32))
+        grads = jax.value_and_grad(benchmark._naive_linear, (0, 1))
+        memory = jax.jit(grads).lower(*args).compile().memory_analysis()
+        return sum(
+            (memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes)
+        )
+
+    assert all(needed(n) >= n * v * 4 for n in rows)  # at least the [N, V] logits
+    fit = lambda limit: benchmark.largest_naive_fit(_Device(limit), d, v, jnp.float32, rows)
+    between = (needed(128) + needed(256)) / 2 / 0.9
+    assert fit(between) == (128, d, v)
+    assert fit(needed(256) / 0.9) == (256, d, v)
+    assert fit(10**12) == (256, d, v)
+    assert fit(needed(64) / 0.9 - 1) is None
+    assert fit(None) is None  # no allocator limit reported: no accelerator shape

@@ -9,7 +9,8 @@ the compiled program's ``memory_analysis()`` (temporary bytes).
 Cases:
   1. loss + gradient with integer labels: cross_entropy vs optax vs jax.grad of the naive
      (seeds') composition vs torch F.cross_entropy; targets ratio <= 1.0 vs optax and
-     <= 0.15 vs naive.
+     <= 0.15 vs naive. On an accelerator, also up to (32768, 131072) where the naive
+     composition fits in its memory (``naive_fits``).
   2. linear_cross_entropy vs logits-then-optax, loss + both gradients; targets >= 50x
      fewer temporary bytes at the Gemma-2-2B shape (compiled only, never run here) and
      time <= naive at N=2048, d=512, V=32768. On an accelerator it is also timed at
@@ -61,8 +62,24 @@ GEMMA = (8192, 2304, 256000)
 PARTIAL_RESULTS = ".partial.json"  # the finished cases of an interrupted run
 
 
+def torch_device() -> str | None:
+    """Where PyTorch runs beside JAX: on JAX's GPU when JAX runs on one, else on the CPU.
+
+    None without PyTorch, or when JAX runs on a GPU and this PyTorch has no CUDA: a CPU PyTorch
+    against a GPU JAX would compare the devices, not the code.
+    """
+    if torch is None:
+        return None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
+
+
 def _block(x):
     if torch is not None and isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        if x[0].is_cuda:  # PyTorch's GPU calls return before they finish, like JAX's
+            torch.cuda.synchronize()
         return x
     return jax.block_until_ready(x)
 
@@ -158,13 +175,19 @@ def case_integer_labels(shapes, dtypes, repeats):
                 for l, g in outs.values()
             )
             calls = {name: functools.partial(fn, z, y) for name, fn in fns.items()}
-            torch_note = "torch not installed"
-            if torch is not None:
+            device = torch_device()
+            torch_note = (
+                "torch not installed"
+                if torch is None
+                else "torch without CUDA: not compared with JAX on the GPU"
+            )
+            if device is not None:
                 tz = torch.tensor(
                     np.asarray(z.astype(jnp.float32)),
                     dtype=torch.float32 if dtype == jnp.float32 else torch.bfloat16,
+                    device=device,
                 )
-                ty = torch.tensor(np.asarray(y), dtype=torch.long)
+                ty = torch.tensor(np.asarray(y), dtype=torch.long, device=device)
 
                 def torch_step(tz=tz, ty=ty):
                     x = tz.detach().requires_grad_(True)
@@ -174,10 +197,10 @@ def case_integer_labels(shapes, dtypes, repeats):
 
                 tl, tg = torch_step()
                 agree = agree and np.allclose(
-                    tl.float().numpy(), np.float32(ref_loss), rtol=tol, atol=tol
+                    tl.float().cpu().numpy(), np.float32(ref_loss), rtol=tol, atol=tol
                 )
                 calls["torch"] = torch_step
-                torch_note = f"torch {torch.__version__} eager"
+                torch_note = f"torch {torch.__version__} eager on {device}"
             seconds = time_interleaved(calls, repeats)
             memory = {
                 name: temp_bytes(jax.value_and_grad(f), z, y) for name, f in competitors.items()
@@ -222,28 +245,44 @@ def _naive_linear_dv(h, k, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels((h @ k).astype(jnp.float32), y))
 
 
+def fits_in_memory(device, fn, *args) -> bool | None:
+    """Whether ``jit(fn)(*args)`` fits in 90% of ``device``'s allocator limit, from its compiled
+    program (arguments, outputs and temporaries, known before it runs); None where the device
+    reports no limit (the CPU)."""
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    memory = jax.jit(fn).lower(*args).compile().memory_analysis()
+    needed = memory.argument_size_in_bytes + memory.output_size_in_bytes
+    return needed + memory.temp_size_in_bytes <= 0.9 * limit
+
+
 def largest_naive_fit(device, d, v, dtype, rows=(65536, 32768, 16384, 8192, 4096, 2048)):
     """The largest ``(N, d, v)`` of ``rows`` whose naive path fits in ``device``'s memory.
 
     Case 2's shape "as large as the accelerator's memory allows": the naive path (logits then
-    optax, loss and both gradients) is what runs out first, and what it needs is known before
-    it runs, from its compiled program: arguments, outputs and temporaries, against 90% of the
-    device's allocator limit. None where the device reports no limit (the CPU) or nothing fits.
+    optax, loss and both gradients) is what runs out first. None where the device reports no
+    memory limit (the CPU) or nothing fits.
     """
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-    if not limit:
-        return None
     s = jax.ShapeDtypeStruct
-    naive = jax.jit(jax.value_and_grad(_naive_linear, (0, 1)))
+    naive = jax.value_and_grad(_naive_linear, (0, 1))
     for n in sorted(rows, reverse=True):
         args = (s((n, d), dtype), s((v, d), dtype), s((n,), jnp.int32))
-        memory = naive.lower(*args).compile().memory_analysis()
-        needed = (
-            memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-        )
-        if needed <= 0.9 * limit:
+        if fits_in_memory(device, naive, *args):
             return (n, d, v)
     return None
+
+
+def naive_fits(device, shapes):
+    """The ``(N, C)`` of ``shapes`` where case 1's naive composition (its largest competitor)
+    fits in ``device``'s memory in float32; none where the device reports no limit."""
+    s = jax.ShapeDtypeStruct
+    naive = jax.value_and_grad(_naive_loss)
+    return [
+        (n, c)
+        for n, c in shapes
+        if fits_in_memory(device, naive, s((n, c), jnp.float32), s((n,), jnp.int32))
+    ]
 
 
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
@@ -427,9 +466,9 @@ def train_library(steps):
     return result
 
 
-def train_torch(x, y, params, steps, step_size=1.0, reg=1e-3):
-    p = [torch.tensor(a, requires_grad=True) for a in params]
-    tx, ty = torch.tensor(x), torch.tensor(y, dtype=torch.long)
+def train_torch(x, y, params, steps, step_size=1.0, reg=1e-3, device="cpu"):
+    p = [torch.tensor(a, requires_grad=True, device=device) for a in params]
+    tx, ty = torch.tensor(x, device=device), torch.tensor(y, dtype=torch.long, device=device)
     for _ in range(steps):
         hidden = torch.relu(tx @ p[0] + p[1])
         loss = F.cross_entropy(hidden @ p[2] + p[3], ty) + 0.5 * reg * (
@@ -466,8 +505,8 @@ def case_spiral(steps, repeats):
         "compilation included)"
     )
     train_library(10)  # JAX's backend and the library's imports start outside the timing
-    if torch is not None:
-        runs["torch"] = lambda: train_torch(x, y, params, steps)
+    if torch_device() is not None:
+        runs["torch"] = lambda: train_torch(x, y, params, steps, device=torch_device())
     seconds = {name: [] for name in runs}
     final = {}
     for order in round_orders(list(runs), repeats):  # as in time_interleaved
@@ -711,6 +750,8 @@ def main(argv=None):
         memory_shapes = [GEMMA, (2048, 512, 32768)]
         timed = [(2048, 512, 32768)]
         if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
+            shapes += naive_fits(device, [(8192, 65536), (16384, 131072), (32768, 131072)])
+            shapes = list(dict.fromkeys(shapes))  # --large's shape once
             largest = largest_naive_fit(device, GEMMA[1], GEMMA[2], jnp.float32)
             timed += [largest] if largest is not None else []
         dtypes = [jnp.float32, jnp.bfloat16]

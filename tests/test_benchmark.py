@@ -106,3 +106,27 @@ def test_the_accelerator_shape_is_the_largest_whose_naive_path_fits():
     assert fit(10**12) == (256, d, v)
     assert fit(needed(64) / 0.9 - 1) is None
     assert fit(None) is None  # no allocator limit reported: no accelerator shape
+
+
+class _Torch:
+    """A stand-in for PyTorch, with or without CUDA."""
+
+    def __init__(self, cuda):
+        self.cuda = type("cuda", (), {"is_available": staticmethod(lambda: cuda)})
+
+
+@pytest.mark.parametrize(
+    "backend, torch, expected",
+    [
+        ("cpu", None, None),  # no PyTorch: no PyTorch competitor
+        ("cpu", _Torch(cuda=False), "cpu"),
+        ("gpu", _Torch(cuda=True), "cuda"),
+        ("gpu", _Torch(cuda=False), None),  # a CPU PyTorch is not set against a GPU JAX
+        ("tpu", _Torch(cuda=True), None),
+    ],
+)
+def test_pytorch_runs_on_the_device_jax_runs_on(monkeypatch, backend, torch, expected):
+    benchmark = load_benchmark()
+    monkeypatch.setattr(benchmark, "torch", torch)
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: backend)
+    assert benchmark.torch_device() == expected

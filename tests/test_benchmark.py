@@ -130,3 +130,23 @@ def test_pytorch_runs_on_the_device_jax_runs_on(monkeypatch, backend, torch, exp
     monkeypatch.setattr(benchmark, "torch", torch)
     monkeypatch.setattr(benchmark.jax, "default_backend", lambda: backend)
     assert benchmark.torch_device() == expected
+
+
+def test_case_one_adds_only_the_shapes_whose_naive_composition_fits():
+    benchmark = load_benchmark()
+    s = jax.ShapeDtypeStruct
+
+    def needed(n, c):
+        args = (s((n, c), jnp.float32), s((n,), jnp.int32))
+        compiled = jax.jit(jax.value_and_grad(benchmark._naive_loss)).lower(*args).compile()
+        memory = compiled.memory_analysis()
+        return sum(
+            (memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes)
+        )
+
+    shapes = [(64, 100), (128, 1000), (256, 1000)]
+    assert needed(128, 1000) >= 2 * 128 * 1000 * 4  # the logits and their gradient at least
+    limit = (needed(128, 1000) + needed(256, 1000)) / 2 / 0.9
+    assert benchmark.naive_fits(_Device(limit), shapes) == shapes[:2]
+    assert benchmark.naive_fits(_Device(10**12), shapes) == shapes
+    assert benchmark.naive_fits(_Device(None), shapes) == []

@@ -8,6 +8,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 
@@ -150,3 +151,16 @@ def test_case_one_adds_only_the_shapes_whose_naive_composition_fits():
     assert benchmark.naive_fits(_Device(limit), shapes) == shapes[:2]
     assert benchmark.naive_fits(_Device(10**12), shapes) == shapes
     assert benchmark.naive_fits(_Device(None), shapes) == []
+
+
+def test_the_spiral_runs_must_end_at_the_same_loss():
+    benchmark = load_benchmark()
+    same = {"numpy": np.float32(0.2445), "jax_scan": 0.2433, "torch": 0.2437, "jaxsoftmax": 0.2437}
+    assert benchmark.spiral_runs_agree(same) is True
+    # the same training from the same start may differ by rounding, not by 5%
+    assert not benchmark.spiral_runs_agree({**same, "jax_scan": 0.2445 * 1.05})
+    assert not benchmark.spiral_runs_agree({**same, "torch": 0.2445 * 0.95})
+    # the library's trainer (its own draw) within 10% of NumPy's loss, not 20%
+    assert benchmark.spiral_runs_agree({**same, "jaxsoftmax": 0.2445 * 1.08})
+    assert not benchmark.spiral_runs_agree({**same, "jaxsoftmax": 0.2445 * 1.2})
+    assert benchmark.spiral_runs_agree({k: v for k, v in same.items() if k != "torch"})

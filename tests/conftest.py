@@ -13,7 +13,8 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "longest: one of the suite's longest tests (a child process); started first"
+        "markers",
+        "longest: one of the suite's longest tests (a child process, a whole script); run first",
     )
 
 

@@ -137,8 +137,13 @@ def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def compiled_memory(fn, *args):
+    """``memory_analysis()`` of ``jit(fn)`` compiled for ``args`` (arrays or shapes); nothing runs."""
+    return jax.jit(fn).lower(*args).compile().memory_analysis()
+
+
 def temp_bytes(fn, *args) -> int:
-    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    return int(compiled_memory(fn, *args).temp_size_in_bytes)
 
 
 # ----------------------------------------------------------------------------- case 1
@@ -252,7 +257,7 @@ def fits_in_memory(device, fn, *args) -> bool | None:
     limit = (device.memory_stats() or {}).get("bytes_limit")
     if not limit:
         return None
-    memory = jax.jit(fn).lower(*args).compile().memory_analysis()
+    memory = compiled_memory(fn, *args)
     needed = memory.argument_size_in_bytes + memory.output_size_in_bytes
     return needed + memory.temp_size_in_bytes <= 0.9 * limit
 

@@ -39,9 +39,15 @@ The forward keeps the logits (alive anyway in a training step) and two numbers p
 the row maximum ``m`` and ``log_sum = log sum_k exp(z_k - m)``. Keeping ``m`` and
 ``log_sum`` apart rather than their sum ``lse`` keeps the softmax exact at huge logits:
 at ``|z| ~ 1e30`` in float32, ``lse`` rounds to ``m`` and ``exp(z - lse)`` would lose the
-``log_sum`` entirely. The backward computes ``exp((z - hi) - lo)`` with ``hi = m + log_sum``
-rounded and ``lo`` its rounding error (:func:`_split_sum`), which keeps it. No second array
-of the logits' size is saved; the softmax is recomputed in the backward.
+``log_sum`` entirely. The backward computes ``softmax = exp(z - m) * exp(-log_sum)``, so tied
+maxima get ``1 / k`` each. No second array of the logits' size is saved; the softmax is
+recomputed in the backward.
+
+``exp(z - m)`` is the forward's own exponential, written the same way (``m`` is the same
+value, masked classes are ``-inf`` in both), so when forward and backward are compiled
+together (``jit`` of ``value_and_grad``) XLA computes it once per logit: it writes it where
+the gradient goes, sums it for ``log_sum`` and finishes the gradient in place, as autodiff
+of optax's loss does. Compiled apart (``jax.vjp``, remat), the backward computes it again.
 
 Precision: bf16 and f16 logits are computed in float32 and the gradient is cast back to
 the logits' dtype; float64 stays float64 under ``jax_enable_x64``.
@@ -196,21 +202,6 @@ def _row_statistics(logits, x, class_mask, options: RuleOptions):
     shifted = x - top
     log_sum = jnp.log(_sum_classes(jnp.exp(shifted), options))
     return top, log_sum, shifted
-
-
-def _split_sum(top, log_sum):
-    """``lse = top + log_sum`` per row, as the rounded sum ``hi`` and its rounding error ``lo``.
-
-    The backward computes ``z - lse`` as ``(z - hi) - lo``. Near the row's maximum the
-    subtraction of ``hi`` is exact (Sterbenz) and ``lo`` restores what rounding dropped:
-    at ``|z| ~ 1e30`` in float32, ``hi`` rounds to ``top`` and ``lo = log_sum``, so tied
-    maxima still get ``1 / k`` each. Not forming ``z - top`` in the backward also keeps
-    that difference a forward-only value, which XLA fuses into the forward's reduction
-    instead of writing it out as a logits-sized temporary once forward and backward are
-    compiled together.
-    """
-    hi = top + log_sum
-    return hi, (top - hi) + log_sum
 
 
 def _is_indices(targets) -> bool:
@@ -479,11 +470,15 @@ def _logits_gradient(
     live = live_rows(class_mask, row_mask, options)
     if live is not None:
         log_sum = jnp.where(live, log_sum, 0.0)
-    lse, lse_error = _split_sum(top, log_sum)
+    inverse_sum = jnp.exp(-log_sum)  # 1 / sum_k exp(x_k - m), per row
+    if jnp.dtype(logits.dtype) != dtype:
+        # bf16/f16: each pass widens the logits itself (_separate_readers), the backward too.
+        # Sharing the forward's broadcast of m would make XLA's CPU backend write it out whole.
+        top = lax.optimization_barrier(top)
     scale = _target_total(targets, class_mask, all_weights, num_total, dtype, options)
     if options.z_loss:
         r = row_weight(targets, all_weights, num_total, dtype, options)
-        scale = scale + 2.0 * options.z_loss * r * lse
+        scale = scale + 2.0 * options.z_loss * r * (top + log_sum)
     row_g = g.astype(dtype)[..., None]
     if live is not None:
         row_g = jnp.where(live, row_g, 0.0)
@@ -492,11 +487,12 @@ def _logits_gradient(
         row_g = jnp.where(bad, jnp.nan, row_g)
 
     def rule(x, q, taking_part):
-        """The expression, elementwise given the per-row ``scale``, ``lse`` and ``g``."""
-        shifted = (x - lse) - lse_error
-        if taking_part is not None:
-            shifted = jnp.where(taking_part, shifted, -jnp.inf)
-        grad = (scale * jnp.exp(shifted) - q) * row_g
+        """The expression, elementwise given the per-row ``scale``, ``m``, ``1 / sum`` and ``g``.
+
+        ``softmax = exp(x - m) / sum`` with the forward's own ``exp(x - m)`` (see the module
+        docstring, Residuals), computed once per logit in a program with the forward."""
+        exponent = x if taking_part is None else jnp.where(taking_part, x, -jnp.inf)
+        grad = (scale * (jnp.exp(exponent - top) * inverse_sum) - q) * row_g
         if options.logit_softcap is not None:
             grad = grad * (1.0 - (x / options.logit_softcap) ** 2)
         return grad

@@ -216,6 +216,41 @@ def test_option_gradients_match_autodiff_of_the_documented_formula(options):
     np.testing.assert_allclose(got, jax.grad(formula)(logits), rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("logit_softcap", [None, 3.0])
+def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_formula(
+    logit_softcap,
+):
+    """``where`` of the logits' shape (classes taking part) with smoothing, z-loss and a soft
+    cap: masked classes get zero gradient, never ``0 * inf``, even though the cap's derivative
+    is evaluated on every class."""
+    logits, labels = random_problem(14, (9, 7))
+    mask = jax.random.bernoulli(jax.random.PRNGKey(15), 0.6, (9, 7))
+    mask = mask.at[jnp.arange(9), labels].set(True)  # each label takes part
+    eps, beta = 0.2, 1e-2
+
+    def formula(z):
+        if logit_softcap is not None:
+            z = logit_softcap * jnp.tanh(z / logit_softcap)
+        z = jnp.where(mask, z, -jnp.inf)
+        logp = jax.nn.log_softmax(z)
+        k = jnp.sum(mask, -1, keepdims=True).astype(jnp.float32)
+        q = (1 - eps) * jax.nn.one_hot(labels, 7) + jnp.where(mask, eps / k, 0.0)
+        per = -jnp.sum(jnp.where(q != 0, q * logp, 0.0), -1)
+        return jnp.mean(per + beta * jax.nn.logsumexp(z, axis=-1) ** 2)
+
+    def loss(z):
+        return cross_entropy(
+            z, labels, where=mask, label_smoothing=eps, z_loss=beta, logit_softcap=logit_softcap
+        )
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(logits)
+    want_value, want_grad = jax.value_and_grad(formula)(logits)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
+    assert np.all(np.asarray(grad)[~np.asarray(mask)] == 0)
+
+
 def test_probability_targets_with_weights_and_smoothing_against_numpy():
     logits, _ = random_problem(10, (7, 5))
     probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(11), (7, 5)))

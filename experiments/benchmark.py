@@ -528,8 +528,9 @@ def case_spiral(steps, repeats):
         "compilation included)"
     )
     train_library(10)  # JAX's backend and the library's imports start outside the timing
-    if torch_device() is not None:
-        runs["torch"] = lambda: train_torch(x, y, params, steps, device=torch_device())
+    device = torch_device()
+    if device is not None:
+        runs["torch"] = lambda: train_torch(x, y, params, steps, device=device)
     seconds = {name: [] for name in runs}
     final = {}
     for order in round_orders(list(runs), repeats):  # as in time_interleaved

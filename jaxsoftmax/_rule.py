@@ -146,6 +146,11 @@ def _per_class(vector, ndim: int, dtype):
     return vector.astype(dtype).reshape((1,) * (ndim - 1) + vector.shape)
 
 
+def _is_widened(logits) -> bool:
+    """bf16/f16 logits, which the rule computes in float32 (:func:`compute_dtype`)."""
+    return jnp.dtype(logits.dtype) != compute_dtype(logits.dtype)
+
+
 def _capped(logits, options: RuleOptions):
     """Logits in the compute dtype, soft-capped when asked: ``cap * tanh(z / cap)``."""
     x = logits.astype(compute_dtype(logits.dtype))
@@ -390,7 +395,7 @@ def _forward(logits, targets, class_mask, class_weights, row_mask, options: Rule
     label smoothing needs a second pass over the classes.
     """
     num_local = logits.shape[-1]
-    widened_only = options.logit_softcap is None and logits.dtype != compute_dtype(logits.dtype)
+    widened_only = options.logit_softcap is None and _is_widened(logits)
     if widened_only:
         logits, other_passes = _separate_readers(logits)
     x = _capped(logits, options)
@@ -471,7 +476,7 @@ def _logits_gradient(
     if live is not None:
         log_sum = jnp.where(live, log_sum, 0.0)
     inverse_sum = jnp.exp(-log_sum)  # 1 / sum_k exp(x_k - m), per row
-    if jnp.dtype(logits.dtype) != dtype:
+    if _is_widened(logits):
         # bf16/f16: each pass widens the logits itself (_separate_readers), the backward too.
         # Sharing the forward's broadcast of m would make XLA's CPU backend write it out whole.
         top = lax.optimization_barrier(top)
@@ -497,7 +502,7 @@ def _logits_gradient(
             grad = grad * (1.0 - (x / options.logit_softcap) ** 2)
         return grad
 
-    if not _is_indices(targets) or jnp.dtype(logits.dtype) != dtype:
+    if not _is_indices(targets) or _is_widened(logits):
         # Probability targets; or bf16/f16 logits, whose gradient XLA's CPU backend would
         # widen to float32 as a whole to scatter into it (it has no narrow-float scatter).
         q = _target_vector(targets, class_mask, class_weights, num_local, dtype, options, block)

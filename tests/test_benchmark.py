@@ -164,3 +164,30 @@ def test_the_spiral_runs_must_end_at_the_same_loss():
     assert benchmark.spiral_runs_agree({**same, "jaxsoftmax": 0.2445 * 1.08})
     assert not benchmark.spiral_runs_agree({**same, "jaxsoftmax": 0.2445 * 1.2})
     assert benchmark.spiral_runs_agree({k: v for k, v in same.items() if k != "torch"})
+
+
+@pytest.mark.parametrize(
+    "repeats, seconds_per_round, competitors, expected",
+    [
+        (8, 10.0, 4, 8),  # slow: the rounds asked for
+        (8, 0.08, 4, 28),  # 2 s / 0.08 s = 25 rounds, up to whole squares of 4
+        (8, 0.001, 4, 32),  # at most four times the rounds asked for
+        (8, 0.1, 3, 24),  # an odd count's square is 6 rounds: 20 -> 24
+        (1, 0.001, 3, 6),  # the quick run: one whole square
+    ],
+)
+def test_fast_calls_get_more_rounds_in_whole_squares(
+    repeats, seconds_per_round, competitors, expected
+):
+    assert load_benchmark().rounds_for(repeats, seconds_per_round, competitors) == expected
+
+
+def test_the_ratio_spread_pairs_the_competitors_round_by_round():
+    benchmark = load_benchmark()
+    rng = np.random.default_rng(0)
+    drift = rng.uniform(1.0, 3.0, size=9)  # the machine slows both alike in a round
+    ratio = rng.uniform(0.8, 1.2, size=9)
+    rounds = [{"a": d * r, "b": d} for d, r in zip(drift, ratio)]
+    assert np.allclose(benchmark.ratio_quartiles(rounds, "a", "b"), np.percentile(ratio, [25, 75]))
+    assert benchmark.medians(rounds) == {"a": np.median(drift * ratio), "b": np.median(drift)}
+    assert benchmark.ratio_quartiles(rounds[:1], "a", "b") == [ratio[0], ratio[0]]

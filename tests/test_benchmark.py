@@ -191,3 +191,28 @@ def test_the_ratio_spread_pairs_the_competitors_round_by_round():
     assert np.allclose(benchmark.ratio_quartiles(rounds, "a", "b"), np.percentile(ratio, [25, 75]))
     assert benchmark.medians(rounds) == {"a": np.median(drift * ratio), "b": np.median(drift)}
     assert benchmark.ratio_quartiles(rounds[:1], "a", "b") == [ratio[0], ratio[0]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_case_one_compares_every_competitors_loss_and_gradient_with_optax(dtype):
+    benchmark = load_benchmark()
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(2 * rng.normal(size=(64, 50)), dtype)
+    labels = jnp.asarray(rng.integers(0, 50, size=64))
+    loss, grad = jax.value_and_grad(
+        lambda z: benchmark.optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+    )(logits)
+    # PyTorch's documented result, computed here in float64: mean(lse - z[label]) and
+    # (softmax - onehot) / N
+    z = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    by_hand = (
+        np.mean(lse - z[np.arange(64), labels]),
+        (np.exp(z - lse[:, None]) - np.eye(50)[labels]) / 64,
+    )
+    assert benchmark.case_one_agrees({"optax": (loss, grad), "torch": by_hand}, dtype)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    wrong_grad = (by_hand[0], by_hand[1] + np.eye(50)[labels] * 3 * tol / 64)
+    assert not benchmark.case_one_agrees({"optax": (loss, grad), "torch": wrong_grad}, dtype)
+    wrong_loss = (by_hand[0] * (1 + 3 * tol), by_hand[1])
+    assert not benchmark.case_one_agrees({"optax": (loss, grad), "torch": wrong_loss}, dtype)

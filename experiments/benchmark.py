@@ -397,7 +397,8 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
             # products and the naive path's whole one would then differ by that rounding.
             # The timing below runs at the default precision, as users' code does.
             with jax.default_matmul_precision("float32"):
-                a, b = f_fused(h, w, y), f_naive(h, w, y)
+                naive_out = f_naive(h, w, y)
+                fused_outs = f_fused(h, w, y), f_recompute(h, w, y)
             tol = 1e-3 if dtype == jnp.float32 else 5e-2
             agree = all(
                 np.allclose(
@@ -406,7 +407,8 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                     rtol=tol,
                     atol=tol * float(np.max(np.abs(np.asarray(q, np.float32)))),
                 )
-                for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+                for out in fused_outs
+                for p, q in zip(jax.tree.leaves(out), jax.tree.leaves(naive_out))
             )
             seconds = time_interleaved(
                 {

@@ -216,3 +216,24 @@ def test_case_one_compares_every_competitors_loss_and_gradient_with_optax(dtype)
     assert not benchmark.case_one_agrees({"optax": (loss, grad), "torch": wrong_grad}, dtype)
     wrong_loss = (by_hand[0] * (1 + 3 * tol), by_hand[1])
     assert not benchmark.case_one_agrees({"optax": (loss, grad), "torch": wrong_loss}, dtype)
+
+
+def test_case_two_checks_both_methods_against_the_naive_path(monkeypatch):
+    benchmark = load_benchmark()
+    monkeypatch.setattr(
+        benchmark, "time_interleaved", lambda calls, repeats: dict.fromkeys(calls, 1.0)
+    )
+
+    def agree():
+        (row,) = benchmark.case_linear([(64, 16, 300)], [], [jnp.float32], 1)
+        return row["agree"]
+
+    assert agree()
+    real = benchmark.linear_cross_entropy
+
+    def recompute_off_by_a_percent(h, w, y, **options):
+        loss = real(h, w, y, **options)
+        return loss * 1.01 if options.get("method") == "recompute" else loss
+
+    monkeypatch.setattr(benchmark, "linear_cross_entropy", recompute_off_by_a_percent)
+    assert not agree()

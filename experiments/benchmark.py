@@ -166,8 +166,9 @@ def ratio_quartiles(rounds: list[dict], numerator: str, denominator: str) -> lis
     """The first and third quartiles of ``numerator / denominator`` round by round.
 
     The two ran back to back in each round, so the per-round ratio is free of the drift
-    between rounds; the middle half of those ratios shows how far the machine's noise moves
-    a ratio that the medians put near a target."""
+    between rounds, though not of what ran just before each (which the medians drop); the
+    middle half of those ratios shows how far the machine's noise moves a ratio that the
+    medians put near a target."""
     ratios = [r[numerator] / r[denominator] for r in rounds]
     if len(ratios) < 2:
         return [ratios[0], ratios[0]]
@@ -281,7 +282,8 @@ def case_integer_labels(shapes, dtypes, repeats):
             rows.append(row)
             print(
                 f"[1] {row['dtype']} ({n}, {c}): vs optax {row['ratio_vs_optax']:.2f} "
-                f"(rounds' middle half {spread(row['ratio_vs_optax_quartiles'])}; target <= 1.0: {'met' if row['meets_optax_target'] else 'MISSED'}), vs naive "
+                f"(rounds' middle half {spread(row['ratio_vs_optax_quartiles'])}; target <= 1.0: "
+                f"{'met' if row['meets_optax_target'] else 'MISSED'}), vs naive "
                 f"{row['ratio_vs_naive']:.3f} (target <= 0.15: "
                 f"{'met' if row['meets_naive_target'] else 'MISSED'}), agree={agree}",
                 flush=True,

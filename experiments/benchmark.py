@@ -594,7 +594,7 @@ def case_spiral(steps, repeats):
         runs["torch"] = lambda: train_torch(x, y, params, steps, device=device)
     seconds = {name: [] for name in runs}
     final = {}
-    for order in round_orders(list(runs), repeats):  # as in time_interleaved
+    for order in round_orders(list(runs), repeats):  # as in time_rounds
         for name in order:
             start = time.perf_counter()
             final[name] = runs[name]()

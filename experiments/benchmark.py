@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -62,6 +63,28 @@ except ImportError:  # torch is optional
 
 GEMMA = (8192, 2304, 256000)
 PARTIAL_RESULTS = ".partial.json"  # the finished cases of an interrupted run
+HUGEPAGE_MODES = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def memory_setting(modes_file: str = HUGEPAGE_MODES) -> dict:
+    """How this process gets fresh memory, which sets the time of every large output on a CPU.
+
+    A new array of 64 MiB faults in 16,384 pages of 4 KiB on first touch, which takes most of a
+    loss-plus-gradient call at ``(4096, 4096)``; with transparent huge pages (2 MiB) it takes
+    a few hundred faults (``docs/performance.md``, *Fresh memory*). Linux's mode is the
+    bracketed word of ``modes_file`` (``always``, ``madvise`` or ``never``; ``"unknown"``
+    without the file); under ``madvise``, glibc asks for huge pages only when started with
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, recorded as set in the environment.
+    """
+    try:
+        with open(modes_file) as file:
+            mode = re.search(r"\[(\w+)\]", file.read())
+    except OSError:
+        mode = None
+    return dict(
+        transparent_hugepages=mode[1] if mode else "unknown",
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+    )
 
 
 def torch_device() -> str | None:
@@ -638,7 +661,10 @@ def write_markdown(path, meta, rows):
         "",
         f"jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
         f"torch {meta['torch']}, numpy {meta['numpy']}, Python {meta['python']}, "
-        f"{meta['cpu_count']} CPU cores. Times are medians of interleaved repeats "
+        f"{meta['cpu_count']} CPU cores; transparent huge pages "
+        f"`{meta['memory']['transparent_hugepages']}`, GLIBC_TUNABLES "
+        f"`{meta['memory']['glibc_tunables'] or 'unset'}` (see docs/performance.md, *Fresh "
+        "memory*). Times are medians of interleaved repeats "
         "(ms per call; one repeat of a fast call times as many calls as fill 20 ms); memory "
         "is the compiled program's temporary bytes.",
         "",
@@ -877,10 +903,13 @@ def main(argv=None):
         ]
     settings = dict(quick=args.quick, large=args.large, repeats=repeats, device=str(device))
     rows = run_cases(out, settings, cases, fresh=args.fresh)
+    memory = memory_setting()
     meta = dict(
         device=f"{platform_name}: {device.device_kind}",
         command=" ".join(
-            ["python", "experiments/benchmark.py"] + (argv if argv is not None else sys.argv[1:])
+            ([f"GLIBC_TUNABLES={memory['glibc_tunables']}"] if memory["glibc_tunables"] else [])
+            + ["python", "experiments/benchmark.py"]
+            + (argv if argv is not None else sys.argv[1:])
         ),
         jax=jax.__version__,
         jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
@@ -891,6 +920,7 @@ def main(argv=None):
         python=platform.python_version(),
         cpu_count=os.cpu_count(),
         machine=platform.platform(),
+        memory=memory,
         quick=args.quick,
     )
     training.write_atomically(

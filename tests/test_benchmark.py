@@ -237,3 +237,44 @@ def test_case_two_checks_both_methods_against_the_naive_path(monkeypatch):
 
     monkeypatch.setattr(benchmark, "linear_cross_entropy", recompute_off_by_a_percent)
     assert not agree()
+
+
+@pytest.mark.parametrize(
+    "modes, tunables, expected_mode",
+    [
+        ("always [madvise] never\n", "glibc.malloc.hugetlb=1", "madvise"),
+        ("[always] madvise never\n", None, "always"),
+        (None, None, "unknown"),  # no such file: not Linux, or no transparent huge pages
+    ],
+)
+def test_the_results_record_how_fresh_memory_is_paged(
+    tmp_path, monkeypatch, modes, tunables, expected_mode
+):
+    benchmark = load_benchmark()
+    modes_file = tmp_path / "enabled"
+    if modes is not None:
+        modes_file.write_text(modes)
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert benchmark.memory_setting(str(modes_file)) == dict(
+        transparent_hugepages=expected_mode, glibc_tunables=tunables or ""
+    )
+
+
+def test_the_reproduce_command_carries_the_glibc_tunables(tmp_path, monkeypatch):
+    benchmark = load_benchmark()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    # Only the metadata is under test: no case runs.
+    monkeypatch.setattr(benchmark, "run_cases", lambda out, settings, cases, fresh: [])
+    monkeypatch.setattr(benchmark, "write_chart", lambda path, rows: None)
+    (tmp_path / benchmark.PARTIAL_RESULTS).write_text("{}")  # what run_cases leaves, removed
+    benchmark.main(["--quick", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["command"] == (
+        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/benchmark.py --quick --out "
+        f"{tmp_path}"
+    )
+    assert meta["memory"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES `glibc.malloc.hugetlb=1`" in (tmp_path / "results.md").read_text()

@@ -654,6 +654,8 @@ def spread(quartiles) -> str:
 
 
 def write_markdown(path, meta, rows):
+    memory = meta["memory"]
+    tunables = f"`{memory['glibc_tunables']}`" if memory["glibc_tunables"] else "unset"
     lines = [
         f"# Benchmarks on {meta['device']}",
         "",
@@ -662,9 +664,8 @@ def write_markdown(path, meta, rows):
         f"jax {meta['jax']}, jaxlib {meta['jaxlib']}, optax {meta['optax']}, "
         f"torch {meta['torch']}, numpy {meta['numpy']}, Python {meta['python']}, "
         f"{meta['cpu_count']} CPU cores; transparent huge pages "
-        f"`{meta['memory']['transparent_hugepages']}`, GLIBC_TUNABLES "
-        f"`{meta['memory']['glibc_tunables'] or 'unset'}` (see docs/performance.md, *Fresh "
-        "memory*). Times are medians of interleaved repeats "
+        f"`{memory['transparent_hugepages']}`, GLIBC_TUNABLES {tunables} (see "
+        "docs/performance.md, *Fresh memory*). Times are medians of interleaved repeats "
         "(ms per call; one repeat of a fast call times as many calls as fill 20 ms); memory "
         "is the compiled program's temporary bytes.",
         "",

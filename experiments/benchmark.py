@@ -693,12 +693,7 @@ def write_markdown(path, meta, rows):
         )
         lines[-1] += (
             f"{r['ratio_vs_optax']:.2f} {'met' if r['meets_optax_target'] else '**missed**'}"
-            + (
-                f" ({spread(r['ratio_vs_optax_quartiles'])})"
-                if "ratio_vs_optax_quartiles" in r
-                else ""
-            )
-            + f" | {r['ratio_vs_naive']:.3f} "
+            f" ({spread(r['ratio_vs_optax_quartiles'])}) | {r['ratio_vs_naive']:.3f} "
             f"{'met' if r['meets_naive_target'] else '**missed**'} | "
             f"{mib(m['jaxsoftmax'])} / {mib(m['optax'])} / {mib(m['naive'])} | "
             f"{r['agree']} |"

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxsoftmax import _checking, _rule
 from jaxsoftmax import _validation as v
+from jaxsoftmax._options import check_options, reduce_loss
 
 LABEL_HINT = " Leave an example out with ignore_index= or where=."
 
@@ -80,16 +81,17 @@ def per_example_loss(
         targets = v.check_probability_labels(targets, logits.shape, name=name, hint=kind_hint)
     integer = targets_kind == "indices"
     row_mask, class_mask = v.check_where(where, logits.shape, axes)
-    ignore_index = v.check_ignore_index(ignore_index, integer)
-    class_weights = v.check_class_weights(class_weights, num_classes)
-    options = _rule.RuleOptions(
-        label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-        z_loss=v.check_number(z_loss, "z_loss", low=0.0),
-        logit_softcap=v.check_number(
-            logit_softcap, "logit_softcap", low=0.0, low_open=True, allow_none=True
-        ),
-        axis_name=axis_name,
+    loss_options, class_weights = check_options(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        num_classes=num_classes,
+        integer_targets=integer,
     )
+    ignore_index = loss_options.ignore_index
+    options = loss_options.rule(axis_name)
     label_check = None
     if checked and integer:
         # Labels known in Python are checked here, before any computation; traced labels
@@ -182,18 +184,6 @@ def _rows_and_weights(
     return loss, weight
 
 
-def reduce_loss(loss, row_weight, reduction: str):
-    """Applies a PyTorch reduction; a mean over no counted example is 0, not NaN."""
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if reduction == "sum":
-        return total
-    denominator = jnp.sum(row_weight)
-    counted = denominator > 0
-    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
-
-
 def cross_entropy(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -227,7 +217,8 @@ def cross_entropy(
          = \Big(\big(\textstyle\sum_c q_{nc} + 2\beta r_n \mathrm{lse}\big)\,
            \mathrm{softmax}(\hat z_n) - q_n\Big)\, g_n\, \big(1 - \tanh^2(z_n/\mathrm{cap})\big),
 
-    which for one-hot ``y`` and no option is the seeds' ``softmax(z) - y``.
+    which for one-hot ``y`` and no option is ``softmax(z) - y`` (the derivation in
+    docs/derivation.md).
 
     Args:
       logits: float ``[..., C]`` (bf16/f16 are computed in f32; f64 stays f64).

@@ -16,7 +16,7 @@ maximum ``m_c`` updates them as::
 
 so after the last chunk ``lse = m + log s``. In the same pass each row picks its label's
 logit ``x_y`` (in the chunk that owns it) and, with label smoothing, ``S = sum_c w_c x_c``.
-The per-row loss is then the core's (:mod:`jaxsoftmax._rule`)::
+The per-row loss is then the core's (:func:`jaxsoftmax._rule.row_loss`)::
 
     loss = (1 - eps) r (lse - x_y) + (eps / V) (W lse - S) + beta r lse^2
 
@@ -26,7 +26,7 @@ inputs and two numbers per row, ``m`` and ``log s``.
 Backward: the same rule, tile by tile
 -------------------------------------
 For each vocabulary chunk and each token chunk the tile of logits is recomputed and
-``_rule._logits_gradient`` (the core's derived ``dL/dz = ((sum q + 2 beta r lse) s - q) g
+``_rule.logits_gradient`` (the core's derived ``dL/dz = ((sum q + 2 beta r lse) s - q) g
 (1 - tanh^2)``, given the chunk's offset through ``_rule.ClassBlock``) turns it into the
 tile ``G`` of the logits' gradient, which is consumed at once::
 
@@ -61,8 +61,10 @@ from jax import lax
 from jaxsoftmax import _linear_forward_gradient as forward_gradient
 from jaxsoftmax import _rule
 from jaxsoftmax import _validation as v
-from jaxsoftmax._cross_entropy import reduce_loss
-from jaxsoftmax._narrow_floats import operand, slice_chunk
+from jaxsoftmax._cpu_fast_paths import per_platform, product, slice_chunk
+from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
+from jaxsoftmax._options import check_options, reduce_loss
+from jaxsoftmax._varying_axes import summed_like, typed_like_inputs, whole_cotangent
 
 LAYOUTS = ("vd", "dv")
 METHODS = ("auto", "recompute", "forward")
@@ -148,31 +150,10 @@ def _classifier_chunk(classifier, start, width, layout):
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
     """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
     contract = 1 if layout == "vd" else 0
-    z = lax.dot_general(
-        operand(hidden_t),
-        operand(classifier_c),
-        (((1,), (contract,)), ((), ())),
-        preferred_element_type=dtype,
-    )
+    z = product(hidden_t, classifier_c, ((1,), (contract,)), dtype)
     if bias_c is not None:
         z = z + bias_c.astype(dtype)[None, :]
     return z
-
-
-def _carry(inputs):
-    """Types a scan's initial carry like the loop's outputs under ``shard_map``.
-
-    Under ``check_vma`` a value computed from arrays that vary over mesh axes varies over
-    them too, so the zeros a loop starts from are cast to the union of its inputs' axes
-    (nothing changes outside ``shard_map``).
-    """
-    axes = frozenset().union(*(_rule._varying_axes(x) for x in jax.tree.leaves(inputs)))
-
-    def cast(x):
-        missing = tuple(sorted(axes - _rule._varying_axes(x)))
-        return lax.pcast(x, missing, to="varying") if missing else x
-
-    return lambda tree: jax.tree.map(cast, tree)
 
 
 def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
@@ -185,7 +166,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
     num_tc, token_start = _chunk_starts(num_tokens, tc)
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     eps = options.label_smoothing
-    varying = _carry((hidden, classifier, bias, labels, class_weights))
+    varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights))
 
     def token_step(outputs, j):
         t0 = token_start(j)
@@ -203,7 +184,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
                 plan.layout,
                 dtype,
             )
-            x = _rule._capped(z, options)
+            x = _rule.capped(z, options)
             fresh = _visited(v0, i, vc, offset, num_classes, options)
             x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
             new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
@@ -254,25 +235,21 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         else:
             total, label_x = lax.psum((total, label_x), options.axis_name)
 
-    log_sum = jnp.log(total)
-    lse = top + log_sum
+    # The per-row loss from the statistics, by the core's formula (jaxsoftmax._rule.row_loss).
+    top, log_sum = top[:, None], jnp.log(total)[:, None]
     r = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
-    r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
-    loss = (1.0 - eps) * r * (log_sum - (label_x - top))
-    if eps:
+    smoothing = None
+    if eps:  # sum_c w_c (lse - x_c), from the running sum_c w_c x_c
         weight_total = (
-            jnp.asarray(num_classes, dtype)
-            if class_weights is None
-            else jnp.sum(class_weights.astype(dtype))
+            num_classes if class_weights is None else jnp.sum(class_weights.astype(dtype))
         )
-        loss = loss + eps / num_classes * (weight_total * lse - weighted)
-    if options.z_loss:
-        loss = loss + options.z_loss * lse * lse * r  # beta * lse first, as in the core
-    if row_mask is not None:
-        loss = jnp.where(row_mask, loss, 0.0)
-    bad = _rule._bad_label_rows(labels, row_mask, num_classes, rule)
-    loss = jnp.where(bad[:, 0], jnp.nan, loss)
-    return loss, (top, log_sum)
+        smoothing = weight_total * (top + log_sum) - weighted[:, None]
+    label_shifted = label_x[:, None] - top
+    cross = _rule.label_cross_entropy(log_sum, label_shifted, smoothing, r, num_classes, rule)
+    live = None if row_mask is None else row_mask[:, None]
+    bad = _rule.bad_label_rows(labels, row_mask, num_classes, rule)
+    loss = _rule.row_loss((top, log_sum), cross, r, live, bad, rule)
+    return loss, (top[:, 0], log_sum[:, 0])
 
 
 def _backward(
@@ -292,7 +269,7 @@ def _backward(
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     top, log_sum = statistics
     chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
-    varying = _carry((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
+    varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
 
     def vocab_step(carry, i):
         d_hidden, d_classifier, d_bias = carry
@@ -316,38 +293,24 @@ def _backward(
             fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
             g_t = jnp.where(fresh_rows, rows(g), 0.0)
             z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
-            grad = _rule._logits_gradient(
-                z,
-                rows(labels),
-                None,
-                weights_c,
-                rows(row_mask),
-                (rows(top)[:, None], rows(log_sum)[:, None]),
-                g_t,
-                rule,
-                block,
+            gradient_here = per_platform(
+                _rule.logits_gradient, cpu_logits_gradient, options=rule, block=block
+            )
+            statistics_t = (rows(top)[:, None], rows(log_sum)[:, None])
+            grad = gradient_here(
+                z, rows(labels), None, weights_c, rows(row_mask), statistics_t, g_t
             )
             grad = jnp.where(fresh[None, :], grad, 0.0)
             # The matrix products run in the inputs' dtype, as the naive composition's do.
-            grad_in = operand(grad.astype(hidden.dtype))
-            hidden_in, classifier_in = operand(hidden_t), operand(classifier_c)
-            d_hidden_t = lax.dot_general(
-                grad_in,
-                classifier_in,
-                (((1,), (vocab_axis,)), ((), ())),
-                preferred_element_type=hidden_acc,
-            )
+            grad_in = grad.astype(hidden.dtype)
+            d_hidden_t = product(grad_in, classifier_c, ((1,), (vocab_axis,)), hidden_acc)
             d_hidden = lax.dynamic_update_slice_in_dim(
                 d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
             )
             if plan.layout == "vd":  # G^T h: [Vc, d]
-                d_classifier_c = d_classifier_c + lax.dot_general(
-                    grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-                )
+                d_classifier_c = d_classifier_c + product(grad_in, hidden_t, ((0,), (0,)), acc)
             else:  # h^T G: [d, Vc]
-                d_classifier_c = d_classifier_c + lax.dot_general(
-                    hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-                )
+                d_classifier_c = d_classifier_c + product(hidden_t, grad_in, ((0,), (0,)), acc)
             if d_bias_c is not None:
                 d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
             return (d_hidden, d_classifier_c, d_bias_c), None
@@ -406,29 +369,14 @@ def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, 
     return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
-def _summed_like(cotangent, primal):
-    """The cotangent summed over the mesh axes it varies over and ``primal`` does not.
-
-    Under ``shard_map(check_vma=True)`` the hidden states enter the same on every vocabulary
-    shard, while each shard's ``G W_shard`` is only its classes' part of their gradient: the
-    true gradient is the ``psum`` over the shards (what JAX's own transpose of an invariant
-    value used by varying ones does). Without vma typing (``check_vma=False``) nothing is
-    varying here and ``shard_map``'s transpose adds the shards' parts itself.
-    """
-    if cotangent is None:
-        return None
-    missing = tuple(sorted(_rule._varying_axes(cotangent) - _rule._varying_axes(primal)))
-    return lax.psum(cotangent, missing) if missing else cotangent
-
-
 def _linear_rows_bwd(plan, residuals, g):
     hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
-    g = _rule._whole_cotangent(g, classifier, plan.options)
+    g = whole_cotangent(g, classifier, plan.options.axis_name)
     d_hidden, d_classifier, d_bias = _backward(
         hidden, classifier, bias, labels, class_weights, row_mask, statistics, g, plan
     )
     d_hidden, d_classifier, d_bias = (
-        _summed_like(d, x)
+        summed_like(d, x)
         for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
     )
     d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
@@ -753,16 +701,17 @@ def _validated(
                 f"{v._describe(where)}. (A per-class mask would be an N x V array.)"
             )
         row_mask = where
-    ignore_index = v.check_ignore_index(ignore_index, True)
-    class_weights = v.check_class_weights(class_weights, num_classes)
-    reduction = v.check_reduction(reduction)
-    options = _rule.RuleOptions(
-        label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-        z_loss=v.check_number(z_loss, "z_loss", low=0.0),
-        logit_softcap=v.check_number(
-            logit_softcap, "logit_softcap", low=0.0, low_open=True, allow_none=True
-        ),
+    loss_options, class_weights = check_options(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction=reduction,
+        num_classes=num_classes,
     )
+    ignore_index, reduction = loss_options.ignore_index, loss_options.reduction
+    options = loss_options.rule()
     token_chunk = _check_chunk(token_chunk, "token_chunk")
     vocab_chunk = _check_chunk(vocab_chunk, "vocab_chunk")
     try:

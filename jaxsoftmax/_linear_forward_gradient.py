@@ -9,8 +9,8 @@ the products dominate (a CPU, or small vocabularies).
 This path does the three products once each. Tokens are cut into blocks of ``T`` rows and
 each block's logits are computed for the whole vocabulary, ``z = h[T] W^T + b``
 (``[T, V]``). A whole row is then at hand, so the core rule applies to the block as it is:
-:func:`jaxsoftmax._rule._forward` gives each row's loss and statistics and
-:func:`jaxsoftmax._rule._logits_gradient` the block's gradient ``G = dL/dz`` for the
+:func:`jaxsoftmax._rule.forward` gives each row's loss and statistics and
+:func:`jaxsoftmax._rule.logits_gradient` the block's gradient ``G = dL/dz`` for the
 per-row cotangent ``c_n``, which is consumed at once::
 
     dh[T] = G W          dW += G^T h[T]          db += sum_T G
@@ -37,8 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax import _rule
-from jaxsoftmax._cross_entropy import reduce_loss
-from jaxsoftmax._narrow_floats import narrow_on_cpu, operand
+from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
+from jaxsoftmax._cpu_fast_paths import per_platform, product
+from jaxsoftmax._cpu_fast_paths import forward as cpu_forward
+from jaxsoftmax._options import reduce_loss
 
 # method="auto" computes the gradients in the forward when V * d is at most this: a float32
 # accumulator of at most 256 MiB for the classifier's gradient.
@@ -90,10 +92,8 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, pla
     ragged = num_blocks * block != num_tokens
     contract = 1 if vd else 0  # the classifier's feature axis
 
-    # XLA's CPU backend multiplies bf16/f16 in float32: the operands are converted up front
-    # (the classifier once, a float32 copy of it: ``4 V d`` bytes), as XLA would.
-    to_product = operand if narrow_on_cpu(classifier) else lambda x: x
-    classifier_in = to_product(classifier)
+    forward_here = per_platform(_rule.forward, cpu_forward, options=options)
+    gradient_here = per_platform(_rule.logits_gradient, cpu_logits_gradient, options=options)
 
     def step(carry, j):
         loss, d_hidden, d_classifier, d_bias = carry
@@ -103,34 +103,20 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, pla
         t0 = jnp.minimum(j * block, num_tokens - block)
         rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, block)
         hidden_t, labels_t, mask_t = rows(hidden), rows(labels), rows(row_mask)
-        hidden_in = to_product(hidden_t)
-        z = lax.dot_general(
-            hidden_in, classifier_in, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
-        )
+        z = product(hidden_t, classifier, ((1,), (contract,)), dtype)
         if bias is not None:
             z = z + bias.astype(dtype)[None, :]
-        loss_t, statistics = _rule._forward(z, labels_t, None, class_weights, mask_t, options)
-        grad = _rule._logits_gradient(
-            z, labels_t, None, class_weights, mask_t, statistics, rows(c), options
-        )
-        grad_in = to_product(grad.astype(hidden.dtype))  # products in the inputs' dtype
-        d_hidden_t = lax.dot_general(
-            grad_in,
-            classifier_in,
-            (((1,), (1 - contract,)), ((), ())),
-            preferred_element_type=hidden_acc,
-        )
+        loss_t, statistics = forward_here(z, labels_t, None, class_weights, mask_t)
+        grad = gradient_here(z, labels_t, None, class_weights, mask_t, statistics, rows(c))
+        grad_in = grad.astype(hidden.dtype)  # products in the inputs' dtype
+        d_hidden_t = product(grad_in, classifier, ((1,), (1 - contract,)), hidden_acc)
         if ragged:
             fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
             grad_in = jnp.where(fresh, grad_in, 0)
         if vd:  # G^T h: [V, d]
-            d_classifier = d_classifier + lax.dot_general(
-                grad_in, hidden_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-            )
+            d_classifier = d_classifier + product(grad_in, hidden_t, ((0,), (0,)), acc)
         else:  # h^T G: [d, V]
-            d_classifier = d_classifier + lax.dot_general(
-                hidden_in, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-            )
+            d_classifier = d_classifier + product(hidden_t, grad_in, ((0,), (0,)), acc)
         if bias is not None:
             d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
         loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)

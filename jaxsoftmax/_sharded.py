@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsoftmax import _checking
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cross_entropy import LABEL_HINT, per_example_loss
+from jaxsoftmax._options import reduce_loss
 
 AxisName = str | Sequence[str]
 
@@ -96,27 +97,6 @@ def _pad_classes(x, padding: int, value=0):
         return x
     widths = [(0, 0)] * (x.ndim - 1) + [(0, padding)]
     return jnp.pad(x, widths, constant_values=value)
-
-
-def reduce_across(loss, row_weight, reduction: str, batch_names: tuple[str, ...]):
-    """A PyTorch reduction of the local rows, made global over the batch shards.
-
-    ``loss`` and ``row_weight`` are the local rows' losses and mean weights (identical on
-    every class shard). The mean divides the ``psum`` of the numerators by the ``psum`` of
-    the denominators, so it equals the single-device mean, not a mean of shard means.
-    """
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if batch_names:
-        total = lax.psum(total, batch_names)
-    if reduction == "sum":
-        return total
-    denominator = jnp.sum(row_weight)
-    if batch_names:
-        denominator = lax.psum(denominator, batch_names)
-    counted = denominator > 0
-    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
 
 
 def sharded_cross_entropy(
@@ -310,7 +290,7 @@ def sharded_cross_entropy(
             logit_softcap=logit_softcap,
             axis_name=_spec_entry(class_names),
         )
-        return reduce_across(loss, row_weight, reduction, batch_names).astype(z.dtype)
+        return reduce_loss(loss, row_weight, reduction, batch_names).astype(z.dtype)
 
     out_spec = rows_spec if reduction == "none" else P()
     arrays = [_place(a, mesh, s) for a, s in zip(arrays, specs)]

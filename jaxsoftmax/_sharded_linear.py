@@ -32,7 +32,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
-from jaxsoftmax._sharded import AxisName, _axis_names, _place, _spec_entry, reduce_across
+from jaxsoftmax._options import reduce_loss
+from jaxsoftmax._sharded import AxisName, _axis_names, _place, _spec_entry
 
 
 def _pad_axis(x, axis: int, padding: int):
@@ -185,7 +186,7 @@ def sharded_linear_cross_entropy(
             got.get("row_mask"),
             plan,
         )
-        return reduce_across(loss, weight, call.reduction, batch_names).astype(loss.dtype)
+        return reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
 
     out = jax.shard_map(
         local_loss, mesh=mesh, in_specs=specs, out_specs=rows if call.reduction == "none" else P()

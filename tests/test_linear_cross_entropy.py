@@ -458,11 +458,11 @@ def test_rule_class_block_matches_whole_row():
     labels = jnp.array([0, 4, 7, 10, 5])
     weights = jax.random.uniform(k[1], (11,)) + 0.5
     options = _rule.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
-    _, stats = _rule._forward(logits, labels, None, weights, None, options)
+    _, stats = _rule.forward(logits, labels, None, weights, None, options)
     g = jnp.arange(1.0, 6.0)
-    whole = _rule._logits_gradient(logits, labels, None, weights, None, stats, g, options)
+    whole = _rule.logits_gradient(logits, labels, None, weights, None, stats, g, options)
     block = _rule.ClassBlock(4, 11, weights)
-    part = _rule._logits_gradient(
+    part = _rule.logits_gradient(
         logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
     )
     np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)

@@ -242,7 +242,7 @@ def test_gradients_land_sharded_like_their_inputs(layout):
 
 def test_cotangent_without_vma_typing():
     """``shard_map(check_vma=False)`` hands each shard a share of the cotangent (summed by
-    ``_rule._whole_cotangent``) and adds the hidden states' partial gradients itself; with
+    ``_varying_axes.whole_cotangent``) and adds the hidden states' partial gradients itself; with
     ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient."""
     mesh = auto_mesh((4,), ("vocab",))
     hidden, classifier, _, labels, weights, _ = make_inputs(24)

@@ -1,0 +1,92 @@
+"""The loss options every public loss shares, checked in one place, and the reduction.
+
+``cross_entropy``, the optax drop-ins, ``linear_cross_entropy`` and the sharded losses take
+the same options with the same meaning (see :func:`jaxsoftmax.cross_entropy`):
+``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``, ``logit_softcap`` and
+``reduction`` (``where`` is checked against each loss's shapes in
+:mod:`jaxsoftmax._validation`). :func:`check_options` validates them before any
+computation; :func:`reduce_loss` is the one place the PyTorch reductions are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax import _rule
+from jaxsoftmax import _validation as v
+
+REDUCTIONS = v.REDUCTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The static options of a loss call, checked (hashable, for ``jit``)."""
+
+    ignore_index: int | None = None
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    reduction: str = "mean"
+
+    def rule(self, axis_name=None) -> _rule.RuleOptions:
+        """The options the derived rule needs, for a class axis split over ``axis_name``."""
+        return _rule.RuleOptions(
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap,
+            axis_name=axis_name,
+        )
+
+
+def check_options(
+    *,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    reduction="mean",
+    num_classes: int,
+    integer_targets: bool = True,
+):
+    """``(LossOptions, class_weights)``, checked; a clear exception names a bad argument.
+
+    ``class_weights`` comes back as an array of ``num_classes`` weights with no gradient
+    (or None); ``ignore_index`` is refused for probability targets, as in PyTorch.
+    """
+    options = LossOptions(
+        ignore_index=v.check_ignore_index(ignore_index, integer_targets),
+        label_smoothing=v.check_number(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+        z_loss=v.check_number(z_loss, "z_loss", low=0.0),
+        logit_softcap=v.check_number(
+            logit_softcap, "logit_softcap", low=0.0, low_open=True, allow_none=True
+        ),
+        reduction=v.check_reduction(reduction),
+    )
+    return options, v.check_class_weights(class_weights, num_classes)
+
+
+def reduce_loss(loss, row_weight, reduction: str, batch_axis_names: tuple = ()):
+    """A PyTorch reduction of per-example losses; a mean over no counted example is 0.
+
+    ``"mean"`` is ``sum_n loss_n / sum_n r_n`` with ``r_n`` each example's weight
+    (``row_weight``: ``w[label]`` with class weights, else 1; 0 where not counted). With
+    ``batch_axis_names`` (inside ``shard_map``, examples split over those mesh axes) both
+    sums are finished by a ``psum``, so the mean equals the single-device one, not a mean
+    of the shards' means.
+    """
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if batch_axis_names:
+        total = lax.psum(total, batch_axis_names)
+    if reduction == "sum":
+        return total
+    denominator = jnp.sum(row_weight)
+    if batch_axis_names:
+        denominator = lax.psum(denominator, batch_axis_names)
+    counted = denominator > 0
+    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)

@@ -1,0 +1,284 @@
+"""The plain rule for GPUs and TPUs, the CPU's fast paths, and their agreement.
+
+The core (``jaxsoftmax/_rule.py``) is what every platform but the CPU compiles; the CPU gets
+``jaxsoftmax/_cpu_fast_paths.py``, chosen when the program is lowered. These tests export
+the training step for each platform (no device of that kind is needed to export) and check
+what each one gets, and run both paths on the CPU against each other: the plain path is the
+fast path's oracle.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsoftmax import (
+    cross_entropy,
+    linear_cross_entropy,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jaxsoftmax._cpu_fast_paths import plain_path_only
+
+N, C, D = 8, 16, 4
+WEIGHTS = jnp.linspace(0.5, 1.5, C)
+
+
+def integer_targets(dtype):
+    return jax.ShapeDtypeStruct((N,), jnp.int32)
+
+
+def probability_targets(dtype):
+    return jax.ShapeDtypeStruct((N, C), dtype)
+
+
+# name: (loss of (logits, targets), targets' abstract value, what the CPU program carries
+# for float32 and for bf16 logits). Each loss is a scalar, as a training step takes it.
+LOSSES = {
+    "integer": (lambda z, y: cross_entropy(z, y), integer_targets, "scatter", "barrier"),
+    "integer_smoothing_weights": (
+        lambda z, y: cross_entropy(z, y, label_smoothing=0.1, class_weights=WEIGHTS),
+        integer_targets,
+        "scatter",
+        "barrier",
+    ),
+    "probabilities": (lambda z, y: cross_entropy(z, y), probability_targets, None, "barrier"),
+    "probabilities_smoothing_weights": (
+        lambda z, y: cross_entropy(z, y, label_smoothing=0.1, class_weights=WEIGHTS),
+        probability_targets,
+        None,
+        "barrier",
+    ),
+    "integer_dropin": (
+        lambda z, y: jnp.mean(softmax_cross_entropy_with_integer_labels(z, y)),
+        integer_targets,
+        "scatter",
+        "barrier",
+    ),
+    "probability_dropin": (
+        lambda z, y: jnp.mean(softmax_cross_entropy(z, y)),
+        probability_targets,
+        None,
+        "barrier",
+    ),
+}
+
+METHODS = ("recompute", "forward")
+
+
+def exported_text(fn, args, platform):
+    exported = jax.export.export(jax.jit(fn), platforms=[platform])(*args)
+    return exported.mlir_module()
+
+
+def training_step(loss):
+    return jax.value_and_grad(loss)
+
+
+@functools.cache
+def exported_losses(platform):
+    """The exported ``value_and_grad`` of every loss in both dtypes, as StableHLO text."""
+    texts = {}
+    for name, (loss, targets, *_) in LOSSES.items():
+        for dtype in (jnp.float32, jnp.bfloat16):
+            args = (jax.ShapeDtypeStruct((N, C), dtype), targets(dtype))
+            texts[name, jnp.dtype(dtype).name] = exported_text(training_step(loss), args, platform)
+    for method in METHODS:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            fn = jax.value_and_grad(
+                lambda h, w, y, method=method: linear_cross_entropy(
+                    h, w, y, method=method, token_chunk=4, vocab_chunk=8
+                ),
+                argnums=(0, 1),
+            )
+            args = (
+                jax.ShapeDtypeStruct((N, D), dtype),
+                jax.ShapeDtypeStruct((C, D), dtype),
+                jax.ShapeDtypeStruct((N,), jnp.int32),
+            )
+            texts[f"linear_{method}", jnp.dtype(dtype).name] = exported_text(fn, args, platform)
+    return texts
+
+
+def ops(text, name):
+    return len(re.findall(rf"stablehlo\.{name}\b", text))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerators_get_the_plain_rule(platform):
+    """No optimization barrier and no scatter in what a GPU or TPU compiles: the label is a
+    compare that fuses into the passes, nothing stops fusion."""
+    for key, text in exported_losses(platform).items():
+        assert ops(text, "optimization_barrier") == 0, key
+        assert ops(text, "scatter") == 0, key
+
+
+def test_the_cpu_gets_its_fast_paths():
+    """Lowered for the CPU, each loss carries its fast path: the label entry by a scatter
+    (float32 integer labels) and separate readers behind barriers (bf16 logits)."""
+    texts = exported_losses("cpu")
+    for name, (*_, float32_marker, bf16_marker) in LOSSES.items():
+        for dtype, marker in (("float32", float32_marker), ("bfloat16", bf16_marker)):
+            text = texts[name, dtype]
+            if marker == "scatter":
+                assert ops(text, "scatter") >= 1, (name, dtype)
+            elif marker == "barrier":
+                assert ops(text, "optimization_barrier") >= 1, (name, dtype)
+    for method in METHODS:  # the fused loss: the label entry by a scatter in every tile
+        assert ops(texts[f"linear_{method}", "float32"], "scatter") >= 1, method
+    # bf16 chunks of the fused loss: widened to float32 before each matrix product
+    widened = r"stablehlo\.dot_general %\w+, %\w+[^\n]*\(tensor<\d+x\d+xf32>, tensor<\d+x\d+xf32>"
+    assert re.search(widened, texts["linear_recompute", "bfloat16"])
+    assert not re.search(widened, exported_losses("cuda")["linear_recompute", "bfloat16"])
+
+
+def compiled_program(fn, *args):
+    """The compiled entry computation, with names and metadata left out."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    text = text[text.index("\nENTRY") :]
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"\w+\.\d+: ", "", text)  # parameter names
+    return re.sub(r"%[\w.\-]+", "%_", text)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropins_train_with_the_same_program_as_cross_entropy(dtype):
+    """Reverse mode of the drop-ins (a custom_jvp whose tangent is the rule's gradient,
+    rematerialized without an optimization barrier) compiles to cross_entropy's program
+    (a custom_vjp): the same forward and the same backward, its exponential shared.
+
+    Checked on the plain rule, what GPUs and TPUs compile. On the CPU's fast path the
+    float32 integer drop-in scatters the label entries of the gradient for a unit cotangent,
+    then multiplies by the cotangent (one more elementwise pass than cross_entropy, whose
+    scatter writes the scaled entries); see docs/custom-gradients.md."""
+    logits = jax.ShapeDtypeStruct((N, C), dtype)
+    labels = integer_targets(dtype)
+    probabilities = probability_targets(dtype)
+    pairs = (
+        (
+            lambda z, y: jnp.mean(softmax_cross_entropy_with_integer_labels(z, y)),
+            lambda z, y: cross_entropy(z, y),
+            labels,
+        ),
+        (
+            lambda z, y: jnp.mean(softmax_cross_entropy(z, y)),
+            lambda z, y: cross_entropy(z, y),
+            probabilities,
+        ),
+    )
+    with plain_path_only():
+        for dropin, general, targets in pairs:
+            assert compiled_program(training_step(dropin), logits, targets) == compiled_program(
+                training_step(general), logits, targets
+            )
+
+
+# Options each checked alone and all together, for both kinds of target.
+OPTION_SETS = {
+    "none": {},
+    "smoothing": dict(label_smoothing=0.2),
+    "weights": dict(class_weights=WEIGHTS),
+    "z_loss": dict(z_loss=0.01),
+    "softcap": dict(logit_softcap=2.0),
+    "class_mask": dict(where="classes"),
+    "row_mask": dict(where="rows"),
+    "all": dict(
+        label_smoothing=0.1, class_weights=WEIGHTS, z_loss=0.01, logit_softcap=3.0, where="rows"
+    ),
+}
+
+
+def problem(dtype, kind):
+    keys = jax.random.split(jax.random.key(11), 3)
+    logits = (3 * jax.random.normal(keys[0], (N, C))).astype(dtype)
+    if kind == "integer":
+        targets = jax.random.randint(keys[1], (N,), 0, C)
+    else:
+        targets = jax.nn.softmax(jax.random.normal(keys[1], (N, C))).astype(dtype)
+    class_mask = jax.random.uniform(keys[2], (N, C)) > 0.3
+    class_mask = class_mask.at[:, 0].set(True).at[-1].set(False)  # and a row with no class
+    row_mask = jnp.arange(N) % 3 != 1
+    return logits, targets, {"classes": class_mask, "rows": row_mask}
+
+
+def value_and_gradients(dtype, kind):
+    """Every option set's per-row losses and gradients (logits; probabilities too)."""
+    logits, targets, masks = problem(dtype, kind)
+    argnums = (0,) if kind == "integer" else (0, 1)
+    results = {}
+    for name, options in OPTION_SETS.items():
+        options = dict(options)
+        if "where" in options:
+            options["where"] = masks[options["where"]]
+        loss = lambda z, y, options=options: jnp.sum(
+            cross_entropy(z, y, reduction="none", **options).astype(jnp.float32)
+            * jnp.arange(1.0, N + 1.0)
+        )
+        results[name] = jax.jit(jax.value_and_grad(loss, argnums))(logits, targets)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kind", ["integer", "probabilities"])
+def test_plain_and_fast_paths_agree_on_the_cpu(dtype, kind):
+    fast = value_and_gradients(dtype, kind)
+    with plain_path_only():
+        plain = value_and_gradients(dtype, kind)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    for name in OPTION_SETS:
+        for got, want in zip(jax.tree.leaves(fast[name]), jax.tree.leaves(plain[name])):
+            np.testing.assert_allclose(
+                np.asarray(got, np.float64),
+                np.asarray(want, np.float64),
+                rtol=tolerance,
+                atol=tolerance,
+                err_msg=name,
+            )
+
+
+def linear_value_and_gradients(dtype):
+    keys = jax.random.split(jax.random.key(5), 3)
+    hidden = jax.random.normal(keys[0], (N + 2, D)).astype(dtype)
+    classifier = jax.random.normal(keys[1], (C + 3, D)).astype(dtype)
+    labels = jax.random.randint(keys[2], (N + 2,), 0, C + 3)
+    results = {}
+    for method in METHODS:
+        every = OPTION_SETS["all"] | {"where": jnp.arange(N + 2) % 4 != 0}
+        every["class_weights"] = jnp.linspace(0.5, 1.5, C + 3)
+        for options in ({}, every):
+            loss = lambda h, w, method=method, options=options: linear_cross_entropy(
+                h, w, labels, method=method, token_chunk=4, vocab_chunk=8, **options
+            ).astype(jnp.float32)
+            key = (method, bool(options))
+            results[key] = jax.jit(jax.value_and_grad(loss, (0, 1)))(hidden, classifier)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_loss_plain_and_fast_paths_agree_on_the_cpu(dtype):
+    fast = linear_value_and_gradients(dtype)
+    with plain_path_only():
+        plain = linear_value_and_gradients(dtype)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for key in fast:
+        for got, want in zip(jax.tree.leaves(fast[key]), jax.tree.leaves(plain[key])):
+            np.testing.assert_allclose(
+                np.asarray(got, np.float64),
+                np.asarray(want, np.float64),
+                rtol=tolerance,
+                atol=tolerance,
+                err_msg=str(key),
+            )
+
+
+def test_plain_path_only_switches_the_program():
+    """The switch the agreement tests rely on changes what the CPU compiles."""
+    args = (jax.ShapeDtypeStruct((N, C), jnp.float32), integer_targets(jnp.float32))
+    fast = jax.jit(training_step(cross_entropy)).lower(*args).as_text()
+    with plain_path_only():
+        plain = jax.jit(training_step(cross_entropy)).lower(*args).as_text()
+    assert ops(fast, "scatter") >= 1
+    assert ops(plain, "scatter") == 0

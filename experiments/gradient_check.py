@@ -1,4 +1,4 @@
-"""Check the custom backward rule on the seeds' two networks, parameter by parameter, in float64.
+"""Check the custom backward rule on the derivation's two toy networks, per parameter, in float64.
 
 For each network, the gradient of ``mlp.loss`` (whose softmax cross-entropy backward is the
 custom rule ``softmax(z) - y``) is compared with
@@ -6,13 +6,15 @@ custom rule ``softmax(z) - y``) is compared with
 - ``jax.grad`` of the naive composition ``-mean_n sum_k y_nk log(exp(s_nk) / sum_j exp(s_nj))``,
   written out here without the library,
 - central finite differences ``(L(theta + eps e_i) - L(theta - eps e_i)) / (2 eps)``,
-- for the output layer, the closed form of the seeds: ``dL/dscores = (yhat - y) / N``, so
+- for the output layer, the derived closed form ``dL/dscores = (yhat - y) / N``, so
   ``dL/dW2 = O1^T (yhat - y) / N + l2 W2`` and ``dL/db2 = sum_n (yhat_n - y_n) / N``.
 
-The networks: seed 000's ``X [5, 4] -> 10 ReLU units -> 3 classes`` and seed 002's
-``x [1, 2] -> 500 tanh units -> 2 classes``. Prints one row per (network, parameter,
-reference) with the largest absolute difference and the largest relative difference
-``|a - b| / max(|a|, |b|, 1e-6)``; exits with status 1 if any exceeds its tolerance.
+The networks, from the source texts of docs/derivation.md: the backpropagation blog post's
+``X [5, 4] -> 10 ReLU units -> 3 classes`` (labelled "seed 000", ``--network 000``) and the
+question-and-answer thread's ``x [1, 2] -> 500 tanh units -> 2 classes`` (labelled "seed 002",
+``--network 002``). Prints one row per (network, parameter, reference) with the largest absolute
+difference and the largest relative difference ``|a - b| / max(|a|, |b|, 1e-6)``; exits with
+status 1 if any exceeds its tolerance.
 
     python experiments/gradient_check.py
 """
@@ -49,7 +51,7 @@ PARAMETER_NAMES = ("W1", "b1", "W2", "b2")
 
 
 def naive_loss(params, x, labels, activation, l2):
-    """The seeds' forward pass, spelled out: no library loss, plain autodiff through every op."""
+    """The forward pass spelled out: no library loss, plain autodiff through every op."""
     f = {"relu": lambda z: jnp.maximum(z, 0.0), "tanh": jnp.tanh}[activation]
     hidden = f(x @ params[0]["W"] + params[0]["b"][None, :])
     scores = hidden @ params[1]["W"] + params[1]["b"][None, :]
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
         "--network",
         choices=("000", "002", "both"),
         default="both",
-        help="check only the network of one seed text",
+        help="check only one network: 000 the blog post's, 002 the question-and-answer thread's",
     )
     arguments = parser.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Train the seeds' network on a small dataset and write its metrics, history and plots.
+"""Train CS231n's two-layer network on a small dataset and write its metrics, history and plots.
 
 The defaults reproduce CS231n's "minimal neural network case study": a spiral of 3 x 100
 points, one hidden layer of 100 ReLU units, full-batch gradient descent with step 1.0,

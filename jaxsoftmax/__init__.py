@@ -13,9 +13,9 @@ The public API:
   ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
 * :func:`sharded_linear_cross_entropy`: :func:`linear_cross_entropy` with the classifier
   split by vocabulary rows over a mesh axis; only per-row statistics cross devices in the loss.
-* :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: the seeds'
-  fully connected network as pure functions, its data sets, and its compiled training
-  (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
+* :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: CS231n's
+  two-layer fully connected network (any depth) as pure functions, its data sets, and its
+  compiled training (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
 """
 
 import importlib.metadata

@@ -8,8 +8,9 @@ labels ``int32 [N]`` in ``[0, num_classes)``. :func:`load` turns one of them int
 - ``moons``, ``circles``: scikit-learn's generators.
 - ``iris``, ``digits``: scikit-learn's bundled copies (read from disk, never downloaded).
 
-The seeds' two toy inputs, :func:`toy_five_examples_four_features` and
-:func:`toy_one_example_two_features`, are separate: they are too small to split.
+The two toy inputs of the derivation's source texts (docs/derivation.md),
+:func:`toy_five_examples_four_features` and :func:`toy_one_example_two_features`, are separate:
+they are too small to split.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def digits():
 
 
 def toy_five_examples_four_features(seed: int = 0):
-    """The input of seed 000: ``X`` of shape ``[5, 4]`` and five labels among 3 classes.
+    """The blog post's input (docs/derivation.md): ``X [5, 4]`` and five labels of 3 classes.
 
     The text leaves the values open; these are standard normal draws and labels
     ``[0, 1, 2, 0, 1]`` so that every class occurs.
@@ -180,7 +181,7 @@ def toy_five_examples_four_features(seed: int = 0):
 
 
 def toy_one_example_two_features(seed: int = 0):
-    """The input of seed 002: one example ``x`` of shape ``[1, 2]`` with label 1 of 2 classes.
+    """The Q&A thread's input (docs/derivation.md): one example ``x [1, 2]``, label 1 of 2 classes.
 
     >>> x, y = toy_one_example_two_features()
     >>> x.shape, y.tolist()

@@ -1,18 +1,18 @@
-"""The seeds' fully connected network as pure functions of a parameter pytree.
+"""CS231n's fully connected network as pure functions of a parameter pytree.
 
-The network of the seed texts, for any depth::
+The two-layer network of the derivation (docs/derivation.md), for any depth::
 
     Z1 = X W1 + b1          O1 = f(Z1)          (one hidden layer per entry of ``sizes[1:-1]``)
     scores = O1 W2 + b2     L = mean_n CE(softmax(scores_n), y_n) + 0.5 * l2 * sum_l ||W_l||^2
 
 Parameters are a plain list with one ``{"W": [fan_in, fan_out], "b": [fan_out]}`` dict per layer,
-so ``params[0]`` holds the seeds' W1, b1 and ``params[1]`` their W2, b2. There is no class and no
-state: every function takes ``params`` first, works on a batch ``x: [N, fan_in]`` and, under
+so ``params[0]`` holds the derivation's W1, b1 and ``params[1]`` its W2, b2. There is no class and
+no state: every function takes ``params`` first, works on a batch ``x: [N, fan_in]`` and, under
 ``jax.vmap``, on one example ``x: [fan_in]``.
 
 The cross-entropy goes through :func:`jaxsoftmax._cross_entropy.cross_entropy`, whose backward
-rule is the seeds' ``dL/dscores = softmax(scores) - y`` (divided by N for the mean), so
-``jax.grad(loss)`` backpropagates that closed form through the layers.
+rule is the derived result ``dL/dscores = softmax(scores) - y`` (docs/derivation.md; divided by
+N for the mean), so ``jax.grad(loss)`` backpropagates that closed form through the layers.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def init(
 ) -> Params:
     """Random weights and zero biases for a network with layer widths ``sizes``.
 
-    ``sizes = [fan_in, hidden_1, ..., num_classes]``; ``[4, 10, 3]`` is the seeds' network and
-    ``[2, 3]`` (no hidden layer) a linear softmax classifier. Layer ``l`` gets
-    ``W_l ~ std * Normal(0, 1)`` of shape ``[sizes[l], sizes[l + 1]]`` and ``b_l = 0``, where
+    ``sizes = [fan_in, hidden_1, ..., num_classes]``; ``[4, 10, 3]`` is the two-layer network of
+    the derivation (docs/derivation.md) and ``[2, 3]`` (no hidden layer) a linear softmax
+    classifier. Layer ``l`` gets ``W_l ~ std * Normal(0, 1)`` of shape
+    ``[sizes[l], sizes[l + 1]]`` and ``b_l = 0``, where
 
     - ``scheme="normal"``: ``std = scale`` (CS231n's case study uses ``0.01``),
     - ``scheme="he"``: ``std = sqrt(2 / fan_in)`` (suits ReLU; ``scale`` is ignored),
@@ -120,7 +121,7 @@ def _check_input_width(params: Params, x: jax.Array) -> None:
 
 
 def apply(params: Params, x: jax.typing.ArrayLike, activation: str = "relu") -> jax.Array:
-    """The logits (the seeds' scores) of the network for inputs ``x``.
+    """The logits (the scores in CS231n's notation) of the network for inputs ``x``.
 
     ``h_0 = x``, ``h_{l+1} = f(h_l W_l + b_l)`` for hidden layers, ``scores = h_L W_L + b_L``:
     no activation after the last layer, no softmax (the loss applies it).

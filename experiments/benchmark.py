@@ -9,9 +9,9 @@ cases get more rounds (``rounds_for``). Memory is the compiled program's
 
 Cases:
   1. loss + gradient with integer labels: cross_entropy vs optax vs jax.grad of the naive
-     (seeds') composition vs torch F.cross_entropy; targets ratio <= 1.0 vs optax and
-     <= 0.15 vs naive. On an accelerator, also up to (32768, 131072) where the naive
-     composition fits in its memory (``naive_fits``).
+     textbook composition (softmax, log, one-hot, mean) vs torch F.cross_entropy; targets
+     ratio <= 1.0 vs optax and <= 0.15 vs naive. On an accelerator, also up to
+     (32768, 131072) where the naive composition fits in its memory (``naive_fits``).
   2. linear_cross_entropy vs logits-then-optax, loss + both gradients; targets >= 50x
      fewer temporary bytes at the Gemma-2-2B shape (compiled only, never run here) and
      time <= naive at N=2048, d=512, V=32768. On an accelerator it is also timed at
@@ -51,6 +51,7 @@ import optax
 
 import jaxsoftmax
 from jaxsoftmax import training
+from jaxsoftmax._cpu_fast_paths import plain_path_only
 from jaxsoftmax._cross_entropy import cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
 from jaxsoftmax._linear_forward_gradient import auto_method
@@ -204,6 +205,19 @@ def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 
     return medians(time_rounds(callables, repeats, min_sample_seconds))
 
 
+def on_cpu() -> bool:
+    """Whether JAX runs on the CPU, whose programs take the fast paths of
+    ``jaxsoftmax/_cpu_fast_paths.py``; every other backend compiles the plain rule."""
+    return jax.default_backend() == "cpu"
+
+
+def compiled_plain(fn, *args):
+    """``jit(fn)`` compiled ahead of time with the plain rule on every platform, the CPU
+    included: the program a GPU or TPU gets, to measure what the CPU's fast paths buy."""
+    with plain_path_only():
+        return jax.jit(fn).lower(*args).compile()
+
+
 def compiled_memory(fn, *args):
     """``memory_analysis()`` of ``jit(fn)`` compiled for ``args`` (arrays or shapes); nothing runs."""
     return jax.jit(fn).lower(*args).compile().memory_analysis()
@@ -217,7 +231,7 @@ def temp_bytes(fn, *args) -> int:
 
 
 def _naive_loss(logits, labels):
-    """The seeds' composition: softmax, log, one-hot, mean; differentiated by autodiff."""
+    """The textbook composition: softmax, log, one-hot, mean; differentiated by autodiff."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     return -jnp.mean(jnp.sum(onehot * jnp.log(probs), axis=-1))
@@ -278,12 +292,16 @@ def case_integer_labels(shapes, dtypes, repeats):
                 outs["torch"] = tuple(t.float().cpu().numpy() for t in torch_step())
                 calls["torch"] = torch_step
                 torch_note = f"torch {torch.__version__} eager on {device}"
-            agree = case_one_agrees(outs, dtype)
-            rounds = time_rounds(calls, repeats)
-            seconds = medians(rounds)
             memory = {
                 name: temp_bytes(jax.value_and_grad(f), z, y) for name, f in competitors.items()
             }
+            if on_cpu():  # the plain rule, what GPUs and TPUs get, beside the CPU's fast path
+                plain = compiled_plain(jax.value_and_grad(competitors["jaxsoftmax"]), z, y)
+                outs["plain"], calls["plain"] = plain(z, y), functools.partial(plain, z, y)
+                memory["plain"] = int(plain.memory_analysis().temp_size_in_bytes)
+            agree = case_one_agrees(outs, dtype)
+            rounds = time_rounds(calls, repeats)
+            seconds = medians(rounds)
             row = dict(
                 case=1,
                 dtype=jnp.dtype(dtype).name,
@@ -300,6 +318,9 @@ def case_integer_labels(shapes, dtypes, repeats):
             )
             if "torch" in seconds:
                 row["ratio_vs_torch"] = seconds["jaxsoftmax"] / seconds["torch"]
+            if "plain" in seconds:
+                row["ratio_fast_vs_plain"] = seconds["jaxsoftmax"] / seconds["plain"]
+                row["ratio_plain_vs_optax"] = seconds["plain"] / seconds["optax"]
             row["meets_optax_target"] = row["ratio_vs_optax"] <= 1.0
             row["meets_naive_target"] = row["ratio_vs_naive"] <= 0.15
             rows.append(row)
@@ -384,6 +405,9 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 "fused_dv": temp_bytes(grads(fused_dv), *args_dv),
                 "naive_dv": temp_bytes(grads(_naive_linear_dv), *args_dv),
             }
+            if on_cpu():
+                plain = compiled_plain(grads(fused), *args)
+                memory["fused_plain"] = int(plain.memory_analysis().temp_size_in_bytes)
             ratio = memory["naive"] / memory["fused"]
             row = dict(
                 case=2,
@@ -435,14 +459,16 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 for out in fused_outs
                 for p, q in zip(jax.tree.leaves(out), jax.tree.leaves(naive_out))
             )
-            seconds = time_interleaved(
-                {
-                    "fused": functools.partial(f_fused, h, w, y),
-                    "recompute": functools.partial(f_recompute, h, w, y),
-                    "naive": functools.partial(f_naive, h, w, y),
-                },
-                repeats,
-            )
+            callables = {
+                "fused": functools.partial(f_fused, h, w, y),
+                "recompute": functools.partial(f_recompute, h, w, y),
+                "naive": functools.partial(f_naive, h, w, y),
+            }
+            if on_cpu():
+                callables["fused_plain"] = functools.partial(
+                    compiled_plain(grads(fused), h, w, y), h, w, y
+                )
+            seconds = time_interleaved(callables, repeats)
             ratio = seconds["fused"] / seconds["naive"]
             row = dict(
                 case=2,
@@ -510,7 +536,7 @@ def train_numpy(x, y, params, steps, step_size=1.0, reg=1e-3):
             np.sum(w1 * w1) + np.sum(w2 * w2)
         )
         d_scores = probs
-        d_scores[np.arange(n), y] -= 1  # softmax(z) - y, the seeds' result
+        d_scores[np.arange(n), y] -= 1  # softmax(z) - y, the derived result (docs/derivation.md)
         d_scores /= n
         d_w2 = hidden.T @ d_scores + reg * w2
         d_b2 = d_scores.sum(axis=0)
@@ -698,16 +724,35 @@ def write_markdown(path, meta, rows):
             f"{mib(m['jaxsoftmax'])} / {mib(m['optax'])} / {mib(m['naive'])} | "
             f"{r['agree']} |"
         )
+    plain_rows = [r for r in rows if r["case"] == 1 and "ratio_fast_vs_plain" in r]
+    if plain_rows:
+        lines += [
+            "",
+            "The CPU's fast paths (`jaxsoftmax/_cpu_fast_paths.py`) against the plain rule, the "
+            "program a GPU or TPU compiles, both run on this CPU in the same rounds:",
+            "",
+            "| dtype | N | C | fast ms | plain ms | fast / plain | plain vs optax | "
+            "temp MiB fast / plain |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in plain_rows:
+            s, m = r["seconds"], r["temp_bytes"]
+            lines.append(
+                f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax'] * 1e3:.2f} | "
+                f"{s['plain'] * 1e3:.2f} | {r['ratio_fast_vs_plain']:.2f} | "
+                f"{r['ratio_plain_vs_optax']:.2f} | {mib(m['jaxsoftmax'])} / {mib(m['plain'])} |"
+            )
     lines += [
         "",
         "## 2. linear_cross_entropy vs logits then optax (loss + both gradients)",
         "",
         'Fused: `linear_cross_entropy` with its default `method="auto"` (the method it '
-        'chose is shown); recompute: `method="recompute"`.',
+        'chose is shown); recompute: `method="recompute"`; plain rule: the fused loss compiled '
+        "with the program a GPU or TPU gets (on the CPU only).",
         "",
         "| dtype | N | d | V | method | fused temp MiB | naive temp MiB | naive / fused | "
-        "fused [d,V] MiB | naive [d,V] MiB | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "fused [d,V] MiB | naive [d,V] MiB | target | fused, plain rule MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows if r["case"] == 2 and r["kind"] == "memory"):
         m = r["temp_bytes"]
@@ -719,13 +764,14 @@ def write_markdown(path, meta, rows):
         lines.append(
             f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {r['method']} | "
             f"{mib(m['fused'])} | {mib(m['naive'])} | {r['memory_ratio']:.1f} | {mib(m['fused_dv'])} | "
-            f"{mib(m['naive_dv'])} | {target} |"
+            f"{mib(m['naive_dv'])} | {target} | "
+            + (f"{mib(m['fused_plain'])} |" if "fused_plain" in m else "- |")
         )
     lines += [
         "",
         "| dtype | N | d | V | method | fused ms | recompute ms | naive ms | "
-        "fused / naive (<= 1.0) | agree |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "fused / naive (<= 1.0) | agree | fused, plain rule ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in rows if r["case"] == 2 and r["kind"] == "time"):
         s = r["seconds"]
@@ -733,7 +779,8 @@ def write_markdown(path, meta, rows):
             f"| {r['dtype']} | {r['n']} | {r['d']} | {r['v']} | {r['method']} | "
             f"{s['fused'] * 1e3:.1f} | {s['recompute'] * 1e3:.1f} | "
             f"{s['naive'] * 1e3:.1f} | {r['time_ratio']:.2f} "
-            f"{'met' if r['meets_time_target'] else '**missed**'} | {r['agree']} |"
+            f"{'met' if r['meets_time_target'] else '**missed**'} | {r['agree']} | "
+            + (f"{s['fused_plain'] * 1e3:.1f} |" if "fused_plain" in s else "- |")
         )
     lines += ["", "## 3. Spiral case study end to end (train_seconds, compilation included)", ""]
     for r in (r for r in rows if r["case"] == 3):

@@ -61,8 +61,8 @@ from jax import lax
 from jaxsoftmax import _linear_forward_gradient as forward_gradient
 from jaxsoftmax import _rule
 from jaxsoftmax import _validation as v
-from jaxsoftmax._cpu_fast_paths import per_platform, product, slice_chunk
 from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
+from jaxsoftmax._cpu_fast_paths import per_platform, slice_chunk
 from jaxsoftmax._options import check_options, reduce_loss
 from jaxsoftmax._varying_axes import summed_like, typed_like_inputs, whole_cotangent
 
@@ -150,7 +150,9 @@ def _classifier_chunk(classifier, start, width, layout):
 def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
     """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
     contract = 1 if layout == "vd" else 0
-    z = product(hidden_t, classifier_c, ((1,), (contract,)), dtype)
+    z = lax.dot_general(
+        hidden_t, classifier_c, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+    )
     if bias_c is not None:
         z = z + bias_c.astype(dtype)[None, :]
     return z
@@ -269,7 +271,9 @@ def _backward(
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     top, log_sum = statistics
     chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
-    varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights, row_mask, statistics, g))
+    varying = typed_like_inputs(
+        (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
+    )
 
     def vocab_step(carry, i):
         d_hidden, d_classifier, d_bias = carry
@@ -303,14 +307,23 @@ def _backward(
             grad = jnp.where(fresh[None, :], grad, 0.0)
             # The matrix products run in the inputs' dtype, as the naive composition's do.
             grad_in = grad.astype(hidden.dtype)
-            d_hidden_t = product(grad_in, classifier_c, ((1,), (vocab_axis,)), hidden_acc)
+            d_hidden_t = lax.dot_general(
+                grad_in,
+                classifier_c,
+                (((1,), (vocab_axis,)), ((), ())),
+                preferred_element_type=hidden_acc,
+            )
             d_hidden = lax.dynamic_update_slice_in_dim(
                 d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
             )
             if plan.layout == "vd":  # G^T h: [Vc, d]
-                d_classifier_c = d_classifier_c + product(grad_in, hidden_t, ((0,), (0,)), acc)
+                d_classifier_c = d_classifier_c + lax.dot_general(
+                    grad_in, hidden_t, (((0,), (0,)), ((), ())), preferred_element_type=acc
+                )
             else:  # h^T G: [d, Vc]
-                d_classifier_c = d_classifier_c + product(hidden_t, grad_in, ((0,), (0,)), acc)
+                d_classifier_c = d_classifier_c + lax.dot_general(
+                    hidden_t, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+                )
             if d_bias_c is not None:
                 d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
             return (d_hidden, d_classifier_c, d_bias_c), None

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax import _rule
-from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
-from jaxsoftmax._cpu_fast_paths import per_platform, product
 from jaxsoftmax._cpu_fast_paths import forward as cpu_forward
+from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
+from jaxsoftmax._cpu_fast_paths import per_platform
 from jaxsoftmax._options import reduce_loss
 
 # method="auto" computes the gradients in the forward when V * d is at most this: a float32
@@ -103,20 +103,31 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, pla
         t0 = jnp.minimum(j * block, num_tokens - block)
         rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, block)
         hidden_t, labels_t, mask_t = rows(hidden), rows(labels), rows(row_mask)
-        z = product(hidden_t, classifier, ((1,), (contract,)), dtype)
+        z = lax.dot_general(
+            hidden_t, classifier, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+        )
         if bias is not None:
             z = z + bias.astype(dtype)[None, :]
         loss_t, statistics = forward_here(z, labels_t, None, class_weights, mask_t)
         grad = gradient_here(z, labels_t, None, class_weights, mask_t, statistics, rows(c))
         grad_in = grad.astype(hidden.dtype)  # products in the inputs' dtype
-        d_hidden_t = product(grad_in, classifier, ((1,), (1 - contract,)), hidden_acc)
+        d_hidden_t = lax.dot_general(
+            grad_in,
+            classifier,
+            (((1,), (1 - contract,)), ((), ())),
+            preferred_element_type=hidden_acc,
+        )
         if ragged:
             fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
             grad_in = jnp.where(fresh, grad_in, 0)
         if vd:  # G^T h: [V, d]
-            d_classifier = d_classifier + product(grad_in, hidden_t, ((0,), (0,)), acc)
+            d_classifier = d_classifier + lax.dot_general(
+                grad_in, hidden_t, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
         else:  # h^T G: [d, V]
-            d_classifier = d_classifier + product(hidden_t, grad_in, ((0,), (0,)), acc)
+            d_classifier = d_classifier + lax.dot_general(
+                hidden_t, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            )
         if bias is not None:
             d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
         loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)

@@ -1,10 +1,11 @@
 """The derived rule: softmax cross-entropy forward and its hand-written backward.
 
-This module is the one place where the loss of every public function is defined and
-differentiated, written for logits whose class axis is the *last* axis (the public functions
-move axes and validate arguments before they call in here). It is plain JAX, the program
-that GPUs and TPUs compile; faster programs for XLA's CPU backend live in
-:mod:`jaxsoftmax._cpu_fast_paths` and are checked against this one.
+The one place where every public loss is defined and differentiated, for class-last logits
+(the public functions move axes and validate first). Plain JAX, the program GPUs and TPUs
+compile; XLA's CPU backend gets equal programs from :mod:`jaxsoftmax._cpu_fast_paths`. The
+fused and sharded losses build on :func:`capped`, :func:`row_statistics`,
+:func:`label_cross_entropy` and :func:`row_loss` (the forward from per-row numbers), and
+:func:`logits_gradient` with a :class:`ClassBlock` (one tile of the backward).
 
 The rule
 --------
@@ -125,9 +126,8 @@ def capped(logits, options: RuleOptions):
 def row_statistics(x, class_mask, options: RuleOptions):
     """``m = max_c x_c`` and ``log_sum = log sum_c exp(x_c - m)`` per row, ``[..., 1]`` each.
 
-    Masked classes take no part. A row with no participating class gets ``m = 0`` and
-    ``log_sum = -inf``; callers zero such rows. ``m`` is a constant of the derivative
-    (``stop_gradient``): the loss does not depend on it.
+    Masked classes take no part; a row without any gets ``m = 0``, ``log_sum = -inf`` (callers
+    zero such rows). ``m`` is a constant of the derivative: the loss does not depend on it.
     """
     if class_mask is not None:
         x = jnp.where(class_mask, x, -jnp.inf)
@@ -358,10 +358,8 @@ def logits_gradient(logits, targets, class_mask, class_weights, row_mask, statis
 
 def probabilities_gradient(logits, targets, class_mask, class_weights, row_mask, statistics,
                            g, options: RuleOptions):  # fmt: skip
-    """The gradient with respect to probability targets (for distillation)::
-
-        dL/dy_c = -(1 - eps) w_c log softmax(x)_c * g     (0 on masked classes)
-    """
+    """The gradient with respect to probability targets (for distillation):
+    ``dL/dy_c = -(1 - eps) w_c log softmax(x)_c * g``, 0 on masked classes."""
     x = capped(logits, options)
     top, log_sum = statistics
     live = live_rows(class_mask, row_mask, options)

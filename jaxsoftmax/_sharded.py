@@ -25,6 +25,7 @@ the batch-sharded output skip the class axis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -67,36 +68,113 @@ def _spec_entry(names: tuple[str, ...]):
     return names[0] if len(names) == 1 else names
 
 
-def _place(x, mesh: Mesh, spec: P):
-    """Reshards ``x`` to ``spec`` on meshes with explicit axes; auto axes need nothing.
-
-    ``shard_map`` moves arguments on ``Auto`` axes itself but insists that arguments on
-    ``Explicit`` axes (``jax.make_mesh``'s default) already carry its ``in_specs``.
-    """
-    used = [
+def _axis_names_in(spec) -> list:
+    return [
         n
         for entry in spec
         if entry is not None
         for n in (entry if isinstance(entry, tuple) else (entry,))
     ]
+
+
+def _explicitly_sharded(x) -> bool:
+    """Whether ``x`` is typed as split over an ``Explicit`` mesh axis (sharding in types)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if sharding is None or not getattr(mesh, "axis_names", ()):
+        return False
     types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = [n for n in used if types[n] == AxisType.Explicit]
-    if not explicit:
-        return x
-    if len(explicit) != len(used):
+    return any(types.get(n) == AxisType.Explicit for n in _axis_names_in(sharding.spec))
+
+
+def on_explicit_axes(mesh: Mesh, inputs) -> bool:
+    """Whether the loss runs on ``mesh``'s ``Explicit`` axes: when an input is typed as split
+    over one, or ``mesh`` is the mesh set with ``jax.set_mesh`` (whose axes then type every
+    value of the computation)."""
+    context = jax.sharding.get_abstract_mesh()
+    if getattr(context, "axis_names", ()) and context != mesh.abstract_mesh:
         raise ValueError(
-            f"the mesh axes {tuple(used)} mix Explicit and Auto axis types; build the mesh with "
-            "one type for the class and batch axes (e.g. jax.make_mesh(..., axis_types=...))."
+            f"mesh= is {mesh.abstract_mesh}, but jax.set_mesh holds another mesh, {context}; "
+            "JAX runs a shard_map only on the mesh that is set. Pass that mesh as mesh=, or "
+            "call the loss outside `with jax.set_mesh(...)`."
         )
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    if any(_explicitly_sharded(x) for x in jax.tree.leaves(inputs)):
+        return True
+    return bool(context.axis_names) and AxisType.Explicit in tuple(mesh.axis_types)
 
 
-def _pad_classes(x, padding: int, value=0):
-    """Pads the last axis of ``x`` by ``padding`` entries of ``value``."""
+def run_on_mesh(local_loss, mesh: Mesh, arrays, specs, out_spec, *, explicit: bool):
+    """``jax.shard_map(local_loss)`` over ``mesh`` applied to ``arrays`` split by ``specs``.
+
+    Inputs not laid out on the mesh (no ``Explicit`` axis in their type: plain arrays, or
+    arrays on ``Auto`` axes) run on a copy of the mesh whose axes are all ``Auto``: the
+    ``shard_map`` moves them, and the result and its cotangent carry no mesh in their types,
+    so the loss and its gradient work eagerly and under ``jit``, with or without
+    ``jax.set_mesh``, whatever the mesh's axis types (with ``Explicit`` types an eager
+    gradient would need ``jax.set_mesh`` for its cotangent). Inputs the user laid out on
+    ``Explicit`` axes keep them: the arguments are resharded to ``specs`` (a no-op when they
+    already carry them) and the gradients come back sharded like the inputs.
+    """
+    if not explicit:
+        auto = (AxisType.Auto,) * len(mesh.axis_names)
+        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+    else:
+        arrays = [_place(a, mesh, spec) for a, spec in zip(arrays, specs)]
+    return jax.shard_map(local_loss, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*arrays)
+
+
+def _explicit_spec(mesh: Mesh, spec: P):
+    """``spec`` restricted to the mesh's ``Explicit`` axes, or None if it names none."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+
+    def explicit_only(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        names = tuple(n for n in names if n is not None and types[n] == AxisType.Explicit)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    explicit = P(*(explicit_only(entry) for entry in spec))
+    return explicit if _axis_names_in(explicit) else None
+
+
+def _place(x, mesh: Mesh, spec: P):
+    """Reshards ``x`` to ``spec`` along the mesh's ``Explicit`` axes; ``Auto`` axes need nothing.
+
+    ``shard_map`` moves arguments on ``Auto`` axes itself but insists that arguments on
+    ``Explicit`` axes already carry its ``in_specs``.
+    """
+    explicit = _explicit_spec(mesh, spec)
+    if explicit is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, explicit))
+
+
+def _padded(x, axis: int, padding: int, value):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, padding)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "padding", "value", "sharding"))
+def _padded_and_placed(x, axis: int, padding: int, value, sharding):
+    # One compiled step: JAX 0.10 transposes an eager reshard into an array still split over
+    # the padded axis, whose slice back to the unpadded size it cannot type.
+    return jax.sharding.reshard(_padded(x, axis, padding, value), sharding)
+
+
+def pad_axis(x, *, axis: int, padding: int, value=0, mesh=None, spec=None):
+    """``x`` padded by ``padding`` entries of ``value`` along ``axis``.
+
+    With ``mesh`` (a loss running on its ``Explicit`` axes), the padded array is also placed
+    on ``spec``'s explicit axes, in the same compiled step so that its gradient (a slice of
+    the padded cotangent) works eagerly too.
+    """
     if not padding:
         return x
-    widths = [(0, 0)] * (x.ndim - 1) + [(0, padding)]
-    return jnp.pad(x, widths, constant_values=value)
+    explicit = None if mesh is None else _explicit_spec(mesh, spec)
+    if explicit is None:
+        return _padded(x, axis % x.ndim, padding, value)
+    sharding = jax.sharding.NamedSharding(mesh, explicit)
+    return _padded_and_placed(x, axis % x.ndim, padding, value, sharding)
 
 
 def sharded_cross_entropy(
@@ -198,7 +276,6 @@ def sharded_cross_entropy(
             f"logits, but they have shape {tuple(logits.shape)} (no example axis)."
         )
 
-    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
     num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
     if batch_names and logits.shape[0] % num_batch_shards:
         raise ValueError(
@@ -207,9 +284,6 @@ def sharded_cross_entropy(
             "(and mask the padding with where= or ignore_index=) or choose another mesh."
         )
     num_classes = logits.shape[-1]
-    padded = -(-num_classes // num_class_shards) * num_class_shards
-    padding = padded - num_classes
-    num_local = padded // num_class_shards
 
     row_mask = class_mask = None
     if where is not None:
@@ -225,6 +299,76 @@ def sharded_cross_entropy(
         if _checking.check_labels_or_defer(targets, num_classes, row_mask, **check):
             _checking.check_labels(targets, num_classes, row_mask, **check)
 
+    explicit = on_explicit_axes(mesh, (logits, targets, where, class_weights))
+    return _sharded_loss(
+        logits,
+        targets,
+        row_mask,
+        class_mask,
+        None if class_weights is None else jnp.asarray(class_weights),
+        mesh=mesh,
+        class_names=class_names,
+        batch_names=batch_names,
+        explicit=explicit,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        reduction=reduction,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "mesh",
+        "class_names",
+        "batch_names",
+        "explicit",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "logit_softcap",
+        "reduction",
+    ),
+)
+def _sharded_loss(
+    logits,
+    targets,
+    row_mask,
+    class_mask,
+    class_weights,
+    *,
+    mesh,
+    class_names,
+    batch_names,
+    explicit,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    logit_softcap,
+    reduction,
+):
+    """The loss after validation, compiled once per mesh, options and shapes, so that eager
+    calls and their gradients run as one program each."""
+    integer = jnp.issubdtype(targets.dtype, jnp.integer)
+    num_classes = logits.shape[-1]
+    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
+    padded = -(-num_classes // num_class_shards) * num_class_shards
+    padding = padded - num_classes
+    num_local = padded // num_class_shards
+
+    batch = _spec_entry(batch_names)
+    classes = _spec_entry(class_names)
+    middle = (None,) * (logits.ndim - 2)
+    if logits.ndim == 1:
+        logits_spec, rows_spec = P(classes), P()
+    else:
+        logits_spec, rows_spec = P(batch, *middle, classes), P(batch, *middle)
+    targets_spec = rows_spec if integer else logits_spec
+
+    explicit_mesh = mesh if explicit else None
+
     if padding:
         # Padded classes are masked out of every class sum, so a row mask becomes part of the
         # class mask; masked rows get label 0 so a bad label there does not turn NaN (as on
@@ -239,22 +383,14 @@ def sharded_cross_entropy(
             targets = jnp.where(
                 targets >= num_classes, jnp.asarray(sentinel, targets.dtype), targets
             )
-        logits = _pad_classes(logits, padding)
+        pad = functools.partial(pad_axis, axis=-1, padding=padding, mesh=explicit_mesh)
+        logits = pad(logits, spec=logits_spec)
         if not integer:
-            targets = _pad_classes(targets, padding)
+            targets = pad(targets, spec=logits_spec)
         if class_mask is not None:
-            class_mask = _pad_classes(class_mask, padding, False)
+            class_mask = pad(class_mask, value=False, spec=logits_spec)
         if class_weights is not None:
-            class_weights = _pad_classes(jnp.asarray(class_weights), padding)
-
-    batch = _spec_entry(batch_names)
-    classes = _spec_entry(class_names)
-    middle = (None,) * (logits.ndim - 2)
-    if logits.ndim == 1:
-        logits_spec, rows_spec = P(classes), P()
-    else:
-        logits_spec, rows_spec = P(batch, *middle, classes), P(batch, *middle)
-    targets_spec = rows_spec if integer else logits_spec
+            class_weights = pad(jnp.asarray(class_weights), spec=P(classes))
 
     arrays = [logits, targets]
     specs = [logits_spec, targets_spec]
@@ -293,5 +429,4 @@ def sharded_cross_entropy(
         return reduce_loss(loss, row_weight, reduction, batch_names).astype(z.dtype)
 
     out_spec = rows_spec if reduction == "none" else P()
-    arrays = [_place(a, mesh, s) for a, s in zip(arrays, specs)]
-    return jax.shard_map(local_loss, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec)(*arrays)
+    return run_on_mesh(local_loss, mesh, arrays, specs, out_spec, explicit=explicit)

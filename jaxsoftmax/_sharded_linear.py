@@ -24,6 +24,7 @@ and whose gradient is 0; the logits are never padded because they never exist.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,15 +34,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
 from jaxsoftmax._options import reduce_loss
-from jaxsoftmax._sharded import AxisName, _axis_names, _place, _spec_entry
-
-
-def _pad_axis(x, axis: int, padding: int):
-    if not padding:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, padding)
-    return jnp.pad(x, widths)
+from jaxsoftmax._sharded import (
+    AxisName,
+    _axis_names,
+    _spec_entry,
+    on_explicit_axes,
+    pad_axis,
+    run_on_mesh,
+)
 
 
 def sharded_linear_cross_entropy(
@@ -142,7 +142,6 @@ def sharded_linear_cross_entropy(
         accumulation_dtype=accumulation_dtype,
     )
     num_tokens = call.hidden.shape[0]
-    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
     num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
     if num_tokens % num_batch_shards:
         raise ValueError(
@@ -150,29 +149,68 @@ def sharded_linear_cross_entropy(
             f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
             "(and mask the padding with where= or ignore_index=) or choose another mesh."
         )
+    explicit = on_explicit_axes(mesh, (hidden, classifier, labels, bias, where, class_weights))
+    arrays = (call.hidden, call.classifier, call.labels, call.bias, call.class_weights)
+    settings = call._replace(
+        hidden=None, classifier=None, labels=None, bias=None, class_weights=None, row_mask=None
+    )
+    out = _sharded_loss(
+        *arrays,
+        call.row_mask,
+        settings=settings,
+        mesh=mesh,
+        class_names=class_names,
+        batch_names=batch_names,
+        explicit=explicit,
+    )
+    if call.reduction == "none":
+        out = out.reshape(call.batch)
+    return out.astype(call.hidden.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit")
+)
+def _sharded_loss(
+    hidden, classifier, labels, bias, class_weights, row_mask, *, settings, mesh, class_names,
+    batch_names, explicit,
+):  # fmt: skip
+    """The loss after validation, compiled once per mesh, settings and shapes, so that eager
+    calls and their gradients run as one program each. ``settings`` is the checked call
+    without its arrays."""
+    call = settings._replace(
+        hidden=hidden,
+        classifier=classifier,
+        labels=labels,
+        bias=bias,
+        class_weights=class_weights,
+        row_mask=row_mask,
+    )
+    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
     num_local = -(-call.num_classes // num_class_shards)
     padding = num_local * num_class_shards - call.num_classes
     vocab_axis = 0 if call.layout == "vd" else 1
 
     batch, classes = _spec_entry(batch_names), _spec_entry(class_names)
     rows = P(batch)
+    pad = functools.partial(pad_axis, padding=padding, mesh=mesh if explicit else None)
+    classifier_spec = P(classes, None) if call.layout == "vd" else P(None, classes)
     arrays = {
         "hidden": (call.hidden, P(batch, None)),
         "classifier": (
-            _pad_axis(call.classifier, vocab_axis, padding),
-            P(classes, None) if call.layout == "vd" else P(None, classes),
+            pad(call.classifier, axis=vocab_axis, spec=classifier_spec),
+            classifier_spec,
         ),
         "labels": (call.labels, rows),
     }
     if call.bias is not None:
-        arrays["bias"] = (_pad_axis(call.bias, 0, padding), P(classes))
+        arrays["bias"] = (pad(call.bias, axis=0, spec=P(classes)), P(classes))
     if call.class_weights is not None:
-        arrays["class_weights"] = (_pad_axis(call.class_weights, 0, padding), P())
+        arrays["class_weights"] = (pad(call.class_weights, axis=0, spec=P()), P())
     if call.row_mask is not None:
         arrays["row_mask"] = (call.row_mask, rows)
     names = list(arrays)
     specs = tuple(spec for _, spec in arrays.values())
-    placed = [_place(x, mesh, spec) for x, spec in arrays.values()]
 
     def local_loss(*local):
         got = dict(zip(names, local))
@@ -188,9 +226,6 @@ def sharded_linear_cross_entropy(
         )
         return reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
 
-    out = jax.shard_map(
-        local_loss, mesh=mesh, in_specs=specs, out_specs=rows if call.reduction == "none" else P()
-    )(*placed)
-    if call.reduction == "none":
-        out = out.reshape(call.batch)
-    return out.astype(call.hidden.dtype)
+    out_spec = rows if call.reduction == "none" else P()
+    placed = [x for x, _ in arrays.values()]
+    return run_on_mesh(local_loss, mesh, placed, specs, out_spec, explicit=explicit)

@@ -3,7 +3,8 @@
 JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
 (``tests/multidevice/check_sharded.py`` and ``check_sharded_linear.py``: values and
 gradients against one device for every option, uneven vocabularies, the compiled
-program's collectives) run in a child
+program's collectives; ``check_mesh_types.py``: every kind of mesh, eagerly and under
+``jit``, with and without ``jax.set_mesh``) run in a child
 pytest with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps
 its single device. A failure prints the child's report.
 """
@@ -43,7 +44,9 @@ def _run(command, *, devices, timeout):
 
 
 @pytest.mark.longest
-@pytest.mark.parametrize("checks", ["check_sharded.py", "check_sharded_linear.py"])
+@pytest.mark.parametrize(
+    "checks", ["check_sharded.py", "check_sharded_linear.py", "check_mesh_types.py"]
+)
 def test_eight_device_checks_pass(checks):
     # The child loads tests/conftest.py too, so it is as strict as this run. One child per
     # file, so that the two test workers can run them side by side.

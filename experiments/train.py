@@ -71,6 +71,39 @@ def positive_integer(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """The type of ``--lr`` and ``--init-scale``: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """The type of the penalty weights ``--l2`` and ``--z-loss``: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}")
+    return value
+
+
+def momentum_coefficient(text: str) -> float:
+    """The type of ``--momentum``: a coefficient in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}")
+    return value
+
+
 def parse_class_weights(text: str) -> tuple[float, ...]:
     """``"1,2,0.5"`` -> (1.0, 2.0, 0.5); their number is checked against the dataset's classes."""
     try:
@@ -81,15 +114,26 @@ def parse_class_weights(text: str) -> tuple[float, ...]:
         ) from None
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a usage error as one line, ``train.py: error: argument --lr: ... (see --help)``,
+    with exit status 2 and no traceback; the many-line usage would hide it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = training.TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, default="spiral")
+    parser = OneLineErrorParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", choices=data.DATASETS, default="spiral", help="training data")
     parser.add_argument(
         "--num-examples",
         type=positive_integer,
         default=None,
-        help="points per class (spiral) or in total (moons, circles)",
+        help="points per class (spiral) or in total (moons, circles); None: the dataset's own",
     )
     parser.add_argument(
         "--standardize",
@@ -103,28 +147,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="hidden widths, comma-separated; 0 = linear softmax classifier",
     )
     parser.add_argument(
-        "--activation", choices=sorted(mlp.ACTIVATIONS), default=defaults.activation
+        "--activation",
+        choices=sorted(mlp.ACTIVATIONS),
+        default=defaults.activation,
+        help="activation of the hidden layers",
     )
-    parser.add_argument("--optimizer", choices=training.OPTIMIZERS, default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
-    parser.add_argument("--momentum", type=float, default=defaults.momentum)
-    parser.add_argument("--l2", type=float, default=defaults.l2)
-    parser.add_argument("--steps", type=positive_integer, default=defaults.steps)
     parser.add_argument(
-        "--batch-size", type=positive_integer, default=None, help="default: full batch"
+        "--optimizer",
+        choices=training.OPTIMIZERS,
+        default=defaults.optimizer,
+        help="sgd: plain gradient descent; momentum: SGD with --momentum; adam",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--init-scheme", choices=mlp.INIT_SCHEMES, default=defaults.init_scheme)
-    parser.add_argument("--init-scale", type=float, default=defaults.init_scale)
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument(
+        "--lr", type=positive_float, default=defaults.learning_rate, help="learning rate, > 0"
+    )
+    parser.add_argument(
+        "--momentum",
+        type=momentum_coefficient,
+        default=defaults.momentum,
+        help="momentum coefficient in [0, 1); used only by --optimizer momentum",
+    )
+    parser.add_argument(
+        "--l2", type=non_negative_float, default=defaults.l2, help="L2 weight penalty, >= 0"
+    )
+    parser.add_argument(
+        "--steps", type=positive_integer, default=defaults.steps, help="total training steps"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_integer,
+        default=None,
+        help="minibatch size; None: full batch",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the data and initialisation"
+    )
+    parser.add_argument(
+        "--init-scheme",
+        choices=mlp.INIT_SCHEMES,
+        default=defaults.init_scheme,
+        help="weight initialisation",
+    )
+    parser.add_argument(
+        "--init-scale",
+        type=positive_float,
+        default=defaults.init_scale,
+        help="scale of the initial weights, > 0",
+    )
+    parser.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1]"
+    )
     parser.add_argument(
         "--class-weights",
         type=parse_class_weights,
         default=None,
-        help="comma-separated, one per class",
+        help="comma-separated, one per class; None: all 1",
     )
-    parser.add_argument("--z-loss", type=float, default=0.0)
-    parser.add_argument("--logit-softcap", type=float, default=None)
+    parser.add_argument(
+        "--z-loss", type=non_negative_float, default=0.0, help="weight of the z-loss, >= 0"
+    )
+    parser.add_argument(
+        "--logit-softcap", type=float, default=None, help="tanh soft cap of the logits, > 0"
+    )
     parser.add_argument(
         "--eval-every",
         type=positive_integer,
@@ -135,14 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=positive_integer,
         default=None,
-        help=f"a multiple of --eval-every (default: every {training.DEFAULT_CHECKPOINT_EVERY} "
-        "steps, rounded up to one)",
+        help=f"a multiple of --eval-every; None: every {training.DEFAULT_CHECKPOINT_EVERY} "
+        "steps, rounded up to one",
     )
     parser.add_argument(
         "--devices",
         type=positive_integer,
         default=None,
-        help="train data-parallel on the first N local devices (default: all)",
+        help="train data-parallel on the first N local devices; None: all",
     )
     parser.add_argument("--out", default="runs/train", help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
@@ -189,6 +273,40 @@ def name_the_flag(message: str, arguments: argparse.Namespace) -> str:
     names = "|".join(sorted(flags, key=len, reverse=True))
     first = re.search(rf"(?<![\w-])({names})(?![\w-])", message)
     return message if first is None else f"argument {flags[first.group(1)]}: {message}"
+
+
+def output_directory_problem(out: str) -> str | None:
+    """Why ``--out`` cannot be the output directory (a file, or under one, or not writable),
+    or ``None`` if it can."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"{out!r} is an existing file; expected a directory (existing or to create)"
+    ancestor = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{out!r} lies under the file {ancestor!r}; expected a directory path"
+    existing = out if os.path.isdir(out) else ancestor
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{out!r}: {existing!r} is not writable; expected a directory this user can write"
+    return None
+
+
+def config_used(config: training.TrainConfig) -> dict:
+    """``config.to_dict()`` less the settings this run ignored (``momentum`` unless
+    ``optimizer="momentum"``), as recorded in metrics.json."""
+    used = config.to_dict()
+    if config.optimizer != "momentum":
+        del used["momentum"]
+    return used
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """One RGBA colour per class, ``[num_classes, 4]``, indexed by class label: the decision
+    boundary's regions and points are both drawn with it, so a class has one colour."""
+    from matplotlib import colormaps
+
+    colour_map = colormaps["Spectral"]
+    return np.asarray(colour_map(np.linspace(0.0, 1.0, max(num_classes, 2))))[:num_classes]
 
 
 def library_versions() -> dict[str, str]:
@@ -254,26 +372,17 @@ def plot_decision_boundary(
     )
     grid = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.float32)
     classes = np.asarray(jax.jit(mlp.predict, static_argnums=2)(params, grid, activation))
+    colours = class_colours(dataset.num_classes)
     figure, axes = plt.subplots(figsize=(6, 6))
-    axes.contourf(
+    axes.contourf(  # region k, between levels k - 0.5 and k + 0.5, gets colours[k]
         grid_x,
         grid_y,
         classes.reshape(grid_x.shape),
         alpha=0.35,
-        cmap="Spectral",
+        colors=colours,
         levels=np.arange(dataset.num_classes + 1) - 0.5,
     )
-    axes.scatter(
-        x[:, 0],
-        x[:, 1],
-        c=y,
-        s=18,
-        cmap="Spectral",
-        edgecolors="k",
-        linewidths=0.5,
-        vmin=0,
-        vmax=dataset.num_classes - 1,
-    )
+    axes.scatter(x[:, 0], x[:, 1], c=colours[np.asarray(y)], s=18, edgecolors="k", linewidths=0.5)
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
     figure.tight_layout()
     save_figure(figure, path)
@@ -297,6 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         training.check_config_for_dataset(config, dataset)
     except (ValueError, TypeError) as error:
         parser.error(name_the_flag(str(error), arguments))
+    problem = output_directory_problem(arguments.out)
+    if problem is not None:
+        parser.error(f"argument --out: {problem}")
+    checkpoint_path = os.path.join(arguments.out, training.CHECKPOINT_FILENAME)
+    resuming_from = None
+    if arguments.resume and os.path.exists(checkpoint_path):
+        try:  # another configuration, other data, or more steps than asked for
+            resuming_from = training.check_checkpoint(checkpoint_path, config, dataset)
+        except (ValueError, OSError, KeyError) as error:
+            parser.error(f"argument --resume: {error}")
     device = jax.devices()[0]
     device_description = f"{device.platform}: {device.device_kind}"
     print(
@@ -310,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
         f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
     )
+    if arguments.resume:
+        print(
+            f"resuming from step {resuming_from} of {checkpoint_path}"
+            if resuming_from is not None
+            else f"--resume: no checkpoint at {checkpoint_path}; starting from scratch"
+        )
     os.makedirs(arguments.out, exist_ok=True)
     for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
         training.remove_stale_temporaries(os.path.join(arguments.out, name))
@@ -365,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "standardized": arguments.standardize,
             "num_examples": arguments.num_examples,
         },
-        "config": config.to_dict(),
+        "config": config_used(config),
     }
     training.write_atomically(
         os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
@@ -383,19 +508,23 @@ def main(argv: list[str] | None = None) -> int:
                 config.activation,
                 f"{title}\ntrain accuracy {result.train_accuracy:.3f}",
             )
+    if result.resumed_from is None:
+        ran = f"{result.steps} steps"
+    else:
+        ran = (
+            f"{result.steps - result.resumed_from} steps this run, resumed from step "
+            f"{result.resumed_from} (now at step {result.steps}),"
+        )
     print(
         f"train accuracy {result.train_accuracy:.4f}, test accuracy {result.test_accuracy:.4f}, "
-        f"final loss {result.final_loss:.4f}, {result.steps} steps in {result.train_seconds:.2f} s"
+        f"final loss {result.final_loss:.4f}, {ran} in {result.train_seconds:.2f} s"
     )
-    print(
-        f"wrote {arguments.out}/metrics.json, history.csv"
-        + ("" if arguments.no_plots else ", loss.png")
-        + (
-            ", decision_boundary.png"
-            if dataset.num_features == 2 and not arguments.no_plots
-            else ""
-        )
-    )
+    written = ["metrics.json", "history.csv", training.CHECKPOINT_FILENAME]
+    if not arguments.no_plots:
+        written.append("loss.png")
+        if dataset.num_features == 2:
+            written.append("decision_boundary.png")
+    print(f"wrote {arguments.out}/" + ", ".join(written))
     return 0
 
 

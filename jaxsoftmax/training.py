@@ -503,6 +503,43 @@ def save_checkpoint(
     write_atomically(path, buffer.getvalue())
 
 
+def check_checkpoint(path: str, config: TrainConfig, dataset: Dataset) -> int:
+    """Raises the ``ValueError`` that :func:`load_checkpoint` or :func:`train` would raise for
+    resuming the checkpoint at ``path`` with ``config`` on ``dataset``, without loading its
+    arrays or compiling anything; returns the checkpoint's step. A script calls it to report a
+    mismatch before any work."""
+    with np.load(path, allow_pickle=False) as stored:
+        _check_stored_checkpoint(stored, path, config, dataset)
+        step = int(stored["step"])
+    if step > config.steps:
+        raise ValueError(
+            f"the checkpoint is at step {step}, beyond steps={config.steps}; "
+            "ask for at least as many steps as were already taken."
+        )
+    return step
+
+
+def _check_stored_checkpoint(stored, path: str, config: TrainConfig, dataset: Dataset) -> None:
+    saved_config = json.loads(str(stored["config"]))
+    wanted = config.to_dict()
+    different = {
+        key: (saved_config.get(key), value)
+        for key, value in wanted.items()
+        if key not in ("steps", "devices") and saved_config.get(key) != value
+    }
+    if different:
+        raise ValueError(
+            f"the checkpoint {path} was written by a different configuration "
+            f"(saved, requested): {different}; resume with the same flags or use another "
+            "output directory."
+        )
+    if json.loads(str(stored["dataset"])) != [dataset.name, _dataset_fingerprint(dataset)]:
+        raise ValueError(
+            f"the checkpoint {path} was trained on other data than dataset "
+            f"{dataset.name!r} with these options; resume with the same data."
+        )
+
+
 def load_checkpoint(
     path: str, template: TrainState, config: TrainConfig, dataset: Dataset
 ) -> tuple[TrainState, list[dict]]:
@@ -513,24 +550,7 @@ def load_checkpoint(
     would not be the run that was asked for.
     """
     with np.load(path, allow_pickle=False) as stored:
-        saved_config = json.loads(str(stored["config"]))
-        wanted = config.to_dict()
-        different = {
-            key: (saved_config.get(key), value)
-            for key, value in wanted.items()
-            if key not in ("steps", "devices") and saved_config.get(key) != value
-        }
-        if different:
-            raise ValueError(
-                f"the checkpoint {path} was written by a different configuration "
-                f"(saved, requested): {different}; resume with the same flags or use another "
-                "output directory."
-            )
-        if json.loads(str(stored["dataset"])) != [dataset.name, _dataset_fingerprint(dataset)]:
-            raise ValueError(
-                f"the checkpoint {path} was trained on other data than dataset "
-                f"{dataset.name!r} with these options; resume with the same data."
-            )
+        _check_stored_checkpoint(stored, path, config, dataset)
         treedef = jax.tree_util.tree_structure((template.params, template.opt_state))
         leaves = [jnp.asarray(stored[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
         params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)

@@ -24,30 +24,70 @@ import argparse
 import os
 import sys
 
-_parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-_parser.add_argument("--rows", type=int, default=1024, help="tokens N per step")
-_parser.add_argument("--classes", type=int, default=32768, help="vocabulary size V")
-_parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
-_parser.add_argument("--repeats", type=int, default=7, help="timed runs (median reported)")
+
+def _counting(minimum: int):
+    """An argparse type: an integer >= ``minimum``; otherwise a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _device_counts(text: str) -> str:
+    """The type of ``--devices``: comma-separated positive counts, kept as the text."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(count <= 0 for count in counts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive device counts such as 1,2,4; got {text!r}"
+        )
+    return text
+
+
+_parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+)
+_parser.add_argument("--rows", type=_counting(1), default=1024, help="tokens N per step")
+_parser.add_argument("--classes", type=_counting(1), default=32768, help="vocabulary size V")
+_parser.add_argument(
+    "--devices", type=_device_counts, default="1,2,4,8", help="comma-separated device counts"
+)
+_parser.add_argument("--repeats", type=_counting(1), default=7, help="timed runs (median reported)")
 _parser.add_argument(
     "--model-rows",
-    type=int,
+    type=_counting(0),
     default=8192,
     help="N for the compile-only communication check (0: skip)",
 )
 _parser.add_argument(
-    "--model-classes", type=int, default=256000, help="V for the compile-only communication check"
+    "--model-classes",
+    type=_counting(1),
+    default=256000,
+    help="V for the compile-only communication check",
 )
 _parser.add_argument(
-    "--width", type=int, default=128, help="hidden size d of the linear loss's timed runs"
+    "--width", type=_counting(1), default=128, help="hidden size d of the linear loss's timed runs"
 )
 _parser.add_argument(
     "--model-width",
-    type=int,
+    type=_counting(1),
     default=2304,
     help="d for the linear loss's compile-only communication check",
 )
-_parser.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu"))
+_parser.add_argument(
+    "--out",
+    default=os.path.join("benchmarks", "results", "cpu"),
+    help="directory for sharded.json and sharded.md",
+)
 
 if __name__ == "__main__":
     _ARGS = _parser.parse_args()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import jax
@@ -31,23 +32,75 @@ def max_difference(a, b) -> float:
     )
 
 
+def _number(kind, test, expected):
+    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+
+
+def step_counts(text: str) -> list[int]:
+    """``"10,100"`` -> [10, 100]: the type of ``--steps``."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(count <= 0 for count in counts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive step counts such as 10,100; got {text!r}"
+        )
+    return counts
+
+
+def writable_file(text: str) -> str:
+    """The type of ``--json``: a file path whose folder exists (checked before any work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(
+            f"expected a file path in an existing directory; got {text!r}"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=None, help="default: all local devices")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--devices", type=positive_int, default=None, help="local devices to use; None: all"
+    )
     parser.add_argument(
         "--steps",
+        type=step_counts,
         default="10,100,200,500,1000,10000",
         help="comma-separated step counts, each a fresh run",
     )
-    parser.add_argument("--num-examples", type=int, default=None, help="spiral points per class")
-    parser.add_argument("--hidden", type=int, default=100)
-    parser.add_argument("--json", default=None, help="also write the table here")
+    parser.add_argument(
+        "--num-examples",
+        type=positive_int,
+        default=None,
+        help="spiral points per class; None: the dataset's default",
+    )
+    parser.add_argument("--hidden", type=positive_int, default=100, help="hidden width")
+    parser.add_argument(
+        "--json", type=writable_file, default=None, help="also write the table here; None: do not"
+    )
     arguments = parser.parse_args(argv)
     try:
         devices = len(training.select_devices(arguments.devices, name="--devices"))
     except ValueError as error:
-        print(f"data_parallel.py: error: {error}", file=sys.stderr)
-        return 2
+        parser.error(str(error))  # the message names --devices
 
     spiral = data.load("spiral", num_examples=arguments.num_examples)
     reversed_rows = dataclasses.replace(
@@ -63,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     rows = []
-    for steps in (int(s) for s in arguments.steps.split(",")):
+    for steps in arguments.steps:
         every = min(steps, 100)
         config = dict(
             hidden=(arguments.hidden,), steps=steps, eval_every=every, checkpoint_every=every

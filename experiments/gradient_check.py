@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 import jax
@@ -146,12 +148,52 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
     return rows
 
 
+def _number(kind, test, expected):
+    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def writable_file(text: str) -> str:
+    """The type of ``--json``: a file path whose folder exists (checked before any work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text) or not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(
+            f"expected a file path in an existing directory; got {text!r}"
+        )
+    return text
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--l2", type=float, default=0.0, help="weight penalty included in L")
-    parser.add_argument("--eps", type=float, default=1e-6, help="finite-difference step")
-    parser.add_argument("--json", default=None, help="also write the table to this file")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the networks' parameters")
+    parser.add_argument(
+        "--l2", type=non_negative_float, default=0.0, help="weight penalty included in L, >= 0"
+    )
+    parser.add_argument(
+        "--eps", type=positive_float, default=1e-6, help="finite-difference step, > 0"
+    )
+    parser.add_argument(
+        "--json",
+        type=writable_file,
+        default=None,
+        help="also write the table to this file; None: do not",
+    )
     parser.add_argument(
         "--network",
         choices=("000", "002", "both"),

@@ -11,6 +11,7 @@ with ``block_until_ready``).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -37,15 +38,47 @@ def best_seconds(function, repeats):
     return min(times)
 
 
+def _number(kind, test, expected):
+    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
-    parser.add_argument("--batch-size", type=int, default=128, help="examples to differentiate")
-    parser.add_argument("--hidden", type=int, default=100)
-    parser.add_argument("--activation", choices=sorted(mlp.ACTIVATIONS), default="relu")
-    parser.add_argument("--l2", type=float, default=1e-3)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dataset", choices=data.DATASETS, default="digits", help="the data")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="examples to differentiate"
+    )
+    parser.add_argument("--hidden", type=positive_int, default=100, help="hidden width")
+    parser.add_argument(
+        "--activation",
+        choices=sorted(mlp.ACTIVATIONS),
+        default="relu",
+        help="activation of the hidden layer",
+    )
+    parser.add_argument(
+        "--l2", type=non_negative_float, default=1e-3, help="L2 weight penalty, >= 0"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs of each method (best kept)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and parameters")
     arguments = parser.parse_args(argv)
 
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=True)

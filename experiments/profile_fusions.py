@@ -103,11 +103,40 @@ def profile(n: int, num_classes: int, dtype, calls: int) -> dict[str, list[dict]
     return report
 
 
+def _number(kind, test, expected):
+    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+
+
 def main(argv=None) -> dict[str, list[dict]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=2, default=(1024, 1000), metavar=("N", "C"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--calls", type=int, default=100, help="profiled calls per loss")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--shape",
+        type=positive_int,
+        nargs=2,
+        default=(1024, 1000),
+        metavar=("N", "C"),
+        help="the logits' rows N and classes C",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="the logits' dtype"
+    )
+    parser.add_argument("--calls", type=positive_int, default=100, help="profiled calls per loss")
     args = parser.parse_args(argv)
     n, num_classes = args.shape
     report = profile(n, num_classes, jnp.dtype(args.dtype), args.calls)

@@ -304,3 +304,202 @@ def test_profile_fusions_reports_each_compiled_kernel_of_both_losses():
         assert [row["seconds"] for row in rows] == sorted(
             (r["seconds"] for r in rows), reverse=True
         )
+
+
+TINY_RUN = [
+    "--num-examples",
+    "10",
+    "--hidden",
+    "4",
+    "--eval-every",
+    "1",
+    "--checkpoint-every",
+    "1",
+    "--no-plots",
+    "--no-progress",
+]
+
+
+def one_error_line(stderr):
+    """The stderr of a usage error: exactly one line, ``...: error: ...``, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr and ": error: " in lines[0]
+    return lines[0]
+
+
+BAD_NUMBERS = [
+    (["--lr", "-1"], ["argument --lr:", "'-1'", "> 0"]),
+    (["--lr", "0"], ["argument --lr:", "'0'", "> 0"]),
+    (["--lr", "nan"], ["argument --lr:", "'nan'", "> 0"]),
+    (["--momentum", "1"], ["argument --momentum:", "'1'", "[0, 1)"]),
+    (["--momentum", "-0.5"], ["argument --momentum:", "'-0.5'", "[0, 1)"]),
+    (["--l2", "-0.001"], ["argument --l2:", "'-0.001'", ">= 0"]),
+    (["--z-loss", "-1"], ["argument --z-loss:", "'-1'", ">= 0"]),
+    (["--init-scale", "0"], ["argument --init-scale:", "'0'", "> 0"]),
+]
+
+
+@pytest.mark.parametrize(
+    "flags, expected", BAD_NUMBERS, ids=[" ".join(flags) for flags, _ in BAD_NUMBERS]
+)
+def test_train_rejects_bad_numbers_in_one_line_before_any_work(
+    flags, expected, tmp_path, capsys, monkeypatch
+):
+    train = load_script("train")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started despite a bad flag")
+
+    monkeypatch.setattr(training, "train", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flags, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    for part in expected:
+        assert part in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["the file", "under the file"])
+def test_train_rejects_an_output_path_that_is_a_file(where, tmp_path, capsys, monkeypatch):
+    train = load_script("train")
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    out = existing if where == "the file" else existing / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "argument --out:" in line and str(out) in line and "directory" in line
+    assert existing.read_text() == "keep me"
+
+
+def test_train_bad_flag_in_a_real_process_is_one_line_without_traceback(tmp_path):
+    completed = run_script(
+        "train.py", "--lr", "-1", "--out", str(tmp_path / "out"), expect_success=False
+    )
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert "argument --lr:" in one_error_line(completed.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_resume_says_where_it_starts_and_refuses_other_flags_before_work(
+    tmp_path, capsys, monkeypatch
+):
+    train = load_script("train")
+    out = str(tmp_path / "run")
+    assert train.main([*TINY_RUN, "--steps", "2", "--out", out, "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert "no checkpoint" in stdout and "starting from scratch" in stdout
+    wrote = next(line for line in stdout.splitlines() if line.startswith("wrote "))
+    assert "checkpoint.npz" in wrote and "metrics.json" in wrote and "history.csv" in wrote
+    assert (tmp_path / "run" / "checkpoint.npz").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "sgd" and "momentum" not in metrics["config"]
+
+    assert train.main([*TINY_RUN, "--steps", "5", "--out", out, "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert "resuming from step 2" in stdout
+    summary = next(line for line in stdout.splitlines() if line.startswith("train accuracy"))
+    assert "3 steps this run, resumed from step 2" in summary
+
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
+    for flags, expected in (
+        (["--steps", "6", "--lr", "0.5"], "different configuration"),
+        (["--steps", "3"], "beyond steps=3"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*TINY_RUN, *flags, "--out", out, "--resume"])
+        assert exit_info.value.code == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "argument --resume:" in line and expected in line
+
+
+def test_metrics_record_momentum_only_when_the_optimizer_uses_it():
+    train = load_script("train")
+    for optimizer, recorded in (("sgd", False), ("adam", False), ("momentum", True)):
+        config = train.config_from_arguments(
+            train.parse_arguments(["--optimizer", optimizer, "--momentum", "0.5"])
+        )
+        used = train.config_used(config)
+        assert ("momentum" in used) == recorded and used["optimizer"] == optimizer
+        if recorded:
+            assert used["momentum"] == 0.5
+
+
+SCRIPTS = [
+    "train.py",
+    "gradient_check.py",
+    "per_example_grads.py",
+    "data_parallel.py",
+    "profile_fusions.py",
+    "benchmark_sharded.py",
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_of_every_script_shows_its_default_in_help(script):
+    completed = run_script(script, "--help")
+    usage, _, _ = completed.stdout.partition("\n\n")
+    flags = set(re.findall(r"\[(--[\w-]+)", usage)) - {"--help"}
+    assert flags and completed.stdout.count("(default:") == len(flags), completed.stdout
+    # every flag has a description, not just the default: no option line ends at its default
+    assert not re.search(r"^\s+--[\w-]+(?: [A-Z_ ]+)?\s+\(default:", completed.stdout, re.M)
+
+
+@pytest.mark.parametrize(
+    "script, flags, named",
+    [
+        ("gradient_check.py", ["--eps", "0"], "argument --eps:"),
+        ("gradient_check.py", ["--json", "/no/such/folder/t.json"], "argument --json:"),
+        ("per_example_grads.py", ["--repeats", "0"], "argument --repeats:"),
+        ("data_parallel.py", ["--steps", "10,-1"], "argument --steps:"),
+        ("profile_fusions.py", ["--shape", "0", "10"], "argument --shape:"),
+        ("benchmark_sharded.py", ["--rows", "-1"], "argument --rows:"),
+    ],
+)
+def test_other_scripts_reject_bad_numbers_as_usage_errors(script, flags, named):
+    completed = run_script(script, *flags, expect_success=False)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "Traceback" not in completed.stderr and named in completed.stderr
+
+
+def test_decision_boundary_regions_and_points_take_one_colour_per_class(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from jaxsoftmax import data, mlp
+
+    train = load_script("train")
+    colours = train.class_colours(3)
+    assert colours.shape == (3, 4) and len({tuple(row) for row in colours}) == 3
+    assert train.class_colours(1).shape == (1, 4)
+
+    seen = {}
+    original_contourf, original_scatter = Axes.contourf, Axes.scatter
+
+    def contourf(self, *args, **kwargs):
+        seen["regions"] = (kwargs.get("colors"), kwargs.get("cmap"), kwargs.get("levels"))
+        return original_contourf(self, *args, **kwargs)
+
+    def scatter(self, x, y, **kwargs):
+        seen["points"] = (kwargs.get("c"), kwargs.get("cmap"))
+        return original_scatter(self, x, y, **kwargs)
+
+    monkeypatch.setattr(Axes, "contourf", contourf)
+    monkeypatch.setattr(Axes, "scatter", scatter)
+    monkeypatch.setattr(train, "save_figure", lambda figure, path: None)  # nothing rendered
+    dataset = data.load("spiral", num_examples=10)
+    params = mlp.init(jax.random.key(0), [2, 4, 3])
+    train.plot_decision_boundary(str(tmp_path / "b.png"), params, dataset, "relu", "t")
+    region_colours, region_map, levels = seen["regions"]
+    point_colours, point_map = seen["points"]
+    assert region_map is None and point_map is None  # no colour map to normalise differently
+    assert list(levels) == [-0.5, 0.5, 1.5, 2.5]  # region k lies between levels k -+ 0.5
+    assert [tuple(c) for c in region_colours] == [tuple(c) for c in colours]
+    for label, colour in zip(dataset.y_train, point_colours):
+        assert tuple(colour) == tuple(colours[label])

@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             if resuming_from is not None
             else f"--resume: no checkpoint at {checkpoint_path}; starting from scratch"
         )
+    created_out = not os.path.exists(arguments.out)
     os.makedirs(arguments.out, exist_ok=True)
     for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
         training.remove_stale_temporaries(os.path.join(arguments.out, name))
@@ -463,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             on_run_end=on_run_end,
         )
     except training.NonFiniteLossError as error:
+        if created_out and not os.listdir(arguments.out):  # no checkpoint: leave nothing behind
+            os.rmdir(arguments.out)
         print(f"\nstopped: {error}", file=sys.stderr)
         return 2
     finally:

@@ -503,3 +503,13 @@ def test_decision_boundary_regions_and_points_take_one_colour_per_class(tmp_path
     assert [tuple(c) for c in region_colours] == [tuple(c) for c in colours]
     for label, colour in zip(dataset.y_train, point_colours):
         assert tuple(colour) == tuple(colours[label])
+
+
+def test_train_stopped_before_its_first_checkpoint_leaves_no_empty_folder(tmp_path, capsys):
+    train = load_script("train")
+    out = tmp_path / "run"
+    flags = ["--num-examples", "10", "--hidden", "4", "--lr", "1e30", "--steps", "20"]
+    flags += ["--eval-every", "10", "--checkpoint-every", "20", "--no-plots", "--no-progress"]
+    assert train.main([*flags, "--out", str(out)]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not out.exists()

@@ -38,6 +38,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -508,9 +509,20 @@ def check_checkpoint(path: str, config: TrainConfig, dataset: Dataset) -> int:
     resuming the checkpoint at ``path`` with ``config`` on ``dataset``, without loading its
     arrays or compiling anything; returns the checkpoint's step. A script calls it to report a
     mismatch before any work."""
-    with np.load(path, allow_pickle=False) as stored:
-        _check_stored_checkpoint(stored, path, config, dataset)
-        step = int(stored["step"])
+    try:
+        with open(path, "rb") as file:  # closed whatever np.load makes of it
+            archive = np.load(file, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            with archive:
+                stored = {key: archive[key] for key in ("config", "dataset", "step")}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"the checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete it "
+            "to start from scratch, or use another output directory."
+        ) from None
+    _check_stored_checkpoint(stored, path, config, dataset)
+    step = int(stored["step"])
     if step > config.steps:
         raise ValueError(
             f"the checkpoint is at step {step}, beyond steps={config.steps}; "

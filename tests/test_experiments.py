@@ -513,3 +513,17 @@ def test_train_stopped_before_its_first_checkpoint_leaves_no_empty_folder(tmp_pa
     assert train.main([*flags, "--out", str(out)]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"PK\x03\x04garbage"])
+def test_train_resume_from_an_unreadable_checkpoint_is_a_usage_error(
+    content, tmp_path, capsys, monkeypatch
+):
+    train = load_script("train")
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "checkpoint.npz").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY_RUN, "--steps", "2", "--out", str(tmp_path), "--resume"])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "argument --resume:" in line and "cannot be read" in line

@@ -22,6 +22,9 @@ import sys
 import jax
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compilation_cache  # a sibling module of this script
+
 from jaxsoftmax import data, training
 
 
@@ -96,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=writable_file, default=None, help="also write the table here; None: do not"
     )
+    compilation_cache.add_flag(parser)
     arguments = parser.parse_args(argv)
+    compilation_cache.enable(arguments)
     try:
         devices = len(training.select_devices(arguments.devices, name="--devices"))
     except ValueError as error:

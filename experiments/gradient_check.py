@@ -35,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compilation_cache  # a sibling module of this script
+
 from jaxsoftmax import data, mlp, training
 
 RELATIVE_FLOOR = 1e-6  # below it a difference is judged by its absolute size
@@ -200,7 +203,9 @@ def main(argv=None) -> int:
         default="both",
         help="check only one network: 000 the blog post's, 002 the question-and-answer thread's",
     )
+    compilation_cache.add_flag(parser)
     arguments = parser.parse_args(argv)
+    compilation_cache.enable(arguments)
 
     rows = []
     for name, (make_input, sizes, activation) in NETWORKS.items():

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compilation_cache  # a sibling module of this script
 
 from jaxsoftmax import data, mlp
 
@@ -79,7 +83,9 @@ def main(argv=None) -> int:
         "--repeats", type=positive_int, default=5, help="timed runs of each method (best kept)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and parameters")
+    compilation_cache.add_flag(parser)
     arguments = parser.parse_args(argv)
+    compilation_cache.enable(arguments)
 
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=True)
     if arguments.batch_size > len(dataset.y_train):

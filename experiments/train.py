@@ -37,6 +37,9 @@ import sys
 import jax
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compilation_cache  # a sibling module of this script
+
 import jaxsoftmax
 from jaxsoftmax import data, mlp, training
 
@@ -232,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compilation_cache.add_flag(parser)
     return parser
 
 
@@ -392,6 +396,7 @@ def plot_decision_boundary(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    compilation_cache.enable(arguments)
     # Flags that contradict each other or the data are usage errors (exit status 2), found
     # before anything is computed: the library's checks, reported under the flag's name.
     try:

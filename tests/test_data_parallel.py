@@ -29,6 +29,7 @@ def run_with_devices(command, devices):
     )
     environment["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     environment["JAX_PLATFORMS"] = "cpu"
+    environment["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"  # the scripts' cache: not in tests
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
     )

@@ -9,6 +9,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +31,18 @@ def load_script(name):
     return module
 
 
-def run_script(name, *arguments, expect_success=True):
+# The scripts' persistent compilation cache, for the runs of this test process: a folder of
+# its own (never the user's), shared by the runs, which then skip compiling what an earlier
+# run compiled.
+CACHE_HOME = tempfile.mkdtemp(prefix="jaxsoftmax-tests-cache-")
+
+
+def run_script(name, *arguments, expect_success=True, environment=None):
     environment = {
         **os.environ,
+        "XDG_CACHE_HOME": CACHE_HOME,
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(environment or {}),
     }
     completed = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *arguments],
@@ -527,3 +536,38 @@ def test_train_resume_from_an_unreadable_checkpoint_is_a_usage_error(
     assert exit_info.value.code == 2
     line = one_error_line(capsys.readouterr().err)
     assert "argument --resume:" in line and "cannot be read" in line
+
+
+def cache_entries(cache_home):
+    folder = pathlib.Path(cache_home) / "jaxsoftmax" / "jax-compilation-cache"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+    """The first run of train.py fills the cache in $XDG_CACHE_HOME; a second run, into
+    another --out, compiles nothing new: every program comes from the cache."""
+    small = ("--num-examples", "30", "--hidden", "8", "--steps", "20")
+    home = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run_script("train.py", *small, "--out", str(tmp_path / "one"), environment=home)
+    first = cache_entries(tmp_path / "cache")
+    assert first, "the first run wrote no compiled program"
+    run_script("train.py", *small, "--out", str(tmp_path / "two"), environment=home)
+    assert cache_entries(tmp_path / "cache") == first
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_the_compilation_cache_can_be_turned_off(tmp_path, how):
+    small = ("--num-examples", "30", "--hidden", "8", "--steps", "20")
+    environment = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    flags = ["--no-compilation-cache"] if how == "flag" else []
+    if how == "variable":
+        environment["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
+    run_script("train.py", *small, *flags, "--out", str(tmp_path / "run"), environment=environment)
+    assert cache_entries(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize(
+    "script", ["train.py", "gradient_check.py", "per_example_grads.py", "data_parallel.py"]
+)
+def test_scripts_that_compile_offer_the_cache_switch(script):
+    assert "--no-compilation-cache" in run_script(script, "--help").stdout

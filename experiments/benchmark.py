@@ -925,13 +925,32 @@ def run_cases(out: str, settings: dict, cases: list, fresh: bool = False) -> lis
     return [row for name, _ in cases for row in finished[name]]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
     parser.add_argument(
-        "--out", default=None, help="output folder (default benchmarks/results/<device>)"
+        "--out", default=None, help="output folder; None: benchmarks/results/<device>"
     )
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help="timed rounds per case (fast cases get up to four times as many); None: 8, or 3 "
+        "with --quick",
+    )
     parser.add_argument(
         "--large",
         action="store_true",

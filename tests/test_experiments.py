@@ -571,3 +571,11 @@ def test_the_compilation_cache_can_be_turned_off(tmp_path, how):
 )
 def test_scripts_that_compile_offer_the_cache_switch(script):
     assert "--no-compilation-cache" in run_script(script, "--help").stdout
+
+
+def test_benchmark_flags_show_defaults_and_refuse_bad_repeats():
+    help_text = run_script("benchmark.py", "--help").stdout
+    assert help_text.count("(default:") >= 5, help_text
+    refused = run_script("benchmark.py", "--repeats", "0", expect_success=False)
+    assert refused.returncode == 2
+    assert "--repeats" in refused.stderr and "Traceback" not in refused.stderr

@@ -51,6 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flag_types import positive_int  # a sibling module
+
 import jaxsoftmax
 from jaxsoftmax import training
 from jaxsoftmax._cpu_fast_paths import plain_path_only
@@ -925,16 +928,6 @@ def run_cases(out: str, settings: dict, cases: list, fresh: bool = False) -> lis
     return [row for name, _ in cases for row in finished[name]]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -946,7 +939,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="timed rounds per case (fast cases get up to four times as many); None: 8, or 3 "
         "with --quick",

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
+from flag_types import positive_int  # a sibling module
 
 from jaxsoftmax import data, training
 
@@ -33,24 +34,6 @@ def max_difference(a, b) -> float:
         float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
     )
-
-
-def _number(kind, test, expected):
-    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
 
 
 def step_counts(text: str) -> list[int]:

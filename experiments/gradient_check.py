@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -37,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
+from flag_types import non_negative_float, positive_float  # a sibling module
 
 from jaxsoftmax import data, mlp, training
 
@@ -149,25 +149,6 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
                 }
             )
     return rows
-
-
-def _number(kind, test, expected):
-    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
-        return value
-
-    return parse
-
-
-positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
-non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def writable_file(text: str) -> str:

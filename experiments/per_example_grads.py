@@ -11,7 +11,6 @@ with ``block_until_ready``).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
+from flag_types import non_negative_float, positive_int  # a sibling module
 
 from jaxsoftmax import data, mlp
 
@@ -40,25 +40,6 @@ def best_seconds(function, repeats):
         jax.block_until_ready(function())
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def _number(kind, test, expected):
-    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def main(argv=None) -> int:

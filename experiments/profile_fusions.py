@@ -24,13 +24,18 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import statistics
+import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flag_types import positive_int  # a sibling module
 
 from jaxsoftmax import cross_entropy
 
@@ -101,24 +106,6 @@ def profile(n: int, num_classes: int, dtype, calls: int) -> dict[str, list[dict]
             key=lambda row: -row["seconds"],
         )
     return report
-
-
-def _number(kind, test, expected):
-    """An argparse type: ``kind(text)`` passing ``test``; otherwise a usage error (exit 2)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
 
 
 def main(argv=None) -> dict[str, list[dict]]:

@@ -39,6 +39,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
+from flag_types import (  # a sibling module
+    coefficient_below_one,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 import jaxsoftmax
 from jaxsoftmax import data, mlp, training
@@ -61,50 +67,6 @@ def parse_hidden(text: str) -> tuple[int, ...]:
             f"--hidden {text!r}: widths must be positive (0 alone means no hidden layer)"
         )
     return widths
-
-
-def positive_integer(text: str) -> int:
-    """The type of the counting flags: ``--steps 0`` is a usage error, not a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """The type of ``--lr`` and ``--init-scale``: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0; got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """The type of the penalty weights ``--l2`` and ``--z-loss``: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {text!r}")
-    return value
-
-
-def momentum_coefficient(text: str) -> float:
-    """The type of ``--momentum``: a coefficient in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}")
-    return value
 
 
 def parse_class_weights(text: str) -> tuple[float, ...]:
@@ -134,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=data.DATASETS, default="spiral", help="training data")
     parser.add_argument(
         "--num-examples",
-        type=positive_integer,
+        type=positive_int,
         default=None,
         help="points per class (spiral) or in total (moons, circles); None: the dataset's own",
     )
@@ -166,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--momentum",
-        type=momentum_coefficient,
+        type=coefficient_below_one,
         default=defaults.momentum,
         help="momentum coefficient in [0, 1); used only by --optimizer momentum",
     )
@@ -174,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--l2", type=non_negative_float, default=defaults.l2, help="L2 weight penalty, >= 0"
     )
     parser.add_argument(
-        "--steps", type=positive_integer, default=defaults.steps, help="total training steps"
+        "--steps", type=positive_int, default=defaults.steps, help="total training steps"
     )
     parser.add_argument(
         "--batch-size",
-        type=positive_integer,
+        type=positive_int,
         default=None,
         help="minibatch size; None: full batch",
     )
@@ -214,20 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--eval-every",
-        type=positive_integer,
+        type=positive_int,
         default=defaults.eval_every,
         help="steps per compiled run, one history row each",
     )
     parser.add_argument(
         "--checkpoint-every",
-        type=positive_integer,
+        type=positive_int,
         default=None,
         help=f"a multiple of --eval-every; None: every {training.DEFAULT_CHECKPOINT_EVERY} "
         "steps, rounded up to one",
     )
     parser.add_argument(
         "--devices",
-        type=positive_integer,
+        type=positive_int,
         default=None,
         help="train data-parallel on the first N local devices; None: all",
     )

@@ -1,0 +1,32 @@
+"""Argument types for the scripts in ``experiments/``: a bad number is a usage error.
+
+Each type parses a flag's text and checks its range; a value outside it raises
+``argparse.ArgumentTypeError``, which argparse turns into one line naming the flag and exit
+status 2, before the script does any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def number(kind, test, expected: str):
+    """An argparse type: ``kind(text)`` passing ``test``, else "expected <expected>; got ..."."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, lambda v: v > 0, "a positive integer")
+positive_float = number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+non_negative_float = number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+coefficient_below_one = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
-from flag_types import positive_int  # a sibling module
+from flag_types import positive_counts, positive_int, writable_file  # a sibling module
 
 from jaxsoftmax import data, training
 
@@ -36,29 +36,6 @@ def max_difference(a, b) -> float:
     )
 
 
-def step_counts(text: str) -> list[int]:
-    """``"10,100"`` -> [10, 100]: the type of ``--steps``."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or any(count <= 0 for count in counts):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive step counts such as 10,100; got {text!r}"
-        )
-    return counts
-
-
-def writable_file(text: str) -> str:
-    """The type of ``--json``: a file path whose folder exists (checked before any work)."""
-    folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text) or not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(
-            f"expected a file path in an existing directory; got {text!r}"
-        )
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -68,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--steps",
-        type=step_counts,
+        type=positive_counts("step counts", "10,100"),
         default="10,100,200,500,1000,10000",
         help="comma-separated step counts, each a fresh run",
     )

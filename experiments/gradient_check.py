@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
-from flag_types import non_negative_float, positive_float  # a sibling module
+from flag_types import non_negative_float, positive_float, writable_file  # a sibling module
 
 from jaxsoftmax import data, mlp, training
 
@@ -149,16 +149,6 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
                 }
             )
     return rows
-
-
-def writable_file(text: str) -> str:
-    """The type of ``--json``: a file path whose folder exists (checked before any work)."""
-    folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text) or not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(
-            f"expected a file path in an existing directory; got {text!r}"
-        )
-    return text
 
 
 def main(argv=None) -> int:

@@ -24,33 +24,13 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flag_types import number, positive_counts  # a sibling module; imports no JAX
+
 
 def _counting(minimum: int):
     """An argparse type: an integer >= ``minimum``; otherwise a usage error (exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text!r}")
-        return value
-
-    return parse
-
-
-def _device_counts(text: str) -> str:
-    """The type of ``--devices``: comma-separated positive counts, kept as the text."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or any(count <= 0 for count in counts):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive device counts such as 1,2,4; got {text!r}"
-        )
-    return text
+    return number(int, lambda value: value >= minimum, f"an integer >= {minimum}")
 
 
 _parser = argparse.ArgumentParser(
@@ -59,7 +39,10 @@ _parser = argparse.ArgumentParser(
 _parser.add_argument("--rows", type=_counting(1), default=1024, help="tokens N per step")
 _parser.add_argument("--classes", type=_counting(1), default=32768, help="vocabulary size V")
 _parser.add_argument(
-    "--devices", type=_device_counts, default="1,2,4,8", help="comma-separated device counts"
+    "--devices",
+    type=positive_counts("device counts", "1,2,4"),
+    default="1,2,4,8",
+    help="comma-separated device counts",
 )
 _parser.add_argument("--repeats", type=_counting(1), default=7, help="timed runs (median reported)")
 _parser.add_argument(
@@ -91,7 +74,7 @@ _parser.add_argument(
 
 if __name__ == "__main__":
     _ARGS = _parser.parse_args()
-    _MAX_DEVICES = max(int(d) for d in _ARGS.devices.split(","))
+    _MAX_DEVICES = max(_ARGS.devices)
     # JAX reads the device count once, when it starts: set it before importing jax.
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_MAX_DEVICES}"
@@ -106,14 +89,12 @@ import platform
 import statistics
 import time
 
+import hlo_collectives
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import hlo_collectives
 
 from jaxsoftmax import (
     cross_entropy,
@@ -412,7 +393,7 @@ def markdown(result: dict) -> str:
 
 
 def main(args) -> dict:
-    counts = [int(d) for d in args.devices.split(",")]
+    counts = list(args.devices)
     runs = [measure(d, args.rows, args.classes, args.repeats) for d in counts]
     result = {
         "what": "vocabulary-parallel cross_entropy, value_and_grad, virtual CPU devices",

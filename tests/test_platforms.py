@@ -179,6 +179,20 @@ def test_dropins_train_with_the_same_program_as_cross_entropy(dtype):
             )
 
 
+def assert_trees_close(fast, plain, tolerance):
+    """Every case's value and gradients from the two paths agree within ``tolerance``."""
+    assert fast.keys() == plain.keys()
+    for key in fast:
+        for got, want in zip(jax.tree.leaves(fast[key]), jax.tree.leaves(plain[key])):
+            np.testing.assert_allclose(
+                np.asarray(got, np.float64),
+                np.asarray(want, np.float64),
+                rtol=tolerance,
+                atol=tolerance,
+                err_msg=str(key),
+            )
+
+
 # Options each checked alone and all together, for both kinds of target.
 OPTION_SETS = {
     "none": {},
@@ -235,16 +249,7 @@ def test_plain_and_fast_paths_agree_on_the_cpu(dtype, kind):
     fast = value_and_gradients(dtype, kind)
     with plain_path_only():
         plain = value_and_gradients(dtype, kind)
-    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
-    for name in OPTION_SETS:
-        for got, want in zip(jax.tree.leaves(fast[name]), jax.tree.leaves(plain[name])):
-            np.testing.assert_allclose(
-                np.asarray(got, np.float64),
-                np.asarray(want, np.float64),
-                rtol=tolerance,
-                atol=tolerance,
-                err_msg=name,
-            )
+    assert_trees_close(fast, plain, 1e-6 if dtype == jnp.float32 else 1e-2)
 
 
 def linear_value_and_gradients(dtype):
@@ -274,16 +279,7 @@ def test_fused_loss_plain_and_fast_paths_agree_on_the_cpu(dtype):
     fast = linear_value_and_gradients(dtype)
     with plain_path_only():
         plain = linear_value_and_gradients(dtype)
-    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-    for key in fast:
-        for got, want in zip(jax.tree.leaves(fast[key]), jax.tree.leaves(plain[key])):
-            np.testing.assert_allclose(
-                np.asarray(got, np.float64),
-                np.asarray(want, np.float64),
-                rtol=tolerance,
-                atol=tolerance,
-                err_msg=str(key),
-            )
+    assert_trees_close(fast, plain, 1e-5 if dtype == jnp.float32 else 2e-2)
 
 
 def test_plain_path_only_switches_the_program():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
+
 _COLLECTIVES = (
     "all-reduce",
     "all-gather",
@@ -18,6 +20,10 @@ _OP = re.compile(
     r"(?P<op>" + "|".join(_COLLECTIVES) + r")(?:-start)?\("
 )
 _GROUPS = re.compile(r"replica_groups=\{(\{[0-9,]*\}(?:,\{[0-9,]*\})*)\}")
+# Newer XLA (JAX 0.12) names a mesh and the axes reduced over instead of listing the groups:
+# replica_groups=mesh['batch'=2,'vocab'=4] {'vocab'}; devices in the mesh's row-major order.
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
+_MESH_AXIS = re.compile(r"'(?P<name>[^']+)'=(?P<size>[0-9]+)")
 _SHAPE = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
 _BYTES = {
     "pred": 1,
@@ -55,20 +61,34 @@ def collectives_with_groups(hlo_text: str):
         match = _OP.search(line)
         if not match:
             continue
-        groups = _GROUPS.search(line)
-        if groups:
-            groups = {
-                frozenset(int(d) for d in g.strip("{}").split(",") if d)
-                for g in groups[1].split("},{")
-            }
-            if all(len(g) <= 1 for g in groups):
-                continue
+        groups = _device_groups(line)
+        if groups and all(len(g) <= 1 for g in groups):
+            continue
         shapes = [
             (s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d))
             for s in _SHAPE.finditer(match["result"])
         ]
         found.append((match["op"], shapes, groups or None))
     return found
+
+
+def _device_groups(line: str):
+    """The device groups of one collective's HLO line, in either printed form, or None."""
+    listed = _GROUPS.search(line)
+    if listed:
+        return {
+            frozenset(int(d) for d in g.strip("{}").split(",") if d) for g in listed[1].split("},{")
+        }
+    named = _MESH_GROUPS.search(line)
+    if not named:
+        return None
+    axes = {m["name"]: int(m["size"]) for m in _MESH_AXIS.finditer(named["axes"])}
+    over = re.findall(r"'([^']+)'", named["over"])
+    ids = np.arange(math.prod(axes.values())).reshape(tuple(axes.values()))
+    reduced = [list(axes).index(name) for name in over]
+    kept = [i for i in range(len(axes)) if i not in reduced]
+    grouped = ids.transpose(kept + reduced).reshape(-1, math.prod(ids.shape[i] for i in reduced))
+    return {frozenset(int(d) for d in row) for row in grouped}
 
 
 def elements(shape: tuple[int, ...]) -> int:

@@ -64,19 +64,21 @@ from jaxsoftmax import _validation as v
 from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
 from jaxsoftmax._cpu_fast_paths import per_platform, slice_chunk
 from jaxsoftmax._options import check_options, reduce_loss
+from jaxsoftmax._tiles import on_each_platform, tiles_by_platform
 from jaxsoftmax._varying_axes import summed_like, typed_like_inputs, whole_cotangent
 
 LAYOUTS = ("vd", "dv")
 METHODS = ("auto", "recompute", "forward")
 
-# The automatic chunks hold a tile of at most 2**22 logits (16 MiB in float32).
-_DEFAULT_VOCAB_CHUNK = 4096
-_DEFAULT_TILE = 2**22
-
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Static choices of one call: the rule's options, the layout and the chunk sizes."""
+    """Static choices of one call: the rule's options, the layout and the chunk sizes.
+
+    ``token_chunk`` and ``vocab_chunk`` are the tile of the program being traced; ``tiles``
+    holds each backend's (see :mod:`jaxsoftmax._tiles`), one of which is chosen when the
+    program is lowered.
+    """
 
     options: _rule.RuleOptions
     layout: str
@@ -84,6 +86,7 @@ class _Plan:
     vocab_chunk: int
     accumulation_dtype: jnp.dtype
     num_classes: int | None = None  # all V real classes when sharded (None: the local V)
+    tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
 
 
 def _vocabulary(classifier, plan: _Plan):
@@ -113,29 +116,6 @@ def _visited(v0, i, vc, offset, num_classes, options):
     if options.axis_name is not None:
         fresh = fresh & (offset + index < num_classes)
     return fresh
-
-
-def default_chunks(num_tokens: int, num_classes: int) -> tuple[int, int]:
-    """``(token_chunk, vocab_chunk)`` used when none is given.
-
-    ``Vc`` is ``V`` up to 4096 classes; above that, the largest divisor of ``V`` between
-    2048 and 4096 (so the chunks tile the vocabulary exactly and the classifier's gradient is
-    assembled from them without a ``[V, d]`` update per chunk), or 4096 when ``V`` has none
-    (the last chunk is then ragged). ``T = min(N, max(1, 2**22 // Vc))``: one tile of logits
-    is at most 4M entries (16 MiB in float32), small against the ``N x V`` logits of the
-    shapes this loss is for, and large enough for the matrix products to run at full speed.
-
-    >>> default_chunks(8192, 256000)  # 256000 = 64 * 4000
-    (1048, 4000)
-    >>> default_chunks(8192, 50257)  # 50257 = 29 * 1733: no divisor in [2048, 4096]
-    (1024, 4096)
-    """
-    vocab_chunk = max(1, min(num_classes, _DEFAULT_VOCAB_CHUNK))
-    if num_classes > _DEFAULT_VOCAB_CHUNK:
-        divisors = (c for c in range(_DEFAULT_VOCAB_CHUNK, _DEFAULT_VOCAB_CHUNK // 2 - 1, -1))
-        vocab_chunk = next((c for c in divisors if num_classes % c == 0), vocab_chunk)
-    token_chunk = max(1, min(num_tokens, _DEFAULT_TILE // vocab_chunk))
-    return token_chunk, vocab_chunk
 
 
 def _chunk_starts(total: int, chunk: int):
@@ -374,20 +354,20 @@ def _backward(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
     """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule."""
-    return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
+    return _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
 
 
 def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, plan):
-    loss, statistics = _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+    loss, statistics = on_each_platform(_forward, plan, *args)
     return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
 def _linear_rows_bwd(plan, residuals, g):
     hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
     g = whole_cotangent(g, classifier, plan.options.axis_name)
-    d_hidden, d_classifier, d_bias = _backward(
-        hidden, classifier, bias, labels, class_weights, row_mask, statistics, g, plan
-    )
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
+    d_hidden, d_classifier, d_bias = on_each_platform(_backward, plan, *args)
     d_hidden, d_classifier, d_bias = (
         summed_like(d, x)
         for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
@@ -466,7 +446,9 @@ def linear_cross_entropy(
       classifier_layout: ``"vd"`` or ``"dv"``; the ``"dv"`` kernel is read in column blocks,
         never transposed as a whole.
       token_chunk, vocab_chunk: the tile ``T x Vc``; None picks
-        :func:`default_chunks` (``Vc <= 4096``, dividing ``V`` where it can; ``T * Vc <= 2**22``).
+        each backend's tile, chosen when the program is lowered (:mod:`jaxsoftmax._tiles`:
+        at most ``1024 x 1024`` on a CPU or TPU, ``1024 x 2048`` on a GPU; ``Vc`` divides
+        ``V`` where it can).
         With ``method="forward"``, ``token_chunk`` is the rows per block (None:
         ``min(N, 2**24 // V)``) and ``vocab_chunk`` is not used.
       accumulation_dtype: dtype the classifier's and bias's gradients are summed in over
@@ -566,15 +548,17 @@ class _Call(NamedTuple):
 
 def make_plan(call: _Call, num_tokens: int, num_local: int, axis_name=None) -> _Plan:
     """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
-    vocabulary is split over ``axis_name``), with the call's chunks or the defaults."""
-    auto_tokens, auto_vocab = default_chunks(num_tokens, num_local)
+    vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
+    tiles = tiles_by_platform(num_tokens, num_local, call.token_chunk, call.vocab_chunk)
+    _, token_chunk, vocab_chunk = next(t for t in tiles if t[0] == "default")
     return _Plan(
         options=dataclasses.replace(call.options, axis_name=axis_name),
         layout=call.layout,
-        token_chunk=min(call.token_chunk or auto_tokens, max(num_tokens, 1)),
-        vocab_chunk=min(call.vocab_chunk or auto_vocab, num_local),
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
         accumulation_dtype=call.accumulation_dtype,
         num_classes=None if axis_name is None else call.num_classes,
+        tiles=tiles,
     )
 
 
@@ -614,7 +598,8 @@ def choose_method(call: _Call, method: str) -> str:
 
 def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
     """Per-row losses by the online forward, nothing differentiated."""
-    return _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan)[0]
+    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+    return on_each_platform(_forward, plan, *args)[0]
 
 
 def _reduced_by_forward_gradient(call: _Call, plan: _Plan):

@@ -1,6 +1,7 @@
 """linear_cross_entropy against the naive composition (logits, then the core loss)."""
 
 import math
+import re
 
 import jax
 import jax.extend
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsoftmax import _rule
+from jaxsoftmax import _rule, _tiles
 from jaxsoftmax._cross_entropy import cross_entropy
-from jaxsoftmax._linear_cross_entropy import default_chunks, linear_cross_entropy
+from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
+from jaxsoftmax._tiles import default_chunks
 
 N, D, V = 37, 12, 23  # neither a multiple of the chunks below
 CHUNKS = dict(token_chunk=8, vocab_chunk=5)
@@ -399,13 +401,67 @@ def test_forward_method_with_no_tokens():
         assert float(value) == 0.0 and np.all(grad == 0)
 
 
-def test_default_chunks():
-    assert default_chunks(8192, 256000) == (1048, 4000)  # 4000 divides 256000
-    assert default_chunks(8192, 50257) == (1024, 4096)  # no divisor in [2048, 4096]
-    assert default_chunks(8192, 32768) == (1024, 4096)
-    assert default_chunks(8192, 128256)[1] == 4008  # Llama 3: 2**8 * 3 * 167
-    assert default_chunks(10, 7) == (10, 7)
-    assert default_chunks(1, 100_000)[0] == 1
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu", "metal"])
+def test_default_chunks_follow_the_documented_rule(platform):
+    """Against the rule as docs and docstring state it, found by brute force: ``T = min(N,
+    T_max)``; ``Vc = V`` up to ``Vc_max``, else the largest divisor of ``V`` in
+    ``[Vc_max / 2, Vc_max]``, else ``Vc_max``."""
+    t_max, v_max = _tiles.TILES.get(platform, _tiles.TILES["cpu"])
+    for n in (1, 7, t_max, 3 * t_max + 5):
+        for v in (1, 5, v_max, v_max + 1, 256000, 50257, 128256, 50304, 151936, 262144):
+            divisors = [c for c in range(1, v_max + 1) if v % c == 0 and 2 * c >= v_max]
+            expected = v if v <= v_max else max(divisors, default=v_max)
+            assert default_chunks(n, v, platform) == (min(n, t_max), expected), (n, v)
+    # Gemma 2 (256000 = 250 * 1024) and GPT-2 padded to 50304 = 2**7 * 393 tile exactly.
+    assert default_chunks(8192, 256000, platform)[1] in (1024, 2048)
+    assert 50304 % default_chunks(8192, 50304, platform)[1] == 0
+
+
+def _dot_shapes(text):
+    """Result shapes ``(rows, cols)`` of the 2-D matrix products in StableHLO text."""
+    found = re.findall(r"stablehlo.dot_general.*-> tensor<([0-9]+)x([0-9]+)x", text)
+    return {(int(a), int(b)) for a, b in found}
+
+
+def test_each_backend_lowers_its_own_tile():
+    """The tile is chosen when the program is lowered: one exported for ``cuda`` from this
+    CPU holds the GPU's ``[1024, 2048]`` tiles of logits, one for ``cpu`` and ``tpu`` the
+    ``[1024, 1024]`` ones; chunks the caller gives are used on every backend."""
+    n, d, v = 2048, 8, 8192
+    s = jax.ShapeDtypeStruct
+    args = (s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32))
+
+    def exported(platform, **chunks):
+        loss = lambda h, w, y: linear_cross_entropy(h, w, y, method="recompute", **chunks)
+        fn = jax.jit(jax.value_and_grad(loss, (0, 1)))
+        return _dot_shapes(jax.export.export(fn, platforms=[platform])(*args).mlir_module())
+
+    for platform in ("cpu", "cuda", "tpu"):
+        tile = _tiles.TILES[platform]
+        other = (1024, 3072 - tile[1])
+        assert tile in exported(platform) and other not in exported(platform), platform
+        assert (512, 256) in exported(platform, token_chunk=512, vocab_chunk=256)
+
+
+def test_gemma_shape_temporary_memory_is_300_times_below_the_logits():
+    """Gemma 2 2B's shape (N 8192, d 2304, V 256000), loss and both gradients, compiled for
+    this CPU: the fused loss's temporary memory at least 300 times below the logits + loss
+    path's in float32 (49 MiB against 15.6 GiB), and within the documented budget (see
+    ``_tiles``) in float32 and bf16: ``2 T Vc`` logits and their gradient, ``3 Vc d``
+    classifier chunk, its gradient and a product, ``3 T d`` of hidden states, in float32,
+    plus ``N d`` float32 for the hidden states' gradient in bf16, and 2 MiB of rows."""
+    n, d, v = 8192, 2304, 256000
+    t, vc = default_chunks(n, v)
+    fused = lambda h, w, y: linear_cross_entropy(h, w, y)
+    naive = lambda h, w, y: cross_entropy(h @ w.T, y)
+    budget = 4 * (2 * t * vc + 3 * vc * d + 3 * t * d) + 2**21
+    for dtype in (jnp.float32, jnp.bfloat16):
+        fused_bytes = _temp_bytes(fused, n, d, v, dtype)
+        widened = 0 if dtype == jnp.float32 else 4 * n * d
+        assert fused_bytes <= budget + widened, (dtype, fused_bytes, budget + widened)
+    assert _temp_bytes(naive, n, d, v, jnp.float32) >= 300 * _temp_bytes(
+        fused, n, d, v, jnp.float32
+    )
 
 
 @pytest.mark.parametrize(

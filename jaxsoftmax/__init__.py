@@ -6,6 +6,8 @@ The public API:
 * :func:`softmax_cross_entropy`, :func:`softmax_cross_entropy_with_integer_labels`:
   drop-in replacements for optax's losses of the same names, with forward mode.
 * :func:`checked`: run a loss called with ``checked=True`` so bad labels raise.
+* :class:`LossAux`: what the losses return beside the loss with ``return_aux=True``
+  (log-sum-exp, z-loss term, whether the prediction is right, entropy; per example).
 * :func:`linear_cross_entropy`: classifier layer and loss fused; never builds the
   ``[N, V]`` logits. It has no ``axis_name=``: the vocabulary-split fused loss is
   :func:`sharded_linear_cross_entropy`.
@@ -26,6 +28,7 @@ from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
 from jaxsoftmax import training as training
 from jaxsoftmax._checking import checked as checked
+from jaxsoftmax._companions import LossAux as LossAux
 from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
 from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_entropy
@@ -61,6 +64,7 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
+    "LossAux",
     "NonFiniteLossError",
     "TrainConfig",
     "checked",

@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxsoftmax import _checking, _rule
+from jaxsoftmax import _checking, _companions, _rule
 from jaxsoftmax import _validation as v
 from jaxsoftmax._options import check_options, reduce_loss
 
@@ -57,11 +57,13 @@ def per_example_loss(
     targets_name="targets",
     kind_hint="",
     label_hint=LABEL_HINT,
+    return_aux=False,
 ):
     """Validates, moves the class axes last and applies the rule row by row.
 
     Returns ``(loss [batch...], row_weight [batch...])`` where ``row_weight`` is the
-    example's share of a mean's denominator (0 for dropped examples).
+    example's share of a mean's denominator (0 for dropped examples), and with
+    ``return_aux`` a third element, the :class:`~jaxsoftmax.LossAux` of every example.
 
     ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
     ``targets_name``, ``kind_hint`` and ``label_hint`` (checked mode: how to leave an
@@ -118,6 +120,7 @@ def per_example_loss(
         options=options,
         forward_mode=forward_mode,
         label_check=label_check,
+        companions=return_aux,
     )
 
 
@@ -130,6 +133,7 @@ def per_example_loss(
         "options",
         "forward_mode",
         "label_check",
+        "companions",
     ),
 )
 def _rows_and_weights(
@@ -145,10 +149,13 @@ def _rows_and_weights(
     options,
     forward_mode,
     label_check,
+    companions=False,
 ):
     """The computation after validation, jitted so eager calls compile once per shape.
 
-    ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None.
+    ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None;
+    ``companions`` adds the :class:`~jaxsoftmax.LossAux` (the rule of
+    :mod:`jaxsoftmax._companions`).
     """
     num_classes = math.prod(logits.shape[a] for a in axes)
     logits = v.move_classes_last(logits, axes)
@@ -168,19 +175,22 @@ def _rows_and_weights(
             targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint
         )
 
-    rows = (
-        _rule.softmax_cross_entropy_rows_fwd_capable
-        if forward_mode
-        else _rule.softmax_cross_entropy_rows
-    )
-    loss = rows(logits, targets, class_mask, class_weights, row_mask, options)
+    args = (logits, targets, class_mask, class_weights, row_mask, options)
+    if companions:
+        loss, lse, entropy, correct = _companions.rows_with_companions(*args)
+    elif forward_mode:
+        loss = _rule.softmax_cross_entropy_rows_fwd_capable(*args)
+    else:
+        loss = _rule.softmax_cross_entropy_rows(*args)
 
     dtype = loss.dtype
-    weight = _rule.row_weight(targets, class_weights, logits.shape[-1], dtype, options)
+    r = _rule.row_weight(targets, class_weights, logits.shape[-1], dtype, options)
+    r = jnp.broadcast_to(r, loss.shape + (1,))[..., 0]
     live = _rule.live_rows(class_mask, row_mask, options)
-    if live is not None:
-        weight = jnp.where(live, weight, 0.0)
-    weight = jnp.broadcast_to(weight, loss.shape + (1,))[..., 0]
+    weight = r if live is None else jnp.where(live[..., 0], r, 0.0)
+    if companions:
+        aux = _companions.loss_aux(lse, entropy, correct, r, options.z_loss)
+        return loss, weight, aux
     return loss, weight
 
 
@@ -198,7 +208,8 @@ def cross_entropy(
     reduction: str = "mean",
     axis_name=None,
     checked: bool = False,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _companions.LossAux]:
     r"""Softmax cross-entropy with the options of PyTorch's ``F.cross_entropy`` and more.
 
     .. math::
@@ -270,7 +281,8 @@ def cross_entropy(
     """
     reduction = v.check_reduction(reduction)
     logits = v.check_logits(logits)
-    loss, row_weight = per_example_loss(
+    v.check_flag(return_aux, "return_aux")
+    out = per_example_loss(
         logits,
         targets,
         axis=axis,
@@ -282,5 +294,7 @@ def cross_entropy(
         logit_softcap=logit_softcap,
         axis_name=axis_name,
         checked=checked,
+        return_aux=return_aux,
     )
-    return reduce_loss(loss, row_weight, reduction).astype(logits.dtype)
+    loss = reduce_loss(out[0], out[1], reduction).astype(logits.dtype)
+    return (loss, out[2]) if return_aux else loss

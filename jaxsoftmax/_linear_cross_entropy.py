@@ -58,8 +58,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxsoftmax import _companions, _rule
 from jaxsoftmax import _linear_forward_gradient as forward_gradient
-from jaxsoftmax import _rule
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
 from jaxsoftmax._cpu_fast_paths import per_platform, slice_chunk
@@ -87,6 +87,7 @@ class _Plan:
     accumulation_dtype: jnp.dtype
     num_classes: int | None = None  # all V real classes when sharded (None: the local V)
     tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
+    companions: bool = False  # also lse, entropy and correct per row (return_aux)
 
 
 def _vocabulary(classifier, plan: _Plan):
@@ -138,6 +139,34 @@ def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
     return z
 
 
+def _track_companions(tracked, top, total, shift, x_fresh, exponentials, chunk_top, first):
+    """One chunk's update of the companions' running numbers (``return_aux``): ``a = sum_c
+    e^(x_c - m) (x_c - m)`` rescaled to the new maximum like the sum of exponentials,
+    ``a' = e^(m - m') (a + (m - m') s) + sum_new e^(x_c - m') (x_c - m')``, and the first
+    class of largest logit (``first`` is the chunk's global first class)."""
+    shifted_sum, best, best_class = tracked
+    delta = jnp.where(jnp.isfinite(top), top - shift, 0.0)
+    shifted = jnp.where(exponentials > 0, exponentials * (x_fresh - shift[:, None]), 0.0)
+    shifted_sum = jnp.exp(delta) * (shifted_sum + delta * total) + jnp.sum(shifted, axis=-1)
+    better = chunk_top > best  # strictly: an earlier class keeps a tie
+    chunk_class = (first + jnp.argmax(x_fresh, axis=-1)).astype(jnp.int32)
+    return [shifted_sum, jnp.maximum(best, chunk_top), jnp.where(better, chunk_class, best_class)]
+
+
+def _combine_companions(tracked, top, total, axis_name):
+    """The vocabulary shards' companions per row: ``a`` rescaled to the global maximum and
+    summed, and the smallest class holding the global largest logit."""
+    shifted_sum, best, best_class = tracked
+    global_top = lax.pmax(top, axis_name)
+    delta = jnp.where(
+        jnp.isfinite(top), top - jnp.where(jnp.isfinite(global_top), global_top, 0.0), 0.0
+    )
+    shifted_sum = lax.psum(jnp.exp(delta) * (shifted_sum + delta * total), axis_name)
+    holder = best == global_top
+    best_class = jnp.where(holder, best_class, jnp.iinfo(jnp.int32).max)
+    return [shifted_sum, global_top, lax.pmin(best_class, axis_name)]
+
+
 def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
     """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
     options = plan.options
@@ -148,6 +177,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
     num_tc, token_start = _chunk_starts(num_tokens, tc)
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     eps = options.label_smoothing
+    options_companions = plan.companions
     varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights))
 
     def token_step(outputs, j):
@@ -156,7 +186,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
 
         def vocab_step(carry, i):
-            top, total, label_x, weighted = carry
+            top, total, label_x, weighted, *tracked = carry
             v0 = vocab_start(i)
             bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
             z = _tile_logits(
@@ -169,11 +199,15 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
             x = _rule.capped(z, options)
             fresh = _visited(v0, i, vc, offset, num_classes, options)
             x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
-            new_top = jnp.maximum(top, jnp.max(x_fresh, axis=-1))
+            chunk_top = jnp.max(x_fresh, axis=-1)
+            new_top = jnp.maximum(top, chunk_top)
             shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # -inf: no class counted yet
-            total = total * jnp.exp(top - shift) + jnp.sum(
-                jnp.exp(x_fresh - shift[:, None]), axis=-1
-            )
+            exponentials = jnp.exp(x_fresh - shift[:, None])
+            if options_companions:
+                tracked = _track_companions(
+                    tracked, top, total, shift, x_fresh, exponentials, chunk_top, offset + v0
+                )
+            total = total * jnp.exp(top - shift) + jnp.sum(exponentials, axis=-1)
             index = labels_t - (offset + v0)
             owned = (index >= 0) & (index < vc)
             picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
@@ -187,25 +221,27 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
                 weighted = weighted + jnp.sum(
                     jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1
                 )
-            return (new_top, total, label_x, weighted), None
+            return (new_top, total, label_x, weighted, *tracked), None
 
-        init = varying(
-            (
-                jnp.full((tc,), -jnp.inf, dtype),
-                jnp.zeros((tc,), dtype),
-                jnp.zeros((tc,), dtype),
-                jnp.zeros((tc,), dtype),
-            )
-        )
-        stats, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+        init = [jnp.full((tc,), -jnp.inf, dtype)] + [jnp.zeros((tc,), dtype)] * 3
+        if options_companions:  # sum_c e^(x_c - m) (x_c - m), the best logit and its class
+            init += [jnp.zeros((tc,), dtype), jnp.full((tc,), -jnp.inf, dtype)]
+            init += [jnp.zeros((tc,), jnp.int32)]
+        stats, _ = lax.scan(vocab_step, varying(tuple(init)), jnp.arange(num_vc))
         # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
         outputs = tuple(
             lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats)
         )
         return outputs, None
 
-    init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(4)))
-    (top, total, label_x, weighted), _ = lax.scan(token_step, init, jnp.arange(num_tc))
+    init = [jnp.zeros((num_tokens,), dtype) for _ in range(4)]
+    if options_companions:
+        init += [jnp.zeros((num_tokens,), dtype)] * 2 + [jnp.zeros((num_tokens,), jnp.int32)]
+    (top, total, label_x, weighted, *tracked), _ = lax.scan(
+        token_step, varying(tuple(init)), jnp.arange(num_tc)
+    )
+    if options_companions and options.axis_name is not None:
+        tracked = _combine_companions(tracked, top, total, options.axis_name)
     if options.axis_name is not None:
         # The vocabulary shards' statistics, combined per row: a pmax, then one psum of the
         # rescaled sums, the label logits (0 on every shard but the owner's) and the smoothing
@@ -231,7 +267,16 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
     live = None if row_mask is None else row_mask[:, None]
     bad = _rule.bad_label_rows(labels, row_mask, num_classes, rule)
     loss = _rule.row_loss((top, log_sum), cross, r, live, bad, rule)
-    return loss, (top[:, 0], log_sum[:, 0])
+    statistics = (top[:, 0], log_sum[:, 0])
+    if not options_companions:
+        return loss, statistics
+    shifted_sum, _, best_class = tracked  # H = log_sum - a / s (see jaxsoftmax._companions)
+    lse, entropy = top + log_sum, log_sum - (shifted_sum / total)[:, None]
+    correct = (best_class == labels)[:, None]
+    if live is not None:
+        lse, entropy = jnp.where(live, lse, 0.0), jnp.where(live, entropy, 0.0)
+        correct = correct & live
+    return loss, statistics, (lse[:, 0], entropy[:, 0], correct[:, 0])
 
 
 def _backward(
@@ -249,7 +294,8 @@ def _backward(
     tc, vc = plan.token_chunk, plan.vocab_chunk
     num_tc, token_start = _chunk_starts(num_tokens, tc)
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
-    top, log_sum = statistics
+    top, log_sum, *entropy = statistics  # the entropy too with companions
+    cotangents = g if plan.companions else (g,)
     chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
     varying = typed_like_inputs(
         (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
@@ -275,7 +321,7 @@ def _backward(
             rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
             # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
             fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
-            g_t = jnp.where(fresh_rows, rows(g), 0.0)
+            g_t, *g_companions = (jnp.where(fresh_rows, rows(c), 0.0) for c in cotangents)
             z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
             gradient_here = per_platform(
                 _rule.logits_gradient, cpu_logits_gradient, options=rule, block=block
@@ -284,6 +330,12 @@ def _backward(
             grad = gradient_here(
                 z, rows(labels), None, weights_c, rows(row_mask), statistics_t, g_t
             )
+            if plan.companions:  # + s (g_lse - g_H (log s + H)), jaxsoftmax._companions
+                live_t = None if row_mask is None else rows(row_mask)[:, None]
+                grad = grad.astype(dtype) + _companions.companions_gradient(
+                    _rule.capped(z, rule), statistics_t, rows(entropy[0]), *g_companions,
+                    None, live_t, rule,
+                )  # fmt: skip
             grad = jnp.where(fresh[None, :], grad, 0.0)
             # The matrix products run in the inputs' dtype, as the naive composition's do.
             grad_in = grad.astype(hidden.dtype)
@@ -353,19 +405,29 @@ def _backward(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
-    """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule."""
-    return _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+    """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule; with
+    ``plan.companions``, ``(loss, lse, entropy, correct)``."""
+    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+    return _linear_rows_fwd(*args, plan)[0]
 
 
 def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, plan):
     args = (hidden, classifier, bias, labels, class_weights, row_mask)
-    loss, statistics = on_each_platform(_forward, plan, *args)
-    return loss, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
+    loss, statistics, *companions = on_each_platform(_forward, plan, *args)
+    out = loss
+    if plan.companions:  # (loss, lse, entropy, correct); the entropy is a residual too
+        (lse, entropy, correct), statistics = companions[0], (*statistics, companions[0][1])
+        out = (loss, lse, entropy, correct)
+    return out, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
 
 
 def _linear_rows_bwd(plan, residuals, g):
     hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
-    g = whole_cotangent(g, classifier, plan.options.axis_name)
+    axis_name = plan.options.axis_name
+    if plan.companions:
+        g = tuple(whole_cotangent(c, classifier, axis_name) for c in g[:3])
+    else:
+        g = whole_cotangent(g, classifier, axis_name)
     args = (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
     d_hidden, d_classifier, d_bias = on_each_platform(_backward, plan, *args)
     d_hidden, d_classifier, d_bias = (
@@ -419,7 +481,8 @@ def linear_cross_entropy(
     vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
     method: str = "auto",
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, _companions.LossAux]:
     r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
 
     The value and every gradient equal those of the naive composition
@@ -466,6 +529,14 @@ def linear_cross_entropy(
         * ``"auto"`` (default): ``"forward"`` for a scalar reduction when
           ``V * d <= 2**26`` (an accumulator of at most 256 MiB in float32), else
           ``"recompute"``. Large vocabularies thus get the least memory, small ones speed.
+          With ``return_aux``, ``"recompute"``.
+      return_aux: also return a :class:`~jaxsoftmax.LossAux` of per-example arrays
+        (``lse``, ``z_loss``, ``correct``, ``entropy``, ``hidden``'s shape without ``d``),
+        from the tiles the loss visits anyway: no second pass over the vocabulary, no
+        ``[N, V]`` array. ``lse`` and ``entropy`` are differentiable through the same rule
+        (their cotangents add ``softmax * (g_lse - g_H (log softmax + H))`` to each tile's
+        gradient). Needs ``method="recompute"`` (or ``"auto"``): ``"forward"`` computes the
+        gradients before any per-row cotangent is known.
 
     There is no ``axis_name``: for a classifier split by vocabulary over a device mesh, use
     :func:`jaxsoftmax.sharded_linear_cross_entropy`, which combines the shards' per-row
@@ -504,17 +575,24 @@ def linear_cross_entropy(
     )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    return_aux = v.check_flag(return_aux, "return_aux")
+    if method == "forward" and return_aux:
+        raise ValueError(
+            'method="forward" cannot return_aux=True: it computes the gradients in the '
+            "forward, before the cotangents of lse and entropy are known. Use "
+            'method="recompute" or "auto".'
+        )
     if method == "forward" and call.reduction == "none":
         raise ValueError(
             'method="forward" needs reduction="mean" or "sum" (the gradients are computed '
             'before the per-row cotangents are known); got reduction="none". Use '
             'method="recompute" or "auto".'
         )
-    plan = make_plan(call, call.hidden.shape[0], call.num_classes)
-    if choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
+    plan = make_plan(call, call.hidden.shape[0], call.num_classes, companions=return_aux)
+    if not return_aux and choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
         out = _reduced_by_forward_gradient(call, plan)
         return out.astype(call.hidden.dtype)
-    loss, weight = rows_and_weights(
+    loss, weight, *aux = rows_and_weights(
         call.hidden,
         call.classifier,
         call.bias,
@@ -524,7 +602,10 @@ def linear_cross_entropy(
         plan,
     )
     out = reduce_loss(loss.reshape(call.batch), weight.reshape(call.batch), call.reduction)
-    return out.astype(call.hidden.dtype)
+    out = out.astype(call.hidden.dtype)
+    if not return_aux:
+        return out
+    return out, jax.tree.map(lambda a: a.reshape(call.batch), aux[0])
 
 
 class _Call(NamedTuple):
@@ -546,7 +627,9 @@ class _Call(NamedTuple):
     accumulation_dtype: jnp.dtype
 
 
-def make_plan(call: _Call, num_tokens: int, num_local: int, axis_name=None) -> _Plan:
+def make_plan(
+    call: _Call, num_tokens: int, num_local: int, axis_name=None, companions=False
+) -> _Plan:
     """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
     vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
     tiles = tiles_by_platform(num_tokens, num_local, call.token_chunk, call.vocab_chunk)
@@ -559,6 +642,7 @@ def make_plan(call: _Call, num_tokens: int, num_local: int, axis_name=None) -> _
         accumulation_dtype=call.accumulation_dtype,
         num_classes=None if axis_name is None else call.num_classes,
         tiles=tiles,
+        companions=companions,
     )
 
 
@@ -572,10 +656,17 @@ def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, 
     _, num_classes, _, rule = _vocabulary(classifier, plan)
     dtype = _rule.compute_dtype(hidden.dtype)
     if num_tokens == 0:
-        loss = jnp.zeros((0,), dtype)
+        empty = jnp.zeros((0,), dtype)
+        out = (empty, empty, empty, empty.astype(bool)) if plan.companions else empty
     else:
-        loss = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
-    return loss, _mean_weights(labels, class_weights, row_mask, num_classes, dtype, rule)
+        out = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+    weight = _mean_weights(labels, class_weights, row_mask, num_classes, dtype, rule)
+    if not plan.companions:
+        return out, weight
+    loss, lse, entropy, correct = out
+    r = _rule.row_weight(labels, class_weights, num_classes, dtype, rule)
+    r = jnp.broadcast_to(r, (num_tokens, 1))[:, 0]
+    return loss, weight, _companions.loss_aux(lse, entropy, correct, r, rule.z_loss)
 
 
 def _mean_weights(labels, class_weights, row_mask, num_classes: int, dtype, options):

@@ -259,3 +259,10 @@ def check_ignore_index(ignore_index: int | None, integer_targets: bool):
             "probability targets. Use where= to drop examples with probability targets."
         )
     return int(ignore_index)
+
+
+def check_flag(value, name: str) -> bool:
+    """A Python bool option (static: it decides what the loss returns)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+    return bool(value)

@@ -103,3 +103,42 @@ def loss_and_gradient(z, y):
     loss = -np.sum(y * np.where(y != 0, logp, 0.0), axis=-1)
     gradient = np.exp(logp) * np.sum(y, axis=-1, keepdims=True) - y
     return loss, gradient
+
+
+def companions(z, targets, *, where=None, ignore_index=None, class_weights=None, z_loss=0.0,
+               logit_softcap=None):  # fmt: skip
+    """``(lse, z_loss, correct, entropy)`` per example in float64, from their definitions:
+    the log-sum-exp of the (capped, masked) logits, ``z_loss * w[label] * lse^2``, whether
+    the first largest logit's class is the label (the target's first largest class), and
+    ``-sum_c p_c log p_c``; 0 and False on examples that do not count."""
+    z = np.asarray(z, np.float64)
+    if logit_softcap is not None:
+        z = logit_softcap * np.tanh(z / logit_softcap)
+    class_mask = row_mask = None
+    if where is not None:
+        where = np.asarray(where)
+        class_mask, row_mask = (where, None) if where.shape == z.shape else (None, where)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row without classes: -inf, nan
+        logp, lse = log_softmax(z, class_mask)
+        p = np.exp(logp)
+        entropy = -np.sum(np.where(p > 0, p * logp, 0.0), -1)
+    masked = z if class_mask is None else np.where(class_mask, z, -np.inf)
+    predicted = np.argmax(masked, -1)
+    t = np.asarray(targets)
+    if np.issubdtype(t.dtype, np.integer):
+        ignored = np.zeros(t.shape, bool) if ignore_index is None else t == ignore_index
+        correct = predicted == t
+        w = np.ones(z.shape[-1]) if class_weights is None else np.asarray(class_weights)
+        r = w[np.where(ignored | (t < 0), 0, t)]
+    else:
+        ignored = np.zeros(z.shape[:-1], bool)
+        y = t if class_mask is None else np.where(class_mask, t, -np.inf)
+        correct = predicted == np.argmax(y, -1)
+        r = 1.0
+    dropped = ignored
+    if class_mask is not None:
+        dropped = dropped | ~class_mask.any(-1)
+    if row_mask is not None:
+        dropped = dropped | ~row_mask
+    lse, entropy = np.where(dropped, 0.0, lse), np.where(dropped, 0.0, entropy)
+    return lse, z_loss * r * lse**2, correct & ~dropped, entropy

@@ -1,0 +1,282 @@
+"""``return_aux=True``: the loss's companions (lse, z-loss term, correct, entropy).
+
+Values against float64 NumPy (``reference.companions``); gradients through ``lse`` and
+``entropy`` against ``jax.grad`` of the naive composition written with
+``jax.nn.log_softmax``; the fused loss against the unfused one, tile by tile, for every
+option; its compiled memory at Gemma 2's shape against the loss alone.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+import jaxsoftmax
+from jaxsoftmax import LossAux, cross_entropy, linear_cross_entropy
+
+N, C = 9, 7
+A = np.linspace(0.5, 1.5, N)  # per-row weights of lse in the tested function
+B = np.linspace(-1.0, 0.7, N)  # and of the entropy
+
+
+def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
+    k = jax.random.split(jax.random.key(seed), 5)
+    z = (jax.random.normal(k[0], (n, c)) * 3).astype(dtype)
+    labels = jax.random.randint(k[1], (n,), 0, c)
+    labels = jnp.where(jnp.arange(n) % 2 == 0, jnp.argmax(z, -1), labels)  # some right
+    labels = labels.at[2].set(-100)  # ignored where ignore_index is set
+    class_mask = jax.random.uniform(k[2], (n, c)) < 0.7
+    class_mask = class_mask.at[jnp.arange(n), jnp.clip(labels, 0)].set(True)
+    class_mask = class_mask.at[4].set(False)  # a row without classes
+    extras = {
+        "rows": jax.random.uniform(k[3], (n,)) < 0.75,
+        "classes": class_mask,
+        "weights": jax.random.uniform(k[4], (c,), minval=0.5, maxval=2.0),
+        "probabilities": jax.nn.softmax(jax.random.normal(k[4], (n, c)) * 2),
+    }
+    return z, labels, extras
+
+
+CASES = {
+    "plain": {},
+    "softcap": dict(logit_softcap=2.0),
+    "z_loss_weights_smoothing": dict(z_loss=1e-2, class_weights="weights", label_smoothing=0.2),
+    "row_where_ignore_index": dict(where="rows", ignore_index=-100),
+    "class_where": dict(where="classes", z_loss=1e-3),
+    "probabilities": dict(targets="probabilities", logit_softcap=4.0),
+}
+
+
+def _case(name, extras, labels):
+    kw = dict(CASES[name])
+    targets = extras[kw.pop("targets")] if "targets" in kw else labels
+    kw = {k: extras[v] if isinstance(v, str) and v in extras else v for k, v in kw.items()}
+    if "ignore_index" not in kw and jnp.issubdtype(targets.dtype, jnp.integer):
+        targets = jnp.where(targets < 0, 0, targets)
+    return targets, kw
+
+
+def _naive_companions(z, targets, kw):
+    """``(lse, entropy)`` per row by the naive composition (``jax.nn.log_softmax``), 0 on
+    rows that do not count."""
+    x = (
+        z
+        if kw.get("logit_softcap") is None
+        else kw["logit_softcap"] * jnp.tanh(z / kw["logit_softcap"])
+    )
+    where = kw.get("where")
+    class_mask = where if where is not None and where.ndim == 2 else None
+    row_mask = where if where is not None and where.ndim == 1 else None
+    if class_mask is not None:
+        x = jnp.where(class_mask, x, -jnp.inf)
+    logp = jax.nn.log_softmax(x)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), -1)
+    live = jnp.ones(z.shape[0], bool)
+    if class_mask is not None:
+        live = live & class_mask.any(-1)
+    if row_mask is not None:
+        live = live & row_mask
+    if kw.get("ignore_index") is not None:
+        live = live & (targets != kw["ignore_index"])
+    return jnp.where(live, lse, 0.0), jnp.where(live, entropy, 0.0)
+
+
+def _ours(z, targets, kw):
+    return cross_entropy(z, targets, reduction="none", return_aux=True, **kw)[1]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_values_equal_float64_numpy(name):
+    with jax.enable_x64(True):
+        z, labels, extras = _logits_and_extras()
+        targets, kw = _case(name, extras, labels)
+        aux = _ours(z, targets, kw)
+        want = reference.companions(np.asarray(z), np.asarray(targets), **_numpy_kw(kw))
+    assert isinstance(aux, LossAux) and aux.correct.dtype == jnp.bool_
+    for got, expected, field in zip(aux, want, LossAux._fields):
+        np.testing.assert_allclose(np.asarray(got, float), expected, atol=1e-12, err_msg=field)
+    assert 0 < np.asarray(aux.correct).sum() < N  # the check sees both answers
+
+
+def _numpy_kw(kw):
+    kept = ("where", "ignore_index", "class_weights", "z_loss", "logit_softcap")
+    return {k: np.asarray(v) if hasattr(v, "shape") else v for k, v in kw.items() if k in kept}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_through_lse_and_entropy_equal_the_naive_composition(name):
+    with jax.enable_x64(True):
+        z, labels, extras = _logits_and_extras(seed=1)
+        targets, kw = _case(name, extras, labels)
+
+        def ours(z):
+            aux = cross_entropy(z, targets, reduction="none", return_aux=True, **kw)[1]
+            return jnp.sum(jnp.asarray(A) * aux.lse + jnp.asarray(B) * aux.entropy)
+
+        def naive(z):
+            lse, entropy = _naive_companions(z, targets, kw)
+            return jnp.sum(jnp.asarray(A) * lse + jnp.asarray(B) * entropy)
+
+        got, want = jax.grad(ours)(z), jax.grad(naive)(z)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert np.abs(np.asarray(want)).max() > 0.1
+
+
+def test_loss_and_companion_cotangents_add_in_one_rule():
+    """The loss, a z-loss built by the user on ``lse`` and an entropy bonus, together."""
+    with jax.enable_x64(True):
+        z, labels, _ = _logits_and_extras(seed=2)
+        labels = jnp.clip(labels, 0)
+
+        def ours(z):
+            loss, aux = cross_entropy(z, labels, return_aux=True)
+            return loss + 1e-2 * jnp.mean(aux.lse**2) - 0.1 * jnp.mean(aux.entropy)
+
+        def naive(z):
+            logp = jax.nn.log_softmax(z)
+            nll = -jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
+            entropy = -jnp.sum(jnp.exp(logp) * logp, -1)
+            lse = jax.nn.logsumexp(z, -1)
+            return jnp.mean(nll) + 1e-2 * jnp.mean(lse**2) - 0.1 * jnp.mean(entropy)
+
+        np.testing.assert_allclose(jax.grad(ours)(z), jax.grad(naive)(z), atol=1e-13)
+        np.testing.assert_allclose(ours(z), naive(z), rtol=1e-13)
+
+
+def test_stable_at_extreme_logits():
+    z = jnp.array([[1e30, 0.0, -1e30], [3e4, 3e4, -jnp.inf]], jnp.float32)
+    aux = cross_entropy(z, jnp.array([0, 1]), reduction="none", return_aux=True)[1]
+    np.testing.assert_allclose(aux.lse, [1e30, 3e4 + math.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(aux.entropy, [0.0, math.log(2)], atol=1e-6)
+    assert aux.correct.tolist() == [True, False]  # a tie goes to the first class
+    grads = jax.grad(lambda z: jnp.sum(cross_entropy(z, jnp.array([0, 1]), return_aux=True)[1]
+                                       .entropy))(z)  # fmt: skip
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_bf16_companions_are_float32():
+    z, labels, _ = _logits_and_extras(dtype=jnp.bfloat16)
+    loss, aux = cross_entropy(z, jnp.clip(labels, 0), return_aux=True)
+    assert loss.dtype == jnp.bfloat16
+    assert aux.lse.dtype == aux.entropy.dtype == aux.z_loss.dtype == jnp.float32
+    want = reference.companions(np.asarray(z, np.float32), np.asarray(jnp.clip(labels, 0)))
+    np.testing.assert_allclose(aux.lse, want[0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------- the fused loss
+
+FUSED_OPTIONS = {
+    "plain": {},
+    "everything": dict(
+        class_weights="weights",
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        logit_softcap=3.0,
+        ignore_index=-100,
+        where="rows",
+    ),  # fmt: skip
+    "sum": dict(reduction="sum", z_loss=1e-2),
+}
+
+
+def _fused_inputs(seed=3, n=37, d=6, v=23):
+    k = jax.random.split(jax.random.key(seed), 5)
+    hidden = jax.random.normal(k[0], (n, d))
+    classifier = jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3
+    bias = jax.random.normal(k[2], (v,))
+    labels = jax.random.randint(k[3], (n,), 0, v).at[5].set(-100)
+    extras = {
+        "weights": jax.random.uniform(k[4], (v,), minval=0.5, maxval=2.0),
+        "rows": jax.random.uniform(k[4], (n,)) < 0.8,
+    }
+    return hidden, classifier, bias, labels, extras
+
+
+def _total(loss, aux):
+    """A scalar through every differentiable output: loss, lse, entropy and the z-loss."""
+    rows = jnp.linspace(0.5, 1.5, aux.lse.size).reshape(aux.lse.shape)
+    return (
+        jnp.sum(loss)
+        + jnp.sum(rows * aux.lse)
+        - jnp.sum(rows[::-1] * aux.entropy)
+        + jnp.sum(aux.z_loss)
+    )
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("name", sorted(FUSED_OPTIONS))
+def test_fused_companions_equal_the_unfused_loss(name, layout):
+    """Ragged token and vocabulary chunks (37 rows by 8, 23 classes by 5)."""
+    hidden, classifier, bias, labels, extras = _fused_inputs()
+    kw = {k: extras.get(v, v) if isinstance(v, str) else v for k, v in FUSED_OPTIONS[name].items()}
+    if "ignore_index" not in kw:
+        labels = jnp.where(labels < 0, 0, labels)
+    w = classifier if layout == "vd" else classifier.T
+
+    @jax.jit
+    def fused(h, w, b):
+        out = linear_cross_entropy(
+            h, w, labels, bias=b, token_chunk=8, vocab_chunk=5, classifier_layout=layout,
+            return_aux=True, **kw,
+        )  # fmt: skip
+        return _total(*out), out[1]
+
+    def unfused(h, w, b):
+        logits = h @ (w.T if layout == "vd" else w) + b[None, :]
+        out = cross_entropy(logits, labels, return_aux=True, **kw)
+        return _total(*out), out[1]
+
+    (value, aux), grads = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(hidden, w, bias)
+    (want, want_aux), want_grads = jax.value_and_grad(unfused, (0, 1, 2), has_aux=True)(
+        hidden, w, bias
+    )
+    np.testing.assert_allclose(value, want, rtol=2e-5)
+    for got, expected, field in zip(aux, want_aux, LossAux._fields):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-5,
+            atol=2e-5, err_msg=field,
+        )  # fmt: skip
+    for got, expected in zip(grads, want_grads):
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+
+
+def test_fused_companions_have_the_batch_shape():
+    hidden, classifier, _, labels, _ = _fused_inputs()
+    loss, aux = linear_cross_entropy(
+        hidden.reshape(37, 1, 6), classifier, jnp.clip(labels, 0).reshape(37, 1), return_aux=True
+    )
+    assert loss.shape == () and all(a.shape == (37, 1) for a in aux)
+
+
+def test_fused_forward_method_refuses_return_aux():
+    hidden, classifier, _, labels, _ = _fused_inputs()
+    with pytest.raises(ValueError, match='method="forward" cannot return_aux'):
+        linear_cross_entropy(hidden, classifier, labels, method="forward", return_aux=True)
+    with pytest.raises(TypeError, match="return_aux must be True or False; got str"):
+        linear_cross_entropy(hidden, classifier, labels, return_aux="yes")
+    with pytest.raises(TypeError, match="return_aux must be True or False; got int"):
+        cross_entropy(hidden, jnp.clip(labels, 0, 5), return_aux=1)
+
+
+def test_fused_companions_hold_no_more_memory_at_gemma_shape():
+    """Within 10% of the loss alone (compiled, loss and both gradients; float32)."""
+    n, d, v = 8192, 2304, 256000
+    s = jax.ShapeDtypeStruct
+    args = (s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32))
+
+    def temp(loss):
+        compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    alone = temp(lambda h, w, y: linear_cross_entropy(h, w, y))
+    with_aux = temp(lambda h, w, y: _total(*linear_cross_entropy(h, w, y, return_aux=True)))
+    assert with_aux <= 1.1 * alone, (with_aux, alone)
+
+
+def test_public_api_lists_loss_aux():
+    assert "LossAux" in jaxsoftmax.__all__ and jaxsoftmax.LossAux is LossAux

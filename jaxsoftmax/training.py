@@ -22,6 +22,19 @@ additions. A batch whose size does not divide by the device count is padded with
 batch the padded training split is placed sharded once; for minibatches the split is copied to
 every device and each step's gathered rows are split across them.
 
+Several processes (``jax.distributed``, one per host of a GPU cluster or TPU pod slice): once
+``jax.distributed.initialize`` has run in every process, :func:`train` runs unchanged in each of
+them. The ``"batch"`` mesh then spans the first ``config.devices`` local devices of every process,
+process 0's first, and each process hands JAX only the rows of each batch that its own devices
+hold (``jax.make_array_from_process_local_data``): the full training split for a full batch, each
+compiled run's minibatches otherwise (gathered on the host from the step's rows, which every
+process computes from ``(seed, step)``), and the evaluation splits, padded and masked. No device
+holds a whole split. Parameters and optimizer state are replicated on every device of every
+process; the losses and metrics come out of the same all-reduced global program, so every process
+sees the same numbers. Process 0 alone writes checkpoints; with ``resume`` every process reads the
+checkpoint, so ``checkpoint_dir`` must be a folder all of them see (the processes check that they
+found the same step before going on). docs/scaling.md has the commands.
+
 Determinism: parameters come from ``fold_in(key(seed), 0)``; the batch of step ``s`` is slice
 ``s mod E`` of the permutation drawn from ``fold_in(fold_in(key(seed), 1), s // E)`` with ``E``
 batches per epoch. Nothing depends on how the steps were split between runs, or on the number of
@@ -86,8 +99,9 @@ class TrainConfig:
         default) is every 1000 steps rounded up to a multiple of ``eval_every`` (1000 for the
         default ``eval_every=100``), and the config holds that number.
       devices: train data-parallel on the first ``devices`` local devices; ``None`` uses all of
-        them (one on an ordinary CPU). Not a hyperparameter: any count gives the same run up to
-        float rounding, so a checkpoint may be resumed on another count.
+        them (one on an ordinary CPU). With several processes (``jax.distributed``), the first
+        ``devices`` of each process. Not a hyperparameter: any count gives the same run up to
+        float rounding, so a checkpoint may be resumed on another count (or process count).
     """
 
     hidden: tuple[int, ...] = (100,)
@@ -187,7 +201,8 @@ class TrainResult:
       steps: the number of steps taken in total.
       train_seconds: wall time of this call, compilation included.
       resumed_from: the step of the checkpoint this call continued from, or ``None``.
-      devices: the number of devices the steps ran on, data-parallel.
+      devices: the number of devices the steps ran on, data-parallel (of every process).
+      processes: the number of processes they belong to (``jax.process_count()``).
     """
 
     params: mlp.Params
@@ -199,6 +214,7 @@ class TrainResult:
     train_seconds: float
     resumed_from: int | None
     devices: int
+    processes: int = 1
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -294,8 +310,58 @@ def select_devices(count: int | None, *, name: str = "devices") -> list[jax.Devi
 
 
 def make_mesh(devices: int | None = None) -> Mesh:
-    """A one-axis mesh named ``"batch"`` over :func:`select_devices` ``(devices)``."""
-    return Mesh(np.array(select_devices(devices)), (BATCH_AXIS,))
+    """A one-axis mesh named ``"batch"`` over :func:`select_devices` ``(devices)``.
+
+    With several processes it spans the first ``devices`` local devices of every process (all
+    of them for ``None``), process 0's first: each process's devices then hold one contiguous
+    range of the rows of a batch (:func:`place_rows`).
+    """
+    local = select_devices(devices)
+    if jax.process_count() == 1:
+        return Mesh(np.array(local), (BATCH_AXIS,))
+    counts = [len(jax.local_devices(process_index=p)) for p in range(jax.process_count())]
+    if devices is None and len(set(counts)) > 1:
+        raise ValueError(
+            f"devices=None uses all local devices, but the processes have different numbers of "
+            f"them ({counts}, by process); expected the same number in every process. Set "
+            f"devices to at most {min(counts)}."
+        )
+    chosen = [
+        device
+        for process in range(jax.process_count())
+        for device in jax.local_devices(process_index=process)[: len(local)]
+    ]
+    return Mesh(np.array(chosen), (BATCH_AXIS,))
+
+
+def place_rows(array: np.ndarray, mesh: Mesh, *, axis: int = 0) -> jax.Array:
+    """``array`` split along ``axis`` over the mesh's ``"batch"`` axis (its other axes whole).
+
+    Every process passes the same host array; each hands JAX only the slice its own devices
+    hold (``jax.make_array_from_process_local_data``), so no process places another's rows.
+    With one process that is the whole array, as ``jax.device_put`` would place it.
+    ``array.shape[axis]`` must divide by the mesh size.
+    """
+    array = np.asarray(array)
+    sharding = _split_along(mesh, array.ndim, axis)
+    own = [slice(None)] * array.ndim
+    own[axis] = _own_range(sharding, array.shape, axis)
+    return jax.make_array_from_process_local_data(sharding, array[tuple(own)], array.shape)
+
+
+def _split_along(mesh: Mesh, ndim: int, axis: int) -> NamedSharding:
+    spec = [None] * ndim
+    spec[axis] = BATCH_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _own_range(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> slice:
+    """The indices along ``axis`` that this process's devices hold of an array of ``shape``
+    split by ``sharding``: one range, since :func:`make_mesh` orders the devices by process."""
+    held = [index[axis] for index in sharding.addressable_devices_indices_map(shape).values()]
+    start = min(part.start or 0 for part in held)
+    stop = max(shape[axis] if part.stop is None else part.stop for part in held)
+    return slice(start, stop)
 
 
 def make_train_step(
@@ -319,20 +385,30 @@ def make_train_step(
     return train_step
 
 
+def is_full_batch(config: TrainConfig, num_examples: int) -> bool:
+    """Whether every step uses all ``num_examples`` training rows (no ``batch_size``, or one at
+    least that large)."""
+    return config.batch_size is None or config.batch_size >= num_examples
+
+
+def epoch_permutation(seed: int, num_examples: int, epoch: jax.Array) -> jax.Array:
+    """The order of the training rows in epoch ``epoch``: the permutation drawn from
+    ``fold_in(fold_in(key(seed), 1), epoch)``."""
+    data_key = jax.random.fold_in(jax.random.key(seed), 1)
+    return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
 def batch_indices(config: TrainConfig, num_examples: int, step: jax.Array) -> jax.Array | None:
     """The training rows of step ``step``, or ``None`` for full batch.
 
     Epoch ``e = step // E`` (``E = num_examples // batch_size`` batches, the remainder of each
-    permutation is dropped) shuffles with ``fold_in(fold_in(key(seed), 1), e)``; the step takes
-    slice ``step mod E`` of that permutation.
+    permutation is dropped) shuffles with :func:`epoch_permutation`; the step takes slice
+    ``step mod E`` of that permutation.
     """
-    if config.batch_size is None or config.batch_size >= num_examples:
+    if is_full_batch(config, num_examples):
         return None
     batches_per_epoch = num_examples // config.batch_size
-    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    permutation = jax.random.permutation(
-        jax.random.fold_in(data_key, step // batches_per_epoch), num_examples
-    )
+    permutation = epoch_permutation(config.seed, num_examples, step // batches_per_epoch)
     start = (step % batches_per_epoch) * config.batch_size
     return jax.lax.dynamic_slice(permutation, (start,), (config.batch_size,))
 
@@ -351,7 +427,8 @@ def shard_full_batch(
     x: np.ndarray, y: np.ndarray, mesh: Mesh
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``x, y`` padded to a multiple of the mesh size and split along their rows, and the mask
-    of the real rows (``None`` when no padding was needed): the arguments of a full-batch run."""
+    of the real rows (``None`` when no padding was needed): the arguments of a full-batch run.
+    Each process places only its own rows (:func:`place_rows`)."""
     x, y = np.asarray(x), np.asarray(y)
     extra = -x.shape[0] % mesh.size
     where = None
@@ -359,12 +436,73 @@ def shard_full_batch(
         where = np.arange(x.shape[0] + extra) < x.shape[0]
         x = np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
         y = np.concatenate([y, np.zeros((extra, *y.shape[1:]), y.dtype)])
-    batch = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     return (
-        jax.device_put(x, batch),
-        jax.device_put(y, batch),
-        None if where is None else jax.device_put(where, batch),
+        place_rows(x, mesh),
+        place_rows(y, mesh),
+        None if where is None else place_rows(where, mesh),
     )
+
+
+def process_minibatches(
+    config: TrainConfig, x: np.ndarray, y: np.ndarray, mesh: Mesh, first_step: int, num_steps: int
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The minibatches of steps ``first_step ... first_step + num_steps - 1`` as global arrays
+    ``[num_steps, B, ...]`` split along ``B`` over the mesh, and the mask of their real rows
+    (``None`` when ``batch_size`` divides by the mesh size): the arguments of
+    :func:`make_run_of_batches`, for several processes.
+
+    Every process computes the rows of every step (those of :func:`batch_indices`, from the
+    seed and the step alone), pads each batch with row 0 to a multiple of the mesh size, gathers
+    on the host only the rows its own devices hold and places them (:func:`place_rows`).
+    """
+    rows = _rows_of_steps(config, len(y), first_step, num_steps)  # [num_steps, batch_size]
+    extra = -rows.shape[1] % mesh.size
+    where = None
+    if extra:
+        real = np.arange(rows.shape[1] + extra) < rows.shape[1]
+        where = np.broadcast_to(real, (num_steps, len(real)))
+        rows = np.concatenate([rows, np.zeros((num_steps, extra), rows.dtype)], axis=1)
+    # Only this process's columns of ``rows`` are gathered: the others' rows stay on the host
+    # of the process that needs them.
+    x_rows, y_rows = _gathered_on_process(x, rows, mesh), _gathered_on_process(y, rows, mesh)
+    return x_rows, y_rows, None if where is None else place_rows(np.array(where), mesh, axis=1)
+
+
+def _gathered_on_process(source: np.ndarray, rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """``source[rows]`` (``rows`` ``[S, B]``) split along ``B``, gathering only this process's
+    part of ``B`` on the host."""
+    source = np.asarray(source)
+    shape = (*rows.shape, *source.shape[1:])
+    sharding = _split_along(mesh, len(shape), 1)
+    own = _own_range(sharding, shape, 1)
+    return jax.make_array_from_process_local_data(sharding, source[rows[:, own]], shape)
+
+
+# Runs once per epoch: compiled fast (the values are integers, the same at any optimization).
+_epoch_permutation_compiled = jax.jit(
+    epoch_permutation, static_argnums=(0, 1), compiler_options=_RUN_ONCE_COMPILER_OPTIONS
+)
+
+
+def _rows_of_steps(
+    config: TrainConfig, num_examples: int, first_step: int, num_steps: int
+) -> np.ndarray:
+    """:func:`batch_indices` of steps ``first_step ... first_step + num_steps - 1`` as a host
+    array ``[num_steps, batch_size]``: one permutation per epoch, on this process's device,
+    sliced on the host."""
+    batches_per_epoch = num_examples // config.batch_size
+    permutations = {}
+    rows = []
+    for step in range(first_step, first_step + num_steps):
+        epoch, batch = divmod(step, batches_per_epoch)
+        if epoch not in permutations:
+            permutations[epoch] = np.asarray(
+                _epoch_permutation_compiled(config.seed, num_examples, epoch)
+            )
+        rows.append(
+            permutations[epoch][batch * config.batch_size : (batch + 1) * config.batch_size]
+        )
+    return np.stack(rows)
 
 
 def make_run_of_steps(
@@ -410,15 +548,35 @@ def make_run_of_steps(
     return jax.jit(run, static_argnums=3, out_shardings=out_shardings)
 
 
-def make_evaluate(config: TrainConfig) -> Callable[[mlp.Params, jax.Array, jax.Array], dict]:
-    """A jitted ``(params, x, y) -> {"loss", "accuracy"}`` on a whole split."""
+def make_run_of_batches(
+    config: TrainConfig, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """A jitted ``(state, x_steps, y_steps, where=None) -> (state, losses[num_steps])``: one step
+    on each of the given batches ``x_steps[s], y_steps[s]`` (from :func:`process_minibatches`,
+    split along their rows over ``mesh``), in one ``lax.scan``. The state passed in should be
+    replicated on the mesh; the returned state and losses are."""
+    train_step = make_train_step(config, optimizer)
+
+    def run(state: TrainState, x_steps, y_steps, where=None):
+        return jax.lax.scan(
+            lambda carry, batch: train_step(carry, *batch), state, (x_steps, y_steps, where)
+        )
+
+    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def make_evaluate(config: TrainConfig) -> Callable[..., dict]:
+    """A jitted ``(params, x, y, where=None) -> {"loss", "accuracy"}`` on a whole split;
+    ``where`` (bool ``[N]``) leaves padding rows out of both."""
     options = config.loss_options()
 
-    def evaluate(params, x, y):
-        return {
-            "loss": mlp.loss(params, x, y, **options),
-            "accuracy": mlp.accuracy(params, x, y, config.activation),
-        }
+    def evaluate(params, x, y, where=None):
+        if where is None:
+            accuracy = mlp.accuracy(params, x, y, config.activation)
+        else:
+            correct = (mlp.predict(params, x, config.activation) == y) & where
+            accuracy = jnp.sum(correct) / jnp.sum(where)
+        return {"loss": mlp.loss(params, x, y, where=where, **options), "accuracy": accuracy}
 
     return jax.jit(evaluate)
 
@@ -591,14 +749,17 @@ def train(
 ) -> TrainResult:
     """Trains ``mlp`` on ``dataset.x_train`` and evaluates on both splits after every run.
 
-    The steps run data-parallel on ``config.devices`` devices (see the module docstring).
+    The steps run data-parallel on ``config.devices`` devices (see the module docstring). Under
+    ``jax.distributed`` every process calls it with the same arguments; process 0 alone writes
+    the checkpoints, and every process returns the same result.
 
     Args:
       config: the hyperparameters.
       dataset: from :func:`jaxsoftmax.data.load` (or ``from_arrays``).
       checkpoint_dir: where ``checkpoint.npz`` is written every ``config.checkpoint_every`` steps
         and at the end, atomically (:func:`write_atomically`); temporaries a killed run left
-        there are removed first. ``None`` writes nothing.
+        there are removed first. ``None`` writes nothing. With several processes, a folder
+        every process sees.
       resume: continue from ``checkpoint_dir/checkpoint.npz`` if it exists (fresh start if not).
       on_run_end: called as ``on_run_end(history_row, steps_in_run)`` after each compiled run,
         e.g. to advance a progress bar.
@@ -611,33 +772,58 @@ def train(
         (an overflowed moment estimate can leave the loss and parameters finite); the checkpoint
         on disk is the last one with finite values.
       ValueError: ``config.devices`` exceeds the local devices, ``config`` does not fit
-        ``dataset`` (:func:`check_config_for_dataset`), or a checkpoint does not match.
+        ``dataset`` (:func:`check_config_for_dataset`), a checkpoint does not match, or the
+        processes found different checkpoints.
     """
     started = time.perf_counter()
     check_config_for_dataset(config, dataset)
     mesh = make_mesh(config.devices)
+    processes = jax.process_count()
     replicated = NamedSharding(mesh, PartitionSpec())
-    x_train, y_train, x_test, y_test = jax.device_put(
-        (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test), replicated
-    )
-    if batch_indices(config, len(dataset.y_train), 0) is None:
-        steps_data = shard_full_batch(dataset.x_train, dataset.y_train, mesh)
-    else:  # every step gathers its rows from a copy on each device, then splits them
-        steps_data = (x_train, y_train, None)
+    full_batch = is_full_batch(config, len(dataset.y_train))
+    if processes == 1:  # every device holds both splits, for the evaluations
+        x_train, y_train, x_test, y_test = jax.device_put(
+            (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test), replicated
+        )
+        train_split, test_split = (x_train, y_train, None), (x_test, y_test, None)
+        if full_batch:
+            steps_data = shard_full_batch(dataset.x_train, dataset.y_train, mesh)
+        else:  # every step gathers its rows from a copy on each device, then splits them
+            steps_data = (x_train, y_train, None)
+    else:  # each process places only its own rows: of the splits, and of each run's batches
+        train_split = steps_data = shard_full_batch(dataset.x_train, dataset.y_train, mesh)
+        test_split = shard_full_batch(dataset.x_test, dataset.y_test, mesh)
     state, optimizer = init_state(config, dataset.num_features, dataset.num_classes)
     state = jax.device_put(state, replicated)
-    run_of_steps = make_run_of_steps(config, optimizer, mesh)
+    if processes == 1 or full_batch:
+        run_of_steps = make_run_of_steps(config, optimizer, mesh)
+        x_steps, y_steps, where = steps_data
+
+        def run(state: TrainState, num_steps: int):
+            return run_of_steps(state, x_steps, y_steps, num_steps, where)
+
+    else:
+        run_of_batches = make_run_of_batches(config, optimizer, mesh)
+
+        def run(state: TrainState, num_steps: int):
+            batches = process_minibatches(
+                config, dataset.x_train, dataset.y_train, mesh, int(state.step), num_steps
+            )
+            return run_of_batches(state, *batches)
+
     evaluate = make_evaluate(config)
 
     checkpoint_path = None
+    writes = jax.process_index() == 0  # the one process that writes the checkpoints
     if checkpoint_dir is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
         checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
-        remove_stale_temporaries(checkpoint_path)  # of a run killed while it saved
+        if writes:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            remove_stale_temporaries(checkpoint_path)  # of a run killed while it saved
 
     def history_row(state: TrainState, batch_loss: float | None) -> dict[str, Any]:
-        on_train = evaluate(state.params, x_train, y_train)
-        on_test = evaluate(state.params, x_test, y_test)
+        on_train = evaluate(state.params, *train_split)
+        on_test = evaluate(state.params, *test_split)
         return {
             "step": int(state.step),
             "batch_loss": batch_loss,
@@ -648,7 +834,10 @@ def train(
         }
 
     resumed_from = None
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+    found = resume and checkpoint_path is not None and os.path.exists(checkpoint_path)
+    if processes > 1 and resume and checkpoint_path is not None:
+        _check_processes_agree(checkpoint_path, found)
+    if found:
         state, history = load_checkpoint(checkpoint_path, state, config, dataset)
         state = jax.device_put(state, replicated)
         resumed_from = int(state.step)
@@ -664,8 +853,7 @@ def train(
     while int(state.step) < config.steps:
         step = int(state.step)
         run_length = min(config.steps, (step // config.eval_every + 1) * config.eval_every) - step
-        x_steps, y_steps, where = steps_data
-        new_state, losses = run_of_steps(state, x_steps, y_steps, run_length, where)
+        new_state, losses = run(state, run_length)
         losses = np.asarray(losses)
         non_finite = [
             name
@@ -696,7 +884,8 @@ def train(
         if checkpoint_path is not None and (
             int(state.step) % config.checkpoint_every == 0 or int(state.step) == config.steps
         ):
-            save_checkpoint(checkpoint_path, state, history, config, dataset)
+            if writes:
+                save_checkpoint(checkpoint_path, state, history, config, dataset)
             last_checkpoint = int(state.step)
         if on_run_end is not None:
             on_run_end(row, run_length)
@@ -713,4 +902,27 @@ def train(
         train_seconds=time.perf_counter() - started,
         resumed_from=resumed_from,
         devices=mesh.size,
+        processes=processes,
     )
+
+
+def _check_processes_agree(checkpoint_path: str, found: bool) -> None:
+    """Raises ``ValueError`` on every process unless all of them found the checkpoint at the
+    same step, or none found it: a process that started afresh while the others resumed would
+    wait for them forever in the first all-reduce."""
+    from jax.experimental import multihost_utils
+
+    step = -1
+    if found:
+        with np.load(checkpoint_path, allow_pickle=False) as stored:
+            step = int(stored["step"])
+    steps = [int(s) for s in multihost_utils.process_allgather(np.int32(step))]
+    if len(set(steps)) > 1:
+        seen = ", ".join(
+            f"process {p}: " + ("none" if s < 0 else f"step {s}") for p, s in enumerate(steps)
+        )
+        raise ValueError(
+            f"the processes found different checkpoints at {checkpoint_path} ({seen}); expected "
+            "the same file in every process. Put the checkpoint folder on a file system that "
+            "every process sees, or copy process 0's checkpoint to every host."
+        )

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _checking
 from jaxsoftmax import _validation as v
+from jaxsoftmax._companions import LossAux
 from jaxsoftmax._cross_entropy import LABEL_HINT, per_example_loss
 from jaxsoftmax._options import reduce_loss
 
@@ -192,7 +193,8 @@ def sharded_cross_entropy(
     logit_softcap: float | None = None,
     reduction: str = "mean",
     checked: bool = False,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.cross_entropy` with the vocabulary split over a mesh axis.
 
     Runs :func:`~jaxsoftmax.cross_entropy` with ``axis_name=class_axis_name`` under
@@ -214,13 +216,15 @@ def sharded_cross_entropy(
       batch_axis_name: the mesh axis (or tuple of axes) the first axis is split over, or
         None to keep every example on every device. ``N`` must divide by its size.
       where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction,
-        checked: as in :func:`~jaxsoftmax.cross_entropy`. ``class_weights`` is the global
-        ``[V]`` vector (it is split with the classes); label smoothing spreads its mass over
-        the global ``V`` classes.
+        checked, return_aux: as in :func:`~jaxsoftmax.cross_entropy`. ``class_weights`` is
+        the global ``[V]`` vector (it is split with the classes); label smoothing spreads its
+        mass over the global ``V`` classes. The companions need per-row statistics only
+        (the entropy's sum and the first largest class cross devices as one number per row).
 
     Returns:
       The reduced loss (a scalar, replicated), or with ``reduction="none"`` the
-      per-example losses ``[N, ...]``, split by examples over ``batch_axis_name``.
+      per-example losses ``[N, ...]``, split by examples over ``batch_axis_name``; with
+      ``return_aux`` also the :class:`~jaxsoftmax.LossAux`, split like the examples.
 
     ``V`` need not divide by the number of class shards: the class axis is padded to the
     next multiple with masked classes. If your logits already live sharded on the mesh,
@@ -239,6 +243,7 @@ def sharded_cross_entropy(
       0.3185 0.3185
     """
     reduction = v.check_reduction(reduction)
+    return_aux = v.check_flag(return_aux, "return_aux")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
     class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
@@ -315,6 +320,7 @@ def sharded_cross_entropy(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         reduction=reduction,
+        return_aux=return_aux,
     )
 
 
@@ -330,6 +336,7 @@ def sharded_cross_entropy(
         "z_loss",
         "logit_softcap",
         "reduction",
+        "return_aux",
     ),
 )
 def _sharded_loss(
@@ -348,6 +355,7 @@ def _sharded_loss(
     z_loss,
     logit_softcap,
     reduction,
+    return_aux=False,
 ):
     """The loss after validation, compiled once per mesh, options and shapes, so that eager
     calls and their gradients run as one program each."""
@@ -415,7 +423,7 @@ def _sharded_loss(
             real = jnp.broadcast_to(real, z.shape)
             mask = real if mask is None else mask & real
         local_where = mask if mask is not None else got.get("row_mask")
-        loss, row_weight = per_example_loss(
+        loss, row_weight, *aux = per_example_loss(
             z,
             t,
             where=local_where,
@@ -425,8 +433,12 @@ def _sharded_loss(
             z_loss=z_loss,
             logit_softcap=logit_softcap,
             axis_name=_spec_entry(class_names),
+            return_aux=return_aux,
         )
-        return reduce_loss(loss, row_weight, reduction, batch_names).astype(z.dtype)
+        out = reduce_loss(loss, row_weight, reduction, batch_names).astype(z.dtype)
+        return (out, aux[0]) if return_aux else out
 
     out_spec = rows_spec if reduction == "none" else P()
+    if return_aux:
+        out_spec = (out_spec, LossAux(*[rows_spec] * len(LossAux._fields)))
     return run_on_mesh(local_loss, mesh, arrays, specs, out_spec, explicit=explicit)

@@ -33,6 +33,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
+from jaxsoftmax import _validation as v
+from jaxsoftmax._companions import LossAux
 from jaxsoftmax._options import reduce_loss
 from jaxsoftmax._sharded import (
     AxisName,
@@ -64,7 +66,8 @@ def sharded_linear_cross_entropy(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.linear_cross_entropy` with the classifier split by vocabulary rows.
 
     Runs the fused loss under ``jax.shard_map``: ``classifier`` ``[V, d]`` is split by rows
@@ -90,13 +93,15 @@ def sharded_linear_cross_entropy(
       class_axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
       batch_axis_name: the mesh axis (or axes) the tokens are split over, or None.
       bias, where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap,
-        reduction, classifier_layout, token_chunk, vocab_chunk, accumulation_dtype: as in
-        :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each device's
-        ``[N / B, V / S]`` share.
+        reduction, classifier_layout, token_chunk, vocab_chunk, accumulation_dtype,
+        return_aux: as in :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each
+        device's ``[N / B, V / S]`` share. The companions need per-row numbers only: each
+        shard's running sums and largest logit, combined like the loss's statistics.
 
     Returns:
       The reduced loss (a scalar, replicated), or with ``reduction="none"`` the per-token
-      losses (``hidden``'s shape without ``d``), split over ``batch_axis_name``.
+      losses (``hidden``'s shape without ``d``), split over ``batch_axis_name``; with
+      ``return_aux`` also the :class:`~jaxsoftmax.LossAux`, split like the tokens.
 
     ``V`` need not divide by the number of class shards: the classifier (and bias) get
     zero rows up to the next multiple, masked out of the loss. If the classifier already
@@ -116,6 +121,7 @@ def sharded_linear_cross_entropy(
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    return_aux = v.check_flag(return_aux, "return_aux")
     class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
     batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
     if set(class_names) & set(batch_names):
@@ -162,18 +168,24 @@ def sharded_linear_cross_entropy(
         class_names=class_names,
         batch_names=batch_names,
         explicit=explicit,
+        return_aux=return_aux,
     )
+    out, aux = out if return_aux else (out, None)
     if call.reduction == "none":
         out = out.reshape(call.batch)
-    return out.astype(call.hidden.dtype)
+    out = out.astype(call.hidden.dtype)
+    if not return_aux:
+        return out
+    return out, jax.tree.map(lambda a: a.reshape(call.batch), aux)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit")
+    jax.jit,
+    static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit", "return_aux"),
 )
 def _sharded_loss(
     hidden, classifier, labels, bias, class_weights, row_mask, *, settings, mesh, class_names,
-    batch_names, explicit,
+    batch_names, explicit, return_aux=False,
 ):  # fmt: skip
     """The loss after validation, compiled once per mesh, settings and shapes, so that eager
     calls and their gradients run as one program each. ``settings`` is the checked call
@@ -214,8 +226,10 @@ def _sharded_loss(
 
     def local_loss(*local):
         got = dict(zip(names, local))
-        plan = lce.make_plan(call, got["hidden"].shape[0], num_local, axis_name=classes)
-        loss, weight = lce.rows_and_weights(
+        plan = lce.make_plan(
+            call, got["hidden"].shape[0], num_local, axis_name=classes, companions=return_aux
+        )
+        loss, weight, *aux = lce.rows_and_weights(
             got["hidden"],
             got["classifier"],
             got.get("bias"),
@@ -224,8 +238,11 @@ def _sharded_loss(
             got.get("row_mask"),
             plan,
         )
-        return reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
+        out = reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
+        return (out, aux[0]) if return_aux else out
 
     out_spec = rows if call.reduction == "none" else P()
+    if return_aux:
+        out_spec = (out_spec, LossAux(*[rows] * len(LossAux._fields)))
     placed = [x for x, _ in arrays.values()]
     return run_on_mesh(local_loss, mesh, placed, specs, out_spec, explicit=explicit)

@@ -417,3 +417,82 @@ def test_hlo_check_catches_gathered_logits():
     assert ("all-gather", (ROWS // 2, CLASSES), "vocab") in found
     with pytest.raises(AssertionError):
         check_exchanges(found, ROWS // 2, CLASSES // 4, grad=False)
+
+
+def _companions_total(loss, aux):
+    """A scalar through the loss, lse, the entropy and the z-loss term (each row its own
+    weight), so that their cotangents all reach the rule."""
+    rows = jnp.linspace(0.5, 1.5, aux.lse.size).reshape(aux.lse.shape)
+    return loss + jnp.sum(rows * aux.lse) - jnp.sum(rows[::-1] * aux.entropy) + jnp.sum(aux.z_loss)
+
+
+@pytest.mark.parametrize("mesh_name, num_classes", [("batch2_vocab4", 23), ("vocab8", 40)])
+def test_companions_equal_one_device(mesh_name, num_classes):
+    """``return_aux=True`` on a vocabulary split over 4 or 8 shards (23 classes: padded),
+    ragged chunks: the companions and the gradients through them equal one device."""
+    shape, names, class_axis, batch_axis = MESHES[mesh_name]
+    mesh = auto_mesh(shape, names)
+    hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, seed=4)
+    logits = hidden @ classifier.T + bias[None, :]
+    labels = jnp.where(jnp.arange(N) % 3 == 0, jnp.argmax(logits, -1), labels)  # some right
+    options = dict(z_loss=1e-2, logit_softcap=3.0, class_weights=weights, where=where)
+
+    def sharded(h, w, b):
+        out = sharded_linear_cross_entropy(
+            h, w, labels, bias=b, mesh=mesh, class_axis_name=class_axis,
+            batch_axis_name=batch_axis, return_aux=True, **options, **CHUNKS,
+        )  # fmt: skip
+        return _companions_total(*out), out[1]
+
+    def one_device(h, w, b):
+        out = linear_cross_entropy(h, w, labels, bias=b, return_aux=True, **options)
+        return _companions_total(*out), out[1]
+
+    args = (hidden, classifier, bias)
+    (value, aux), grads = jax.value_and_grad(sharded, (0, 1, 2), has_aux=True)(*args)
+    (want, want_aux), want_grads = jax.value_and_grad(one_device, (0, 1, 2), has_aux=True)(*args)
+    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
+    for got, expected, field in zip(aux, want_aux, want_aux._fields):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
+            atol=ATOL, err_msg=field,
+        )  # fmt: skip
+    assert 0 < int(np.sum(aux.correct)) < N
+    for got, expected in zip(grads, want_grads):
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_sharded_cross_entropy_companions_equal_one_device():
+    """The same for the logits' loss, with a per-logit mask, on 2 x 4 devices."""
+    from jaxsoftmax import cross_entropy
+    from jaxsoftmax._sharded import sharded_cross_entropy
+
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    hidden, classifier, bias, labels, _, _ = make_inputs(23, seed=5)
+    logits = hidden @ classifier.T + bias[None, :]
+    labels = jnp.where(jnp.arange(N) % 3 == 0, jnp.argmax(logits, -1), labels)
+    class_mask = (jnp.arange(23)[None, :] + jnp.arange(N)[:, None]) % 5 != 1
+    class_mask = class_mask.at[jnp.arange(N), labels].set(True)
+    options = dict(z_loss=1e-2, where=class_mask, label_smoothing=0.1)
+
+    def sharded(z):
+        out = sharded_cross_entropy(
+            z, labels, mesh=mesh, class_axis_name="vocab", batch_axis_name="batch",
+            return_aux=True, **options,
+        )  # fmt: skip
+        return _companions_total(*out), out[1]
+
+    def one_device(z):
+        out = cross_entropy(z, labels, return_aux=True, **options)
+        return _companions_total(*out), out[1]
+
+    (value, aux), grad = jax.value_and_grad(sharded, has_aux=True)(logits)
+    (want, want_aux), want_grad = jax.value_and_grad(one_device, has_aux=True)(logits)
+    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
+    for got, expected, field in zip(aux, want_aux, want_aux._fields):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
+            atol=ATOL, err_msg=field,
+        )  # fmt: skip
+    assert 0 < int(np.sum(aux.correct)) < N
+    np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)

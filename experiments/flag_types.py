@@ -28,6 +28,7 @@ def number(kind, test, expected: str):
 
 
 positive_int = number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 non_negative_float = number(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 coefficient_below_one = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -58,3 +59,11 @@ def writable_file(text: str) -> str:
             f"expected a file path in an existing directory; got {text!r}"
         )
     return text
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a usage error as one line, ``train.py: error: argument --lr: ... (see --help)``,
+    with exit status 2 and no traceback; the many-line usage would hide it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

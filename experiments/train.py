@@ -39,7 +39,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compilation_cache  # a sibling module of this script
+import launch  # a sibling module: the flags that join a run of several processes
 from flag_types import (  # a sibling module
+    OneLineErrorParser,
     coefficient_below_one,
     non_negative_float,
     positive_float,
@@ -77,14 +79,6 @@ def parse_class_weights(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, one weight per class, such as 1,2,0.5; got {text!r}"
         ) from None
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Reports a usage error as one line, ``train.py: error: argument --lr: ... (see --help)``,
-    with exit status 2 and no traceback; the many-line usage would hide it."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     compilation_cache.add_flag(parser)
+    launch.add_flags(parser)
     return parser
 
 
@@ -355,10 +350,26 @@ def plot_decision_boundary(
     plt.close(figure)
 
 
+def train_quietly(
+    config: training.TrainConfig, data_set: data.Dataset, arguments: argparse.Namespace
+) -> int:
+    """Process 1, 2, ... of a run of several: the same training as process 0, which prints the
+    report and writes the files; this one reads the checkpoint on --resume."""
+    try:
+        training.train(config, data_set, checkpoint_dir=arguments.out, resume=arguments.resume)
+    except training.NonFiniteLossError as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     compilation_cache.enable(arguments)
+    launch.initialize(parser, arguments)  # several processes: join them before JAX starts
+    # Process 0 alone prints the run's report and writes its files; every process trains.
+    lead = jax.process_index() == 0
     # Flags that contradict each other or the data are usage errors (exit status 2), found
     # before anything is computed: the library's checks, reported under the flag's name.
     try:
@@ -385,10 +396,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"argument --resume: {error}")
     device = jax.devices()[0]
     device_description = f"{device.platform}: {device.device_kind}"
-    print(
-        f"device: {device_description} ({jax.device_count()} visible), training data-parallel "
-        f"on {len(devices)}"
-    )
+    if jax.process_count() == 1:
+        print(
+            f"device: {device_description} ({jax.device_count()} visible), training "
+            f"data-parallel on {len(devices)}"
+        )
+    else:
+        print(
+            f"process {jax.process_index()} of {jax.process_count()}: "
+            f"{device_description} ({jax.local_device_count()} local), training data-parallel "
+            f"on {len(devices)} here, {len(devices) * jax.process_count()} in all"
+            + ("" if lead else f"; process 0 writes {arguments.out}")
+        )
+    if not lead:
+        return train_quietly(config, dataset, arguments)
     architecture = " -> ".join(
         str(w) for w in [dataset.num_features, *config.hidden, dataset.num_classes]
     )
@@ -449,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
         "device": device_description,
         "devices": result.devices,
+        "processes": result.processes,
         "versions": library_versions(),
         "dataset": {
             "name": dataset.name,
@@ -471,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments.no_plots:
         plot_history(os.path.join(arguments.out, "loss.png"), result.history, title)
         if dataset.num_features == 2:
-            plot_decision_boundary(
+            plot_decision_boundary(  # on this process's device: the others may have exited
                 os.path.join(arguments.out, "decision_boundary.png"),
-                result.params,
+                jax.tree.map(np.asarray, result.params),
                 dataset,
                 config.activation,
                 f"{title}\ntrain accuracy {result.train_accuracy:.3f}",

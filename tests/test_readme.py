@@ -53,10 +53,10 @@ def run_alone(block: str, devices: int = 1) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_every_block_runs_alone_and_prints_what_it_computes(index):
     blocks = python_blocks()
-    assert len(blocks) == 3, "a new README block: add it here"
+    assert len(blocks) == 4, "a new README block: add it here"
     printed = run_alone(blocks[index])
     assert re.match(r"loss \d+\.\d{4}", printed), printed
 
@@ -77,3 +77,17 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert command == 'pip install -e ".[test]" && pytest'
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert command in ci, f"{command!r} is not a line of .ci/run"
+
+
+def test_aux_example_equals_the_logits_composition():
+    """The companions of README's fourth block against their definitions on the logits."""
+    namespace = {}
+    exec(python_blocks()[3], namespace)
+    hidden, embedding, aux = namespace["hidden"], namespace["embedding"], namespace["aux"]
+    logits = hidden @ embedding.T
+    logp = jax.nn.log_softmax(logits)
+    lse = jax.nn.logsumexp(logits, -1)
+    np.testing.assert_allclose(aux.lse, lse, rtol=1e-5)
+    np.testing.assert_allclose(aux.entropy, -jnp.sum(jnp.exp(logp) * logp, -1), atol=1e-4)
+    np.testing.assert_allclose(aux.z_loss, 1e-4 * lse**2, rtol=1e-5)
+    np.testing.assert_array_equal(aux.correct, jnp.argmax(logits, -1) == jnp.arange(8))

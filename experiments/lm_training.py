@@ -1,0 +1,636 @@
+"""Training the transformer of ``transformer.py`` on the token streams of ``text_corpus.py``.
+
+The structure of :mod:`jaxsoftmax.training`, for a language model:
+
+- :func:`make_train_step`: one AdamW step on one batch of token windows ``[B, T + 1]``:
+  the inputs are the first ``T`` tokens of each window, the labels the last ``T``, and the
+  loss is the mean next-token cross-entropy plus the z-loss, with its companions (accuracy,
+  z-loss, entropy) from the same pass (``return_aux=True``).
+- :func:`make_step`: that step compiled with the choice of its batch: the windows of step
+  ``s`` start at offsets drawn from ``fold_in(fold_in(key(seed), 1), s)``, so nothing depends
+  on how the steps were split between runs or on the device count. One step is long enough
+  (a tenth of a second and more) that calling it from Python costs nothing measurable, and
+  the program that trains is the one whose memory the report gives.
+- :func:`train`: ``eval_every`` steps at a time, an evaluation on fixed windows of both splits
+  after each, atomic checkpoints and ``resume`` (a resumed run ends bit for bit where an
+  uninterrupted one does, on the CPU), a stop on a non-finite loss.
+
+The loss (``config.loss``):
+
+- ``"fused"``: ``jaxsoftmax.linear_cross_entropy(hidden, classifier, labels, ...)``: the
+  ``[B T, V]`` logits never exist.
+- ``"naive"``: ``logits = hidden @ classifier.T``, then ``jaxsoftmax.cross_entropy``: the
+  logits and their gradient are ``[B T, V]`` arrays.
+- ``vocab_shards > 1`` (fused only): ``jaxsoftmax.sharded_linear_cross_entropy`` with the
+  classifier's rows split over the mesh axis ``"vocab"``; the classifier (the embedding table
+  when tied) and its optimizer state are stored split the same way.
+
+Devices: a mesh of ``devices / vocab_shards`` x ``vocab_shards`` local devices, axes
+``("batch", "vocab")``. Each step's windows are split over ``"batch"`` (data parallel: the
+gradient is the mean over all of them, as on one device, up to float rounding); the other
+parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import transformer
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import jaxsoftmax
+from jaxsoftmax import training
+from jaxsoftmax.training import TrainState
+
+LOSSES = ("fused", "naive")
+METRICS = ("loss", "accuracy", "z_loss", "entropy")  # of summarise
+BATCH_AXIS, VOCAB_AXIS = "batch", "vocab"
+CHECKPOINT_FILENAME = training.CHECKPOINT_FILENAME
+# Settings that change only how the same run is computed (rounding, speed, memory): a
+# checkpoint may be resumed with other values.
+NOT_HYPERPARAMETERS = ("devices", "vocab_shards", "loss", "checkpoint_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Every setting of a language-model run. The defaults train in about five minutes on a
+    2-core CPU; the model flags of ``language_model.py`` scale it up.
+
+    Attributes:
+      vocab_size: the byte-pair encoding's vocabulary (the classifier's classes).
+      max_files: use only the first ``max_files`` files of the corpus (None: all).
+      validation_fraction: the share of files held out for validation.
+      d_model, num_layers, num_heads, d_ff: the transformer (``d_ff`` None: ``4 * d_model``).
+      seq_len: tokens per window (the context length).
+      batch_size: windows per step, ``batch_size * seq_len`` tokens.
+      tied: the classifier is the embedding table (else a ``[V, d]`` matrix of its own).
+      loss: ``"fused"`` or ``"naive"`` (see the module docstring).
+      z_loss: the weight of PaLM's z-loss, ``z_loss * logsumexp(logits)^2`` per token.
+      learning_rate, warmup_steps, weight_decay, clip_norm: AdamW (``b2 = 0.95``) with a
+        linear warm-up to ``learning_rate`` and a cosine decay to a tenth of it at ``steps``;
+        weight decay on the matrices only; gradients clipped to global norm ``clip_norm``.
+      steps: the total number of optimizer steps.
+      seed: initialisation and window offsets derive from it.
+      eval_every: steps between evaluations; one history row each.
+      eval_batches: the evaluation reads ``eval_batches * batch_size`` fixed windows of each
+        split, evenly spaced over it.
+      checkpoint_every: steps between checkpoints, a multiple of ``eval_every``; 0 writes none.
+      devices: local devices to run on (None: all); ``vocab_shards`` of them split the
+        classifier, the rest of the factor splits the batch.
+    """
+
+    vocab_size: int = 16384
+    max_files: int | None = None
+    validation_fraction: float = 0.05
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int | None = None
+    seq_len: int = 128
+    batch_size: int = 16
+    tied: bool = True
+    loss: str = "fused"
+    z_loss: float = 1e-4
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    steps: int = 500
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    devices: int | None = None
+    vocab_shards: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not known; expected one of {LOSSES}.")
+        positive = (
+            "vocab_size d_model num_layers num_heads seq_len batch_size steps eval_every "
+            "eval_batches vocab_shards"
+        )
+        for name in positive.split():
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide d_model={self.d_model} (each head "
+                "gets d_model / num_heads dimensions)."
+            )
+        if self.checkpoint_every % self.eval_every:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                f"eval_every={self.eval_every} (checkpoints are written after evaluations)."
+            )
+        if self.vocab_shards > 1 and self.loss != "fused":
+            raise ValueError(
+                f"vocab_shards={self.vocab_shards} splits the fused loss's classifier; "
+                f"loss={self.loss!r} builds whole logits. Use loss='fused' or vocab_shards=1."
+            )
+        if self.devices is not None and self.devices % self.vocab_shards:
+            raise ValueError(
+                f"vocab_shards={self.vocab_shards} must divide devices={self.devices}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def peak_memory_bytes() -> int:
+    """The process's peak resident memory so far (``getrusage``'s ``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if os.uname().sysname == "Darwin" else 1024)  # bytes on macOS
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+def make_mesh(config: LMConfig) -> Mesh:
+    """``("batch", "vocab")`` over the first ``config.devices`` local devices."""
+    devices = training.select_devices(config.devices)
+    if len(devices) % config.vocab_shards:
+        raise ValueError(
+            f"vocab_shards={config.vocab_shards} must divide the {len(devices)} devices used."
+        )
+    grid = np.array(devices).reshape(len(devices) // config.vocab_shards, config.vocab_shards)
+    return Mesh(grid, (BATCH_AXIS, VOCAB_AXIS))
+
+
+def _classifier_key(config: LMConfig) -> str:
+    return "embedding" if config.tied else "classifier"
+
+
+def param_shardings(config: LMConfig, mesh: Mesh, params: Any) -> Any:
+    """Every parameter replicated, the classifier's rows split over ``"vocab"``."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, params)
+    shardings[_classifier_key(config)] = NamedSharding(mesh, PartitionSpec(VOCAB_AXIS, None))
+    return shardings
+
+
+def state_shardings(config: LMConfig, mesh: Mesh, state: TrainState, optimizer) -> TrainState:
+    """The layout of a :class:`TrainState`: the optimizer's moments follow their parameters."""
+    params = param_shardings(config, mesh, state.params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        state.opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(params, opt_state, replicated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, loss
+
+
+def make_optimizer(config: LMConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, config.steps - 1),
+        decay_steps=config.steps,
+        end_value=config.learning_rate / 10,
+    )
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim == 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b2=0.95, weight_decay=config.weight_decay, mask=matrices),
+    )
+
+
+def init_params(config: LMConfig, vocab_size: int):
+    return transformer.init(
+        jax.random.fold_in(jax.random.key(config.seed), 0),
+        vocab_size=vocab_size,
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        max_len=config.seq_len,
+        d_ff=config.d_ff,
+        tied=config.tied,
+    )
+
+
+def token_loss(
+    config: LMConfig, hidden: jax.Array, classifier: jax.Array, labels: jax.Array, mesh=None
+) -> tuple[jax.Array, jaxsoftmax.LossAux]:
+    """``(mean loss, aux)`` of next-token labels ``[B, T]`` from the final states
+    ``[B, T, d]`` and the classifier ``[V, d]``, computed as ``config.loss`` says."""
+    if config.loss == "naive":
+        logits = hidden @ classifier.T
+        return jaxsoftmax.cross_entropy(logits, labels, z_loss=config.z_loss, return_aux=True)
+    if config.vocab_shards > 1:
+        return jaxsoftmax.sharded_linear_cross_entropy(
+            hidden,
+            classifier,
+            labels,
+            mesh=mesh,
+            class_axis_name=VOCAB_AXIS,
+            batch_axis_name=BATCH_AXIS,
+            z_loss=config.z_loss,
+            return_aux=True,
+        )
+    return jaxsoftmax.linear_cross_entropy(
+        hidden, classifier, labels, z_loss=config.z_loss, return_aux=True
+    )
+
+
+def objective(config: LMConfig, params, windows: jax.Array, mesh=None):
+    """The training objective on token windows ``[B, T + 1]`` and the per-token aux."""
+    inputs, labels = windows[:, :-1], windows[:, 1:]
+    hidden = transformer.hidden_states(params, inputs, num_heads=config.num_heads)
+    return token_loss(config, hidden, transformer.classifier(params), labels, mesh)
+
+
+def summarise(loss: jax.Array, aux) -> dict[str, jax.Array]:
+    """Means over the tokens: ``loss`` the cross-entropy alone (the objective less the z-loss
+    term), ``accuracy`` of the argmax, ``z_loss``, ``entropy`` of the predicted distribution."""
+    z_loss = jnp.mean(aux.z_loss)
+    return {
+        "loss": loss - z_loss,
+        "accuracy": jnp.mean(aux.correct.astype(jnp.float32)),
+        "z_loss": z_loss,
+        "entropy": jnp.mean(aux.entropy),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def window_starts(config: LMConfig, num_tokens: int, step: jax.Array) -> jax.Array:
+    """The offsets ``[B]`` of step ``step``'s windows in a stream of ``num_tokens`` tokens."""
+    data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    return jax.random.randint(
+        jax.random.fold_in(data_key, step),
+        (config.batch_size,),
+        0,
+        num_tokens - config.seq_len,
+    )
+
+
+def gather_windows(tokens: jax.Array, starts: jax.Array, length: int) -> jax.Array:
+    """``[len(starts), length]``: ``tokens[s : s + length]`` for each start ``s``."""
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (length,)))(starts)
+
+
+def make_train_step(config: LMConfig, optimizer, mesh=None) -> Callable:
+    """``(state, windows [B, T + 1]) -> (state, metrics)``, metrics of the batch before the
+    update (:func:`summarise`)."""
+
+    def train_step(state: TrainState, windows: jax.Array):
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: objective(config, p, windows, mesh), has_aux=True
+        )(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), summarise(loss, aux)
+
+    return train_step
+
+
+def _split_batch(mesh, windows):
+    if mesh is None:
+        return windows
+    return jax.lax.with_sharding_constraint(
+        windows, NamedSharding(mesh, PartitionSpec(BATCH_AXIS, None))
+    )
+
+
+def make_step(config: LMConfig, optimizer, mesh=None, shardings=None) -> Callable:
+    """A jitted ``(state, train_tokens) -> (state, metrics)``: step ``state.step`` on its own
+    windows of the training stream. ``state`` is donated: its buffers hold the new state."""
+    train_step = make_train_step(config, optimizer, mesh)
+
+    def step(state: TrainState, tokens: jax.Array):
+        starts = window_starts(config, tokens.shape[0], state.step)
+        windows = gather_windows(tokens, starts, config.seq_len + 1)
+        return train_step(state, _split_batch(mesh, windows))
+
+    return jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+
+
+def evaluation_windows(config: LMConfig, tokens: np.ndarray) -> np.ndarray:
+    """``[eval_batches, batch_size, seq_len + 1]`` windows evenly spaced over ``tokens``."""
+    count = config.eval_batches * config.batch_size
+    starts = np.linspace(0, tokens.size - config.seq_len - 1, count).astype(np.int64)
+    windows = tokens[starts[:, None] + np.arange(config.seq_len + 1)]
+    return windows.reshape(config.eval_batches, config.batch_size, config.seq_len + 1)
+
+
+def make_evaluate(config: LMConfig, mesh=None) -> Callable:
+    """A jitted ``(params, windows [E, B, T + 1]) -> metrics``: the means of
+    :func:`summarise` over the ``E`` batches, one batch at a time (the naive loss's logits
+    are never larger than in training)."""
+
+    def evaluate(params, windows):
+        def body(total, batch):
+            loss, aux = objective(config, params, _split_batch(mesh, batch), mesh)
+            metrics = summarise(loss, aux)
+            return jax.tree.map(jnp.add, total, metrics), None
+
+        zeros = {key: jnp.zeros((), jnp.float32) for key in METRICS}
+        total, _ = jax.lax.scan(body, zeros, windows)
+        return jax.tree.map(lambda t: t / windows.shape[0], total)
+
+    return jax.jit(evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(
+    path: str, state: TrainState, history: list[dict], config: LMConfig, fingerprint: str
+) -> None:
+    """Parameters, optimizer state, step, history, config and the corpus's fingerprint, as one
+    ``.npz``, written atomically."""
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays["step"] = np.asarray(state.step)
+    arrays["history"] = np.asarray(json.dumps(history))
+    arrays["config"] = np.asarray(json.dumps(config.to_dict()))
+    arrays["corpus"] = np.asarray(fingerprint)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    training.write_atomically(path, buffer.getvalue())
+
+
+def check_checkpoint(path: str, config: LMConfig, fingerprint: str) -> int:
+    """The step of the checkpoint at ``path``, or ``ValueError`` saying why it cannot be
+    resumed with ``config`` on the corpus of ``fingerprint``. Reads no parameters."""
+    try:
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as stored:
+            saved = json.loads(str(stored["config"]))
+            corpus = str(stored["corpus"])
+            step = int(stored["step"])
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"the checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete it "
+            "to start from scratch, or use another output directory."
+        ) from None
+    different = {
+        key: (saved.get(key), value)
+        for key, value in config.to_dict().items()
+        if key not in NOT_HYPERPARAMETERS and saved.get(key) != value
+    }
+    if different:
+        raise ValueError(
+            f"the checkpoint {path} was written by a different configuration (saved, "
+            f"requested): {different}; resume with the same flags or use another output "
+            "directory."
+        )
+    if corpus != fingerprint:
+        raise ValueError(
+            f"the checkpoint {path} was trained on other tokens (another Python's standard "
+            "library, or another tokenizer); resume where it was written, or start afresh."
+        )
+    return step
+
+
+def load_checkpoint(path: str, template: TrainState) -> tuple[TrainState, list[dict]]:
+    with np.load(path, allow_pickle=False) as stored:
+        treedef = jax.tree_util.tree_structure((template.params, template.opt_state))
+        leaves = [stored[f"leaf_{i}"] for i in range(treedef.num_leaves)]
+        params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        step = np.asarray(stored["step"], np.int32)
+        history = json.loads(str(stored["history"]))
+    return TrainState(params, opt_state, step), history
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class LMResult:
+    """What :func:`train` returns.
+
+    Attributes:
+      params: the final parameters.
+      history: one row per evaluation (the first at step 0); see :func:`train`.
+      steps: steps taken in total; resumed_from: the checkpoint's step, or None.
+      tokens_per_second: training tokens over the wall time of the training steps (those
+        before a resume included; no compilation, no evaluation).
+      step_temp_bytes: the compiled training step's temporary memory
+        (``memory_analysis().temp_size_in_bytes``).
+      peak_memory_bytes: the process's peak resident memory at the end.
+      train_seconds: the wall time of this call, compilation and evaluation included.
+      devices: the mesh's shape, ``{"batch": ..., "vocab": ...}``.
+    """
+
+    params: Any
+    history: list[dict]
+    steps: int
+    resumed_from: int | None
+    tokens_per_second: float
+    step_temp_bytes: int
+    peak_memory_bytes: int
+    train_seconds: float
+    devices: dict[str, int]
+
+
+class NonFiniteLossError(training.NonFiniteLossError):
+    """The loss or the parameters became NaN or infinite; the run was stopped."""
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_functions(config: LMConfig, vocab_size: int):
+    """The mesh, optimizer, state layout and jitted functions of ``config``, made once per
+    process (tests and comparisons reuse them)."""
+    mesh = make_mesh(config)
+    optimizer = make_optimizer(config)
+    abstract_params = jax.eval_shape(lambda: init_params(config, vocab_size))
+    abstract_state = TrainState(
+        abstract_params,
+        jax.eval_shape(optimizer.init, abstract_params),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    shardings = state_shardings(config, mesh, abstract_state, optimizer)
+
+    def fresh_state():
+        params = init_params(config, vocab_size)
+        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    return {
+        "mesh": mesh,
+        "optimizer": optimizer,
+        "shardings": shardings,
+        "abstract_state": abstract_state,
+        # Runs once: compiling fast matters more than running fast (as in jaxsoftmax.training).
+        "init": jax.jit(
+            fresh_state,
+            out_shardings=shardings,
+            compiler_options={"xla_backend_optimization_level": 0},
+        ),
+        "step": make_step(config, optimizer, mesh, shardings),
+        "evaluate": make_evaluate(config, mesh),
+        "compiled_steps": {},
+    }
+
+
+def compile_step(functions: dict, state: TrainState, train_tokens: jax.Array):
+    """The step of :func:`compiled_functions` compiled for these arguments' shapes and
+    layouts, once per process (a second run in the same process reuses it)."""
+    key = (train_tokens.shape, train_tokens.sharding)
+    if key not in functions["compiled_steps"]:
+        functions["compiled_steps"][key] = functions["step"].lower(state, train_tokens).compile()
+    return functions["compiled_steps"][key]
+
+
+def check_config_for_corpus(config: LMConfig, corpus) -> None:
+    """Raises ``ValueError`` naming the setting if ``config`` cannot run on the local devices
+    or train on ``corpus``, before anything is compiled. :func:`train` calls it first."""
+    mesh = make_mesh(config)
+    if config.batch_size % mesh.shape[BATCH_AXIS]:
+        raise ValueError(
+            f"batch_size={config.batch_size} must divide by the {mesh.shape[BATCH_AXIS]} "
+            "devices that split the batch."
+        )
+    if corpus.vocab_size % config.vocab_shards:
+        raise ValueError(
+            f"vocab_shards={config.vocab_shards} must divide the vocabulary of "
+            f"{corpus.vocab_size} tokens (the classifier is stored split into equal row blocks)."
+        )
+    shortest = min(corpus.train_tokens.size, corpus.validation_tokens.size)
+    if shortest <= config.seq_len + 1:
+        raise ValueError(
+            f"seq_len={config.seq_len} is too long for the corpus: a split has only "
+            f"{shortest} tokens."
+        )
+
+
+def train(
+    config: LMConfig,
+    corpus,
+    *,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    on_run_end: Callable[[dict, int], None] | None = None,
+) -> LMResult:
+    """Trains the transformer on ``corpus`` (from ``text_corpus.load``).
+
+    History rows: ``step``, ``tokens`` (trained on so far), ``batch_loss``, ``batch_accuracy``,
+    ``batch_z_loss``, ``batch_entropy`` (means over the run's steps, each before its update),
+    ``train_*`` and ``validation_*`` (``loss``, ``accuracy``, ``z_loss``, ``entropy`` on the
+    fixed evaluation windows), ``run_seconds`` (the wall time of the steps since the last row) and
+    ``tokens_per_second`` (of that run). Losses are cross-entropies in nats per token, without
+    the z-loss term.
+    """
+    started = time.perf_counter()
+    check_config_for_corpus(config, corpus)
+    functions = compiled_functions(config, corpus.vocab_size)
+    mesh, shardings = functions["mesh"], functions["shardings"]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_tokens = jax.device_put(corpus.train_tokens, replicated)
+    evaluation = {
+        split: jax.device_put(evaluation_windows(config, tokens), replicated)
+        for split, tokens in (
+            ("train", corpus.train_tokens),
+            ("validation", corpus.validation_tokens),
+        )
+    }
+
+    checkpoint_path = None
+    if checkpoint_dir is not None and config.checkpoint_every:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
+        training.remove_stale_temporaries(checkpoint_path)
+
+    def evaluate(params) -> dict:
+        row = {}
+        for split, windows in evaluation.items():
+            values = functions["evaluate"](params, windows)
+            row.update({f"{split}_{name}": float(values[name]) for name in METRICS})
+        return row
+
+    tokens_per_step = config.batch_size * config.seq_len
+    resumed_from = None
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        check_checkpoint(checkpoint_path, config, corpus.fingerprint)
+        state, history = load_checkpoint(checkpoint_path, functions["abstract_state"])
+        state = jax.device_put(state, shardings)
+        resumed_from = int(state.step)
+    else:
+        state = functions["init"]()
+        before = {f"batch_{name}": None for name in METRICS}  # no step taken yet
+        history = [{"step": 0, "tokens": 0, **before, **evaluate(state.params)}]
+        history[0].update(run_seconds=None, tokens_per_second=None)
+    last_checkpoint = resumed_from
+
+    # Compiled before the clock starts; XLA's memory analysis of this program is the report's.
+    compiled_step = compile_step(functions, state, train_tokens)
+    temp_bytes = int(compiled_step.memory_analysis().temp_size_in_bytes)
+    while int(state.step) < config.steps:
+        step = int(state.step)
+        length = min(config.steps, (step // config.eval_every + 1) * config.eval_every) - step
+        begun = time.perf_counter()
+        new_state, metrics = state, []
+        for _ in range(length):
+            new_state, step_metrics = compiled_step(new_state, train_tokens)
+            metrics.append(step_metrics)
+        metrics = jax.tree.map(lambda *values: np.stack(values), *jax.device_get(metrics))
+        seconds = time.perf_counter() - begun
+        finite = np.all(np.isfinite(metrics["loss"])) and all(
+            bool(np.all(np.isfinite(np.asarray(leaf))))
+            for leaf in jax.tree_util.tree_leaves(new_state.params)
+        )
+        if not finite:
+            kept = (
+                f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
+                if last_checkpoint is not None
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"the training loss or parameters became non-finite between steps {step} and "
+                f"{step + length}; {kept}. Try a smaller learning rate (was "
+                f"{config.learning_rate})."
+            )
+        state = new_state
+        row = {
+            "step": int(state.step),
+            "tokens": int(state.step) * tokens_per_step,
+            **{f"batch_{name}": float(np.mean(values)) for name, values in metrics.items()},
+            **evaluate(state.params),
+            "run_seconds": seconds,
+            "tokens_per_second": length * tokens_per_step / seconds,
+        }
+        history.append(row)
+        if checkpoint_path is not None and (
+            row["step"] % config.checkpoint_every == 0 or row["step"] == config.steps
+        ):
+            save_checkpoint(checkpoint_path, state, history, config, corpus.fingerprint)
+            last_checkpoint = row["step"]
+        if on_run_end is not None:
+            on_run_end(row, length)
+
+    jax.block_until_ready(state.params)
+    seconds = sum(row["run_seconds"] or 0.0 for row in history)
+    trained_tokens = history[-1]["tokens"]
+    return LMResult(
+        params=state.params,
+        history=history,
+        steps=int(state.step),
+        resumed_from=resumed_from,
+        tokens_per_second=trained_tokens / seconds if seconds else 0.0,
+        step_temp_bytes=temp_bytes,
+        peak_memory_bytes=peak_memory_bytes(),
+        train_seconds=time.perf_counter() - started,
+        devices=dict(mesh.shape),
+    )

@@ -39,9 +39,11 @@ from jax.experimental import checkify
 _functionalized = contextvars.ContextVar("jaxsoftmax_checked", default=False)
 
 
-def _message(name: str, num_classes, ignore_index, hint: str) -> str:
+def _message(name: str, num_classes, ignore_index, hint: str, vocab_mask=None) -> str:
     """The error message, with ``{label}`` and ``{position}`` left to fill in."""
     expected = f"0 <= label < {num_classes}"
+    if vocab_mask is not None:
+        expected += " on a class vocab_mask keeps"
     if ignore_index is not None:
         expected += f" or label == ignore_index ({ignore_index})"
     return (
@@ -71,6 +73,7 @@ def check_labels_or_defer(
     name: str = "labels",
     ignore_index: int | None = None,
     hint: str = "",
+    vocab_mask=None,
 ) -> bool:
     """Checks labels known in Python now; returns True when the check must be staged.
 
@@ -87,10 +90,14 @@ def check_labels_or_defer(
       name: the argument's name, for the message.
       ignore_index: labels equal to it are not checked.
       hint: a sentence appended to the message (how to leave an example out).
+      vocab_mask: bool ``[num_classes]``: labels on classes it leaves out are bad too.
     """
-    if num_classes is not None and not (_is_traced(labels) or _is_traced(row_mask)):
+    traced = any(_is_traced(x) for x in (labels, row_mask, vocab_mask))
+    if num_classes is not None and not traced:
         values = np.asarray(labels)
         bad = (values < 0) | (values >= num_classes)
+        if vocab_mask is not None:
+            bad |= ~np.asarray(vocab_mask)[np.clip(values, 0, num_classes - 1)]
         if ignore_index is not None:
             bad &= values != ignore_index
         if row_mask is not None:
@@ -99,7 +106,7 @@ def check_labels_or_defer(
             flat = int(np.argmax(bad.reshape(-1)))
             position = np.asarray(np.unravel_index(flat, values.shape), np.int64)
             raise ValueError(
-                _message(name, num_classes, ignore_index, hint).format(
+                _message(name, num_classes, ignore_index, hint, vocab_mask).format(
                     label=values.reshape(-1)[flat], position=position
                 )
             )
@@ -123,8 +130,10 @@ def check_labels(
     name: str = "labels",
     ignore_index: int | None = None,
     hint: str = "",
+    vocab_mask=None,
 ):
-    """Adds a checkify check that every counted label lies in ``[0, num_classes)``.
+    """Adds a checkify check that every counted label lies in ``[0, num_classes)`` (and on a
+    class ``vocab_mask`` keeps, when given).
 
     Only functionalized under :func:`checked`; see :func:`check_labels_or_defer`.
 
@@ -137,6 +146,8 @@ def check_labels(
       hint: a sentence appended to the message (how to leave an example out).
     """
     bad = (labels < 0) | (labels >= num_classes)
+    if vocab_mask is not None:
+        bad = bad | ~jnp.take(vocab_mask, jnp.clip(labels, 0, num_classes - 1))
     if ignore_index is not None:
         bad = bad & (labels != ignore_index)
     if row_mask is not None:
@@ -148,7 +159,7 @@ def check_labels(
         position = jnp.zeros((0,), jnp.int32)
     checkify.check(
         ~jnp.any(bad),
-        _message(name, num_classes, ignore_index, hint),
+        _message(name, num_classes, ignore_index, hint, vocab_mask),
         label=labels.reshape(-1)[flat],
         position=position,
     )

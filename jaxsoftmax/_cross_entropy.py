@@ -33,7 +33,12 @@ import jax.numpy as jnp
 
 from jaxsoftmax import _checking, _companions, _rule
 from jaxsoftmax import _validation as v
-from jaxsoftmax._options import check_options, reduce_loss
+from jaxsoftmax._options import (
+    check_options,
+    check_vocab_mask,
+    labels_on_masked_classes_out_of_range,
+    reduce_loss,
+)
 
 LABEL_HINT = " Leave an example out with ignore_index= or where=."
 
@@ -58,6 +63,7 @@ def per_example_loss(
     kind_hint="",
     label_hint=LABEL_HINT,
     return_aux=False,
+    vocab_mask=None,
 ):
     """Validates, moves the class axes last and applies the rule row by row.
 
@@ -94,6 +100,7 @@ def per_example_loss(
     )
     ignore_index = loss_options.ignore_index
     options = loss_options.rule(axis_name)
+    vocab_mask = check_vocab_mask(vocab_mask, num_classes)
     label_check = None
     if checked and integer:
         # Labels known in Python are checked here, before any computation; traced labels
@@ -105,6 +112,7 @@ def per_example_loss(
             name=name,
             ignore_index=ignore_index,
             hint=label_hint,
+            vocab_mask=vocab_mask,
         )
         label_check = (name, label_hint) if defer else None
 
@@ -121,6 +129,7 @@ def per_example_loss(
         forward_mode=forward_mode,
         label_check=label_check,
         companions=return_aux,
+        vocab_mask=vocab_mask,
     )
 
 
@@ -150,12 +159,14 @@ def _rows_and_weights(
     forward_mode,
     label_check,
     companions=False,
+    vocab_mask=None,
 ):
     """The computation after validation, jitted so eager calls compile once per shape.
 
     ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None;
     ``companions`` adds the :class:`~jaxsoftmax.LossAux` (the rule of
-    :mod:`jaxsoftmax._companions`).
+    :mod:`jaxsoftmax._companions`); ``vocab_mask`` (``[C]``, this shard's classes under
+    ``axis_name``) joins the class mask, and labels on its masked classes become bad labels.
     """
     num_classes = math.prod(logits.shape[a] for a in axes)
     logits = v.move_classes_last(logits, axes)
@@ -172,9 +183,15 @@ def _rows_and_weights(
             total = jax.lax.psum(num_classes, options.axis_name)
         name, hint = label_check
         _checking.check_labels(
-            targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint
-        )
+            targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint,
+            vocab_mask=vocab_mask if options.axis_name is None else None,
+        )  # fmt: skip
 
+    if vocab_mask is not None:
+        every_row = jnp.broadcast_to(vocab_mask, logits.shape)
+        class_mask = every_row if class_mask is None else class_mask & every_row
+        if integer and options.axis_name is None:  # (sharded: done on the global labels)
+            targets = labels_on_masked_classes_out_of_range(targets, vocab_mask, ignore_index)
     args = (logits, targets, class_mask, class_weights, row_mask, options)
     if companions:
         loss, lse, entropy, correct = _companions.rows_with_companions(*args)
@@ -209,6 +226,7 @@ def cross_entropy(
     axis_name=None,
     checked: bool = False,
     return_aux: bool = False,
+    vocab_mask: jax.typing.ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, _companions.LossAux]:
     r"""Softmax cross-entropy with the options of PyTorch's ``F.cross_entropy`` and more.
 
@@ -295,6 +313,7 @@ def cross_entropy(
         axis_name=axis_name,
         checked=checked,
         return_aux=return_aux,
+        vocab_mask=vocab_mask,
     )
     loss = reduce_loss(out[0], out[1], reduction).astype(logits.dtype)
     return (loss, out[2]) if return_aux else loss

@@ -63,7 +63,12 @@ from jaxsoftmax import _linear_forward_gradient as forward_gradient
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
 from jaxsoftmax._cpu_fast_paths import per_platform, slice_chunk
-from jaxsoftmax._options import check_options, reduce_loss
+from jaxsoftmax._options import (
+    check_options,
+    check_vocab_mask,
+    labels_on_masked_classes_out_of_range,
+    reduce_loss,
+)
 from jaxsoftmax._tiles import on_each_platform, tiles_by_platform
 from jaxsoftmax._varying_axes import summed_like, typed_like_inputs, whole_cotangent
 
@@ -109,14 +114,29 @@ def _vocabulary(classifier, plan: _Plan):
     return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
 
 
-def _visited(v0, i, vc, offset, num_classes, options):
+def _visited(v0, i, vc, offset, num_classes, options, vocab_mask=None):
     """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
-    (a moved-back last chunk) and, on a padded vocabulary shard, real."""
+    (a moved-back last chunk), on a padded vocabulary shard real, and kept by the
+    ``vocab_mask`` (global, ``[V]``, or None)."""
     index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
     fresh = index >= i * vc
     if options.axis_name is not None:
         fresh = fresh & (offset + index < num_classes)
+    if vocab_mask is not None:
+        fresh = fresh & lax.dynamic_slice_in_dim(vocab_mask, offset + v0, vc)
     return fresh
+
+
+def _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype):
+    """``(w', K)``: the class weights with the masked classes' set to 0 (ones where there
+    are none) and the number of classes that exist, over which label smoothing spreads;
+    ``(class_weights, V)`` without a ``vocab_mask``."""
+    if vocab_mask is None:
+        return class_weights, num_classes
+    weights = vocab_mask.astype(dtype)
+    if class_weights is not None:
+        weights = weights * class_weights.astype(dtype)
+    return weights, jnp.sum(vocab_mask[:num_classes].astype(dtype))
 
 
 def _chunk_starts(total: int, chunk: int):
@@ -167,7 +187,7 @@ def _combine_companions(tracked, top, total, axis_name):
     return [shifted_sum, global_top, lax.pmin(best_class, axis_name)]
 
 
-def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan):
     """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
     options = plan.options
     num_tokens = hidden.shape[0]
@@ -178,7 +198,8 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     eps = options.label_smoothing
     options_companions = plan.companions
-    varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights))
+    class_weights, participating = _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
+    varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights, vocab_mask))
 
     def token_step(outputs, j):
         t0 = token_start(j)
@@ -186,6 +207,15 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         labels_t = lax.dynamic_slice_in_dim(labels, t0, tc)
 
         def vocab_step(carry, i):
+            if vocab_mask is None:
+                return tile(carry, i)
+            # Tiles of only masked classes (a padded vocabulary's end) are skipped.
+            live = jnp.any(
+                _visited(vocab_start(i), i, vc, offset, num_classes, options, vocab_mask)
+            )
+            return lax.cond(live, tile, lambda carry, i: (carry, None), carry, i)
+
+        def tile(carry, i):
             top, total, label_x, weighted, *tracked = carry
             v0 = vocab_start(i)
             bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
@@ -197,7 +227,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
                 dtype,
             )
             x = _rule.capped(z, options)
-            fresh = _visited(v0, i, vc, offset, num_classes, options)
+            fresh = _visited(v0, i, vc, offset, num_classes, options, vocab_mask)
             x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
             chunk_top = jnp.max(x_fresh, axis=-1)
             new_top = jnp.maximum(top, chunk_top)
@@ -263,7 +293,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
         )
         smoothing = weight_total * (top + log_sum) - weighted[:, None]
     label_shifted = label_x[:, None] - top
-    cross = _rule.label_cross_entropy(log_sum, label_shifted, smoothing, r, num_classes, rule)
+    cross = _rule.label_cross_entropy(log_sum, label_shifted, smoothing, r, participating, rule)
     live = None if row_mask is None else row_mask[:, None]
     bad = _rule.bad_label_rows(labels, row_mask, num_classes, rule)
     loss = _rule.row_loss((top, log_sum), cross, r, live, bad, rule)
@@ -280,7 +310,16 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, plan: _P
 
 
 def _backward(
-    hidden, classifier, bias, labels, class_weights, row_mask, statistics, g, plan: _Plan
+    hidden,
+    classifier,
+    bias,
+    labels,
+    class_weights,
+    row_mask,
+    vocab_mask,
+    statistics,
+    g,
+    plan: _Plan,
 ):
     """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
     num_tokens, width = hidden.shape
@@ -295,10 +334,11 @@ def _backward(
     num_tc, token_start = _chunk_starts(num_tokens, tc)
     num_vc, vocab_start = _chunk_starts(local_classes, vc)
     top, log_sum, *entropy = statistics  # the entropy too with companions
+    class_weights, participating = _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
     cotangents = g if plan.companions else (g,)
     chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
     varying = typed_like_inputs(
-        (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
+        (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics, g)
     )
 
     def vocab_step(carry, i):
@@ -311,8 +351,8 @@ def _backward(
             if class_weights is None
             else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc)
         )
-        block = _rule.ClassBlock(offset + v0, num_classes, class_weights)
-        fresh = _visited(v0, i, vc, offset, num_classes, plan.options)
+        block = _rule.ClassBlock(offset + v0, num_classes, class_weights, participating)
+        fresh = _visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
 
         def token_step(inner, j):
             d_hidden, d_classifier_c, d_bias_c = inner
@@ -366,7 +406,11 @@ def _backward(
                 (jnp.zeros(chunk_shape, acc), None if bias is None else jnp.zeros((vc,), acc))
             ),
         )
-        (d_hidden, d_classifier_c, d_bias_c), _ = lax.scan(token_step, inner, jnp.arange(num_tc))
+        run = lambda inner: lax.scan(token_step, inner, jnp.arange(num_tc))[0]
+        if vocab_mask is None:
+            d_hidden, d_classifier_c, d_bias_c = run(inner)
+        else:  # a chunk of only masked classes adds nothing: skipped
+            d_hidden, d_classifier_c, d_bias_c = lax.cond(jnp.any(fresh), run, lambda x: x, inner)
         d_classifier_c = d_classifier_c.astype(classifier.dtype)
         d_bias_c = None if bias is None else d_bias_c.astype(bias.dtype)
         if stacked:  # the chunks are the scan's outputs, laid end to end below
@@ -403,39 +447,41 @@ def _backward(
     return d_hidden.astype(hidden.dtype), d_classifier, d_bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _linear_rows(
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan
+):
     """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule; with
     ``plan.companions``, ``(loss, lse, entropy, correct)``."""
-    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     return _linear_rows_fwd(*args, plan)[0]
 
 
-def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, plan):
-    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+def _linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan):
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     loss, statistics, *companions = on_each_platform(_forward, plan, *args)
     out = loss
     if plan.companions:  # (loss, lse, entropy, correct); the entropy is a residual too
         (lse, entropy, correct), statistics = companions[0], (*statistics, companions[0][1])
         out = (loss, lse, entropy, correct)
-    return out, (hidden, classifier, bias, labels, class_weights, row_mask, statistics)
+    return out, (*args, statistics)
 
 
 def _linear_rows_bwd(plan, residuals, g):
-    hidden, classifier, bias, labels, class_weights, row_mask, statistics = residuals
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics = residuals
     axis_name = plan.options.axis_name
     if plan.companions:
         g = tuple(whole_cotangent(c, classifier, axis_name) for c in g[:3])
     else:
         g = whole_cotangent(g, classifier, axis_name)
-    args = (hidden, classifier, bias, labels, class_weights, row_mask, statistics, g)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics, g)
     d_hidden, d_classifier, d_bias = on_each_platform(_backward, plan, *args)
     d_hidden, d_classifier, d_bias = (
         summed_like(d, x)
         for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
     )
     d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
-    return d_hidden, d_classifier, d_bias, None, d_weights, None
+    return d_hidden, d_classifier, d_bias, None, d_weights, None, None
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
@@ -482,6 +528,7 @@ def linear_cross_entropy(
     accumulation_dtype=jnp.float32,
     method: str = "auto",
     return_aux: bool = False,
+    vocab_mask: jax.typing.ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, _companions.LossAux]:
     r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
 
@@ -537,6 +584,11 @@ def linear_cross_entropy(
         (their cotangents add ``softmax * (g_lse - g_H (log softmax + H))`` to each tile's
         gradient). Needs ``method="recompute"`` (or ``"auto"``): ``"forward"`` computes the
         gradients before any per-row cotangent is known.
+      vocab_mask: bool ``[V]``, the classes that exist (a vocabulary padded to a multiple of
+        64 or 128, as GPT-2's 50257 to 50304): masked classes get no probability, no
+        label-smoothing mass, and their classifier rows (and bias) a zero gradient; tiles
+        holding only masked classes are skipped. A label on a masked class is a bad label
+        (NaN). Equal to :func:`~jaxsoftmax.cross_entropy` of the logits with ``vocab_mask``.
 
     There is no ``axis_name``: for a classifier split by vocabulary over a device mesh, use
     :func:`jaxsoftmax.sharded_linear_cross_entropy`, which combines the shards' per-row
@@ -572,6 +624,7 @@ def linear_cross_entropy(
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
         accumulation_dtype=accumulation_dtype,
+        vocab_mask=vocab_mask,
     )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
@@ -600,6 +653,7 @@ def linear_cross_entropy(
         call.class_weights,
         call.row_mask,
         plan,
+        call.vocab_mask,
     )
     out = reduce_loss(loss.reshape(call.batch), weight.reshape(call.batch), call.reduction)
     out = out.astype(call.hidden.dtype)
@@ -625,6 +679,7 @@ class _Call(NamedTuple):
     token_chunk: int | None
     vocab_chunk: int | None
     accumulation_dtype: jnp.dtype
+    vocab_mask: jax.Array | None = None  # [V], the classes that exist
 
 
 def make_plan(
@@ -646,7 +701,9 @@ def make_plan(
     )
 
 
-def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+def rows_and_weights(
+    hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan, vocab_mask=None
+):
     """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked).
 
     With ``plan.options.axis_name`` (inside ``shard_map``): ``classifier`` and ``bias`` are
@@ -659,7 +716,8 @@ def rows_and_weights(hidden, classifier, bias, labels, class_weights, row_mask, 
         empty = jnp.zeros((0,), dtype)
         out = (empty, empty, empty, empty.astype(bool)) if plan.companions else empty
     else:
-        out = _linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan)
+        args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+        out = _linear_rows(*args, plan)
     weight = _mean_weights(labels, class_weights, row_mask, num_classes, dtype, rule)
     if not plan.companions:
         return out, weight
@@ -687,9 +745,9 @@ def choose_method(call: _Call, method: str) -> str:
     return forward_gradient.auto_method(call.num_classes, call.hidden.shape[-1], call.reduction)
 
 
-def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan):
+def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan):
     """Per-row losses by the online forward, nothing differentiated."""
-    args = (hidden, classifier, bias, labels, class_weights, row_mask)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     return on_each_platform(_forward, plan, *args)[0]
 
 
@@ -709,6 +767,7 @@ def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
         call.labels,
         call.class_weights,
         call.row_mask,
+        call.vocab_mask,
         weight,
         call.reduction,
         block_plan,
@@ -733,6 +792,7 @@ def _validated(
     token_chunk,
     vocab_chunk,
     accumulation_dtype,
+    vocab_mask=None,
 ) -> _Call:
     """Checks :func:`linear_cross_entropy`'s arguments (see there) and flattens the tokens."""
     hidden = _check_float(hidden, "hidden")
@@ -812,12 +872,16 @@ def _validated(
     if not jnp.issubdtype(accumulation_dtype, jnp.floating):
         raise TypeError(f"accumulation_dtype must be a float dtype; got {accumulation_dtype}.")
 
+    vocab_mask = check_vocab_mask(vocab_mask, num_classes)
+
     num_tokens = math.prod(batch)
     if ignore_index is not None:
         kept = labels.reshape(num_tokens) != ignore_index
         row_mask = kept if row_mask is None else row_mask.reshape(num_tokens) & kept
     elif row_mask is not None:
         row_mask = row_mask.reshape(num_tokens)
+    if vocab_mask is not None:  # a label on a class that does not exist is a bad label
+        labels = labels_on_masked_classes_out_of_range(labels, vocab_mask, ignore_index)
     return _Call(
         hidden=hidden.reshape(num_tokens, width),
         classifier=classifier,
@@ -833,4 +897,5 @@ def _validated(
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
         accumulation_dtype=accumulation_dtype,
+        vocab_mask=vocab_mask,
     )

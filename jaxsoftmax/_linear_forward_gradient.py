@@ -77,8 +77,9 @@ def reduction_cotangents(weight, reduction: str):
     return jax.grad(lambda loss: reduce_loss(loss, weight, reduction))(jnp.zeros_like(weight))
 
 
-def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, plan):
-    """Per-row losses and the gradients for cotangent ``c`` [N], block by block."""
+def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c, plan):
+    """Per-row losses and the gradients for cotangent ``c`` [N], block by block; a
+    ``vocab_mask`` (``[V]``) is every row's class mask."""
     options = plan.options
     num_tokens, width = hidden.shape
     vd = plan.layout == "vd"
@@ -108,8 +109,9 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, pla
         )
         if bias is not None:
             z = z + bias.astype(dtype)[None, :]
-        loss_t, statistics = forward_here(z, labels_t, None, class_weights, mask_t)
-        grad = gradient_here(z, labels_t, None, class_weights, mask_t, statistics, rows(c))
+        classes = None if vocab_mask is None else jnp.broadcast_to(vocab_mask, z.shape)
+        loss_t, statistics = forward_here(z, labels_t, classes, class_weights, mask_t)
+        grad = gradient_here(z, labels_t, classes, class_weights, mask_t, statistics, rows(c))
         grad_in = grad.astype(hidden.dtype)  # products in the inputs' dtype
         d_hidden_t = lax.dot_general(
             grad_in,
@@ -144,24 +146,27 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, pla
     return loss, (d_hidden, d_classifier, d_bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def reduced_loss(
-    hidden, classifier, bias, labels, class_weights, row_mask, weight, reduction, plan, rows_fn
-):
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, weight, reduction,
+    plan, rows_fn,
+):  # fmt: skip
     """``reduce(loss_n, w_n)`` for ``"mean"``/``"sum"``, with the gradients from the forward.
 
     ``rows_fn`` computes the per-row losses without gradients (the default path's forward),
     used when nothing is differentiated; ``weight`` are the reduction's per-row weights.
     """
-    loss = rows_fn(hidden, classifier, bias, labels, class_weights, row_mask)
+    loss = rows_fn(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     return reduce_loss(loss, weight, reduction)
 
 
 def _reduced_loss_fwd(
-    hidden, classifier, bias, labels, class_weights, row_mask, weight, reduction, plan, rows_fn
-):
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, weight, reduction,
+    plan, rows_fn,
+):  # fmt: skip
     c = reduction_cotangents(weight, reduction)
-    loss, grads = _gradients(hidden, classifier, bias, labels, class_weights, row_mask, c, plan)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+    loss, grads = _gradients(*args, c, plan)
     # The stored gradients' target dtypes, as zero-size arrays (residuals must be arrays).
     like = tuple(
         None if x is None else jnp.zeros((0,), x.dtype) for x in (hidden, classifier, bias)
@@ -177,7 +182,7 @@ def _reduced_loss_bwd(reduction, plan, rows_fn, residuals, g):
     # The per-row weights enter the reduction (the mean's denominator) outside the rule.
     (d_weight,) = jax.vjp(lambda w: reduce_loss(loss, w, reduction), weight)[1](g)
     d_class_weights = None if class_weights is None else jnp.zeros_like(class_weights)
-    return (*scaled, None, d_class_weights, None, d_weight)
+    return (*scaled, None, d_class_weights, None, None, d_weight)
 
 
 reduced_loss.defvjp(_reduced_loss_fwd, _reduced_loss_bwd)

@@ -90,3 +90,29 @@ def reduce_loss(loss, row_weight, reduction: str, batch_axis_names: tuple = ()):
         denominator = lax.psum(denominator, batch_axis_names)
     counted = denominator > 0
     return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
+
+
+def check_vocab_mask(vocab_mask, num_classes: int):
+    """``vocab_mask`` as a bool array of ``num_classes`` entries (or None), checked: the
+    classes that exist, shared by every row."""
+    if vocab_mask is None:
+        return None
+    vocab_mask = v.as_array(vocab_mask, "vocab_mask")
+    if vocab_mask.dtype != jnp.bool_ or vocab_mask.size != num_classes or vocab_mask.ndim < 1:
+        raise ValueError(
+            f"vocab_mask must be a boolean array of one entry per class, shape ({num_classes},)"
+            f"; got {v._describe(vocab_mask)}. (A mask per example and class is where=.)"
+        )
+    return vocab_mask.reshape(num_classes)
+
+
+def labels_on_masked_classes_out_of_range(labels, vocab_mask, ignore_index):
+    """``labels`` with every label on a class ``vocab_mask`` leaves out replaced by one
+    outside ``[0, C)``: a bad label, whose example's loss and gradient the rule makes NaN
+    (``-1``, or ``C`` where ``ignore_index`` is ``-1``). Labels already out of range and
+    ``ignore_index`` stay as they are."""
+    num_classes = vocab_mask.shape[0]
+    inside = (labels >= 0) & (labels < num_classes)
+    masked = inside & ~jnp.take(vocab_mask, jnp.clip(labels, 0, num_classes - 1))
+    sentinel = jnp.asarray(num_classes if ignore_index == -1 else -1, labels.dtype)
+    return jnp.where(masked, sentinel, labels)

@@ -69,12 +69,14 @@ class RuleOptions:
 
 class ClassBlock(NamedTuple):
     """Classes ``[offset, offset + width)`` of ``num_classes``: one tile of a row (the fused
-    loss). The one-hot uses global indices, smoothing spreads over all ``num_classes`` and
-    ``w[label]``, ``sum_c w_c`` use ``class_weights``, all ``C``. Integer targets only."""
+    loss). The one-hot uses global indices, smoothing spreads over ``participating`` classes
+    (``K``; all ``num_classes`` when None) and ``w[label]``, ``sum_c w_c`` use
+    ``class_weights``, all ``C``. Integer targets only."""
 
     offset: object
     num_classes: int
     class_weights: jax.Array | None = None
+    participating: object = None
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -141,6 +143,7 @@ def num_participating(class_mask, num_local, dtype, options: RuleOptions, block=
     """``K``: the classes taking part in each row (at least 1, to divide by)."""
     if class_mask is None:
         count = total_classes(num_local, options) if block is None else block.num_classes
+        count = count if block is None or block.participating is None else block.participating
         return jnp.asarray(count, dtype)
     return jnp.maximum(sum_classes(class_mask.astype(dtype), options), 1.0)
 
@@ -218,14 +221,13 @@ def target_total(targets, class_mask, class_weights, num_local, dtype, options, 
     if eps:
         w = per_class(class_weights, targets.ndim + 1, dtype)
         w = w if class_mask is None else jnp.where(class_mask, w, 0.0)
-        k = num_participating(class_mask, num_local, dtype, options)
+        k = num_participating(class_mask, num_local, dtype, options, block)
         total = total + eps * sum_classes(w, options) / k
     return total
 
 
 def live_rows(class_mask, row_mask, options: RuleOptions):
-    """Rows that take part (bool ``[..., 1]``), or None when all do: not dropped by
-    ``row_mask`` and left at least one class by ``class_mask``."""
+    """Rows taking part (bool ``[..., 1]``; None: all), not dropped, with a class left."""
     live = None
     if class_mask is not None:
         live = jnp.any(class_mask, axis=-1, keepdims=True)

@@ -39,7 +39,7 @@ from jaxsoftmax import _checking
 from jaxsoftmax import _validation as v
 from jaxsoftmax._companions import LossAux
 from jaxsoftmax._cross_entropy import LABEL_HINT, per_example_loss
-from jaxsoftmax._options import reduce_loss
+from jaxsoftmax._options import labels_on_masked_classes_out_of_range, reduce_loss
 
 AxisName = str | Sequence[str]
 
@@ -194,6 +194,7 @@ def sharded_cross_entropy(
     reduction: str = "mean",
     checked: bool = False,
     return_aux: bool = False,
+    vocab_mask: jax.typing.ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.cross_entropy` with the vocabulary split over a mesh axis.
 
@@ -216,7 +217,8 @@ def sharded_cross_entropy(
       batch_axis_name: the mesh axis (or tuple of axes) the first axis is split over, or
         None to keep every example on every device. ``N`` must divide by its size.
       where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap, reduction,
-        checked, return_aux: as in :func:`~jaxsoftmax.cross_entropy`. ``class_weights`` is
+        checked, return_aux, vocab_mask: as in :func:`~jaxsoftmax.cross_entropy`
+        (``vocab_mask`` is global, ``[V]``, split with the classes). ``class_weights`` is
         the global ``[V]`` vector (it is split with the classes); label smoothing spreads its
         mass over the global ``V`` classes. The companions need per-row statistics only
         (the entropy's sum and the first largest class cross devices as one number per row).
@@ -260,7 +262,7 @@ def sharded_cross_entropy(
     # same messages as cross_entropy (nothing is computed; shardings are left out so the
     # check does not depend on how the arrays are laid out).
     jax.eval_shape(
-        lambda z, t, w, cw: per_example_loss(
+        lambda z, t, w, cw, vm: per_example_loss(
             z,
             t,
             where=w,
@@ -269,10 +271,11 @@ def sharded_cross_entropy(
             class_weights=cw,
             z_loss=z_loss,
             logit_softcap=logit_softcap,
+            vocab_mask=vm,
         ),
         *jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
-            (logits, targets, where, class_weights),
+            (logits, targets, where, class_weights, vocab_mask),
         ),
     )
     if logits.ndim < 2 and batch_names:
@@ -301,16 +304,22 @@ def sharded_cross_entropy(
         # The check runs on the global labels, outside shard_map, against the real V: in
         # Python when they are known there, else as a checkify check (needs `checked`).
         check = dict(name="targets", ignore_index=ignore_index, hint=LABEL_HINT)
+        check["vocab_mask"] = None if vocab_mask is None else jnp.asarray(vocab_mask)
         if _checking.check_labels_or_defer(targets, num_classes, row_mask, **check):
             _checking.check_labels(targets, num_classes, row_mask, **check)
+    if vocab_mask is not None:
+        vocab_mask = jnp.asarray(vocab_mask).reshape(num_classes)
+        if integer:  # labels on masked classes: bad labels, found on the global labels
+            targets = labels_on_masked_classes_out_of_range(targets, vocab_mask, ignore_index)
 
-    explicit = on_explicit_axes(mesh, (logits, targets, where, class_weights))
+    explicit = on_explicit_axes(mesh, (logits, targets, where, class_weights, vocab_mask))
     return _sharded_loss(
         logits,
         targets,
         row_mask,
         class_mask,
         None if class_weights is None else jnp.asarray(class_weights),
+        vocab_mask,
         mesh=mesh,
         class_names=class_names,
         batch_names=batch_names,
@@ -345,6 +354,7 @@ def _sharded_loss(
     row_mask,
     class_mask,
     class_weights,
+    vocab_mask=None,
     *,
     mesh,
     class_names,
@@ -399,6 +409,8 @@ def _sharded_loss(
             class_mask = pad(class_mask, value=False, spec=logits_spec)
         if class_weights is not None:
             class_weights = pad(jnp.asarray(class_weights), spec=P(classes))
+        if vocab_mask is not None:
+            vocab_mask = pad(vocab_mask, value=False, spec=P(classes))
 
     arrays = [logits, targets]
     specs = [logits_spec, targets_spec]
@@ -407,6 +419,7 @@ def _sharded_loss(
         ("row_mask", row_mask, rows_spec),
         ("class_mask", class_mask, logits_spec),
         ("class_weights", class_weights, P(classes)),
+        ("vocab_mask", vocab_mask, P(classes)),
     ):
         if array is not None:
             slots[name] = len(arrays)
@@ -434,6 +447,7 @@ def _sharded_loss(
             logit_softcap=logit_softcap,
             axis_name=_spec_entry(class_names),
             return_aux=return_aux,
+            vocab_mask=got.get("vocab_mask"),
         )
         out = reduce_loss(loss, row_weight, reduction, batch_names).astype(z.dtype)
         return (out, aux[0]) if return_aux else out

@@ -67,6 +67,7 @@ def sharded_linear_cross_entropy(
     vocab_chunk: int | None = None,
     accumulation_dtype=jnp.float32,
     return_aux: bool = False,
+    vocab_mask: jax.typing.ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.linear_cross_entropy` with the classifier split by vocabulary rows.
 
@@ -94,7 +95,7 @@ def sharded_linear_cross_entropy(
       batch_axis_name: the mesh axis (or axes) the tokens are split over, or None.
       bias, where, ignore_index, label_smoothing, class_weights, z_loss, logit_softcap,
         reduction, classifier_layout, token_chunk, vocab_chunk, accumulation_dtype,
-        return_aux: as in :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each
+        return_aux, vocab_mask: as in :func:`~jaxsoftmax.linear_cross_entropy`; the chunks tile each
         device's ``[N / B, V / S]`` share. The companions need per-row numbers only: each
         shard's running sums and largest logit, combined like the loss's statistics.
 
@@ -146,6 +147,7 @@ def sharded_linear_cross_entropy(
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
         accumulation_dtype=accumulation_dtype,
+        vocab_mask=vocab_mask,
     )
     num_tokens = call.hidden.shape[0]
     num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
@@ -155,14 +157,18 @@ def sharded_linear_cross_entropy(
             f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
             "(and mask the padding with where= or ignore_index=) or choose another mesh."
         )
-    explicit = on_explicit_axes(mesh, (hidden, classifier, labels, bias, where, class_weights))
+    explicit = on_explicit_axes(
+        mesh, (hidden, classifier, labels, bias, where, class_weights, vocab_mask)
+    )
     arrays = (call.hidden, call.classifier, call.labels, call.bias, call.class_weights)
     settings = call._replace(
-        hidden=None, classifier=None, labels=None, bias=None, class_weights=None, row_mask=None
-    )
+        hidden=None, classifier=None, labels=None, bias=None, class_weights=None, row_mask=None,
+        vocab_mask=None,
+    )  # fmt: skip
     out = _sharded_loss(
         *arrays,
         call.row_mask,
+        call.vocab_mask,
         settings=settings,
         mesh=mesh,
         class_names=class_names,
@@ -184,8 +190,8 @@ def sharded_linear_cross_entropy(
     static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit", "return_aux"),
 )
 def _sharded_loss(
-    hidden, classifier, labels, bias, class_weights, row_mask, *, settings, mesh, class_names,
-    batch_names, explicit, return_aux=False,
+    hidden, classifier, labels, bias, class_weights, row_mask, vocab_mask, *, settings, mesh,
+    class_names, batch_names, explicit, return_aux=False,
 ):  # fmt: skip
     """The loss after validation, compiled once per mesh, settings and shapes, so that eager
     calls and their gradients run as one program each. ``settings`` is the checked call
@@ -197,6 +203,7 @@ def _sharded_loss(
         bias=bias,
         class_weights=class_weights,
         row_mask=row_mask,
+        vocab_mask=vocab_mask,
     )
     num_class_shards = math.prod(mesh.shape[n] for n in class_names)
     num_local = -(-call.num_classes // num_class_shards)
@@ -221,6 +228,8 @@ def _sharded_loss(
         arrays["class_weights"] = (pad(call.class_weights, axis=0, spec=P()), P())
     if call.row_mask is not None:
         arrays["row_mask"] = (call.row_mask, rows)
+    if call.vocab_mask is not None:  # global on every shard, like the class weights
+        arrays["vocab_mask"] = (pad(call.vocab_mask, axis=0, spec=P(), value=False), P())
     names = list(arrays)
     specs = tuple(spec for _, spec in arrays.values())
 
@@ -237,6 +246,7 @@ def _sharded_loss(
             got.get("class_weights"),
             got.get("row_mask"),
             plan,
+            got.get("vocab_mask"),
         )
         out = reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
         return (out, aux[0]) if return_aux else out

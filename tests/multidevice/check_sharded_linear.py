@@ -496,3 +496,42 @@ def test_sharded_cross_entropy_companions_equal_one_device():
         )  # fmt: skip
     assert 0 < int(np.sum(aux.correct)) < N
     np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mesh_name, num_classes", [("batch2_vocab4", 23), ("vocab8", 40)])
+def test_vocab_mask_equals_one_device(mesh_name, num_classes):
+    """A vocabulary with holes and a padded end, split unevenly (23 classes over 4 shards):
+    both sharded losses equal one device, with label smoothing (whose mass the mask keeps
+    off the missing classes) and the companions."""
+    from jaxsoftmax import cross_entropy
+    from jaxsoftmax._sharded import sharded_cross_entropy
+
+    shape, names, class_axis, batch_axis = MESHES[mesh_name]
+    mesh = auto_mesh(shape, names)
+    hidden, classifier, bias, labels, weights, _ = make_inputs(num_classes, seed=6)
+    mask = (jnp.arange(num_classes) % 5 != 3) & (jnp.arange(num_classes) < num_classes - 4)
+    labels = jnp.where(mask[labels], labels, 0)
+    options = dict(vocab_mask=mask, label_smoothing=0.1, class_weights=weights, z_loss=1e-3)
+    on_mesh = dict(mesh=mesh, class_axis_name=class_axis, batch_axis_name=batch_axis)
+
+    def fused(h, w, b, split):
+        loss = sharded_linear_cross_entropy if split else linear_cross_entropy
+        kw = dict(on_mesh, **CHUNKS) if split else {}
+        return _companions_total(*loss(h, w, labels, bias=b, return_aux=True, **options, **kw))
+
+    def logits_loss(z, split):
+        loss = sharded_cross_entropy if split else cross_entropy
+        kw = on_mesh if split else {}
+        return _companions_total(*loss(z, labels, return_aux=True, **options, **kw))
+
+    args = (hidden, classifier, bias)
+    got = jax.value_and_grad(fused, (0, 1, 2))(*args, True)
+    want = jax.value_and_grad(fused, (0, 1, 2))(*args, False)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+    assert np.all(np.asarray(got[1][1])[~np.asarray(mask)] == 0)
+    logits = hidden @ classifier.T + bias[None, :]
+    got = jax.value_and_grad(logits_loss)(logits, True)
+    want = jax.value_and_grad(logits_loss)(logits, False)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)

@@ -93,6 +93,7 @@ class _Plan:
     num_classes: int | None = None  # all V real classes when sharded (None: the local V)
     tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
     companions: bool = False  # also lse, entropy and correct per row (return_aux)
+    gradient_filter: float | None = None  # skip the backward's negligible tiles (opt in)
 
 
 def _vocabulary(classifier, plan: _Plan):
@@ -377,6 +378,18 @@ def _backward(
                     None, live_t, rule,
                 )  # fmt: skip
             grad = jnp.where(fresh[None, :], grad, 0.0)
+            if plan.gradient_filter is None:
+                return products(inner, t0, hidden_t, grad), None
+            # Opt-in filtering: a tile whose every entry is below eps times its row's
+            # cotangent (softmax below eps, no label) adds nothing to the products.
+            scale = sum(jnp.abs(c) for c in (g_t, *g_companions))[:, None]
+            negligible = jnp.all(jnp.abs(grad) <= plan.gradient_filter * scale)
+            keep = lambda inner: products(inner, t0, hidden_t, grad)
+            return lax.cond(negligible, lambda inner: inner, keep, inner), None
+
+        def products(inner, t0, hidden_t, grad):
+            """``dh[T] += G W[Vc]``, ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``."""
+            d_hidden, d_classifier_c, d_bias_c = inner
             # The matrix products run in the inputs' dtype, as the naive composition's do.
             grad_in = grad.astype(hidden.dtype)
             d_hidden_t = lax.dot_general(
@@ -398,7 +411,7 @@ def _backward(
                 )
             if d_bias_c is not None:
                 d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
-            return (d_hidden, d_classifier_c, d_bias_c), None
+            return d_hidden, d_classifier_c, d_bias_c
 
         inner = (
             d_hidden,
@@ -487,6 +500,19 @@ def _linear_rows_bwd(plan, residuals, g):
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
+def _check_gradient_filter(value, dtype):
+    """``gradient_filter`` as a positive float or None; ``"auto"`` is ``eps(dtype) / 32``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f'gradient_filter must be None, a float > 0 or "auto"; got {value!r}.')
+        return float(jnp.finfo(dtype).eps) / 32
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f'gradient_filter must be None, a float > 0 or "auto"; got {value!r}.')
+    return float(value)
+
+
 def _check_chunk(value, name: str):
     if value is None:
         return None
@@ -529,6 +555,7 @@ def linear_cross_entropy(
     method: str = "auto",
     return_aux: bool = False,
     vocab_mask: jax.typing.ArrayLike | None = None,
+    gradient_filter: float | str | None = None,
 ) -> jax.Array | tuple[jax.Array, _companions.LossAux]:
     r"""Softmax cross-entropy of a linear classifier's logits, without building the logits.
 
@@ -589,6 +616,13 @@ def linear_cross_entropy(
         label-smoothing mass, and their classifier rows (and bias) a zero gradient; tiles
         holding only masked classes are skipped. A label on a masked class is a bad label
         (NaN). Equal to :func:`~jaxsoftmax.cross_entropy` of the logits with ``vocab_mask``.
+      gradient_filter: None (default: the exact gradient), a float ``eps > 0`` or
+        ``"auto"`` (``eps`` = the inputs' dtype resolution / 32, Cut Cross-Entropy's
+        choice: 2**-12 for bf16). The backward skips the matrix products of a tile whose
+        every gradient entry is at most ``eps`` times its row's cotangent: softmax entries
+        below ``eps`` and no label (for the plain loss). An approximation: the skipped
+        entries are dropped from ``dL/dh`` and ``dL/dW`` (measured errors in
+        docs/linear-cross-entropy.md). Needs ``method="recompute"`` (``"auto"`` takes it).
 
     There is no ``axis_name``: for a classifier split by vocabulary over a device mesh, use
     :func:`jaxsoftmax.sharded_linear_cross_entropy`, which combines the shards' per-row
@@ -629,6 +663,13 @@ def linear_cross_entropy(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     return_aux = v.check_flag(return_aux, "return_aux")
+    eps = _check_gradient_filter(gradient_filter, call.hidden.dtype)
+    call = call._replace(gradient_filter=eps)
+    if method == "forward" and eps is not None:
+        raise ValueError(
+            'method="forward" cannot filter the gradient: it computes whole rows, not tiles. '
+            f'Use method="recompute" or "auto" with gradient_filter={gradient_filter!r}.'
+        )
     if method == "forward" and return_aux:
         raise ValueError(
             'method="forward" cannot return_aux=True: it computes the gradients in the '
@@ -642,7 +683,8 @@ def linear_cross_entropy(
             'method="recompute" or "auto".'
         )
     plan = make_plan(call, call.hidden.shape[0], call.num_classes, companions=return_aux)
-    if not return_aux and choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
+    tiles_only = return_aux or eps is not None  # what "forward" cannot do
+    if not tiles_only and choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
         out = _reduced_by_forward_gradient(call, plan)
         return out.astype(call.hidden.dtype)
     loss, weight, *aux = rows_and_weights(
@@ -680,6 +722,7 @@ class _Call(NamedTuple):
     vocab_chunk: int | None
     accumulation_dtype: jnp.dtype
     vocab_mask: jax.Array | None = None  # [V], the classes that exist
+    gradient_filter: float | None = None
 
 
 def make_plan(
@@ -698,6 +741,7 @@ def make_plan(
         num_classes=None if axis_name is None else call.num_classes,
         tiles=tiles,
         companions=companions,
+        gradient_filter=call.gradient_filter,
     )
 
 

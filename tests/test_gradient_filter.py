@@ -1,0 +1,90 @@
+"""``linear_cross_entropy(..., gradient_filter=eps)``: the backward skips negligible tiles.
+
+The reference is the naive gradient ``G = softmax(z) - onehot(y)`` (times ``1/N``) with every
+``[token_chunk, vocab_chunk]`` tile whose entries are all at most ``eps / N`` set to zero,
+then contracted: ``dh = G W``, ``dW = G^T h``. The filtered fused gradient must equal it,
+and differ from the exact one (tiles were skipped), by no more than the dropped entries.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsoftmax import linear_cross_entropy
+
+N, D, V, T, VC = 48, 8, 96, 16, 24  # 3 x 4 tiles
+
+
+def _peaked_inputs():
+    """Logits whose softmax is concentrated, as a trained model's are: the tokens of token
+    chunk ``a`` point at the classes of vocabulary chunk ``a``, so most other tiles hold
+    nothing but tiny probabilities."""
+    k = jax.random.split(jax.random.key(0), 3)
+    topic = jnp.arange(N) // T  # 0, 1, 2: the vocabulary chunk each token chunk points at
+    hidden = 4.0 * jax.nn.one_hot(topic, D) + 0.3 * jax.random.normal(k[0], (N, D))
+    classifier = 3.0 * jax.nn.one_hot(jnp.arange(V) // VC, D)
+    classifier = classifier + 0.3 * jax.random.normal(k[1], (V, D))
+    labels = topic * VC + jax.random.randint(k[2], (N,), 0, VC)
+    return hidden, classifier, labels
+
+
+def _filtered_reference(hidden, classifier, labels, eps):
+    z = np.asarray(hidden @ classifier.T, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    grad = (p - np.eye(V)[np.asarray(labels)]) / N
+    kept = np.ones_like(grad)
+    for t in range(0, N, T):
+        for c in range(0, V, VC):
+            if np.all(np.abs(grad[t : t + T, c : c + VC]) <= eps / N):
+                kept[t : t + T, c : c + VC] = 0
+    grad = grad * kept
+    return grad @ np.asarray(classifier, np.float64), grad.T @ np.asarray(hidden, np.float64), kept
+
+
+def _fused_gradient(hidden, classifier, labels, eps):
+    loss = lambda h, w: linear_cross_entropy(
+        h, w, labels, token_chunk=T, vocab_chunk=VC, gradient_filter=eps
+    )
+    return jax.jit(jax.grad(loss, (0, 1)))(hidden, classifier)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-2])
+def test_filtered_gradient_equals_the_tile_masked_naive_gradient(eps):
+    hidden, classifier, labels = _peaked_inputs()
+    d_hidden, d_classifier = _fused_gradient(hidden, classifier, labels, eps)
+    want_hidden, want_classifier, kept = _filtered_reference(hidden, classifier, labels, eps)
+    assert 0 < kept.mean() < 1, "some tiles skipped, some not: the check can fail"
+    np.testing.assert_allclose(d_hidden, want_hidden, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(d_classifier, want_classifier, rtol=1e-4, atol=1e-6)
+    exact = _fused_gradient(hidden, classifier, labels, None)
+    assert not np.allclose(d_classifier, exact[1], rtol=1e-6, atol=1e-9)
+
+
+def test_exact_by_default_and_at_a_tiny_eps():
+    hidden, classifier, labels = _peaked_inputs()
+    exact = _fused_gradient(hidden, classifier, labels, None)
+    want_hidden, want_classifier, kept = _filtered_reference(hidden, classifier, labels, 0.0)
+    assert kept.all()
+    np.testing.assert_allclose(exact[0], want_hidden, rtol=1e-4, atol=1e-6)
+    tiny = _fused_gradient(hidden, classifier, labels, 1e-30)
+    for a, b in zip(tiny, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_values_and_the_forward_method_are_refused():
+    hidden, classifier, labels = _peaked_inputs()
+    for bad in (0.0, -1e-3, "high", True):
+        with pytest.raises(ValueError, match='gradient_filter must be None, a float > 0 or "auto"'):
+            linear_cross_entropy(hidden, classifier, labels, gradient_filter=bad)
+    with pytest.raises(ValueError, match='method="forward" cannot filter the gradient'):
+        linear_cross_entropy(hidden, classifier, labels, gradient_filter=1e-3, method="forward")
+    # "auto" is the dtype's resolution over 32, as in Cut Cross-Entropy: 2**-12 for bf16
+    bf16 = [x.astype(jnp.bfloat16) for x in (hidden, classifier)]
+    auto = jax.grad(
+        lambda h: linear_cross_entropy(h, bf16[1], labels, gradient_filter="auto").astype(
+            jnp.float32
+        )
+    )(bf16[0])
+    assert np.isfinite(np.asarray(auto, np.float32)).all()

@@ -10,11 +10,18 @@ import signal
 import sys
 import time
 
-mode, *flags = sys.argv[1:]
-process_id = int(flags[flags.index("--process-id") + 1])
-print(f"flags: {' '.join(flags)}", flush=True)
-if mode == "fail" and process_id == 1:
-    print("failing on purpose", file=sys.stderr, flush=True)
-    sys.exit(3)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-time.sleep(120)
+
+def main() -> int:
+    mode, *flags = sys.argv[1:]
+    process_id = int(flags[flags.index("--process-id") + 1])
+    print(f"flags: {' '.join(flags)}", flush=True)
+    if mode == "fail" and process_id == 1:
+        print("failing on purpose", file=sys.stderr, flush=True)
+        return 3
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -150,15 +150,24 @@ def initialize(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -
             bind = arguments.coordinator
             if jax.config.jax_cpu_collectives_implementation == "gloo":
                 _cpu_collectives_listen_on(host.strip("[]"))
-    jax.distributed.initialize(
-        coordinator_address=arguments.coordinator,
-        num_processes=arguments.num_processes,
-        process_id=arguments.process_id,
-        coordinator_bind_address=bind,
-        initialization_timeout=arguments.join_timeout,
-        heartbeat_timeout_seconds=arguments.peer_timeout,
-        shutdown_timeout_seconds=arguments.peer_timeout,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=arguments.coordinator,
+            num_processes=arguments.num_processes,
+            process_id=arguments.process_id,
+            coordinator_bind_address=bind,
+            initialization_timeout=arguments.join_timeout,
+            heartbeat_timeout_seconds=arguments.peer_timeout,
+            shutdown_timeout_seconds=arguments.peer_timeout,
+        )
+    except ValueError as error:  # --distributed outside a cluster JAX recognises
+        if not missing:
+            raise
+        parser.error(
+            f"argument --distributed: JAX found no cluster to read {', '.join(missing)} from "
+            f"({error}); expected a SLURM, Open MPI or Cloud TPU job, or give "
+            f"{' and '.join(missing)}"
+        )
     return True
 
 

@@ -18,6 +18,12 @@ end in a different, equally good minimum (``experiments/data_parallel.py`` measu
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/train.py --devices 8
 
+Several processes (``jax.distributed``), each feeding only its own rows, train as one: on one
+machine through ``experiments/launch.py``, on a cluster with ``--distributed`` or the process
+flags (docs/scaling.md):
+
+    python experiments/launch.py --processes 2 --devices-per-process 4 -- experiments/train.py
+
 Writes into ``--out``: metrics.json, history.csv, loss.png, decision_boundary.png (2-D data
 only) and checkpoint.npz (``--resume`` continues from it).
 """
@@ -185,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices",
         type=positive_int,
         default=None,
-        help="train data-parallel on the first N local devices; None: all",
+        help="train data-parallel on the first N local devices (of each process); None: all",
     )
     parser.add_argument("--out", default="runs/train", help="output directory")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")

@@ -312,26 +312,38 @@ def test_the_launcher_help_shows_every_default(capsys):
             "argument --process-id: expected 0 to 1 (below --num-processes 2); got 2",
         ),
         (["--peer-timeout", "0"], "argument --peer-timeout: expected a positive integer; got '0'"),
-        (
-            ["--distributed"],  # in no cluster: JAX refuses before it starts anything
-            "argument --distributed: JAX found no cluster to read --coordinator, --num-processes, "
-            "--process-id from",
-        ),
     ],
 )
-def test_train_names_a_bad_process_flag_before_joining(
-    flags, expected, tmp_path, capsys, monkeypatch
-):
-    # In this process: each error ends train.py before JAX starts anything. No cluster around,
-    # even if the tests run inside one: JAX would read it for --distributed.
-    for name in list(os.environ):
-        if name.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE")):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    train = load_script("experiments/train.py")
+def test_train_names_a_bad_process_flag_before_joining(flags, expected, tmp_path, capsys):
+    train = load_script("experiments/train.py")  # in this process: each error comes before JAX
     with pytest.raises(SystemExit) as exit_info:
         train.main([*flags, "--out", str(tmp_path / "out"), "--no-progress"])
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and expected in stderr, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_names_distributed_outside_a_cluster(tmp_path):
+    # A fresh process: JAX joins processes only before its backend starts. No cluster's
+    # variables, even if the tests run inside one.
+    env = {
+        name: value
+        for name, value in environment(tmp_path).items()
+        if not name.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR", "KUBERNETES_"))
+    }
+    completed = subprocess.run(
+        [sys.executable, "experiments/train.py", "--distributed", "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2, report(completed)
+    assert (
+        "train.py: error: argument --distributed: JAX found no cluster to read --coordinator, "
+        "--num-processes, --process-id from"
+    ) in completed.stderr, report(completed)
+    assert "Traceback" not in completed.stderr and not (tmp_path / "out").exists()

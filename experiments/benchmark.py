@@ -24,6 +24,10 @@ Cases:
      torch eager; target >= 4x faster than NumPy. Beside it, the wall time of the whole
      ``python experiments/train.py`` process with JAX's persistent compilation cache empty
      and filled (``main_job_seconds``).
+  4. ``linear_cross_entropy(..., gradient_filter=eps)`` on the logits of the language model
+     ``experiments/language_model.py`` trained (``experiments/gradient_filter.py``): time
+     against the exact gradient and the gradients' relative error; skipped, with a line in
+     the results, when no trained model is found.
 
 Usage::
 
@@ -923,9 +927,51 @@ def write_markdown(path, meta, rows):
                 f"the NumPy loop of CS231n's case study, training alone in this process: "
                 f"{s['numpy']:.2f} s.",
             ]
+    case4 = [r for r in rows if r["case"] == 4]
+    if case4:
+        lines += ["", "## 4. gradient_filter on a trained language model's logits", ""]
+    if case4 and case4[0]["kind"] == "missing":
+        lines.append(f"Not run: {case4[0]['reason']}")
+    elif case4:
+        s = case4[0]["shape"]
+        lines += [
+            f"Loss + gradients, N = {s['n']} validation tokens, d = {s['d']}, V = {s['v']} "
+            "(experiments/gradient_filter.py; the model experiments/language_model.py trained).",
+            "",
+            "| tile | eps | tiles skipped | time / exact | relative error dL/dh | "
+            "relative error dL/dW |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in case4:
+            lines.append(
+                f"| {r['tile']} | {r['eps']:g} | {r['skipped_tiles']:.1%} | "
+                f"{r['time_ratio']:.2f} | {r['relative_error_hidden']:.2e} | "
+                f"{r['relative_error_classifier']:.2e} |"
+            )
     missed = [r for r in rows if any(k.startswith("meets") and v is False for k, v in r.items())]
     lines += ["", f"Targets missed: {len(missed)} row(s)." if missed else "", ""]
     training.write_atomically(path, "\n".join(lines))
+
+
+def case_gradient_filter(repeats):
+    """Case 4: ``gradient_filter`` on the trained language model's logits
+    (``experiments/gradient_filter.py``), when ``experiments/language_model.py`` has left a
+    checkpoint; else one row saying so."""
+    import gradient_filter
+
+    try:
+        result = gradient_filter.measure(repeats=repeats)
+    except FileNotFoundError as error:
+        print(f"[4] skipped: {error}", flush=True)
+        return [dict(case=4, kind="missing", reason=str(error))]
+    rows = [dict(case=4, kind="filter", shape=result["shape"], **r) for r in result["rows"]]
+    for r in rows:
+        print(
+            f"[4] gradient filter, tile {r['tile']}, eps {r['eps']:g}: time {r['time_ratio']:.2f} "
+            f"of exact, relative error dh {r['relative_error_hidden']:.1e}",
+            flush=True,
+        )
+    return rows
 
 
 def write_chart(path, rows):
@@ -1033,7 +1079,15 @@ def main(argv=None):
         action="store_true",
         help=f"discard the finished cases an interrupted run saved in {PARTIAL_RESULTS}",
     )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated cases to run (1, 2, 3, 4); None: all",
+    )
     args = parser.parse_args(argv)
+    chosen = None if args.cases is None else set(args.cases.replace(" ", "").split(","))
+    if chosen is not None and not chosen <= {"1", "2", "3", "4"}:
+        parser.error(f"argument --cases: expected numbers among 1, 2, 3, 4; got {args.cases!r}")
     device = jax.devices()[0]
     platform_name = device.platform
     out = args.out or os.path.join(
@@ -1072,8 +1126,13 @@ def main(argv=None):
         cases += [
             ("2", lambda: case_linear(timed, memory_shapes, dtypes, repeats)),
             ("3", lambda: case_spiral(10_000, 4)),  # one Williams square
+            ("4", lambda: case_gradient_filter(repeats)),
         ]
-    settings = dict(quick=args.quick, large=args.large, repeats=repeats, device=str(device))
+    if chosen is not None:
+        cases = [(name, run) for name, run in cases if name.split()[0] in chosen]
+    settings = dict(
+        quick=args.quick, large=args.large, repeats=repeats, device=str(device), cases=args.cases
+    )
     rows = run_cases(out, settings, cases, fresh=args.fresh)
     memory = memory_setting()
     meta = dict(

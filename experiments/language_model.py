@@ -27,6 +27,7 @@ the token streams are cached in ``--corpus-cache``.
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import json
 import os
@@ -187,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare-steps",
         type=non_negative_int,
-        default=10,
+        default=20,
         help="before training, run this many steps of each loss in a process of its own and "
-        "compare their memory and speed; 0: no comparison",
+        "compare their memory and speed (tokens/s over the second half); 0: no comparison",
     )
     parser.add_argument("--out", default="runs/language_model", help="output directory")
     parser.add_argument(
@@ -252,8 +253,11 @@ def flags_of(config: lm_training.LMConfig) -> list[str]:
 
 def compare_losses(config, arguments, steps: int, folder: str) -> dict:
     """Runs ``steps`` steps of ``config`` with each loss, each in a fresh process (so that
-    each peak memory is its own), and returns their measurements. A loss's run already in
-    ``folder`` with the same settings is read back instead of run again."""
+    each peak memory is its own), and returns their measurements. The tokens per second are
+    those of the second half of the steps, the first half warming up (a fresh process's first
+    steps also fault in its memory). A loss's run already in ``folder`` with the same settings
+    is read back instead of run again."""
+    warm_up = steps // 2
     results = {}
     for loss in ("naive", "fused"):
         child = lm_training.LMConfig(
@@ -262,7 +266,7 @@ def compare_losses(config, arguments, steps: int, folder: str) -> dict:
                 "loss": loss,
                 "vocab_shards": config.vocab_shards if loss == "fused" else 1,
                 "steps": steps,
-                "eval_every": steps,
+                "eval_every": max(warm_up, 1),
                 "checkpoint_every": 0,
                 "eval_batches": 1,
             }
@@ -299,32 +303,33 @@ def compare_losses(config, arguments, steps: int, folder: str) -> dict:
                 )
             with open(metrics_path, encoding="utf-8") as file:
                 metrics = json.load(file)
+        with open(os.path.join(out, "history.csv"), newline="", encoding="utf-8") as file:
+            last_row = list(csv.DictReader(file))[-1]
         results[loss] = {
             "step_temp_bytes": metrics["step_temp_bytes"],
             "peak_memory_bytes": metrics["peak_memory_bytes"],
-            "tokens_per_second": metrics["tokens_per_second"],
+            "tokens_per_second": float(last_row["tokens_per_second"]),
             "validation_loss": metrics["validation_loss"],
             "devices": metrics["devices"],
         }
-    return {"steps": steps, **results}
+    return {"steps": steps, "timed_steps": steps - warm_up if warm_up else steps, **results}
 
 
 def comparison_table(comparison: dict) -> str:
     """The comparison as lines of text, one row per measurement, a column per loss."""
     naive, fused = comparison["naive"], comparison["fused"]
     rows = [
-        ("training step's temporary memory (compiled)", "step_temp_bytes", _mib, True),
-        ("process peak memory (resident)", "peak_memory_bytes", _mib, True),
-        ("tokens per second", "tokens_per_second", lambda v: f"{v:,.0f}", False),
+        ("training step's temporary memory (compiled)", "step_temp_bytes", _mib),
+        ("process peak memory (resident)", "peak_memory_bytes", _mib),
         (
-            f"validation loss after {comparison['steps']} steps",
-            "validation_loss",
-            lambda v: f"{v:.5f}",
-            None,
+            f"tokens per second (last {comparison['timed_steps']} steps)",
+            "tokens_per_second",
+            lambda v: f"{v:,.0f}",
         ),
+        (f"validation loss after {comparison['steps']} steps", "validation_loss", "{:.5f}".format),
     ]
     lines = [f"{'':46} {'naive':>12} {'fused':>12}   fused / naive"]
-    for label, key, show, _ in rows:
+    for label, key, show in rows:
         ratio = fused[key] / naive[key] if naive[key] else float("nan")
         lines.append(f"{label:46} {show(naive[key]):>12} {show(fused[key]):>12}   {ratio:.3f}")
     return "\n".join(lines)
@@ -451,9 +456,16 @@ def main(argv: list[str] | None = None) -> int:
             f"comparing the losses: {arguments.compare_steps} steps of each, each in a "
             "process of its own"
         )
-        comparison = compare_losses(
-            config, arguments, arguments.compare_steps, os.path.join(arguments.out, "comparison")
-        )
+        try:
+            comparison = compare_losses(
+                config,
+                arguments,
+                arguments.compare_steps,
+                os.path.join(arguments.out, "comparison"),
+            )
+        except RuntimeError as error:
+            print(f"stopped: {error}", file=sys.stderr)
+            return 1
         print(comparison_table(comparison))
 
     progress_bar = None

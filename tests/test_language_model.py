@@ -280,13 +280,17 @@ def test_the_comparison_runs_each_loss_with_the_same_settings(tmp_path, monkeypa
         metrics = {
             "step_temp_bytes": measured * 2**20,
             "peak_memory_bytes": measured * 2**30,
-            "tokens_per_second": 1000 / measured,
+            "tokens_per_second": 1500 / measured,
             "validation_loss": 5.0,
             "devices": {"batch": 1, "vocab": 1},
             "config": language_model.config_from_arguments(child).to_dict(),
         }
-        (pathlib.Path(child.out)).mkdir(parents=True)
-        (pathlib.Path(child.out) / "metrics.json").write_text(json.dumps(metrics))
+        out = pathlib.Path(child.out)
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        rows = [(0, ""), (2, 2000 / measured), (5, 1000 / measured)]  # tokens/s: the last row's
+        history = "step,tokens_per_second\n" + "".join(f"{s},{t}\n" for s, t in rows)
+        (out / "history.csv").write_text(history)
         return language_model.subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(language_model.subprocess, "run", fake_run)
@@ -297,10 +301,11 @@ def test_the_comparison_runs_each_loss_with_the_same_settings(tmp_path, monkeypa
             commands[("naive", "fused").index(loss)][2:]
         )
         expected = dataclasses.replace(
-            config, loss=loss, steps=5, eval_every=5, checkpoint_every=0, eval_batches=1
+            config, loss=loss, steps=5, eval_every=2, checkpoint_every=0, eval_batches=1
         )
         assert language_model.config_from_arguments(child) == expected
     assert comparison["naive"]["step_temp_bytes"] == 4 * 2**20
+    assert comparison["fused"]["tokens_per_second"] == 1000 and comparison["timed_steps"] == 3
     table = language_model.comparison_table(comparison)
     assert "4.0 MiB" in table and "0.250" in table
     # run again: both runs are read back, none is started

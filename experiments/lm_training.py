@@ -485,6 +485,11 @@ def compiled_functions(config: LMConfig, vocab_size: int):
     }
 
 
+def place_tokens(mesh: Mesh, tokens: np.ndarray) -> jax.Array:
+    """The training stream as :func:`train` hands it to the step: a copy on every device."""
+    return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
+
+
 def compile_step(functions: dict, state: TrainState, train_tokens: jax.Array):
     """The step of :func:`compiled_functions` compiled for these arguments' shapes and
     layouts, once per process (a second run in the same process reuses it)."""
@@ -538,7 +543,7 @@ def train(
     functions = compiled_functions(config, corpus.vocab_size)
     mesh, shardings = functions["mesh"], functions["shardings"]
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_tokens = jax.device_put(corpus.train_tokens, replicated)
+    train_tokens = place_tokens(mesh, corpus.train_tokens)
     evaluation = {
         split: jax.device_put(evaluation_windows(config, tokens), replicated)
         for split, tokens in (

@@ -153,10 +153,10 @@ def reference_statistics(logits, labels, z_loss):
 
 def test_naive_and_fused_training_agree_step_by_step(corpus, standard_promotion):
     configs = {loss: dataclasses.replace(TINY, loss=loss) for loss in lm_training.LOSSES}
-    tokens = jnp.asarray(corpus.train_tokens)
     states, metrics = {}, {loss: [] for loss in configs}
     for loss, config in configs.items():
         functions = lm_training.compiled_functions(config, corpus.vocab_size)
+        tokens = lm_training.place_tokens(functions["mesh"], corpus.train_tokens)
         state = functions["init"]()
         if loss == "naive":  # the first batch's statistics against an independent reference
             starts = lm_training.window_starts(config, tokens.shape[0], jnp.asarray(0))

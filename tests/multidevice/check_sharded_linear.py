@@ -426,6 +426,17 @@ def _companions_total(loss, aux):
     return loss + jnp.sum(rows * aux.lse) - jnp.sum(rows[::-1] * aux.entropy) + jnp.sum(aux.z_loss)
 
 
+def assert_same_companions(value, aux, want, want_aux):
+    """The total and every companion equal one device's; some predictions right, some not."""
+    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
+    for got, expected, field in zip(aux, want_aux, want_aux._fields):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
+            atol=ATOL, err_msg=field,
+        )  # fmt: skip
+    assert 0 < int(np.sum(aux.correct)) < N
+
+
 @pytest.mark.parametrize("mesh_name, num_classes", [("batch2_vocab4", 23), ("vocab8", 40)])
 def test_companions_equal_one_device(mesh_name, num_classes):
     """``return_aux=True`` on a vocabulary split over 4 or 8 shards (23 classes: padded),
@@ -457,13 +468,7 @@ def test_companions_equal_one_device(mesh_name, num_classes):
     args = (hidden, classifier, bias)
     (value, aux), grads = jax.value_and_grad(sharded, (0, 1, 2), has_aux=True)(*args)
     (want, want_aux), want_grads = jax.value_and_grad(one_device, (0, 1, 2), has_aux=True)(*args)
-    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
-    for got, expected, field in zip(aux, want_aux, want_aux._fields):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
-            atol=ATOL, err_msg=field,
-        )  # fmt: skip
-    assert 0 < int(np.sum(aux.correct)) < N
+    assert_same_companions(value, aux, want, want_aux)
     for got, expected in zip(grads, want_grads):
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
@@ -494,13 +499,7 @@ def test_sharded_cross_entropy_companions_equal_one_device():
 
     (value, aux), grad = jax.value_and_grad(sharded, has_aux=True)(logits)
     (want, want_aux), want_grad = jax.value_and_grad(one_device, has_aux=True)(logits)
-    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
-    for got, expected, field in zip(aux, want_aux, want_aux._fields):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
-            atol=ATOL, err_msg=field,
-        )  # fmt: skip
-    assert 0 < int(np.sum(aux.correct)) < N
+    assert_same_companions(value, aux, want, want_aux)
     np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
 
 

@@ -603,14 +603,14 @@ def linear_cross_entropy(
         * ``"auto"`` (default): ``"forward"`` for a scalar reduction when
           ``V * d <= 2**26`` (an accumulator of at most 256 MiB in float32), else
           ``"recompute"``. Large vocabularies thus get the least memory, small ones speed.
-          With ``return_aux``, ``"recompute"``.
       return_aux: also return a :class:`~jaxsoftmax.LossAux` of per-example arrays
         (``lse``, ``z_loss``, ``correct``, ``entropy``, ``hidden``'s shape without ``d``),
         from the tiles the loss visits anyway: no second pass over the vocabulary, no
         ``[N, V]`` array. ``lse`` and ``entropy`` are differentiable through the same rule
         (their cotangents add ``softmax * (g_lse - g_H (log softmax + H))`` to each tile's
-        gradient). Needs ``method="recompute"`` (or ``"auto"``): ``"forward"`` computes the
-        gradients before any per-row cotangent is known.
+        gradient). With ``method="forward"`` they come from its blocks' whole rows, and
+        their cotangents, known only in the backward, cost one more tile-by-tile pass when
+        any is nonzero (none when the companions are only logged).
       vocab_mask: bool ``[V]``, the classes that exist (a vocabulary padded to a multiple of
         64 or 128, as GPT-2's 50257 to 50304): masked classes get no probability, no
         label-smoothing mass, and their classifier rows (and bias) a zero gradient; tiles
@@ -670,12 +670,6 @@ def linear_cross_entropy(
             'method="forward" cannot filter the gradient: it computes whole rows, not tiles. '
             f'Use method="recompute" or "auto" with gradient_filter={gradient_filter!r}.'
         )
-    if method == "forward" and return_aux:
-        raise ValueError(
-            'method="forward" cannot return_aux=True: it computes the gradients in the '
-            "forward, before the cotangents of lse and entropy are known. Use "
-            'method="recompute" or "auto".'
-        )
     if method == "forward" and call.reduction == "none":
         raise ValueError(
             'method="forward" needs reduction="mean" or "sum" (the gradients are computed '
@@ -683,10 +677,18 @@ def linear_cross_entropy(
             'method="recompute" or "auto".'
         )
     plan = make_plan(call, call.hidden.shape[0], call.num_classes, companions=return_aux)
-    tiles_only = return_aux or eps is not None  # what "forward" cannot do
+    tiles_only = eps is not None  # what "forward" cannot do
     if not tiles_only and choose_method(call, method) == "forward" and call.hidden.shape[0] > 0:
         out = _reduced_by_forward_gradient(call, plan)
-        return out.astype(call.hidden.dtype)
+        if not return_aux:
+            return out.astype(call.hidden.dtype)
+        out, lse, entropy, correct = out
+        r = _rule.row_weight(
+            call.labels, call.class_weights, call.num_classes, lse.dtype, plan.options
+        )
+        r = jnp.broadcast_to(r, (lse.shape[0], 1))[:, 0]
+        aux = _companions.loss_aux(lse, entropy, correct, r, plan.options.z_loss)
+        return out.astype(call.hidden.dtype), jax.tree.map(lambda a: a.reshape(call.batch), aux)
     loss, weight, *aux = rows_and_weights(
         call.hidden,
         call.classifier,
@@ -816,7 +818,14 @@ def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
         call.reduction,
         block_plan,
         functools.partial(_loss_rows, plan=plan),
+        functools.partial(_recompute_backward, plan=plan) if plan.companions else None,
     )
+
+
+def _recompute_backward(*args, plan: _Plan):
+    """The default path's backward, tile by tile (``method="forward"`` uses it for the
+    companions' cotangents, which arrive only in the backward)."""
+    return on_each_platform(_backward, plan, *args)
 
 
 def _validated(

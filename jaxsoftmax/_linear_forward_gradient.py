@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsoftmax import _rule
+from jaxsoftmax import _companions, _rule
 from jaxsoftmax._cpu_fast_paths import forward as cpu_forward
 from jaxsoftmax._cpu_fast_paths import logits_gradient as cpu_logits_gradient
 from jaxsoftmax._cpu_fast_paths import per_platform
@@ -97,7 +97,7 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
     gradient_here = per_platform(_rule.logits_gradient, cpu_logits_gradient, options=options)
 
     def step(carry, j):
-        loss, d_hidden, d_classifier, d_bias = carry
+        loss, d_hidden, d_classifier, d_bias, *per_row = carry
         # The last block is moved back to end at N: its first rows were done by the block
         # before, and are recomputed identically (losses and dh are overwritten with the same
         # values) but left out of dW and db.
@@ -112,6 +112,9 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
         classes = None if vocab_mask is None else jnp.broadcast_to(vocab_mask, z.shape)
         loss_t, statistics = forward_here(z, labels_t, classes, class_weights, mask_t)
         grad = gradient_here(z, labels_t, classes, class_weights, mask_t, statistics, rows(c))
+        if plan.companions:  # lse, entropy, correct, m, log_sum of the block's whole rows
+            found = _block_companions(z, labels_t, classes, mask_t, statistics, options)
+            per_row = [lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(per_row, found)]
         grad_in = grad.astype(hidden.dtype)  # products in the inputs' dtype
         d_hidden_t = lax.dot_general(
             grad_in,
@@ -134,51 +137,89 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
             d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
         loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)
         d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, d_hidden_t, t0, 0)
-        return (loss, d_hidden, d_classifier, d_bias), None
+        return (loss, d_hidden, d_classifier, d_bias, *per_row), None
 
     init = (
         jnp.zeros((num_tokens,), dtype),
         jnp.zeros((num_tokens, width), hidden_acc),
         jnp.zeros(classifier.shape, acc),
         None if bias is None else jnp.zeros(bias.shape, acc),
+        *([jnp.zeros((num_tokens,), dtype)] * (5 if plan.companions else 0)),
     )
-    (loss, d_hidden, d_classifier, d_bias), _ = lax.scan(step, init, jnp.arange(num_blocks))
-    return loss, (d_hidden, d_classifier, d_bias)
+    (loss, d_hidden, d_classifier, d_bias, *per_row), _ = lax.scan(
+        step, init, jnp.arange(num_blocks)
+    )
+    return loss, (d_hidden, d_classifier, d_bias), per_row
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _block_companions(z, labels, classes, row_mask, statistics, options):
+    """``(lse, entropy, correct, m, log_sum)`` of a block's whole rows (``return_aux``),
+    ``correct`` as 0 or 1 (see :mod:`jaxsoftmax._companions`)."""
+    x = _rule.capped(z, options)
+    live = _rule.live_rows(classes, row_mask, options)
+    lse, entropy = _companions.row_companions(x, statistics, classes, live, options)
+    correct = _companions.is_correct(x, labels, classes, live, options).astype(x.dtype)
+    return lse, entropy, correct, statistics[0][:, 0], statistics[1][:, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def reduced_loss(
     hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, weight, reduction,
-    plan, rows_fn,
+    plan, rows_fn, recompute_backward=None,
 ):  # fmt: skip
     """``reduce(loss_n, w_n)`` for ``"mean"``/``"sum"``, with the gradients from the forward.
 
     ``rows_fn`` computes the per-row losses without gradients (the default path's forward),
     used when nothing is differentiated; ``weight`` are the reduction's per-row weights.
+
+    With ``plan.companions`` (``return_aux``) it returns ``(loss, lse, entropy, correct)``,
+    found on the blocks' whole rows. Their cotangents are per row and arrive only in the
+    backward: when any is nonzero, ``recompute_backward`` (the default path's tile-by-tile
+    backward) adds the companions' term in one more pass; when none is (the companions only
+    logged), that pass is skipped at run time.
     """
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, weight)
+    if plan.companions:
+        return _reduced_loss_fwd(*args, reduction, plan, rows_fn, recompute_backward)[0]
     loss = rows_fn(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     return reduce_loss(loss, weight, reduction)
 
 
 def _reduced_loss_fwd(
     hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, weight, reduction,
-    plan, rows_fn,
+    plan, rows_fn, recompute_backward=None,
 ):  # fmt: skip
     c = reduction_cotangents(weight, reduction)
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
-    loss, grads = _gradients(*args, c, plan)
+    loss, grads, per_row = _gradients(*args, c, plan)
     # The stored gradients' target dtypes, as zero-size arrays (residuals must be arrays).
     like = tuple(
         None if x is None else jnp.zeros((0,), x.dtype) for x in (hidden, classifier, bias)
     )
-    return reduce_loss(loss, weight, reduction), (grads, like, loss, weight, class_weights)
+    out = reduce_loss(loss, weight, reduction)
+    residuals = (grads, like, loss, weight, class_weights)
+    if plan.companions:
+        lse, entropy, correct, top, log_sum = per_row
+        out = (out, lse, entropy, correct)
+        residuals += (args, (top, log_sum, entropy))
+    return out, residuals
 
 
-def _reduced_loss_bwd(reduction, plan, rows_fn, residuals, g):
-    grads, like, loss, weight, class_weights = residuals
+def _reduced_loss_bwd(reduction, plan, rows_fn, recompute_backward, residuals, g):
+    grads, like, loss, weight, class_weights = residuals[:5]
+    if plan.companions:
+        g, g_lse, g_entropy, _ = g
     scaled = [
         None if d is None else (g.astype(d.dtype) * d).astype(x.dtype) for d, x in zip(grads, like)
     ]
+    if plan.companions:
+        inputs, statistics = residuals[5:]
+        cotangents = (jnp.zeros_like(g_lse), g_lse, g_entropy)
+        extra = lambda _: recompute_backward(*inputs, statistics, cotangents)
+        nothing = lambda _: tuple(None if x is None else jnp.zeros_like(x) for x in inputs[:3])
+        needed = jnp.any(g_lse != 0) | jnp.any(g_entropy != 0)
+        added = lax.cond(needed, extra, nothing, None)
+        scaled = [None if d is None else d + a.astype(d.dtype) for d, a in zip(scaled, added)]
     # The per-row weights enter the reduction (the mean's denominator) outside the rule.
     (d_weight,) = jax.vjp(lambda w: reduce_loss(loss, w, reduction), weight)[1](g)
     d_class_weights = None if class_weights is None else jnp.zeros_like(class_weights)

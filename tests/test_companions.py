@@ -203,10 +203,16 @@ def _total(loss, aux):
     )
 
 
-@pytest.mark.parametrize("layout", ["vd", "dv"])
-@pytest.mark.parametrize("name", sorted(FUSED_OPTIONS))
-def test_fused_companions_equal_the_unfused_loss(name, layout):
-    """Ragged token and vocabulary chunks (37 rows by 8, 23 classes by 5)."""
+@pytest.mark.parametrize(
+    "name, layout, method",
+    [(name, layout, "recompute") for name in sorted(FUSED_OPTIONS) for layout in ("vd", "dv")]
+    + [(name, "vd", "forward") for name in ("everything", "sum")]
+    + [("plain", "dv", "forward")],
+)
+def test_fused_companions_equal_the_unfused_loss(name, layout, method):
+    """Ragged token and vocabulary chunks (37 rows by 8, 23 classes by 5), both methods: the
+    forward method finds the companions on whole rows and their cotangents by one more
+    pass in the backward."""
     hidden, classifier, bias, labels, extras = _fused_inputs()
     kw = {k: extras.get(v, v) if isinstance(v, str) else v for k, v in FUSED_OPTIONS[name].items()}
     if "ignore_index" not in kw:
@@ -217,7 +223,7 @@ def test_fused_companions_equal_the_unfused_loss(name, layout):
     def fused(h, w, b):
         out = linear_cross_entropy(
             h, w, labels, bias=b, token_chunk=8, vocab_chunk=5, classifier_layout=layout,
-            return_aux=True, **kw,
+            return_aux=True, method=method, **kw,
         )  # fmt: skip
         return _total(*out), out[1]
 
@@ -248,10 +254,24 @@ def test_fused_companions_have_the_batch_shape():
     assert loss.shape == () and all(a.shape == (37, 1) for a in aux)
 
 
-def test_fused_forward_method_refuses_return_aux():
+def test_forward_method_skips_the_companions_pass_when_only_logging():
+    """The loss's gradient alone (the companions logged, not differentiated) equals the
+    loss without them, and the extra pass sits behind a conditional on the cotangents."""
     hidden, classifier, _, labels, _ = _fused_inputs()
-    with pytest.raises(ValueError, match='method="forward" cannot return_aux'):
-        linear_cross_entropy(hidden, classifier, labels, method="forward", return_aux=True)
+    labels = jnp.clip(labels, 0)
+    loss = lambda h, aux: linear_cross_entropy(
+        h, classifier, labels, method="forward", return_aux=aux
+    )
+    logged = jax.grad(lambda h: loss(h, True)[0])(hidden)
+    np.testing.assert_allclose(logged, jax.grad(lambda h: loss(h, False))(hidden), rtol=1e-6)
+    program = str(jax.make_jaxpr(jax.grad(lambda h: loss(h, True)[0]))(hidden))
+    assert program.count(" cond[") > str(
+        jax.make_jaxpr(jax.grad(lambda h: loss(h, False)))(hidden)
+    ).count(" cond[")
+
+
+def test_bad_return_aux_values_are_refused():
+    hidden, classifier, _, labels, _ = _fused_inputs()
     with pytest.raises(TypeError, match="return_aux must be True or False; got str"):
         linear_cross_entropy(hidden, classifier, labels, return_aux="yes")
     with pytest.raises(TypeError, match="return_aux must be True or False; got int"):

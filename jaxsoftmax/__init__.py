@@ -15,6 +15,12 @@ The public API:
   ``shard_map`` done for you); ``axis_name=`` on the losses inside your own ``shard_map``.
 * :func:`sharded_linear_cross_entropy`: :func:`linear_cross_entropy` with the classifier
   split by vocabulary rows over a mesh axis; only per-row statistics cross devices in the loss.
+* :func:`distillation_loss`: forward KL, reverse KL or the Jensen-Shannon divergence
+  between a student's and a teacher's softmax (with temperature and hard labels), by
+  derived rules for both models' logits; forward and reverse mode.
+* :func:`linear_distillation_loss`: the same with both classifier layers fused, never
+  building either model's ``[N, V]`` logits; :func:`sharded_linear_distillation_loss` splits
+  both classifiers by vocabulary over a mesh axis.
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: CS231n's
   two-layer fully connected network (any depth) as pure functions, its data sets, and its
   compiled training (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
@@ -30,7 +36,11 @@ from jaxsoftmax import training as training
 from jaxsoftmax._checking import checked as checked
 from jaxsoftmax._companions import LossAux as LossAux
 from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
+from jaxsoftmax._distillation import distillation_loss as distillation_loss
 from jaxsoftmax._linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
+from jaxsoftmax._linear_distillation import (
+    linear_distillation_loss as linear_distillation_loss,
+)
 from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_entropy
 from jaxsoftmax._optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
@@ -70,7 +80,9 @@ __all__ = [
     "checked",
     "cross_entropy",
     "data",
+    "distillation_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "mlp",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",

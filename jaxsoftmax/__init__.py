@@ -49,6 +49,9 @@ from jaxsoftmax._sharded import sharded_cross_entropy as sharded_cross_entropy
 from jaxsoftmax._sharded_linear import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
+from jaxsoftmax._sharded_linear_distillation import (
+    sharded_linear_distillation_loss as sharded_linear_distillation_loss,
+)
 from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
 from jaxsoftmax.training import TrainConfig as TrainConfig
 from jaxsoftmax.training import train as train
@@ -86,6 +89,7 @@ __all__ = [
     "mlp",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
+    "sharded_linear_distillation_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "train",

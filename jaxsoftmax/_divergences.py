@@ -137,6 +137,12 @@ def logits_gradients(log_p, log_q, terms, options: DivergenceOptions, student=Tr
     return d_student, d_teacher
 
 
+def wider_compute_dtype(*dtypes):
+    """The compute dtype of the widest of ``dtypes``: float32 for a bf16 teacher and a float32
+    student, float64 when either is float64 (no implicit promotion between bf16 and f16)."""
+    return _rule.compute_dtype(max((jnp.dtype(d) for d in dtypes), key=lambda d: d.itemsize))
+
+
 def _statistics(x):
     return _rule.row_statistics(x, None, _rule.RuleOptions())
 
@@ -144,7 +150,7 @@ def _statistics(x):
 def _forward(student_logits, teacher_logits, vocab_mask, row_mask, options):
     """Per-row loss ``[...]`` (``T^2`` times the divergence, 0 on dropped rows) and the
     residual numbers per row: ``(statistics of a, statistics of b, KL terms)``."""
-    dtype = _rule.compute_dtype(jnp.result_type(student_logits.dtype, teacher_logits.dtype))
+    dtype = wider_compute_dtype(student_logits.dtype, teacher_logits.dtype)
     a = scaled(student_logits, vocab_mask, options, dtype)
     b = scaled(teacher_logits, vocab_mask, options, dtype)
     statistics_a, statistics_b = _statistics(a), _statistics(b)

@@ -417,7 +417,7 @@ def _products(inner, grad, hidden_t, model, v0, t0, plan):
 
 
 def _compute_dtype(student: Model, teacher: Model):
-    return _rule.compute_dtype(jnp.result_type(student.hidden.dtype, teacher.hidden.dtype))
+    return _divergences.wider_compute_dtype(student.hidden.dtype, teacher.hidden.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

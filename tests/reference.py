@@ -142,3 +142,60 @@ def companions(z, targets, *, where=None, ignore_index=None, class_weights=None,
         dropped = dropped | ~row_mask
     lse, entropy = np.where(dropped, 0.0, lse), np.where(dropped, 0.0, entropy)
     return lse, z_loss * r * lse**2, correct & ~dropped, entropy
+
+
+def distillation(
+    student,
+    teacher,
+    *,
+    divergence="forward_kl",
+    temperature=1.0,
+    beta=0.5,
+    labels=None,
+    hard_weight=0.0,
+    where=None,
+    ignore_index=None,
+    vocab_mask=None,
+    reduction="mean",
+):
+    """Knowledge distillation's loss of class-last logits, in float64, from the definitions:
+    ``T^2 D(p, q) + h CE(z_s, y)`` with ``p = softmax(z_s / T)``, ``q = softmax(z_t / T)``,
+    ``D`` the forward KL ``KL(q || p)`` (Hinton et al. 2015), the reverse KL ``KL(p || q)``
+    or the generalized JSD ``beta KL(q || m) + (1 - beta) KL(p || m)``, ``m = beta q + (1 -
+    beta) p``; ``0 log 0 = 0``; the mean over kept rows."""
+    s = np.asarray(student, np.float64)
+    t = np.asarray(teacher, np.float64)
+    log_p, _ = log_softmax(s / temperature, vocab_mask)
+    log_q, _ = log_softmax(t / temperature, vocab_mask)
+    p, q = np.exp(log_p), np.exp(log_q)
+
+    def kl(x, log_x, log_y):  # sum x (log x - log y), 0 where x = 0
+        with np.errstate(invalid="ignore"):
+            return np.sum(np.where(x > 0, x * (log_x - log_y), 0.0), axis=-1)
+
+    if divergence == "forward_kl":
+        rows = kl(q, log_q, log_p)
+    elif divergence == "reverse_kl":
+        rows = kl(p, log_p, log_q)
+    else:
+        with np.errstate(divide="ignore"):
+            log_m = np.log(beta * q + (1 - beta) * p)
+        rows = beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
+    rows = temperature**2 * rows
+    if hard_weight:
+        rows = rows + hard_weight * cross_entropy(
+            s if vocab_mask is None else np.where(vocab_mask, s, -np.inf),
+            np.where(labels == ignore_index, 0, labels) if ignore_index is not None else labels,
+            reduction="none",
+        )
+    kept = np.ones(rows.shape, bool)
+    if where is not None:
+        kept &= np.asarray(where)
+    if ignore_index is not None:
+        kept &= np.asarray(labels) != ignore_index
+    rows = np.where(kept, rows, 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / max(kept.sum(), 1)

@@ -1,0 +1,263 @@
+"""distillation_loss: values and both logits' gradients against independent references.
+
+References: float64 NumPy from the definitions (tests/reference.py), ``jax.grad`` and
+``jax.jvp`` of the naive compositions written with ``jax.nn.log_softmax``, optax's
+``kl_divergence`` and ``convex_kl_divergence``, and finite differences in both modes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+from jax.test_util import check_grads
+
+from jaxsoftmax import _divergences, distillation_loss
+
+FILL = -1e30  # a finite "minus infinity": exp underflows to exactly 0, logs stay finite
+
+
+def naive(student, teacher, *, divergence="forward_kl", temperature=1.0, beta=0.5, labels=None,
+          hard_weight=0.0, where=None, ignore_index=None, vocab_mask=None, reduction="mean",
+          axis=-1):  # fmt: skip
+    """The loss as anyone would write it, differentiated by JAX's autodiff."""
+    student, teacher = jnp.moveaxis(student, axis, -1), jnp.moveaxis(teacher, axis, -1)
+    if vocab_mask is not None:
+        student = jnp.where(vocab_mask[None, :], student, FILL)
+        teacher = jnp.where(vocab_mask[None, :], teacher, FILL)
+    log_p = jax.nn.log_softmax(student / temperature)
+    log_q = jax.nn.log_softmax(teacher / temperature)
+    p, q = jnp.exp(log_p), jnp.exp(log_q)
+    if divergence == "forward_kl":
+        rows = jnp.sum(q * (log_q - log_p), axis=-1)
+    elif divergence == "reverse_kl":
+        rows = jnp.sum(p * (log_p - log_q), axis=-1)
+    else:
+        m = beta * q + (1 - beta) * p
+        log_m = jnp.log(jnp.where(m > 0, m, 1.0))  # m = 0 only where p = q = 0
+        rows = beta * jnp.sum(q * (log_q - log_m), -1) + (1 - beta) * jnp.sum(p * (log_p - log_m), -1)  # fmt: skip
+    rows = temperature**2 * rows
+    kept = jnp.ones(rows.shape, bool)
+    if where is not None:
+        kept = kept & where
+    if ignore_index is not None:
+        kept = kept & (labels != ignore_index)
+    if hard_weight:
+        safe = jnp.where(kept, labels, 0)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(student), safe[..., None], axis=-1)
+        rows = rows + hard_weight * nll[..., 0]
+    rows = jnp.where(kept, rows, 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return jnp.sum(rows)
+    return jnp.sum(rows) / jnp.maximum(jnp.sum(kept), 1).astype(rows.dtype)
+
+
+N, V = 6, 7
+LABELS = np.array([0, 3, 6, -100, 2, 5])
+# Each case: options of both losses; together they use every option of distillation_loss.
+CASES = {
+    "forward_kl": dict(),
+    "forward_kl_hard_ignore": dict(temperature=2.0, labels=LABELS, hard_weight=0.5,
+                                   ignore_index=-100),
+    "reverse_kl_where_sum": dict(divergence="reverse_kl", temperature=0.7,
+                                 where=np.array([1, 1, 0, 1, 0, 1], bool), reduction="sum"),
+    "jsd_mask_none": dict(divergence="jsd", beta=0.3, temperature=2.0, reduction="none",
+                          vocab_mask=np.array([1, 1, 0, 1, 1, 1, 0], bool)),
+    "jsd_hard_mask": dict(divergence="jsd", labels=np.array([0, 3, 1, 4, 2, 5]),
+                          hard_weight=1.0, vocab_mask=np.array([1, 1, 1, 1, 1, 1, 0], bool)),
+}  # fmt: skip
+
+
+def _logits(shape=(N, V), dtype=jnp.float64, scale=3.0, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    student = scale * jax.random.normal(keys[0], shape, dtype)
+    teacher = scale * jax.random.normal(keys[1], shape, dtype)
+    return student, teacher
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_gradients_equal_the_references(case):
+    """Value vs float64 NumPy and the naive composition; the student's and the teacher's
+    gradients (a random cotangent for ``"none"``) vs ``jax.grad`` of the naive composition."""
+    options = CASES[case]
+    with jax.enable_x64(True):
+        student, teacher = _logits()
+        jax_options = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x
+                       for k, x in options.items()}  # fmt: skip
+        ours = lambda s, t: distillation_loss(s, t, **jax_options)
+        theirs = lambda s, t: naive(s, t, **jax_options)
+        value, ours_vjp = jax.vjp(ours, student, teacher)
+        expected = reference.distillation(np.asarray(student), np.asarray(teacher), **options)
+        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)
+        naive_value, naive_vjp = jax.vjp(theirs, student, teacher)
+        np.testing.assert_allclose(value, naive_value, rtol=1e-12, atol=1e-12)
+        cotangent = jax.random.normal(jax.random.key(3), value.shape, value.dtype)
+        for got, want in zip(ours_vjp(cotangent), naive_vjp(cotangent)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_class_axis_and_batch_shape():
+    """Classes on axis 0 of ``[V, 2, 3]`` logits equal the class-last loss of the moved axes."""
+    with jax.enable_x64(True):
+        student, teacher = _logits((V, 2, 3))
+        loss = lambda s, t: distillation_loss(s, t, divergence="jsd", axis=0, temperature=1.5)
+        moved = lambda x: jnp.moveaxis(x, 0, -1).reshape(6, V)
+        flat = lambda s, t: naive(moved(s), moved(t), divergence="jsd", temperature=1.5)
+        np.testing.assert_allclose(loss(student, teacher), flat(student, teacher), rtol=1e-12)
+        for got, want in zip(jax.grad(loss, (0, 1))(student, teacher),
+                             jax.grad(flat, (0, 1))(student, teacher)):  # fmt: skip
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_forward_kl_equals_optax():
+    """``T^2`` times optax's ``kl_divergence`` (and ``convex_kl_divergence``, equal for
+    normalized distributions) of ``log_softmax(z_s / T)`` against ``softmax(z_t / T)``."""
+    student, teacher = _logits(dtype=jnp.float32)
+    t = 2.0
+    ours = lambda s: distillation_loss(s, teacher, temperature=t)
+    # convex_kl_divergence is named generalized_kl_divergence since optax 0.2.6.
+    generalized = getattr(optax.losses, "generalized_kl_divergence", None)
+    for kl in (optax.losses.kl_divergence, generalized or optax.losses.convex_kl_divergence):
+        theirs = lambda s: (
+            t**2 * jnp.mean(kl(jax.nn.log_softmax(s / t), jax.nn.softmax(teacher / t)))
+        )
+        np.testing.assert_allclose(ours(student), theirs(student), rtol=1e-5)
+        np.testing.assert_allclose(
+            jax.grad(ours)(student), jax.grad(theirs)(student), rtol=1e-4, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("divergence", _divergences.DIVERGENCES)
+def test_finite_differences_in_forward_and_reverse_mode(divergence):
+    """``jax.jvp`` and ``jax.vjp`` of the loss against finite differences (float64), for
+    both logits, with the hard term; and ``jacfwd`` equals ``jacrev``."""
+    with jax.enable_x64(True):
+        student, teacher = _logits(scale=1.5)
+        labels = jnp.asarray(LABELS).clip(0)
+        loss = lambda s, t: distillation_loss(
+            s, t, divergence=divergence, temperature=1.5, labels=labels, hard_weight=0.5,
+            beta=0.3 if divergence == "jsd" else 0.5,
+        )  # fmt: skip
+        check_grads(loss, (student, teacher), order=1, modes=("fwd", "rev"))
+        forward = jax.jacfwd(loss, (0, 1))(student, teacher)
+        backward = jax.jacrev(loss, (0, 1))(student, teacher)
+        for a, b in zip(forward, backward):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_gradients_run_through_the_derived_rule(monkeypatch):
+    """Doubling the rule's gradients doubles ``jax.grad``'s and ``jax.jvp``'s: nothing
+    differentiates the forward computation instead (the test fails if the rule is bypassed)."""
+    student, teacher = _logits((3, 5), jnp.float32, seed=7)  # a shape no other test compiles
+    loss = lambda s, t: distillation_loss(s, t, divergence="reverse_kl")
+    plain = jax.grad(naive, (0, 1))(student, teacher, divergence="reverse_kl")
+    rule = _divergences.logits_gradients
+
+    def doubled(*args, **kwargs):
+        return tuple(None if g is None else 2 * g for g in rule(*args, **kwargs))
+
+    monkeypatch.setattr(_divergences, "logits_gradients", doubled)
+    for got, want in zip(jax.grad(loss, (0, 1))(student, teacher), plain):
+        np.testing.assert_allclose(got, 2 * want, rtol=1e-5, atol=1e-7)
+    tangent = jax.jvp(loss, (student, teacher), (jnp.ones_like(student), teacher))[1]
+    expected = jnp.sum(plain[0]) + jnp.sum(plain[1] * teacher)
+    np.testing.assert_allclose(tangent, 2 * expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", _divergences.DIVERGENCES)
+def test_residuals_are_the_logits_and_numbers_per_row(divergence):
+    """What reverse mode keeps for the backward: the two ``[N, V]`` logits and ``[N, 1]``
+    statistics, no third ``[N, V]`` array (the naive composition keeps more)."""
+    student, teacher = _logits(dtype=jnp.float32)
+    beta = 0.3 if divergence == "jsd" else 0.5
+    loss = lambda s, t: distillation_loss(s, t, divergence=divergence, beta=beta)
+    _, backward = jax.vjp(loss, student, teacher)
+    large = lambda f: [x.shape for x in jax.tree.leaves(f) if x.size > N]
+    assert large(backward) == [(N, V), (N, V)]
+    _, naive_backward = jax.vjp(lambda s, t: naive(s, t, divergence=divergence, beta=beta),
+                                student, teacher)  # fmt: skip
+    assert len(large(naive_backward)) > 2
+
+
+def test_extreme_and_infinite_logits():
+    """Logits near 1e30 in float32 and ``-inf`` on classes both models leave out: the loss
+    and gradients are finite and equal the float64 references (masked classes: gradient 0)."""
+    student, teacher = _logits(dtype=jnp.float32)
+    huge_s, huge_t = 1e30 * student, 1e30 * teacher + 1e29
+    for divergence in _divergences.DIVERGENCES:
+        value = distillation_loss(huge_s, huge_t, divergence=divergence)
+        expected = reference.distillation(huge_s, huge_t, divergence=divergence)
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        assert np.all(np.isfinite(jax.grad(distillation_loss, (0, 1))(huge_s, huge_t)[0]))
+    mask = jnp.array([1, 1, 0, 1, 1, 1, 0], bool)
+    inf_s = jnp.where(mask[None, :], student, -jnp.inf)
+    inf_t = jnp.where(mask[None, :], teacher, -jnp.inf)
+    for divergence in _divergences.DIVERGENCES:
+        loss = lambda s, t: distillation_loss(s, t, divergence=divergence)
+        masked = lambda s, t: distillation_loss(s, t, divergence=divergence, vocab_mask=mask)
+        np.testing.assert_allclose(loss(inf_s, inf_t), masked(student, teacher), rtol=1e-6)
+        grads = jax.grad(loss, (0, 1))(inf_s, inf_t)
+        for got, want in zip(grads, jax.grad(masked, (0, 1))(student, teacher)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+            assert np.all(np.asarray(got)[:, ~np.asarray(mask)] == 0)
+
+
+def test_bfloat16_is_computed_in_float32():
+    """bf16 logits: the loss equals the float32 loss of the same values, rounded once to
+    bf16, and the gradients come back in bf16 close to the float32 ones."""
+    student, teacher = (x.astype(jnp.bfloat16) for x in _logits(dtype=jnp.float32))
+    wide = [x.astype(jnp.float32) for x in (student, teacher)]
+    loss = lambda s, t: distillation_loss(s, t, divergence="jsd", temperature=2.0)
+    value = loss(student, teacher)
+    assert value.dtype == jnp.bfloat16
+    assert value == loss(*wide).astype(jnp.bfloat16)
+    grads = jax.grad(loss, (0, 1))(student, teacher)
+    for got, want in zip(grads, jax.grad(loss, (0, 1))(*wide)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=1e-4)
+    # A bf16 teacher for a float32 student: computed in float32, the student's dtype out.
+    mixed = distillation_loss(wide[0], teacher, divergence="jsd", temperature=2.0)
+    assert mixed.dtype == jnp.float32 and mixed == loss(*wide)
+
+
+def test_a_frozen_teacher_gets_no_gradient_computation():
+    """Differentiating the student only: the teacher's gradient is not computed (the
+    program has fewer operations than the one computing both)."""
+    student, teacher = _logits(dtype=jnp.float32)
+    loss = lambda s, t: distillation_loss(s, t, divergence="jsd", temperature=2.0)
+
+    def operations(argnums):
+        text = jax.jit(jax.grad(loss, argnums)).lower(student, teacher).as_text()
+        return text.count(" = stablehlo.")
+
+    assert operations(0) < operations((0, 1))
+
+
+BAD_CALLS = [
+    (lambda s, t: distillation_loss(s, t[:, :-1]), ValueError, "same examples and vocabulary"),
+    (lambda s, t: distillation_loss(s.astype(jnp.int32), t), TypeError, "student_logits"),
+    (lambda s, t: distillation_loss(s, t, divergence="kl"), ValueError, "divergence"),
+    (lambda s, t: distillation_loss(s, t, temperature=0.0), ValueError, "temperature"),
+    (lambda s, t: distillation_loss(s, t, divergence="jsd", beta=1.0), ValueError, "reverse_kl"),
+    (lambda s, t: distillation_loss(s, t, beta=0.3), ValueError, "divergence='jsd' only"),
+    (lambda s, t: distillation_loss(s, t, hard_weight=1.0), ValueError, "labels is None"),
+    (lambda s, t: distillation_loss(s, t, hard_weight=-1.0), ValueError, "hard_weight"),
+    (lambda s, t: distillation_loss(s, t, ignore_index=-100), ValueError, "labels is None"),
+    (lambda s, t: distillation_loss(s, t, labels=jnp.zeros((N, V), jnp.int32), hard_weight=1.0),
+     ValueError, "labels"),
+    (lambda s, t: distillation_loss(s, t, where=jnp.ones((N, V), bool)), ValueError, "vocab_mask"),
+    (lambda s, t: distillation_loss(s, t, vocab_mask=jnp.ones((V + 1,), bool)), ValueError,
+     "vocab_mask"),
+    (lambda s, t: distillation_loss(s, t, axis=(0, 1)), TypeError, "one int"),
+    (lambda s, t: distillation_loss(s, t, reduction="avg"), ValueError, "reduction"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, error, words", BAD_CALLS)
+def test_bad_input_raises_a_clear_error(call, error, words):
+    student, teacher = _logits(dtype=jnp.float32)
+    with pytest.raises(error, match=words):
+        call(student, teacher)

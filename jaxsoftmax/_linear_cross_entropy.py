@@ -258,7 +258,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
         if options_companions:  # sum_c e^(x_c - m) (x_c - m), the best logit and its class
             init += [jnp.zeros((tc,), dtype), jnp.full((tc,), -jnp.inf, dtype)]
             init += [jnp.zeros((tc,), jnp.int32)]
-        stats, _ = lax.scan(vocab_step, varying(tuple(init)), jnp.arange(num_vc))
+        stats, _ = lax.scan(vocab_step, varying(tuple(init)), jnp.arange(num_vc, dtype=jnp.int32))
         # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
         outputs = tuple(
             lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats)
@@ -269,7 +269,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     if options_companions:
         init += [jnp.zeros((num_tokens,), dtype)] * 2 + [jnp.zeros((num_tokens,), jnp.int32)]
     (top, total, label_x, weighted, *tracked), _ = lax.scan(
-        token_step, varying(tuple(init)), jnp.arange(num_tc)
+        token_step, varying(tuple(init)), jnp.arange(num_tc, dtype=jnp.int32)
     )
     if options_companions and options.axis_name is not None:
         tracked = _combine_companions(tracked, top, total, options.axis_name)
@@ -419,7 +419,7 @@ def _backward(
                 (jnp.zeros(chunk_shape, acc), None if bias is None else jnp.zeros((vc,), acc))
             ),
         )
-        run = lambda inner: lax.scan(token_step, inner, jnp.arange(num_tc))[0]
+        run = lambda inner: lax.scan(token_step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
         if vocab_mask is None:
             d_hidden, d_classifier_c, d_bias_c = run(inner)
         else:  # a chunk of only masked classes adds nothing: skipped
@@ -453,7 +453,9 @@ def _backward(
             None if bias is None or stacked else jnp.zeros_like(bias),
         )
     )
-    (d_hidden, d_classifier, d_bias), chunks = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    (d_hidden, d_classifier, d_bias), chunks = lax.scan(
+        vocab_step, init, jnp.arange(num_vc, dtype=jnp.int32)
+    )
     if stacked:
         d_classifier = chunks[0].reshape(classifier.shape)
         d_bias = None if bias is None else chunks[1].reshape(bias.shape)

@@ -197,7 +197,7 @@ def _forward(student, teacher, labels, row_mask, vocab_mask, plan: _Plan):
         init += [jnp.zeros((tc,), dtype)] * (1 + hard)
         if own_hard_statistics:
             init += [jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype)]
-        stats, _ = lax.scan(tile, varying(tuple(init)), jnp.arange(num_vc))
+        stats, _ = lax.scan(tile, varying(tuple(init)), jnp.arange(num_vc, dtype=jnp.int32))
         # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
         outputs = tuple(
             lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats)
@@ -207,7 +207,7 @@ def _forward(student, teacher, labels, row_mask, vocab_mask, plan: _Plan):
     count = 5 + hard + 2 * own_hard_statistics
     init = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(count)))
     (top_a, total_a, top_b, total_b, cross, *hard_rows), _ = lax.scan(
-        token_step, init, jnp.arange(num_tc)
+        token_step, init, jnp.arange(num_tc, dtype=jnp.int32)
     )
     axis_name = plan.options.axis_name
     if axis_name is not None:  # per-row numbers only cross devices
@@ -268,12 +268,14 @@ def _mixture_terms(student, teacher, vocab_mask, statistics, plan: _Plan, dtype)
             summands = _divergences.kl_summands(log_p, log_q, plan.divergence)
             return tuple(s + jnp.sum(x, axis=-1) for s, x in zip(sums, summands)), None
 
-        sums, _ = lax.scan(tile, varying((jnp.zeros((tc,), dtype),) * 2), jnp.arange(num_vc))
+        sums, _ = lax.scan(
+            tile, varying((jnp.zeros((tc,), dtype),) * 2), jnp.arange(num_vc, dtype=jnp.int32)
+        )
         outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, sums))
         return outputs, None
 
     init = varying((jnp.zeros((num_tokens,), dtype),) * 2)
-    sums, _ = lax.scan(token_step, init, jnp.arange(num_tc))
+    sums, _ = lax.scan(token_step, init, jnp.arange(num_tc, dtype=jnp.int32))
     if plan.options.axis_name is not None:
         sums = lax.psum(sums, plan.options.axis_name)
     return sums
@@ -340,7 +342,7 @@ def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, want
             acc = _rule.compute_dtype(model.classifier.dtype)
             bias = None if model.bias is None else jnp.zeros((vc,), acc)
             inner.append((d_hidden, *varying((jnp.zeros(shape, acc), bias))))
-        run = lambda inner: lax.scan(token_step, inner, jnp.arange(num_tc))[0]
+        run = lambda inner: lax.scan(token_step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
         if vocab_mask is None:
             inner = run(inner)
         else:  # a chunk of only masked classes adds nothing: skipped
@@ -377,7 +379,7 @@ def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, want
             for m in models
         ]
     )
-    found, _ = lax.scan(vocab_step, init, jnp.arange(num_vc))
+    found, _ = lax.scan(vocab_step, init, jnp.arange(num_vc, dtype=jnp.int32))
     found = iter(found)
     gradients = []
     for model, w in ((student, wanted.student), (teacher, wanted.teacher)):
@@ -661,6 +663,8 @@ def validated(
                 f"{v._describe(labels)}. Nothing is broadcast."
             )
         labels = labels.reshape(num_tokens)
+        if labels.dtype.itemsize > 4:  # int64 under x64: int32, out-of-range labels stay out
+            labels = jnp.clip(labels, -(2**31), 2**31 - 1).astype(jnp.int32)
     row_mask = None
     if where is not None:
         where = v.as_array(where, "where")

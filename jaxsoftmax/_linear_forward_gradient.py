@@ -147,7 +147,7 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
         *([jnp.zeros((num_tokens,), dtype)] * (5 if plan.companions else 0)),
     )
     (loss, d_hidden, d_classifier, d_bias, *per_row), _ = lax.scan(
-        step, init, jnp.arange(num_blocks)
+        step, init, jnp.arange(num_blocks, dtype=jnp.int32)
     )
     return loss, (d_hidden, d_classifier, d_bias), per_row
 

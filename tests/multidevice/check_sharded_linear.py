@@ -1,10 +1,11 @@
-"""The fused linear loss with a vocabulary-split classifier, on 8 virtual CPU devices.
+"""The fused linear losses with vocabulary-split classifiers, on 8 virtual CPU devices.
 
 Run by ``tests/test_sharded.py`` in the same child pytest as ``check_sharded.py`` (see
 there for running it by hand). Every result of ``sharded_linear_cross_entropy`` is compared
 with the single-device ``linear_cross_entropy`` (values of every reduction, gradients for
 the hidden states, the classifier and the bias), and the compiled programs' collectives are
-read from their HLO.
+read from their HLO. ``sharded_linear_distillation_loss`` is compared with
+``linear_distillation_loss`` the same way, for both models' gradients.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
-from jaxsoftmax import linear_cross_entropy
+from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
 from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
+from jaxsoftmax._sharded_linear_distillation import sharded_linear_distillation_loss
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -540,3 +542,102 @@ def test_vocab_mask_equals_one_device(mesh_name, num_classes):
     want = jax.value_and_grad(logits_loss)(logits, False)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
+# name: (mesh, V, options): each divergence, uneven vocabularies (23 over 4 shards, 13 over 8:
+# the last shard padding only), the hard term with its own statistics (T != 1) and shared
+# (T = 1), biases, ignore_index, where, vocab_mask and the [d, V] layout.
+DISTILLATION_CASES = {
+    "forward_kl-batch2_vocab4": ("batch2_vocab4", 23, dict(
+        temperature=2.0, hard_weight=0.5, ignore_index=-100, bias=True)),
+    "jsd-vocab8": ("vocab8", 13, dict(
+        divergence="jsd", beta=0.3, temperature=1.5, vocab_mask=True, bias=True,
+        where=True)),
+    "reverse_kl-batch2_vocab4-dv": ("batch2_vocab4", 23, dict(
+        divergence="reverse_kl", hard_weight=1.0, vocab_mask=True, classifier_layout="dv")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DISTILLATION_CASES)
+def test_distillation_equals_one_device(case):
+    """``sharded_linear_distillation_loss`` against the single-device fused loss: values of
+    the mean and per token, and the gradients of both models' hidden states, classifiers and
+    biases (those come back split like their inputs)."""
+    mesh_name, num_classes, options = DISTILLATION_CASES[case]
+    shape, names, class_axis, batch_axis = MESHES[mesh_name]
+    mesh = auto_mesh(shape, names)
+    options = dict(options)
+    layout = options.get("classifier_layout", "vd")
+    student = make_inputs(num_classes, layout, seed=7)
+    teacher = make_inputs(num_classes, layout, seed=8)
+    labels, where = student[3], student[5]
+    mask = jnp.arange(num_classes) % 7 != 5
+    if options.pop("vocab_mask", False):
+        options["vocab_mask"] = mask
+        labels = jnp.where(mask[labels], labels, 0)
+    if options.get("ignore_index") is not None:
+        labels = _ignored(labels)
+    if options.pop("where", False):
+        options["where"] = where
+    with_bias = options.pop("bias", False)
+    on_mesh = dict(mesh=mesh, class_axis_name=class_axis, batch_axis_name=batch_axis)
+
+    def losses(split):
+        def objective(h_s, w_s, b_s, h_t, w_t, b_t):
+            loss = sharded_linear_distillation_loss if split else linear_distillation_loss
+            kw = dict(on_mesh, **CHUNKS) if split else {}
+            values = {
+                reduction: loss(
+                    h_s,
+                    w_s,
+                    h_t,
+                    w_t,
+                    labels=labels,
+                    reduction=reduction,
+                    student_bias=b_s if with_bias else None,
+                    teacher_bias=b_t if with_bias else None,
+                    **options,
+                    **kw,
+                )  # fmt: skip
+                for reduction in ("mean", "none")  # ("sum" is the mean's numerator)
+            }
+            return values["mean"] + jnp.dot(values["none"], jnp.linspace(0.5, 1.5, N)), values
+
+        args = (*student[:3], *teacher[:3])
+        return jax.jit(jax.value_and_grad(objective, range(6), has_aux=True))(*args)
+
+    got, want = losses(True), losses(False)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
+def test_distillation_collectives_move_per_row_numbers():
+    """The compiled loss and gradients of both models (64 tokens, 1024 classes, 2 x 4 mesh):
+    all-reduces only; over the vocabulary axis per-row numbers and the two hidden states'
+    ``[rows, d]`` gradient sums; over the batch axis the scalars of the mean and the two
+    classifiers' gradient sums. No operand has ``V`` or ``[rows, classes]`` entries."""
+    mesh = auto_mesh((2, 4), ("batch", "vocab"))
+    rows, classes = ROWS // 2, CLASSES // 4
+
+    def placed(shape, spec):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+    hidden, classifier = placed((ROWS, WIDTH), P("batch", None)), placed((CLASSES, WIDTH), P("vocab", None))  # fmt: skip
+    loss = lambda h_s, w_s, h_t, w_t: sharded_linear_distillation_loss(
+        h_s, w_s, h_t, w_t, mesh=mesh, class_axis_name="vocab", batch_axis_name="batch",
+        divergence="jsd", temperature=2.0,
+    )  # fmt: skip
+    grad = jax.jit(jax.value_and_grad(loss, range(4)))
+    text = grad.lower(hidden, classifier, hidden, classifier).compile().as_text()
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    over_vocab = {frozenset(row) for row in ids.tolist()}
+    found = {"vocab": [], "batch": []}
+    for op, shapes, groups in hlo.collectives_with_groups(text):
+        assert op == "all-reduce", (op, shapes)
+        for _, shape in shapes:
+            found["vocab" if groups == over_vocab else "batch"].append(shape)
+    for shape in found["vocab"] + found["batch"]:
+        assert CLASSES not in shape and hlo.elements(shape) < rows * classes, shape
+    assert sorted(s for s in found["vocab"] if hlo.elements(s) > rows) == [(rows, WIDTH)] * 2
+    assert all(hlo.elements(s) <= rows for s in found["vocab"] if s != (rows, WIDTH))
+    assert sorted(s for s in found["batch"] if s) == [(classes, WIDTH)] * 2

@@ -17,7 +17,7 @@ same windows.
 
     python experiments/language_model.py          # the teacher, if not trained yet (5 minutes)
     python experiments/distill.py                 # about 4 minutes on 2 CPU cores
-    python experiments/distill.py --divergence reverse_kl --temperature 1 --out runs/reverse
+    python experiments/distill.py --divergence reverse_kl --hard-weight 0 --out runs/reverse
 
 Writes into ``--out``: metrics.json, history.csv, validation_loss.png, training_loss.png and
 checkpoint.npz (``--resume`` continues from it and ends where an uninterrupted run would).
@@ -573,6 +573,10 @@ def config_from_arguments(arguments, teacher: lm_training.LMConfig, fingerprint:
     )
 
 
+def layers(config: lm_training.LMConfig) -> str:
+    return f"{config.num_layers} layer" + ("s" if config.num_layers != 1 else "")
+
+
 def plot(folder: str, history: list[dict], teacher: dict, title: str) -> None:
     import matplotlib
 
@@ -601,9 +605,10 @@ def plot(folder: str, history: list[dict], teacher: dict, title: str) -> None:
         plt.close(figure)
 
 
-def summary(config: DistillConfig, result: DistillResult) -> dict:
+def summary(result: DistillResult) -> dict:
     """The final validation losses and what they show, in words."""
-    final = result.history[-1]
+    history = result.history
+    final = history[-1]
     distilled = final["distilled_validation_loss"]
     labels_only = final["labels_only_validation_loss"]
     teacher = result.teacher["validation_loss"]
@@ -622,6 +627,15 @@ def summary(config: DistillConfig, result: DistillResult) -> dict:
     )
     if closed is not None:
         finding += f", {closed:.1%} of the labels-only student's gap to the teacher"
+    # Steps to the labels-only student's final loss: the first evaluation at or below it.
+    reached = next(
+        (row["step"] for row in history if row["distilled_validation_loss"] <= labels_only), None
+    )
+    if reached is not None and gain > 0:
+        finding += (
+            f"; the distilled student reached the labels-only student's final validation loss "
+            f"by step {reached} of {result.steps}"
+        )
     return {
         "finding": finding + ".",
         "distilled_validation_loss": distilled,
@@ -632,6 +646,10 @@ def summary(config: DistillConfig, result: DistillResult) -> dict:
         "positive: distillation helped",
         "gap_closed": closed,
         "gap_closed_note": "difference / (labels-only minus teacher validation loss)",
+        "distilled_reached_labels_only_final_at_step": reached,
+        "distilled_reached_note": "the first evaluation (every eval_every steps) at which the "
+        "distilled student's validation loss was at most the labels-only student's final one; "
+        "a distilled step costs more (the teacher's forward pass and its classifier in the loss)",
     }
 
 
@@ -675,9 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     student, teacher = config.student, config.teacher
     print(f"device: {device.platform}: {device.device_kind}")
     print(
-        f"teacher: {teacher.num_layers} layers, d = {teacher.d_model}, trained {teacher.steps} "
-        f"steps ({arguments.teacher}); students: {student.num_layers} layers, "
-        f"d = {student.d_model}, vocabulary {corpus.vocab_size}"
+        f"teacher: {layers(teacher)}, d = {teacher.d_model}, trained {teacher.steps} steps "
+        f"({arguments.teacher}); students: {layers(student)}, d = {student.d_model}, "
+        f"vocabulary {corpus.vocab_size}"
     )
     if arguments.resume:
         print(
@@ -725,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
 
     final = result.history[-1]
     count = lambda params: sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
-    found = summary(config, result)
+    found = summary(result)
     metrics = {
         **found,
         "losses_note": "next-token cross-entropy in nats per token on the same "
@@ -772,8 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         written.append(lm_training.CHECKPOINT_FILENAME)
     if not arguments.no_plots:
         title = (
-            f"students {student.num_layers} layer(s), d = {student.d_model}; teacher "
-            f"{teacher.num_layers} layers, d = {teacher.d_model}\n{config.divergence}, "
+            f"students {layers(student)}, d = {student.d_model}; teacher "
+            f"{layers(teacher)}, d = {teacher.d_model}\n{config.divergence}, "
             f"T = {config.temperature:g}, hard weight {config.hard_weight:g}"
         )
         plot(arguments.out, result.history, result.teacher, title)

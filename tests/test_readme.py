@@ -53,10 +53,10 @@ def run_alone(block: str, devices: int = 1) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_every_block_runs_alone_and_prints_what_it_computes(index):
     blocks = python_blocks()
-    assert len(blocks) == 4, "a new README block: add it here"
+    assert len(blocks) == 5, "a new README block: add it here"
     printed = run_alone(blocks[index])
     assert re.match(r"loss \d+\.\d{4}", printed), printed
 
@@ -94,3 +94,26 @@ def test_aux_example_equals_the_logits_composition():
     np.testing.assert_allclose(aux.entropy, entropy, atol=1e-4)
     np.testing.assert_allclose(aux.z_loss, 1e-4 * lse**2, rtol=1e-5)
     np.testing.assert_array_equal(aux.correct, jnp.argmax(logits, -1) == jnp.arange(8))
+
+
+def test_distillation_example_equals_the_naive_composition():
+    """The fifth block's fused loss and student gradients against ``T^2 KL(q || p)`` + half
+    the cross-entropy, written with ``jax.nn.log_softmax`` and differentiated by JAX."""
+    namespace = {}
+    exec(python_blocks()[4], namespace)
+    h_t, w_t = namespace["teacher_hidden"], namespace["teacher_embedding"]
+    labels = namespace["labels"]
+
+    def naive(h, w):
+        log_p = jax.nn.log_softmax(h @ w.T / 2.0)
+        log_q = jax.nn.log_softmax(h_t @ w_t.T / 2.0)
+        kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(h @ w.T), labels[:, None], -1)[:, 0]
+        return jnp.mean(4.0 * kl + 0.5 * nll)
+
+    arguments = (namespace["student_hidden"], namespace["student_embedding"])
+    expected, gradients = jax.value_and_grad(naive, argnums=(0, 1))(*arguments)
+    np.testing.assert_allclose(namespace["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(namespace["from_logits"], expected, rtol=1e-5)
+    for got, want in zip(namespace["grads"], gradients):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

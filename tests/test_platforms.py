@@ -208,17 +208,29 @@ OPTION_SETS = {
 }
 
 
-def problem(dtype, kind):
+AGREEMENT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@functools.cache
+def problems():
+    """The inputs of every (dtype, kind), made together once: ``plain_path_only`` empties
+    JAX's caches, and each test drawing its own afterwards compiled the random draws again."""
     keys = jax.random.split(jax.random.key(11), 3)
-    logits = (3 * jax.random.normal(keys[0], (N, C))).astype(dtype)
-    if kind == "integer":
-        targets = jax.random.randint(keys[1], (N,), 0, C)
-    else:
-        targets = jax.nn.softmax(jax.random.normal(keys[1], (N, C))).astype(dtype)
+    logits = 3 * jax.random.normal(keys[0], (N, C))
+    integer = jax.random.randint(keys[1], (N,), 0, C)
+    probabilities = jax.nn.softmax(jax.random.normal(keys[1], (N, C)))
     class_mask = jax.random.uniform(keys[2], (N, C)) > 0.3
     class_mask = class_mask.at[:, 0].set(True).at[-1].set(False)  # and a row with no class
-    row_mask = jnp.arange(N) % 3 != 1
-    return logits, targets, {"classes": class_mask, "rows": row_mask}
+    masks = {"classes": class_mask, "rows": jnp.arange(N) % 3 != 1}
+    return {
+        (dtype, kind): (logits.astype(dtype), targets, masks)
+        for dtype in AGREEMENT_DTYPES
+        for kind, targets in (("integer", integer), ("probabilities", probabilities.astype(dtype)))
+    }
+
+
+def problem(dtype, kind):
+    return problems()[dtype, kind]
 
 
 def value_and_gradients(dtype, kind):
@@ -243,7 +255,7 @@ def value_and_gradients(dtype, kind):
     return jax.jit(every_option_set)(logits, targets, masks)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", AGREEMENT_DTYPES)
 @pytest.mark.parametrize("kind", ["integer", "probabilities"])
 def test_plain_and_fast_paths_agree_on_the_cpu(dtype, kind):
     fast = value_and_gradients(dtype, kind)
@@ -252,13 +264,23 @@ def test_plain_and_fast_paths_agree_on_the_cpu(dtype, kind):
     assert_trees_close(fast, plain, 1e-6 if dtype == jnp.float32 else 1e-2)
 
 
-def linear_value_and_gradients(dtype):
+@functools.cache
+def linear_problems():
+    """As :func:`problems`, for the fused loss: made once, for both dtypes."""
     keys = jax.random.split(jax.random.key(5), 3)
-    hidden = jax.random.normal(keys[0], (N + 2, D)).astype(dtype)
-    classifier = jax.random.normal(keys[1], (C + 3, D)).astype(dtype)
+    hidden = jax.random.normal(keys[0], (N + 2, D))
+    classifier = jax.random.normal(keys[1], (C + 3, D))
     labels = jax.random.randint(keys[2], (N + 2,), 0, C + 3)
     every = OPTION_SETS["all"] | {"where": jnp.arange(N + 2) % 4 != 0}
     every["class_weights"] = jnp.linspace(0.5, 1.5, C + 3)
+    return {
+        dtype: (hidden.astype(dtype), classifier.astype(dtype), labels, every)
+        for dtype in (jnp.float32, jnp.bfloat16)
+    }
+
+
+def linear_value_and_gradients(dtype):
+    hidden, classifier, labels, every = linear_problems()[dtype]
 
     def both_methods(hidden, classifier):
         results = {}

@@ -43,14 +43,26 @@ def test_invariant_to_adding_a_constant_to_a_row(problem, shift):
     np.testing.assert_allclose(grad_shifted, grad, rtol=1e-3, atol=1e-4)
 
 
+# Jitted: run eagerly, each example dispatched and compiled the gradient's operations one by
+# one for its shape, three times the compile of the whole program.
+@functools.partial(jax.jit, static_argnames="smoothing")
+def smoothed_label_gradient(logits, labels, smoothing):
+    return jax.grad(lambda z: cross_entropy(z, labels, label_smoothing=smoothing))(logits)
+
+
+@jax.jit
+def reversed_softmax_target_gradient(logits):
+    probs = jax.nn.softmax(logits[::-1])
+    return jax.grad(lambda z: jnp.sum(softmax_cross_entropy(z, probs)))(logits)
+
+
 @SETTINGS
 @given(logits_and_labels(), st.floats(0.0, 1.0, width=32))
 def test_gradient_rows_sum_to_zero_for_normalized_targets(problem, smoothing):
     logits, labels = problem
-    grad = jax.grad(lambda z: cross_entropy(z, labels, label_smoothing=float(smoothing)))(logits)
+    grad = smoothed_label_gradient(logits, labels, smoothing=float(smoothing))
     np.testing.assert_allclose(np.sum(grad, axis=-1), 0.0, atol=1e-6)
-    probs = jax.nn.softmax(jnp.asarray(logits[::-1]))
-    grad = jax.grad(lambda z: jnp.sum(softmax_cross_entropy(z, probs)))(logits)
+    grad = reversed_softmax_target_gradient(logits)
     np.testing.assert_allclose(np.sum(grad, axis=-1), 0.0, atol=1e-5)
 
 
@@ -104,6 +116,7 @@ def count_rule_calls(patch_rule):
     return calls
 
 
+@functools.cache  # patch_rule empties JAX's caches: drawn again, the draws compiled again
 def rule_problem(kind):
     logits = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
     if kind == "labels":

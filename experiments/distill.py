@@ -13,7 +13,10 @@ from the same weights and train for the same steps on the same windows of the sa
 
 Both are evaluated every ``--eval-every`` steps on the same fixed windows of each split
 (next-token cross-entropy in nats per token, and accuracy), beside the teacher's loss on the
-same windows.
+same windows. The defaults (forward KL, ``T = 1``, hard weight 0.5, 150 steps) end with the
+distilled student 0.23 nats per token below the labels-only one (experiments/results/distill/);
+with ``--temperature 2`` the gain vanished (6.997 against 6.987): the teacher's next-token
+distribution is flat already (5.3 nats of entropy), and ``T = 2`` flattens it further.
 
     python experiments/language_model.py          # the teacher, if not trained yet (5 minutes)
     python experiments/distill.py                 # about 4 minutes on 2 CPU cores

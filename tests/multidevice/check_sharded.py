@@ -137,26 +137,22 @@ CASES = [
 ]
 
 
-def sharded_and_reference(layout, num_classes, probabilities, build, with_sum):
-    """Values of every reduction and gradients, sharded and on one device."""
-    shape, names, class_axis, batch_axis = LAYOUTS[layout]
-    mesh = auto_mesh(shape, names)
-    logits, targets, weights, row_mask, class_mask = make_inputs(
-        16, num_classes, probabilities=probabilities
-    )
-    options, targets = build(weights, row_mask, class_mask, targets)
-    sharded = functools.partial(
-        sharded_cross_entropy,
-        mesh=mesh,
-        class_axis_name=class_axis,
-        batch_axis_name=batch_axis,
-        **options,
-    )
-    single = functools.partial(cross_entropy, **options)
-    cotangent = jnp.linspace(0.5, 1.5, 16)
-    argnums = (0, 1) if probabilities else 0
+@functools.cache
+def sharded_and_reference(layout, num_classes):
+    """Values of every reduction and gradients, sharded and on one device, for every option
+    CASES pairs with this layout and vocabulary: {option: ((values, grads), (ref_values,
+    ref_grads))}.
 
-    def objective(loss_fn, z, t):
+    The sharded losses of all these options are one compiled program and the single-device
+    ones another (6 programs for the 28 cases, not 56): each program's fixed cost of
+    compilation is paid once per group instead of once per option."""
+    shape, names, class_axis, batch_axis = LAYOUTS[layout]
+    axes = dict(
+        mesh=auto_mesh(shape, names), class_axis_name=class_axis, batch_axis_name=batch_axis
+    )
+    cotangent = jnp.linspace(0.5, 1.5, 16)
+
+    def objective(loss_fn, with_sum, z, t):
         # One gradient that every reduction feeds (each with a different weight). "sum" is
         # "mean" times its denominator in the same code, so it is compiled in a few cases
         # only, to keep the run short.
@@ -167,25 +163,41 @@ def sharded_and_reference(layout, num_classes, probabilities, build, with_sum):
             total = total + 0.25 * values["sum"]
         return total, values
 
-    results = []
-    for loss_fn in (sharded, single):
-        value_and_grad = jax.jit(
-            jax.value_and_grad(functools.partial(objective, loss_fn), argnums=argnums, has_aux=True)
+    chosen = [option for option, *split in CASES if split == [layout, num_classes]]
+    arguments, sharded, single = [], [], []
+    for option in chosen:
+        probabilities, build = OPTIONS[option]
+        with_sum = option in ("int_everything", "prob_smoothing_weights", "int_class_mask")
+        logits, targets, weights, row_mask, class_mask = make_inputs(
+            16, num_classes, probabilities=probabilities
         )
-        (_, values), grads = value_and_grad(logits, targets)
-        results.append((values, grads))
-    return results
+        options, targets = build(weights, row_mask, class_mask, targets)
+        arguments.append((logits, targets))
+        argnums = (0, 1) if probabilities else 0
+
+        def gradient_of(loss_fn, with_sum=with_sum, argnums=argnums):
+            objective_of_loss = functools.partial(objective, loss_fn, with_sum)
+            return jax.value_and_grad(objective_of_loss, argnums=argnums, has_aux=True)
+
+        sharded.append(gradient_of(functools.partial(sharded_cross_entropy, **axes, **options)))
+        single.append(gradient_of(functools.partial(cross_entropy, **options)))
+
+    results = []
+    for losses in (sharded, single):
+        every_option = jax.jit(
+            lambda arguments, losses=losses: [
+                value_and_grad(*args) for value_and_grad, args in zip(losses, arguments)
+            ]
+        )
+        results.append([(values, grads) for (_, values), grads in every_option(arguments)])
+    return {option: pair for option, pair in zip(chosen, zip(*results))}
 
 
 @pytest.mark.parametrize(
     "option, layout, num_classes", CASES, ids=[f"{o}-{l}-V{v}" for o, l, v in CASES]
 )
 def test_sharded_equals_single_device(option, layout, num_classes):
-    probabilities, build = OPTIONS[option]
-    with_sum = option in ("int_everything", "prob_smoothing_weights", "int_class_mask")
-    (values, grads), (ref_values, ref_grads) = sharded_and_reference(
-        layout, num_classes, probabilities, build, with_sum
-    )
+    (values, grads), (ref_values, ref_grads) = sharded_and_reference(layout, num_classes)[option]
     assert values.keys() == ref_values.keys()
     for name in values:
         got, want = values[name], ref_values[name]

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsoftmax import _divergences, _rule
+from jaxsoftmax import _checking, _divergences, _rule
 from jaxsoftmax import _validation as v
 from jaxsoftmax._options import (
     check_vocab_mask,
@@ -41,6 +41,7 @@ def distillation_loss(
     ignore_index: int | None = None,
     vocab_mask: jax.typing.ArrayLike | None = None,
     reduction: str = "mean",
+    checked: bool = False,
 ) -> jax.Array:
     r"""The distillation loss between a student's and a teacher's logits.
 
@@ -93,13 +94,18 @@ def distillation_loss(
         either distribution and a zero gradient (a vocabulary padded to a multiple of 128).
         A label on a masked class is a bad label: its example's loss is NaN.
       reduction: ``"mean"`` (over the counted examples; 0 if none), ``"sum"`` or ``"none"``.
+      checked: with ``hard_weight > 0``, check that every counted label is a class (and one
+        ``vocab_mask`` keeps): a ``ValueError`` before any computation when the labels are
+        known in Python; when they are traced, a checkify check that needs
+        :func:`jaxsoftmax.checked` as the outermost wrapper (as in
+        :func:`~jaxsoftmax.cross_entropy`).
 
     Returns:
       The reduced loss, or one per example with ``reduction="none"`` (0 where not counted),
       in the student's dtype. Computed in float32 for bf16/f16, float64 for float64.
 
-    Integer labels out of range make their example's loss and gradient NaN (they cannot
-    raise under ``jit``); ``jaxsoftmax.cross_entropy(..., checked=True)`` checks labels.
+    Unchecked, a label out of range (or on a masked class) makes its example's loss and
+    gradient NaN under the hard term: under ``jit`` it cannot raise. ``checked=True`` raises.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -141,6 +147,8 @@ def distillation_loss(
                 "Classes to leave out of every row go in vocab_mask=."
             )
     vocab_mask = check_vocab_mask(vocab_mask, num_classes)
+    if v.check_flag(checked, "checked") and hard_weight:
+        check_labels(labels, num_classes, row_mask, ignore_index, vocab_mask)
     return _distillation(
         student_logits,
         teacher_logits,
@@ -203,6 +211,15 @@ def check_labels_needed(labels, hard_weight: float, ignore_index) -> None:
             f"ignore_index={ignore_index} leaves out the examples whose label equals it, but "
             "labels is None. Pass labels=, or where= to choose examples."
         )
+
+
+def check_labels(labels, num_classes: int, row_mask, ignore_index, vocab_mask) -> None:
+    """Checked mode's label check (see :mod:`jaxsoftmax._checking`): now when the labels are
+    known in Python, else staged as a checkify check."""
+    hint = " Leave an example out with ignore_index= or where=."
+    keywords = dict(name="labels", ignore_index=ignore_index, hint=hint, vocab_mask=vocab_mask)
+    if _checking.check_labels_or_defer(labels, num_classes, row_mask, **keywords):
+        _checking.check_labels(labels, num_classes, row_mask, **keywords)
 
 
 @functools.partial(

@@ -55,7 +55,7 @@ from jaxsoftmax import _divergences, _rule
 from jaxsoftmax import _linear_cross_entropy as lce
 from jaxsoftmax import _validation as v
 from jaxsoftmax._cpu_fast_paths import slice_chunk
-from jaxsoftmax._distillation import check_divergence_options, check_labels_needed
+from jaxsoftmax._distillation import check_divergence_options, check_labels, check_labels_needed
 from jaxsoftmax._options import (
     check_vocab_mask,
     labels_on_masked_classes_out_of_range,
@@ -485,6 +485,7 @@ def linear_distillation_loss(
     classifier_layout: str = "vd",
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    checked: bool = False,
 ) -> jax.Array:
     r""":func:`~jaxsoftmax.distillation_loss` of two models' logits, never building them.
 
@@ -511,8 +512,8 @@ def linear_distillation_loss(
       teacher_hidden: float ``[..., d_t]``: the same tokens (leading shape), any width.
       teacher_classifier: float ``[V, d_t]`` (or ``[d_t, V]``): the same vocabulary ``V``.
       labels, divergence, temperature, beta, hard_weight, where, ignore_index, vocab_mask,
-        reduction: as in :func:`~jaxsoftmax.distillation_loss` (``where`` and ``labels``
-        with the tokens' shape).
+        reduction, checked: as in :func:`~jaxsoftmax.distillation_loss` (``where`` and
+        ``labels`` with the tokens' shape).
       student_bias, teacher_bias: float ``[V]`` or None.
       classifier_layout: ``"vd"`` or ``"dv"``, for both classifiers.
       token_chunk, vocab_chunk: the tile; None chooses each backend's (as
@@ -554,6 +555,7 @@ def linear_distillation_loss(
         classifier_layout=classifier_layout,
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
+        checked=checked,
     )
     plan = make_plan(call, call.student.hidden.shape[0], call.num_classes)
     loss, weight = rows_and_weights(call, plan)
@@ -615,7 +617,7 @@ def rows_and_weights(call: Call, plan: _Plan):
 def validated(
     student_hidden, student_classifier, teacher_hidden, teacher_classifier, *, labels,
     divergence, temperature, beta, hard_weight, where, ignore_index, vocab_mask, reduction,
-    student_bias, teacher_bias, classifier_layout, token_chunk, vocab_chunk,
+    student_bias, teacher_bias, classifier_layout, token_chunk, vocab_chunk, checked=False,
 ) -> Call:  # fmt: skip
     """Checks :func:`linear_distillation_loss`'s arguments (see there), flattens the tokens."""
     if classifier_layout not in lce.LAYOUTS:
@@ -678,6 +680,8 @@ def validated(
         kept = labels != ignore_index
         row_mask = kept if row_mask is None else row_mask & kept
     vocab_mask = check_vocab_mask(vocab_mask, num_classes)
+    if v.check_flag(checked, "checked") and hard_weight:
+        check_labels(labels, num_classes, row_mask, ignore_index, vocab_mask)
     if vocab_mask is not None and labels is not None:  # a label on a masked class is bad
         labels = labels_on_masked_classes_out_of_range(labels, vocab_mask, ignore_index)
     if not hard_weight:

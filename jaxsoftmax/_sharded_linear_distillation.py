@@ -57,6 +57,7 @@ def sharded_linear_distillation_loss(
     classifier_layout: str = "vd",
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
+    checked: bool = False,
 ) -> jax.Array:
     r""":func:`~jaxsoftmax.linear_distillation_loss` with both classifiers split by vocabulary.
 
@@ -76,8 +77,8 @@ def sharded_linear_distillation_loss(
       class_axis_name: the mesh axis (or tuple of axes) the vocabulary is split over.
       batch_axis_name: the mesh axis (or axes) the tokens are split over, or None.
       labels, divergence, temperature, beta, hard_weight, where, ignore_index, vocab_mask,
-        reduction, student_bias, teacher_bias, classifier_layout, token_chunk, vocab_chunk:
-        as in :func:`~jaxsoftmax.linear_distillation_loss`; the chunks tile each device's
+        reduction, student_bias, teacher_bias, classifier_layout, token_chunk, vocab_chunk,
+        checked: as in :func:`~jaxsoftmax.linear_distillation_loss`; the chunks tile each device's
         ``[N / B, V / S]`` share.
 
     Returns:
@@ -126,6 +127,7 @@ def sharded_linear_distillation_loss(
         classifier_layout=classifier_layout,
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
+        checked=checked,
     )
     num_tokens = call.student.hidden.shape[0]
     num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)

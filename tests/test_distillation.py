@@ -261,3 +261,31 @@ def test_bad_input_raises_a_clear_error(call, error, words):
     student, teacher = _logits(dtype=jnp.float32)
     with pytest.raises(error, match=words):
         call(student, teacher)
+
+
+def test_checked_mode_raises_on_a_bad_label():
+    """Unchecked, a label out of range makes its example NaN; ``checked=True`` raises, now
+    for labels known in Python and through ``jaxsoftmax.checked`` under ``jit``; labels on
+    a masked class count as bad; the fused loss checks the same way."""
+    import functools
+
+    from jax.experimental import checkify
+
+    from jaxsoftmax import checked, linear_distillation_loss
+
+    student, teacher = _logits(dtype=jnp.float32)
+    bad = jnp.array([0, 3, V, 2, 2, 1])
+    options = dict(labels=bad, hard_weight=0.5, reduction="none")
+    assert np.isnan(distillation_loss(student, teacher, **options)[2])
+    with pytest.raises(ValueError, match=r"found label 7 at position \[2\]"):
+        distillation_loss(student, teacher, checked=True, **options)
+    mask = jnp.arange(V) != 3
+    with pytest.raises(ValueError, match="vocab_mask keeps"):
+        distillation_loss(student, teacher, labels=bad.at[2].set(1), hard_weight=0.5,
+                          vocab_mask=mask, checked=True)  # fmt: skip
+    loss = jax.jit(functools.partial(distillation_loss, hard_weight=0.5, checked=True))
+    with pytest.raises(checkify.JaxRuntimeError, match="found label 7"):
+        checked(loss)(student, teacher, labels=bad)
+    h, w = student, jnp.eye(V, dtype=jnp.float32)  # the fused loss of the same logits
+    with pytest.raises(ValueError, match="found label 7"):
+        linear_distillation_loss(h, w, teacher, w, checked=True, **options)

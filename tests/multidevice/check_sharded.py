@@ -209,35 +209,53 @@ def test_sharded_equals_single_device(option, layout, num_classes):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("option", ["int_plain", "int_smoothing", "int_class_mask", "prob_plain"])
+BF16_OPTIONS = ["int_plain", "int_smoothing", "int_class_mask", "prob_plain"]
+
+
+@functools.cache
+def bf16_sharded_and_reference():
+    """{option: ((value, grads), (ref_value, ref_grads))} for bf16 logits (and bf16
+    probability targets) at V = 61 on the 2 x 4 mesh: as for sharded_and_reference, the
+    options' sharded losses are one program and their single-device ones another."""
+    axes = dict(
+        mesh=auto_mesh((2, 4), ("batch", "vocab")),
+        class_axis_name="vocab",
+        batch_axis_name="batch",
+    )
+    arguments, sharded, single = [], [], []
+    for option in BF16_OPTIONS:
+        probabilities, build = OPTIONS[option]
+        logits, targets, weights, row_mask, class_mask = make_inputs(
+            16, 61, probabilities=probabilities
+        )
+        options, targets = build(weights, row_mask, class_mask, targets)
+        logits = logits.astype(jnp.bfloat16)
+        if probabilities:
+            targets = targets.astype(jnp.bfloat16)
+        arguments.append((logits, targets))
+        argnums = (0, 1) if probabilities else 0
+        loss_fn = functools.partial(sharded_cross_entropy, **axes, **options)
+        sharded.append(jax.value_and_grad(loss_fn, argnums=argnums))
+        loss_fn = functools.partial(cross_entropy, **options)
+        single.append(jax.value_and_grad(loss_fn, argnums=argnums))
+    results = [
+        jax.jit(
+            lambda arguments, losses=losses: [
+                value_and_grad(*args) for value_and_grad, args in zip(losses, arguments)
+            ]
+        )(arguments)
+        for losses in (sharded, single)
+    ]
+    return dict(zip(BF16_OPTIONS, zip(*results)))
+
+
+@pytest.mark.parametrize("option", BF16_OPTIONS)
 def test_bf16_logits_sharded_equal_single_device(option):
     """bf16 logits (and bf16 probability targets): each shard reads its bf16 logits and label
     logit as they are and widens them to float32; the sharded loss and gradients equal the
     single-device ones up to the final rounding to bf16 (the partial sums add up in another
     order)."""
-    probabilities, build = OPTIONS[option]
-    mesh = auto_mesh((2, 4), ("batch", "vocab"))
-    logits, targets, weights, row_mask, class_mask = make_inputs(
-        16, 61, probabilities=probabilities
-    )
-    options, targets = build(weights, row_mask, class_mask, targets)
-    logits = logits.astype(jnp.bfloat16)
-    if probabilities:
-        targets = targets.astype(jnp.bfloat16)
-    sharded = functools.partial(
-        sharded_cross_entropy,
-        mesh=mesh,
-        class_axis_name="vocab",
-        batch_axis_name="batch",
-        **options,
-    )
-    single = functools.partial(cross_entropy, **options)
-    argnums = (0, 1) if probabilities else 0
-    results = [
-        jax.jit(jax.value_and_grad(loss_fn, argnums=argnums))(logits, targets)
-        for loss_fn in (sharded, single)
-    ]
-    (value, grads), (ref_value, ref_grads) = results
+    (value, grads), (ref_value, ref_grads) = bf16_sharded_and_reference()[option]
     assert value.dtype == ref_value.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.float32(value), np.float32(ref_value), rtol=1e-2)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):

@@ -205,3 +205,33 @@ def test_bad_input_raises_a_clear_error(change, error, words):
         arguments[name] = value(arguments[name]) if callable(value) else value
     with pytest.raises(error, match=words):
         linear_distillation_loss(**arguments)
+
+
+def test_benchmark_script_checks_times_and_reports(tmp_path, monkeypatch):
+    """experiments/benchmark_distillation.py on a tiny shape: the competitors agree, the
+    timed and memory rows carry every competitor and ratio, and the table is written; a
+    wrong competitor is reported as disagreeing."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("benchmark_distillation",
+                                                  folder / "benchmark_distillation.py")  # fmt: skip
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shape = (16, 8, 12, 40)
+    timed = script.case_time(shape, jnp.float32, "forward_kl", repeats=1)
+    assert timed["agree"] and set(timed["seconds"]) == {"fused", "logits + ours", "logits + optax"}
+    assert timed["fused / logits + optax"] > 0
+    memory = script.case_memory(shape, jnp.float32, "jsd")
+    assert set(memory["temp_bytes"]) == {"fused", "logits + ours"}
+    meta = dict(device="cpu", jax="x", optax="x", python="x", command="c")
+    script.write_markdown(tmp_path / "results.md", meta, [memory, timed])
+    text = (tmp_path / "results.md").read_text()
+    assert "| (16, 8, 12, 40) | float32 | forward_kl | True |" in text
+    results = {n: (jnp.zeros(()), (jnp.ones((2,)),)) for n in ("a", "b")}
+    results["b"] = (jnp.zeros(()), (2 * jnp.ones((2,)),))
+    assert not script.agree(results, jnp.float32)
+    del sys.modules["benchmark"]  # the sibling module it imported, not the test suite's

@@ -60,17 +60,19 @@ MESHES = {
 
 
 def make_inputs(num_classes, layout="vd", seed=0):
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    hidden = jax.random.normal(k[0], (N, D))
-    classifier = jax.random.normal(k[1], (num_classes, D))
+    # Drawn with NumPy: jax.random would compile its eager programs again for every new
+    # number of classes (4 s of the file's run), for inputs that need only be random.
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((N, D), np.float32)
+    classifier = rng.standard_normal((num_classes, D), np.float32)
     if layout == "dv":
-        classifier = classifier.T
-    bias = jax.random.normal(k[2], (num_classes,))
-    labels = jax.random.randint(k[3], (N,), 0, num_classes)
-    labels = labels.at[1].set(num_classes - 1)  # the last class (on a padded shard)
-    weights = jax.random.uniform(k[4], (num_classes,), minval=0.2, maxval=2.0)
-    where = jnp.arange(N) % 4 != 2
-    return hidden, classifier, bias, labels, weights, where
+        classifier = np.ascontiguousarray(classifier.T)
+    bias = rng.standard_normal(num_classes, np.float32)
+    labels = rng.integers(0, num_classes, N).astype(np.int32)
+    labels[1] = num_classes - 1  # the last class (on a padded shard)
+    weights = rng.uniform(0.2, 2.0, num_classes).astype(np.float32)
+    where = np.arange(N) % 4 != 2
+    return tuple(map(jnp.asarray, (hidden, classifier, bias, labels, weights, where)))
 
 
 def _ignored(labels):

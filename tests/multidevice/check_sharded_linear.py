@@ -113,7 +113,9 @@ CASES = [
 ]
 
 
-def values_and_grads(loss_fn, hidden, classifier, bias, labels):
+def value_and_grad_of(loss_fn, labels):
+    """Value and gradients (hidden states, classifier, bias) of one objective that every
+    reduction feeds, each with its own weight; the reductions' values as its aux."""
     cotangent = jnp.linspace(0.5, 1.5, N)
 
     def objective(h, w, b):
@@ -124,10 +126,40 @@ def values_and_grads(loss_fn, hidden, classifier, bias, labels):
         total = values["mean"] + 0.25 * values["sum"] + jnp.dot(values["none"], cotangent)
         return total, values
 
-    (_, values), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))(
-        hidden, classifier, bias
-    )
-    return values, grads
+    return jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
+
+
+@functools.cache
+def values_and_grads(mesh_name):
+    """``{case: (values, grads)}`` of the sharded loss for every case of CASES on the mesh
+    ``mesh_name``, or of the single-device loss for every case when it is None.
+
+    Each is one compiled program (3 in all, not 14): the cases' programs are small, and
+    compiling each alone paid compilation's fixed cost 14 times. Each case keeps its own
+    inputs, options and objective inside the program, and is compared on its own."""
+    chosen = [case for case in CASES if mesh_name in (None, case[1])]
+    objectives, arguments = [], []
+    for option, case_mesh, num_classes, layout in chosen:
+        hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, layout)
+        options, labels = OPTIONS[option](weights, where, labels)
+        options = dict(options, classifier_layout=layout, **CHUNKS)
+        if mesh_name is None:
+            loss_fn = functools.partial(linear_cross_entropy, **options)
+        else:
+            shape, names, class_axis, batch_axis = MESHES[case_mesh]
+            loss_fn = functools.partial(
+                sharded_linear_cross_entropy,
+                mesh=auto_mesh(shape, names),
+                class_axis_name=class_axis,
+                batch_axis_name=batch_axis,
+                **options,
+            )
+        objectives.append(value_and_grad_of(loss_fn, labels))
+        arguments.append((hidden, classifier, bias))
+    every_case = jax.jit(lambda arguments: [f(*a) for f, a in zip(objectives, arguments)])
+    return {
+        case: (values, grads) for case, ((_, values), grads) in zip(chosen, every_case(arguments))
+    }
 
 
 @pytest.mark.parametrize(
@@ -136,21 +168,10 @@ def values_and_grads(loss_fn, hidden, classifier, bias, labels):
     ids=[f"{o}-{m}-V{v}-{l}" for o, m, v, l in CASES],
 )
 def test_sharded_equals_single_device(option, mesh_name, num_classes, layout):
-    shape, names, class_axis, batch_axis = MESHES[mesh_name]
-    mesh = auto_mesh(shape, names)
-    hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, layout)
-    options, labels = OPTIONS[option](weights, where, labels)
-    options = dict(options, classifier_layout=layout, **CHUNKS)
-    sharded = functools.partial(
-        sharded_linear_cross_entropy,
-        mesh=mesh,
-        class_axis_name=class_axis,
-        batch_axis_name=batch_axis,
-        **options,
-    )
-    single = functools.partial(linear_cross_entropy, **options)
-    values, grads = values_and_grads(sharded, hidden, classifier, bias, labels)
-    ref_values, ref_grads = values_and_grads(single, hidden, classifier, bias, labels)
+    case = (option, mesh_name, num_classes, layout)
+    values, grads = values_and_grads(mesh_name)[case]
+    ref_values, ref_grads = values_and_grads(None)[case]
+    assert values.keys() == ref_values.keys()
     for name in ref_values:
         assert values[name].shape == ref_values[name].shape, name
         np.testing.assert_allclose(

@@ -491,8 +491,11 @@ def test_companions_equal_one_device(mesh_name, num_classes):
         return _companions_total(*out), out[1]
 
     args = (hidden, classifier, bias)
-    (value, aux), grads = jax.value_and_grad(sharded, (0, 1, 2), has_aux=True)(*args)
-    (want, want_aux), want_grads = jax.value_and_grad(one_device, (0, 1, 2), has_aux=True)(*args)
+    # jitted: run op by op, the two gradients compiled each primitive on its own
+    (value, aux), grads = jax.jit(jax.value_and_grad(sharded, (0, 1, 2), has_aux=True))(*args)
+    (want, want_aux), want_grads = jax.jit(jax.value_and_grad(one_device, (0, 1, 2), has_aux=True))(
+        *args
+    )
     assert_same_companions(value, aux, want, want_aux)
     for got, expected in zip(grads, want_grads):
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
@@ -522,8 +525,8 @@ def test_sharded_cross_entropy_companions_equal_one_device():
         out = cross_entropy(z, labels, return_aux=True, **options)
         return _companions_total(*out), out[1]
 
-    (value, aux), grad = jax.value_and_grad(sharded, has_aux=True)(logits)
-    (want, want_aux), want_grad = jax.value_and_grad(one_device, has_aux=True)(logits)
+    (value, aux), grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(logits)
+    (want, want_aux), want_grad = jax.jit(jax.value_and_grad(one_device, has_aux=True))(logits)
     assert_same_companions(value, aux, want, want_aux)
     np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
 
@@ -555,14 +558,14 @@ def test_vocab_mask_equals_one_device(mesh_name, num_classes):
         return _companions_total(*loss(z, labels, return_aux=True, **options, **kw))
 
     args = (hidden, classifier, bias)
-    got = jax.value_and_grad(fused, (0, 1, 2))(*args, True)
-    want = jax.value_and_grad(fused, (0, 1, 2))(*args, False)
+    fused_grads = jax.jit(jax.value_and_grad(fused, (0, 1, 2)), static_argnums=3)
+    got, want = fused_grads(*args, True), fused_grads(*args, False)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
     assert np.all(np.asarray(got[1][1])[~np.asarray(mask)] == 0)
     logits = hidden @ classifier.T + bias[None, :]
-    got = jax.value_and_grad(logits_loss)(logits, True)
-    want = jax.value_and_grad(logits_loss)(logits, False)
+    logits_grad = jax.jit(jax.value_and_grad(logits_loss), static_argnums=1)
+    got, want = logits_grad(logits, True), logits_grad(logits, False)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 

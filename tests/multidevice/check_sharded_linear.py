@@ -491,7 +491,7 @@ def test_companions_equal_one_device(mesh_name, num_classes):
         return _companions_total(*out), out[1]
 
     args = (hidden, classifier, bias)
-    # jitted: run op by op, the two gradients compiled each primitive on its own
+    # jitted: run op by op, each gradient compiled every primitive on its own
     (value, aux), grads = jax.jit(jax.value_and_grad(sharded, (0, 1, 2), has_aux=True))(*args)
     (want, want_aux), want_grads = jax.jit(jax.value_and_grad(one_device, (0, 1, 2), has_aux=True))(
         *args

@@ -87,8 +87,8 @@ def test_values_and_gradients_equal_the_references(case):
         student, teacher = _logits()
         jax_options = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x
                        for k, x in options.items()}  # fmt: skip
-        ours = lambda s, t: distillation_loss(s, t, **jax_options)
-        theirs = lambda s, t: naive(s, t, **jax_options)
+        ours = jax.jit(lambda s, t: distillation_loss(s, t, **jax_options))
+        theirs = jax.jit(lambda s, t: naive(s, t, **jax_options))
         value, ours_vjp = jax.vjp(ours, student, teacher)
         expected = reference.distillation(np.asarray(student), np.asarray(teacher), **options)
         np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)

@@ -11,6 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# This module empties JAX's caches (plain_path_only, jax.clear_caches, the benchmark's cold
+# runs), after which every test of the same worker compiles its programs again: its tests run
+# together on one worker (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("empties_jax_caches")
+
 
 def load_benchmark():
     path = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmark.py")

@@ -23,6 +23,11 @@ from jaxsoftmax import (
 )
 from jaxsoftmax._cpu_fast_paths import plain_path_only
 
+# This module empties JAX's caches (plain_path_only, jax.clear_caches, the benchmark's cold
+# runs), after which every test of the same worker compiles its programs again: its tests run
+# together on one worker (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("empties_jax_caches")
+
 N, C, D = 8, 16, 4
 WEIGHTS = jnp.linspace(0.5, 1.5, C)
 

@@ -15,6 +15,11 @@ from hypothesis import strategies as st
 from jaxsoftmax import _rule, cross_entropy, softmax_cross_entropy
 from jaxsoftmax import softmax_cross_entropy_with_integer_labels as integer_loss
 
+# This module empties JAX's caches (plain_path_only, jax.clear_caches, the benchmark's cold
+# runs), after which every test of the same worker compiles its programs again: its tests run
+# together on one worker (pyproject.toml: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("empties_jax_caches")
+
 FINITE = st.floats(-30.0, 30.0, allow_nan=False, width=32)
 SETTINGS = settings(max_examples=25, deadline=None)
 

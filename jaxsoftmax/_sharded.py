@@ -63,6 +63,33 @@ def _axis_names(name, argument: str, mesh: Mesh, *, allow_none: bool) -> tuple[s
     return names
 
 
+def mesh_axes(mesh, class_axis_name, batch_axis_name) -> tuple[tuple, tuple]:
+    """``(class_names, batch_names)`` of a sharded loss, checked: ``mesh`` is a ``Mesh``,
+    the class axis names one or more of its axes, the batch axis none or others."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
+    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
+    if set(class_names) & set(batch_names):
+        raise ValueError(
+            f"class_axis_name={class_axis_name!r} and batch_axis_name="
+            f"{batch_axis_name!r} must name different mesh axes."
+        )
+    return class_names, batch_names
+
+
+def check_tokens_divide(num_tokens: int, mesh, batch_names, batch_axis_name, what: str) -> None:
+    """The tokens (``what``: which arrays' leading axes, flattened) split evenly over the
+    batch axes' shards, else a ValueError saying how to make them."""
+    num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
+    if num_tokens % num_batch_shards:
+        raise ValueError(
+            f"the {num_tokens} tokens ({what}) must divide by the {num_batch_shards} shards of "
+            f"batch_axis_name={batch_axis_name!r}; pad the batch (and mask the padding with "
+            "where= or ignore_index=) or choose another mesh."
+        )
+
+
 def _spec_entry(names: tuple[str, ...]):
     if not names:
         return None
@@ -246,15 +273,7 @@ def sharded_cross_entropy(
     """
     reduction = v.check_reduction(reduction)
     return_aux = v.check_flag(return_aux, "return_aux")
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
-    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
-    if set(class_names) & set(batch_names):
-        raise ValueError(
-            f"class_axis_name={class_axis_name!r} and batch_axis_name="
-            f"{batch_axis_name!r} must name different mesh axes."
-        )
+    class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     logits = v.check_logits(logits)
     targets = v.as_array(targets, "targets")
     integer = jnp.issubdtype(targets.dtype, jnp.integer)

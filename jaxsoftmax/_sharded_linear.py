@@ -38,8 +38,9 @@ from jaxsoftmax._companions import LossAux
 from jaxsoftmax._options import reduce_loss
 from jaxsoftmax._sharded import (
     AxisName,
-    _axis_names,
     _spec_entry,
+    check_tokens_divide,
+    mesh_axes,
     on_explicit_axes,
     pad_axis,
     run_on_mesh,
@@ -120,16 +121,8 @@ def sharded_linear_cross_entropy(
       >>> print(bool(jnp.allclose(loss, linear_cross_entropy(h, W, y), atol=1e-6)))
       True
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     return_aux = v.check_flag(return_aux, "return_aux")
-    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
-    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
-    if set(class_names) & set(batch_names):
-        raise ValueError(
-            f"class_axis_name={class_axis_name!r} and batch_axis_name="
-            f"{batch_axis_name!r} must name different mesh axes."
-        )
     # The single-device checks and messages, on the global arrays.
     call = lce._validated(
         hidden,
@@ -149,14 +142,8 @@ def sharded_linear_cross_entropy(
         accumulation_dtype=accumulation_dtype,
         vocab_mask=vocab_mask,
     )
-    num_tokens = call.hidden.shape[0]
-    num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
-    if num_tokens % num_batch_shards:
-        raise ValueError(
-            f"the {num_tokens} tokens (hidden's leading axes, flattened) must divide by the "
-            f"{num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the batch "
-            "(and mask the padding with where= or ignore_index=) or choose another mesh."
-        )
+    check_tokens_divide(call.hidden.shape[0], mesh, batch_names, batch_axis_name,
+                        "hidden's leading axes, flattened")  # fmt: skip
     explicit = on_explicit_axes(
         mesh, (hidden, classifier, labels, bias, where, class_weights, vocab_mask)
     )

@@ -26,8 +26,9 @@ from jaxsoftmax import _linear_distillation as fused
 from jaxsoftmax._options import reduce_loss
 from jaxsoftmax._sharded import (
     AxisName,
-    _axis_names,
     _spec_entry,
+    check_tokens_divide,
+    mesh_axes,
     on_explicit_axes,
     pad_axis,
     run_on_mesh,
@@ -98,15 +99,7 @@ def sharded_linear_distillation_loss(
       >>> print(bool(jnp.allclose(loss, one, atol=1e-6)))
       True
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-    class_names = _axis_names(class_axis_name, "class_axis_name", mesh, allow_none=False)
-    batch_names = _axis_names(batch_axis_name, "batch_axis_name", mesh, allow_none=True)
-    if set(class_names) & set(batch_names):
-        raise ValueError(
-            f"class_axis_name={class_axis_name!r} and batch_axis_name="
-            f"{batch_axis_name!r} must name different mesh axes."
-        )
+    class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     # The single-device checks and messages, on the global arrays.
     call = fused.validated(
         student_hidden,
@@ -129,14 +122,8 @@ def sharded_linear_distillation_loss(
         vocab_chunk=vocab_chunk,
         checked=checked,
     )
-    num_tokens = call.student.hidden.shape[0]
-    num_batch_shards = math.prod(mesh.shape[n] for n in batch_names)
-    if num_tokens % num_batch_shards:
-        raise ValueError(
-            f"the {num_tokens} tokens (the hidden states' leading axes, flattened) must divide "
-            f"by the {num_batch_shards} shards of batch_axis_name={batch_axis_name!r}; pad the "
-            "batch (and mask the padding with where= or ignore_index=) or choose another mesh."
-        )
+    check_tokens_divide(call.student.hidden.shape[0], mesh, batch_names, batch_axis_name,
+                        "the hidden states' leading axes, flattened")  # fmt: skip
     given = (student_hidden, student_classifier, teacher_hidden, teacher_classifier, labels,
              where, vocab_mask, student_bias, teacher_bias)  # fmt: skip
     explicit = on_explicit_axes(mesh, given)

@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -14,6 +15,15 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # that sum in another order (chunked and whole, say) then differ by 1e-3 instead of 1e-6:
 # the tests compare algorithms, at the precision the CPU always uses.
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+@pytest.fixture
+def standard_promotion():
+    """optax 0.2.8's adam bias correction mixes a Python float with its int32 step count,
+    which the strict promotion above refuses; users run with standard promotion. For the
+    tests that train with adam (the language model and distillation experiments)."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
 
 
 def pytest_configure(config):

@@ -38,14 +38,6 @@ STUDENT_FLAGS = [
 TIMING_COLUMNS = ("run_seconds", "tokens_per_second")
 
 
-@pytest.fixture
-def standard_promotion():
-    """optax's adam mixes a Python float with its int32 step count, which the strict promotion
-    of tests/conftest.py refuses (as in tests/test_language_model.py)."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def corpus_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("corpus-cache"))

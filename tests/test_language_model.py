@@ -51,15 +51,6 @@ TINY_FLAGS = [
 TIMING_COLUMNS = ("run_seconds", "tokens_per_second")
 
 
-@pytest.fixture
-def standard_promotion():
-    """optax 0.2.8's adam bias correction mixes a Python float with its int32 step count,
-    which the strict promotion of tests/conftest.py refuses; users run with standard
-    promotion (as in tests/test_training.py)."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def corpus_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("corpus-cache"))

@@ -228,6 +228,26 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
     )
 
 
+def _check_load_options(name: str, num_examples: int | None, num_classes: int | None) -> None:
+    """``ValueError`` naming the option of :func:`load` that ``name`` does not take."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset {name!r} is not known; expected one of {', '.join(DATASETS)}.")
+    if num_classes is not None and name != "spiral":
+        raise ValueError(f"num_classes={num_classes} can only be chosen for spiral, not {name!r}.")
+    if num_examples is not None and name in ("iris", "digits"):
+        raise ValueError(
+            f"num_examples={num_examples} cannot be chosen for {name!r}: its size is fixed; "
+            "leave it unset (it applies to spiral, moons and circles)."
+        )
+    # spiral draws num_examples per class; moons and circles split num_examples in two
+    fewest = 1 if name == "spiral" else 2
+    if num_examples is not None and num_examples < fewest:
+        raise ValueError(
+            f"num_examples={num_examples} is too few for {name!r}: expected at least {fewest} "
+            + ("point per class." if name == "spiral" else "examples, one for each split.")
+        )
+
+
 def load(
     name: str,
     *,
@@ -260,22 +280,7 @@ def load(
     ...
     ValueError: dataset 'mnist' is not known; expected one of spiral, moons, circles, iris, digits.
     """
-    if name not in DATASETS:
-        raise ValueError(f"dataset {name!r} is not known; expected one of {', '.join(DATASETS)}.")
-    if num_classes is not None and name != "spiral":
-        raise ValueError(f"num_classes={num_classes} can only be chosen for spiral, not {name!r}.")
-    if num_examples is not None and name in ("iris", "digits"):
-        raise ValueError(
-            f"num_examples={num_examples} cannot be chosen for {name!r}: its size is fixed; "
-            "leave it unset (it applies to spiral, moons and circles)."
-        )
-    # spiral draws num_examples per class; moons and circles split num_examples in two
-    fewest = 1 if name == "spiral" else 2
-    if num_examples is not None and num_examples < fewest:
-        raise ValueError(
-            f"num_examples={num_examples} is too few for {name!r}: expected at least {fewest} "
-            + ("point per class." if name == "spiral" else "examples, one for each split.")
-        )
+    _check_load_options(name, num_examples, num_classes)
     if name == "spiral":
         per_class = 100 if num_examples is None else num_examples
         arms = 3 if num_classes is None else num_classes

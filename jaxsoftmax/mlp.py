@@ -37,7 +37,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 INIT_SCHEMES = ("normal", "he", "glorot")
 
 
-def _activation_function(activation: str) -> Callable[[jax.Array], jax.Array]:
+def activation_function(activation: str) -> Callable[[jax.Array], jax.Array]:
+    """The function named ``activation`` (a key of :data:`ACTIVATIONS`), or ``ValueError``."""
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"activation={activation!r} is not known; expected one of {sorted(ACTIVATIONS)}."
@@ -140,7 +141,7 @@ def apply(params: Params, x: jax.typing.ArrayLike, activation: str = "relu") -> 
     >>> jax.vmap(apply, in_axes=(None, 0))(params, jnp.ones((5, 4))).shape
     (5, 3)
     """
-    f = _activation_function(activation)
+    f = activation_function(activation)
     x = jnp.asarray(x)
     _check_input_width(params, x)
     hidden = x

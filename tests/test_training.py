@@ -241,7 +241,7 @@ def sgd_with_an_overflowing_statistic(config):
 def test_a_non_finite_optimizer_state_stops_the_run_and_is_never_checkpointed(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(training, "make_optimizer", sgd_with_an_overflowing_statistic)
+    monkeypatch.setattr(training.state, "make_optimizer", sgd_with_an_overflowing_statistic)
     config = training.TrainConfig(hidden=(8,), steps=40, eval_every=5, checkpoint_every=5)
     with pytest.raises(
         training.NonFiniteLossError,

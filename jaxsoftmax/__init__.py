@@ -33,23 +33,23 @@ import tomllib
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
 from jaxsoftmax import training as training
-from jaxsoftmax._checking import checked as checked
-from jaxsoftmax._companions import LossAux as LossAux
-from jaxsoftmax._cross_entropy import cross_entropy as cross_entropy
-from jaxsoftmax._distillation import distillation_loss as distillation_loss
-from jaxsoftmax._linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
-from jaxsoftmax._linear_distillation import (
+from jaxsoftmax.checks.checked_mode import checked as checked
+from jaxsoftmax.core.companion_terms import LossAux as LossAux
+from jaxsoftmax.losses.cross_entropy import cross_entropy as cross_entropy
+from jaxsoftmax.losses.distillation import distillation_loss as distillation_loss
+from jaxsoftmax.losses.linear_cross_entropy import linear_cross_entropy as linear_cross_entropy
+from jaxsoftmax.losses.linear_distillation import (
     linear_distillation_loss as linear_distillation_loss,
 )
-from jaxsoftmax._optax_compatible import softmax_cross_entropy as softmax_cross_entropy
-from jaxsoftmax._optax_compatible import (
+from jaxsoftmax.losses.optax_compatible import softmax_cross_entropy as softmax_cross_entropy
+from jaxsoftmax.losses.optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
-from jaxsoftmax._sharded import sharded_cross_entropy as sharded_cross_entropy
-from jaxsoftmax._sharded_linear import (
+from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy as sharded_cross_entropy
+from jaxsoftmax.losses.sharded_linear_cross_entropy import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
-from jaxsoftmax._sharded_linear_distillation import (
+from jaxsoftmax.losses.sharded_linear_distillation import (
     sharded_linear_distillation_loss as sharded_linear_distillation_loss,
 )
 from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError

@@ -10,7 +10,7 @@ so ``params[0]`` holds the derivation's W1, b1 and ``params[1]`` its W2, b2. The
 no state: every function takes ``params`` first, works on a batch ``x: [N, fan_in]`` and, under
 ``jax.vmap``, on one example ``x: [fan_in]``.
 
-The cross-entropy goes through :func:`jaxsoftmax._cross_entropy.cross_entropy`, whose backward
+The cross-entropy goes through :func:`jaxsoftmax.losses.cross_entropy.cross_entropy`, whose backward
 rule is the derived result ``dL/dscores = softmax(scores) - y`` (docs/derivation.md; divided by
 N for the mean), so ``jax.grad(loss)`` backpropagates that closed form through the layers.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxsoftmax._cross_entropy import cross_entropy
+from jaxsoftmax.losses.cross_entropy import cross_entropy
 
 Params = list[dict[str, jax.Array]]
 

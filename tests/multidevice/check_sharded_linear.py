@@ -23,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import _linear_cross_entropy as lce
 from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
-from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
-from jaxsoftmax._sharded_linear_distillation import sharded_linear_distillation_loss
+from jaxsoftmax.losses.sharded_linear_cross_entropy import sharded_linear_cross_entropy
+from jaxsoftmax.losses.sharded_linear_distillation import sharded_linear_distillation_loss
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -504,7 +504,7 @@ def test_companions_equal_one_device(mesh_name, num_classes):
 def test_sharded_cross_entropy_companions_equal_one_device():
     """The same for the logits' loss, with a per-logit mask, on 2 x 4 devices."""
     from jaxsoftmax import cross_entropy
-    from jaxsoftmax._sharded import sharded_cross_entropy
+    from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy
 
     mesh = auto_mesh((2, 4), ("batch", "vocab"))
     hidden, classifier, bias, labels, _, _ = make_inputs(23, seed=5)
@@ -537,7 +537,7 @@ def test_vocab_mask_equals_one_device(mesh_name, num_classes):
     both sharded losses equal one device, with label smoothing (whose mass the mask keeps
     off the missing classes) and the companions."""
     from jaxsoftmax import cross_entropy
-    from jaxsoftmax._sharded import sharded_cross_entropy
+    from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy
 
     shape, names, class_axis, batch_axis = MESHES[mesh_name]
     mesh = auto_mesh(shape, names)

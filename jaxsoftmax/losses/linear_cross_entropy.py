@@ -70,94 +70,12 @@ from jaxsoftmax.core.cpu_programs import logits_gradient as cpu_logits_gradient
 from jaxsoftmax.core.cpu_programs import per_platform, slice_chunk
 from jaxsoftmax.core.varying_axes import summed_like, typed_like_inputs, whole_cotangent
 from jaxsoftmax.tiles import forward_gradient
+from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles.plan import TilePlan
 from jaxsoftmax.tiles.sizes import on_each_platform, tiles_by_platform
 
 LAYOUTS = ("vd", "dv")
 METHODS = ("auto", "recompute", "forward")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static choices of one call: the rule's options, the layout and the chunk sizes.
-
-    ``token_chunk`` and ``vocab_chunk`` are the tile of the program being traced; ``tiles``
-    holds each backend's (see :mod:`jaxsoftmax.tiles.sizes`), one of which is chosen when the
-    program is lowered.
-    """
-
-    options: row_terms.RuleOptions
-    layout: str
-    token_chunk: int
-    vocab_chunk: int
-    accumulation_dtype: jnp.dtype
-    num_classes: int | None = None  # all V real classes when sharded (None: the local V)
-    tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
-    companions: bool = False  # also lse, entropy and correct per row (return_aux)
-    gradient_filter: float | None = None  # skip the backward's negligible tiles (opt in)
-
-
-def _vocabulary(classifier, plan: _Plan):
-    """The local classes, all real classes, this shard's first class, and the rule's options.
-
-    Without ``options.axis_name`` this shard is the whole vocabulary. With it (inside
-    ``shard_map``) the classifier holds ``V_local`` rows of a vocabulary split over that axis,
-    possibly padded at its end: the shard's classes start at ``axis_index * V_local`` and only
-    classes below ``plan.num_classes`` are real. The rule is then called per tile with
-    ``axis_name=None``: the tile's global offset goes in its :class:`row_terms.ClassBlock` and
-    the per-row numbers it needs (``w[label]``, ``sum_c w_c``, ``V``) come from the global
-    class weights every shard holds, so no tile communicates.
-    """
-    options = plan.options
-    local = classifier.shape[0 if plan.layout == "vd" else 1]
-    if options.axis_name is None:
-        return local, local, 0, options
-    offset = lax.axis_index(options.axis_name) * local
-    return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
-
-
-def _visited(v0, i, vc, offset, num_classes, options, vocab_mask=None):
-    """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
-    (a moved-back last chunk), on a padded vocabulary shard real, and kept by the
-    ``vocab_mask`` (global, ``[V]``, or None)."""
-    index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
-    fresh = index >= i * vc
-    if options.axis_name is not None:
-        fresh = fresh & (offset + index < num_classes)
-    if vocab_mask is not None:
-        fresh = fresh & lax.dynamic_slice_in_dim(vocab_mask, offset + v0, vc)
-    return fresh
-
-
-def _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype):
-    """``(w', K)``: the class weights with the masked classes' set to 0 (ones where there
-    are none) and the number of classes that exist, over which label smoothing spreads;
-    ``(class_weights, V)`` without a ``vocab_mask``."""
-    if vocab_mask is None:
-        return class_weights, num_classes
-    weights = vocab_mask.astype(dtype)
-    if class_weights is not None:
-        weights = weights * class_weights.astype(dtype)
-    return weights, jnp.sum(vocab_mask[:num_classes].astype(dtype))
-
-
-def _chunk_starts(total: int, chunk: int):
-    """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
-    return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
-
-
-def _classifier_chunk(classifier, start, width, layout):
-    return slice_chunk(classifier, start, width, axis=0 if layout == "vd" else 1)
-
-
-def _tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
-    """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
-    contract = 1 if layout == "vd" else 0
-    z = lax.dot_general(
-        hidden_t, classifier_c, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
-    )
-    if bias_c is not None:
-        z = z + bias_c.astype(dtype)[None, :]
-    return z
 
 
 def _track_companions(tracked, top, total, shift, x_fresh, exponentials, chunk_top, first):
@@ -188,18 +106,18 @@ def _combine_companions(tracked, top, total, axis_name):
     return [shifted_sum, global_top, lax.pmin(best_class, axis_name)]
 
 
-def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan):
+def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: TilePlan):
     """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``."""
     options = plan.options
     num_tokens = hidden.shape[0]
-    local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
+    local_classes, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     tc, vc = plan.token_chunk, plan.vocab_chunk
-    num_tc, token_start = _chunk_starts(num_tokens, tc)
-    num_vc, vocab_start = _chunk_starts(local_classes, vc)
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = tile_plan.chunk_starts(local_classes, vc)
     eps = options.label_smoothing
     options_companions = plan.companions
-    class_weights, participating = _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
+    class_weights, participating = tile_plan.with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
     varying = typed_like_inputs((hidden, classifier, bias, labels, class_weights, vocab_mask))
 
     def token_step(outputs, j):
@@ -212,7 +130,7 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
                 return tile(carry, i)
             # Tiles of only masked classes (a padded vocabulary's end) are skipped.
             live = jnp.any(
-                _visited(vocab_start(i), i, vc, offset, num_classes, options, vocab_mask)
+                tile_plan.visited(vocab_start(i), i, vc, offset, num_classes, options, vocab_mask)
             )
             return lax.cond(live, tile, lambda carry, i: (carry, None), carry, i)
 
@@ -220,15 +138,15 @@ def _forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
             top, total, label_x, weighted, *tracked = carry
             v0 = vocab_start(i)
             bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
-            z = _tile_logits(
+            z = tile_plan.tile_logits(
                 hidden_t,
-                _classifier_chunk(classifier, v0, vc, plan.layout),
+                tile_plan.classifier_chunk(classifier, v0, vc, plan.layout),
                 bias_c,
                 plan.layout,
                 dtype,
             )
             x = row_terms.capped(z, options)
-            fresh = _visited(v0, i, vc, offset, num_classes, options, vocab_mask)
+            fresh = tile_plan.visited(v0, i, vc, offset, num_classes, options, vocab_mask)
             x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
             chunk_top = jnp.max(x_fresh, axis=-1)
             new_top = jnp.maximum(top, chunk_top)
@@ -320,22 +238,22 @@ def _backward(
     vocab_mask,
     statistics,
     g,
-    plan: _Plan,
+    plan: TilePlan,
 ):
     """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
     num_tokens, width = hidden.shape
     vocab_axis = 0 if plan.layout == "vd" else 1
-    local_classes, num_classes, offset, rule = _vocabulary(classifier, plan)
+    local_classes, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     acc = plan.accumulation_dtype  # never below the inputs' dtype
     if acc.itemsize < classifier.dtype.itemsize:
         acc = classifier.dtype
     hidden_acc = row_terms.compute_dtype(hidden.dtype)
     tc, vc = plan.token_chunk, plan.vocab_chunk
-    num_tc, token_start = _chunk_starts(num_tokens, tc)
-    num_vc, vocab_start = _chunk_starts(local_classes, vc)
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = tile_plan.chunk_starts(local_classes, vc)
     top, log_sum, *entropy = statistics  # the entropy too with companions
-    class_weights, participating = _with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
+    class_weights, participating = tile_plan.with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
     cotangents = g if plan.companions else (g,)
     chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
     varying = typed_like_inputs(
@@ -345,7 +263,7 @@ def _backward(
     def vocab_step(carry, i):
         d_hidden, d_classifier, d_bias = carry
         v0 = vocab_start(i)
-        classifier_c = _classifier_chunk(classifier, v0, vc, plan.layout)
+        classifier_c = tile_plan.classifier_chunk(classifier, v0, vc, plan.layout)
         bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
         weights_c = (
             None
@@ -353,7 +271,7 @@ def _backward(
             else lax.dynamic_slice_in_dim(class_weights, offset + v0, vc)
         )
         block = row_terms.ClassBlock(offset + v0, num_classes, class_weights, participating)
-        fresh = _visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
+        fresh = tile_plan.visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
 
         def token_step(inner, j):
             d_hidden, d_classifier_c, d_bias_c = inner
@@ -363,7 +281,7 @@ def _backward(
             # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
             fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
             g_t, *g_companions = (jnp.where(fresh_rows, rows(c), 0.0) for c in cotangents)
-            z = _tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
+            z = tile_plan.tile_logits(hidden_t, classifier_c, bias_c, plan.layout, dtype)
             gradient_here = per_platform(
                 row_terms.logits_gradient, cpu_logits_gradient, options=rule, block=block
             )
@@ -431,7 +349,7 @@ def _backward(
         # Classes already written by an earlier chunk got exactly 0 here: adding is exact.
         d_classifier = lax.dynamic_update_slice_in_dim(
             d_classifier,
-            _classifier_chunk(d_classifier, v0, vc, plan.layout) + d_classifier_c,
+            tile_plan.classifier_chunk(d_classifier, v0, vc, plan.layout) + d_classifier_c,
             v0,
             vocab_axis,
         )
@@ -464,7 +382,7 @@ def _backward(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _linear_rows(
-    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: TilePlan
 ):
     """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule; with
     ``plan.companions``, ``(loss, lse, entropy, correct)``."""
@@ -731,12 +649,12 @@ class _Call(NamedTuple):
 
 def make_plan(
     call: _Call, num_tokens: int, num_local: int, axis_name=None, companions=False
-) -> _Plan:
+) -> TilePlan:
     """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
     vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
     tiles = tiles_by_platform(num_tokens, num_local, call.token_chunk, call.vocab_chunk)
     _, token_chunk, vocab_chunk = next(t for t in tiles if t[0] == "default")
-    return _Plan(
+    return TilePlan(
         options=dataclasses.replace(call.options, axis_name=axis_name),
         layout=call.layout,
         token_chunk=token_chunk,
@@ -750,7 +668,7 @@ def make_plan(
 
 
 def rows_and_weights(
-    hidden, classifier, bias, labels, class_weights, row_mask, plan: _Plan, vocab_mask=None
+    hidden, classifier, bias, labels, class_weights, row_mask, plan: TilePlan, vocab_mask=None
 ):
     """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked).
 
@@ -758,7 +676,7 @@ def rows_and_weights(
     this shard's classes, ``class_weights`` all ``V`` of them (padded like the classifier).
     """
     num_tokens = hidden.shape[0]
-    _, num_classes, _, rule = _vocabulary(classifier, plan)
+    _, num_classes, _, rule = tile_plan.vocabulary(classifier, plan)
     dtype = row_terms.compute_dtype(hidden.dtype)
     if num_tokens == 0:
         empty = jnp.zeros((0,), dtype)
@@ -793,13 +711,13 @@ def choose_method(call: _Call, method: str) -> str:
     return forward_gradient.auto_method(call.num_classes, call.hidden.shape[-1], call.reduction)
 
 
-def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: _Plan):
+def _loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan: TilePlan):
     """Per-row losses by the online forward, nothing differentiated."""
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     return on_each_platform(_forward, plan, *args)[0]
 
 
-def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
+def _reduced_by_forward_gradient(call: _Call, plan: TilePlan):
     """The reduced loss, its gradients computed in the forward (``method="forward"``)."""
     num_tokens = call.hidden.shape[0]
     rows = call.token_chunk or forward_gradient.default_block(num_tokens, call.num_classes)
@@ -824,7 +742,7 @@ def _reduced_by_forward_gradient(call: _Call, plan: _Plan):
     )
 
 
-def _recompute_backward(*args, plan: _Plan):
+def _recompute_backward(*args, plan: TilePlan):
     """The default path's backward, tile by tile (``method="forward"`` uses it for the
     companions' cotangents, which arrive only in the backward)."""
     return on_each_platform(_backward, plan, *args)

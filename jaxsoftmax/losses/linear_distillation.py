@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.checks import arrays
+from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.options import (
     check_vocab_mask,
     labels_on_masked_classes_out_of_range,
@@ -66,16 +67,8 @@ from jaxsoftmax.losses.distillation import (
     check_labels,
     check_labels_needed,
 )
+from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.sizes import on_each_platform, tiles_by_platform
-
-
-class Model(NamedTuple):
-    """One model's last layer: ``hidden [N, d]``, ``classifier`` (``[V, d]`` or ``[d, V]``)
-    and ``bias [V]`` or None."""
-
-    hidden: jax.Array
-    classifier: jax.Array
-    bias: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +129,8 @@ def _tile_pair(student, teacher, t0, v0, plan, dtype):
 
     def logits(model):
         bias = None if model.bias is None else lax.dynamic_slice_in_dim(model.bias, v0, vc)
-        classifier = lce._classifier_chunk(model.classifier, v0, vc, plan.layout)
-        return lce._tile_logits(slice_chunk(model.hidden, t0, tc), classifier, bias,
+        classifier = tile_plan.classifier_chunk(model.classifier, v0, vc, plan.layout)
+        return tile_plan.tile_logits(slice_chunk(model.hidden, t0, tc), classifier, bias,
                                 plan.layout, dtype)  # fmt: skip
 
     return logits(student), logits(teacher)
@@ -154,16 +147,16 @@ def _forward(student, teacher, labels, row_mask, vocab_mask, plan: _Plan):
     t = div.temperature
     own_hard_statistics = hard and t != 1.0
     num_tokens = student.hidden.shape[0]
-    local, num_classes, offset, rule = lce._vocabulary(student.classifier, plan)
+    local, num_classes, offset, rule = tile_plan.vocabulary(student.classifier, plan)
     dtype = _compute_dtype(student, teacher)
     tc, vc = plan.token_chunk, plan.vocab_chunk
-    num_tc, token_start = lce._chunk_starts(num_tokens, tc)
-    num_vc, vocab_start = lce._chunk_starts(local, vc)
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = tile_plan.chunk_starts(local, vc)
     cross_term = div.divergence != "jsd"  # A, accumulated online
     varying = typed_like_inputs((student, teacher, labels, vocab_mask))
 
     def fresh_classes(i):
-        return lce._visited(vocab_start(i), i, vc, offset, num_classes, plan.options, vocab_mask)
+        return tile_plan.visited(vocab_start(i), i, vc, offset, num_classes, plan.options, vocab_mask)
 
     def token_step(outputs, j):
         t0 = token_start(j)
@@ -253,10 +246,10 @@ def _mixture_terms(student, teacher, vocab_mask, statistics, plan: _Plan, dtype)
     """The JSD's second pass: ``(KL(q || m), KL(p || m))`` per row, ``[N]`` each."""
     top_a, log_a, top_b, log_b = statistics
     num_tokens = student.hidden.shape[0]
-    local, num_classes, offset, _ = lce._vocabulary(student.classifier, plan)
+    local, num_classes, offset, _ = tile_plan.vocabulary(student.classifier, plan)
     tc, vc, t = plan.token_chunk, plan.vocab_chunk, plan.divergence.temperature
-    num_tc, token_start = lce._chunk_starts(num_tokens, tc)
-    num_vc, vocab_start = lce._chunk_starts(local, vc)
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = tile_plan.chunk_starts(local, vc)
     varying = typed_like_inputs((student, teacher, vocab_mask, statistics))
 
     def token_step(outputs, j):
@@ -265,7 +258,7 @@ def _mixture_terms(student, teacher, vocab_mask, statistics, plan: _Plan, dtype)
 
         def tile(sums, i):
             v0 = vocab_start(i)
-            fresh = lce._visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
+            fresh = tile_plan.visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
             z_s, z_t = _tile_pair(student, teacher, t0, v0, plan, dtype)
             log_p = _masked(z_s / t, fresh) - rows(top_a) - rows(log_a)
             log_q = _masked(z_t / t, fresh) - rows(top_b) - rows(log_b)
@@ -286,15 +279,15 @@ def _mixture_terms(student, teacher, vocab_mask, statistics, plan: _Plan, dtype)
 
 
 def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wanted, plan):
-    """Gradients ``(Model, Model)`` of the student and the teacher (None where not wanted)."""
+    """Gradients ``(LinearHead, LinearHead)`` of the student and the teacher (None where not wanted)."""
     div, hard = plan.divergence, plan.hard_weight > 0
     t = div.temperature
     num_tokens = student.hidden.shape[0]
-    local, num_classes, offset, rule = lce._vocabulary(student.classifier, plan)
+    local, num_classes, offset, rule = tile_plan.vocabulary(student.classifier, plan)
     dtype = _compute_dtype(student, teacher)
     tc, vc = plan.token_chunk, plan.vocab_chunk
-    num_tc, token_start = lce._chunk_starts(num_tokens, tc)
-    num_vc, vocab_start = lce._chunk_starts(local, vc)
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    num_vc, vocab_start = tile_plan.chunk_starts(local, vc)
     vocab_axis = 0 if plan.layout == "vd" else 1
     top_a, log_a, top_b, log_b, *rest = residuals
     num_terms = 2 if div.divergence == "jsd" else 1
@@ -307,7 +300,7 @@ def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, want
 
     def vocab_step(carry, i):
         v0 = vocab_start(i)
-        fresh = lce._visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
+        fresh = tile_plan.visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask)
         block = row_terms.ClassBlock(offset + v0, num_classes, None, participating)
 
         def token_step(inner, j):
@@ -358,7 +351,7 @@ def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, want
         ):
             d_classifier = lax.dynamic_update_slice_in_dim(
                 d_classifier,
-                lce._classifier_chunk(d_classifier, v0, vc, plan.layout)
+                tile_plan.classifier_chunk(d_classifier, v0, vc, plan.layout)
                 + d_classifier_c.astype(model.classifier.dtype),
                 v0,
                 vocab_axis,
@@ -391,7 +384,7 @@ def _backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, want
             gradients.append(None)
             continue
         d_hidden, d_classifier, d_bias = next(found)
-        gradients.append(Model(d_hidden.astype(model.hidden.dtype), d_classifier, d_bias))
+        gradients.append(LinearHead(d_hidden.astype(model.hidden.dtype), d_classifier, d_bias))
     return tuple(gradients)
 
 
@@ -399,7 +392,7 @@ def _products(inner, grad, hidden_t, model, v0, t0, plan):
     """One model's ``dh[T] += G W[Vc]``, ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``."""
     d_hidden, d_classifier_c, d_bias_c = inner
     vocab_axis = 0 if plan.layout == "vd" else 1
-    classifier_c = lce._classifier_chunk(model.classifier, v0, plan.vocab_chunk, plan.layout)
+    classifier_c = tile_plan.classifier_chunk(model.classifier, v0, plan.vocab_chunk, plan.layout)
     grad_in = grad.astype(model.hidden.dtype)  # the products in the inputs' dtype
     d_hidden_t = lax.dot_general(
         grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
@@ -422,7 +415,7 @@ def _products(inner, grad, hidden_t, model, v0, t0, plan):
     return d_hidden, d_classifier_c, d_bias_c
 
 
-def _compute_dtype(student: Model, teacher: Model):
+def _compute_dtype(student: LinearHead, teacher: LinearHead):
     return divergences.wider_compute_dtype(student.hidden.dtype, teacher.hidden.dtype)
 
 
@@ -457,7 +450,7 @@ def _rows_bwd(plan, residuals, g):
         if gradient is None:
             out.append(None)
         else:
-            out.append(Model(*(summed_like(d, x) for d, x in zip(gradient, model))))
+            out.append(LinearHead(*(summed_like(d, x) for d, x in zip(gradient, model))))
     return (*out, None, None, None)
 
 
@@ -570,8 +563,8 @@ def linear_distillation_loss(
 class Call(NamedTuple):
     """A call's arguments, checked: tokens flattened, ``where`` and ``ignore_index`` merged."""
 
-    student: Model  # hidden [N, d_s]
-    teacher: Model  # hidden [N, d_t]
+    student: LinearHead  # hidden [N, d_s]
+    teacher: LinearHead  # hidden [N, d_t]
     labels: jax.Array | None  # [N]
     row_mask: jax.Array | None  # [N]
     vocab_mask: jax.Array | None  # [V]
@@ -708,7 +701,7 @@ def validated(
     )
 
 
-def _check_model(name: str, hidden, classifier, bias, layout: str) -> Model:
+def _check_model(name: str, hidden, classifier, bias, layout: str) -> LinearHead:
     """One model's ``(hidden, classifier, bias)``: float arrays of matching widths."""
     hidden = lce._check_float(hidden, f"{name}_hidden")
     classifier = lce._check_float(classifier, f"{name}_classifier")
@@ -729,4 +722,4 @@ def _check_model(name: str, hidden, classifier, bias, layout: str) -> Model:
         )
     if bias is not None:
         bias = lce._check_float(bias, f"{name}_bias")
-    return Model(hidden, classifier, bias)
+    return LinearHead(hidden, classifier, bias)

@@ -22,6 +22,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.options import reduce_loss
 from jaxsoftmax.losses import linear_distillation as fused
 from jaxsoftmax.losses.sharded_cross_entropy import (
@@ -179,7 +180,7 @@ def _sharded_loss(
 
     def local_loss(*local):
         got = dict(zip(names, local))
-        model = lambda name: fused.Model(
+        model = lambda name: LinearHead(
             got[f"{name}_hidden"], got[f"{name}_classifier"], got.get(f"{name}_bias")
         )
         call = settings._replace(

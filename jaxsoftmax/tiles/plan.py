@@ -1,0 +1,106 @@
+"""The tile plan of the fused losses: which tile of logits is computed, and how.
+
+The fused losses (:mod:`jaxsoftmax.tiles`) never hold the ``[N, V]`` logits ``z = h W^T + b``:
+they visit ``[T, Vc]`` tiles, ``T`` tokens by ``Vc`` classes. A :class:`TilePlan` holds the
+static choices of one call (the rule's options, the classifier's layout, the tile, each
+backend's tile, what else to compute); the functions here compute a tile's logits and say
+which of its classes count.
+
+Ragged sizes: when ``Vc`` does not divide ``V`` the last chunk is moved back to end at ``V``
+(:func:`chunk_starts`) and the classes an earlier chunk already visited are masked
+(:func:`visited`); tokens likewise. Nothing is padded or copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax.core import row_terms
+from jaxsoftmax.core.cpu_programs import slice_chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """Static choices of one call: the rule's options, the layout and the chunk sizes.
+
+    ``token_chunk`` and ``vocab_chunk`` are the tile of the program being traced; ``tiles``
+    holds each backend's (see :mod:`jaxsoftmax.tiles.sizes`), one of which is chosen when the
+    program is lowered.
+    """
+
+    options: row_terms.RuleOptions
+    layout: str
+    token_chunk: int
+    vocab_chunk: int
+    accumulation_dtype: jnp.dtype
+    num_classes: int | None = None  # all V real classes when sharded (None: the local V)
+    tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
+    companions: bool = False  # also lse, entropy and correct per row (return_aux)
+    gradient_filter: float | None = None  # skip the backward's negligible tiles (opt in)
+
+
+def vocabulary(classifier, plan: TilePlan):
+    """The local classes, all real classes, this shard's first class, and the rule's options.
+
+    Without ``options.axis_name`` this shard is the whole vocabulary. With it (inside
+    ``shard_map``) the classifier holds ``V_local`` rows of a vocabulary split over that axis,
+    possibly padded at its end: the shard's classes start at ``axis_index * V_local`` and only
+    classes below ``plan.num_classes`` are real. The rule is then called per tile with
+    ``axis_name=None``: the tile's global offset goes in its :class:`row_terms.ClassBlock` and
+    the per-row numbers it needs (``w[label]``, ``sum_c w_c``, ``V``) come from the global
+    class weights every shard holds, so no tile communicates.
+    """
+    options = plan.options
+    local = classifier.shape[0 if plan.layout == "vd" else 1]
+    if options.axis_name is None:
+        return local, local, 0, options
+    offset = lax.axis_index(options.axis_name) * local
+    return local, plan.num_classes or local, offset, dataclasses.replace(options, axis_name=None)
+
+
+def visited(v0, i, vc, offset, num_classes, options, vocab_mask=None):
+    """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
+    (a moved-back last chunk), on a padded vocabulary shard real, and kept by the
+    ``vocab_mask`` (global, ``[V]``, or None)."""
+    index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
+    fresh = index >= i * vc
+    if options.axis_name is not None:
+        fresh = fresh & (offset + index < num_classes)
+    if vocab_mask is not None:
+        fresh = fresh & lax.dynamic_slice_in_dim(vocab_mask, offset + v0, vc)
+    return fresh
+
+
+def with_vocab_mask(class_weights, vocab_mask, num_classes, dtype):
+    """``(w', K)``: the class weights with the masked classes' set to 0 (ones where there
+    are none) and the number of classes that exist, over which label smoothing spreads;
+    ``(class_weights, V)`` without a ``vocab_mask``."""
+    if vocab_mask is None:
+        return class_weights, num_classes
+    weights = vocab_mask.astype(dtype)
+    if class_weights is not None:
+        weights = weights * class_weights.astype(dtype)
+    return weights, jnp.sum(vocab_mask[:num_classes].astype(dtype))
+
+
+def chunk_starts(total: int, chunk: int):
+    """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
+    return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
+
+
+def classifier_chunk(classifier, start, width, layout):
+    return slice_chunk(classifier, start, width, axis=0 if layout == "vd" else 1)
+
+
+def tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
+    """``h W^T + b`` for one tile, ``[T, Vc]`` in the compute dtype."""
+    contract = 1 if layout == "vd" else 0
+    z = lax.dot_general(
+        hidden_t, classifier_c, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
+    )
+    if bias_c is not None:
+        z = z + bias_c.astype(dtype)[None, :]
+    return z

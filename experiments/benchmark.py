@@ -32,7 +32,7 @@ Cases:
 Usage::
 
   python experiments/benchmark.py            # full run, writes benchmarks/results/<device>/
-  python experiments/benchmark.py --quick --out /tmp/bench   # smoke run in seconds
+  python experiments/benchmark.py --quick    # smoke run in seconds, writes runs/benchmark-quick/
 
 Each finished case is saved in ``<out>/.partial.json``; run the same command again after an
 interruption and it goes on from the first unfinished case (``--fresh`` starts over). The
@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -59,14 +58,24 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flag_types import positive_int  # a sibling module
+import harness  # helper modules of the scripts
+from harness import (
+    PARTIAL_RESULTS,
+    compiled_memory,
+    medians,
+    memory_setting,
+    ratio_quartiles,
+    round_orders,
+    run_cases,
+    temp_bytes,
+    time_interleaved,
+    time_rounds,
+)
 
 import jaxsoftmax
-from jaxsoftmax import training
-from jaxsoftmax._cpu_fast_paths import plain_path_only
-from jaxsoftmax._cross_entropy import cross_entropy
-from jaxsoftmax._linear_cross_entropy import linear_cross_entropy
-from jaxsoftmax._linear_forward_gradient import auto_method
+from jaxsoftmax import cross_entropy, linear_cross_entropy, training
+from jaxsoftmax.core import plain_path_only
+from jaxsoftmax.tiles.forward_gradient import auto_method
 
 try:
     import torch
@@ -80,29 +89,7 @@ except ImportError:
     tokamax = None
 
 GEMMA = (8192, 2304, 256000)
-PARTIAL_RESULTS = ".partial.json"  # the finished cases of an interrupted run
-HUGEPAGE_MODES = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def memory_setting(modes_file: str = HUGEPAGE_MODES) -> dict:
-    """How this process gets fresh memory, which sets the time of every large output on a CPU.
-
-    A new array of 64 MiB faults in 16,384 pages of 4 KiB on first touch, which takes most of a
-    loss-plus-gradient call at ``(4096, 4096)``; with transparent huge pages (2 MiB) it takes
-    a few hundred faults (``docs/performance.md``, *Fresh memory*). Linux's mode is the
-    bracketed word of ``modes_file`` (``always``, ``madvise`` or ``never``; ``"unknown"``
-    without the file); under ``madvise``, glibc asks for huge pages only when started with
-    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, recorded as set in the environment.
-    """
-    try:
-        with open(modes_file) as file:
-            mode = re.search(r"\[(\w+)\]", file.read())
-    except OSError:
-        mode = None
-    return dict(
-        transparent_hugepages=mode[1] if mode else "unknown",
-        glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-    )
+QUICK_OUT = os.path.join("runs", "benchmark-quick")  # a smoke run's results, never committed
 
 
 def torch_device() -> str | None:
@@ -119,112 +106,9 @@ def torch_device() -> str | None:
     return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
 
 
-def _block(x):
-    if torch is not None and isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        if x[0].is_cuda:  # PyTorch's GPU calls return before they finish, like JAX's
-            torch.cuda.synchronize()
-        return x
-    return jax.block_until_ready(x)
-
-
-def round_orders(names: list, repeats: int) -> list[list]:
-    """``repeats`` orders of ``names``, one per round, from a Williams design: over ``n`` rounds
-    (``2 n`` for an odd ``n``) every competitor runs right after every other one equally often.
-
-    Rotating one order would keep its cycle: whoever follows PyTorch in the first round would
-    follow it in almost every round, and inherit its spinning threads each time."""
-    n = len(names)
-    first, low, high = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...: every difference mod n once
-    while len(first) < n:
-        if len(first) % 2:
-            first.append(low)
-            low += 1
-        else:
-            first.append(high)
-            high -= 1
-    rows = [[(k + shift) % n for k in first] for shift in range(n)]
-    if n % 2:
-        rows += [row[::-1] for row in rows]
-    return [[names[k] for k in rows[r % len(rows)]] for r in range(repeats)]
-
-
-def rounds_for(repeats: int, seconds_per_round: float, competitors: int, budget: float = 2.0):
-    """How many rounds to time: ``repeats``, or for fast calls up to four times as many, enough
-    to fill ``budget`` seconds, in whole Williams squares (:func:`round_orders`).
-
-    A millisecond call is at the mercy of whatever else the shared machine does in that
-    millisecond: its median over eight rounds moved by +-20% between runs at (1024, 1000).
-    More rounds cost a fast case little and narrow its median."""
-    wanted = min(4 * repeats, math.ceil(budget / max(seconds_per_round, 1e-9)))
-    if wanted <= repeats:
-        return repeats
-    square = competitors if competitors % 2 == 0 else 2 * competitors
-    return math.ceil(wanted / square) * square
-
-
-def time_rounds(callables: dict, repeats: int, min_sample_seconds: float = 0.02) -> list[dict]:
-    """Seconds per call of each competitor in each round (a list of ``{name: seconds}``).
-
-    One warm-up call each (it compiles), then a second timed call picks how many calls make
-    one sample: enough to last ``min_sample_seconds``, so that a 50-microsecond call is not
-    timed alone, where the clock and the scheduler's noise are as large as the call; every call
-    is still ended by ``block_until_ready``. A sample's time is divided by its call count.
-    There are :func:`rounds_for` rounds: ``repeats``, more for fast calls.
-
-    Each round runs the competitors in another order (:func:`round_orders`), so no
-    competitor always runs right after the same other one, whose lingering threads
-    (PyTorch's OpenMP workers spin for a while after each call) or cache state it would
-    inherit; the median then drops the rounds that did. (Making OpenMP wait passively instead
-    slowed PyTorch's small eager steps sevenfold.)
-    """
-    calls_per_sample, sample_seconds = {}, 0.0
-    for name, fn in callables.items():
-        _block(fn())
-        start = time.perf_counter()
-        _block(fn())
-        once = time.perf_counter() - start
-        calls_per_sample[name] = max(1, min(1000, round(min_sample_seconds / max(once, 1e-7))))
-        sample_seconds += once * calls_per_sample[name]
-    rounds = []
-    for order in round_orders(list(callables), rounds_for(repeats, sample_seconds, len(callables))):
-        this_round = {}
-        for name in order:
-            fn, calls = callables[name], calls_per_sample[name]
-            start = time.perf_counter()
-            for _ in range(calls):
-                _block(fn())
-            this_round[name] = (time.perf_counter() - start) / calls
-        rounds.append(this_round)
-    return rounds
-
-
-def medians(rounds: list[dict]) -> dict:
-    """Each competitor's median over ``rounds`` (from :func:`time_rounds`)."""
-    return {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
-
-
-def ratio_quartiles(rounds: list[dict], numerator: str, denominator: str) -> list[float]:
-    """The first and third quartiles of ``numerator / denominator`` round by round.
-
-    The two ran back to back in each round, so the per-round ratio is free of the drift
-    between rounds, though not of what ran just before each (which the medians drop); the
-    middle half of those ratios shows how far the machine's noise moves a ratio that the
-    medians put near a target."""
-    ratios = [r[numerator] / r[denominator] for r in rounds]
-    if len(ratios) < 2:
-        return [ratios[0], ratios[0]]
-    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
-    return [first, third]
-
-
-def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 0.02) -> dict:
-    """Median seconds per call of each competitor over :func:`time_rounds`' rounds."""
-    return medians(time_rounds(callables, repeats, min_sample_seconds))
-
-
 def on_cpu() -> bool:
     """Whether JAX runs on the CPU, whose programs take the fast paths of
-    ``jaxsoftmax/_cpu_fast_paths.py``; every other backend compiles the plain rule."""
+    ``jaxsoftmax/core/cpu_programs.py``; every other backend compiles the plain rule."""
     return jax.default_backend() == "cpu"
 
 
@@ -233,15 +117,6 @@ def compiled_plain(fn, *args):
     included: the program a GPU or TPU gets, to measure what the CPU's fast paths buy."""
     with plain_path_only():
         return jax.jit(fn).lower(*args).compile()
-
-
-def compiled_memory(fn, *args):
-    """``memory_analysis()`` of ``jit(fn)`` compiled for ``args`` (arrays or shapes); nothing runs."""
-    return jax.jit(fn).lower(*args).compile().memory_analysis()
-
-
-def temp_bytes(fn, *args) -> int:
-    return int(compiled_memory(fn, *args).temp_size_in_bytes)
 
 
 # ----------------------------------------------------------------------------- case 1
@@ -829,7 +704,7 @@ def write_markdown(path, meta, rows):
     if plain_rows:
         lines += [
             "",
-            "The CPU's fast paths (`jaxsoftmax/_cpu_fast_paths.py`) against the plain rule, the "
+            "The CPU's fast paths (`jaxsoftmax/core/cpu_programs.py`) against the plain rule, the "
             "program a GPU or TPU compiles, both run on this CPU in the same rounds:",
             "",
             "| dtype | N | C | fast ms | plain ms | fast / plain | plain vs optax | "
@@ -959,10 +834,10 @@ def case_gradient_filter(repeats):
     """Case 4: ``gradient_filter`` on the trained language model's logits
     (``experiments/gradient_filter.py``), when ``experiments/language_model.py`` has left a
     checkpoint; else one row saying so."""
-    import gradient_filter
+    import filter_measurement
 
     try:
-        result = gradient_filter.measure(repeats=repeats)
+        result = filter_measurement.measure(repeats=repeats)
     except FileNotFoundError as error:
         print(f"[4] skipped: {error}", flush=True)
         return [dict(case=4, kind="missing", reason=str(error))]
@@ -1028,58 +903,23 @@ def write_chart(path, rows):
     training.write_atomically(path, buffer.getvalue())
 
 
-def run_cases(out: str, settings: dict, cases: list, fresh: bool = False) -> list[dict]:
-    """Runs ``cases`` (``(name, run)`` pairs, ``run()`` returning rows) and returns all rows.
-
-    After each case its rows are saved to ``out/.partial.json`` (atomically, with ``settings``),
-    so an interrupted benchmark, run again with the same settings, takes the finished cases from
-    there and runs only the rest; ``fresh`` discards them. Each case still times its
-    competitors side by side in one process. The caller deletes the file once the results are
-    written.
-    """
-    path = os.path.join(out, PARTIAL_RESULTS)
-    finished = {}
-    if os.path.exists(path) and not fresh:
-        with open(path) as file:
-            saved = json.load(file)
-        if saved["settings"] == settings:
-            finished = saved["cases"]
-    for name, run in cases:
-        if name in finished:
-            print(f"[{name}] taken from {path}, saved by an interrupted run", flush=True)
-            continue
-        # a JSON round trip, so that rows run now and rows resumed later are alike
-        finished[name] = json.loads(json.dumps(run(), default=float))
-        training.write_atomically(path, json.dumps(dict(settings=settings, cases=finished)))
-    return [row for name, _ in cases for row in finished[name]]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
-    parser.add_argument(
-        "--out", default=None, help="output folder; None: benchmarks/results/<device>"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=None,
-        help="timed rounds per case (fast cases get up to four times as many); None: 8, or 3 "
-        "with --quick",
+    harness.add_run_flags(
+        parser,
+        out=f"output folder; None: benchmarks/results/<device>, or {QUICK_OUT} with --quick "
+        "(a smoke run never replaces the committed results)",
+        repeats="timed rounds per case (fast cases get up to four times as many); None: 8, "
+        "or 3 with --quick",
     )
     parser.add_argument(
         "--large",
         action="store_true",
         help="add case 1 at (8192, 65536): more than the 24 GiB of the 2-core CPU machine "
         "holds (the competitors' logits-sized arrays; the process was killed there)",
-    )
-    parser.add_argument(
-        "--fresh",
-        action="store_true",
-        help=f"discard the finished cases an interrupted run saved in {PARTIAL_RESULTS}",
     )
     parser.add_argument(
         "--cases",
@@ -1092,8 +932,10 @@ def main(argv=None):
         parser.error(f"argument --cases: expected numbers among 1, 2, 3, 4; got {args.cases!r}")
     device = jax.devices()[0]
     platform_name = device.platform
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "..", "benchmarks", "results", platform_name
+    out = args.out or (
+        QUICK_OUT
+        if args.quick
+        else os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", platform_name)
     )
     os.makedirs(out, exist_ok=True)
     if args.quick:

@@ -10,13 +10,13 @@ frozen) from a student's and a teacher's last hidden states and classifiers:
   tempered ``log_softmax`` against the teacher's ``softmax`` (forward KL only).
 
 Every competitor is first checked against the others (value and gradients), then compiled
-once and timed in interleaved rounds (``benchmark.time_rounds``: each call ended by
+once and timed in interleaved rounds (``harness.time_rounds``: each call ended by
 ``block_until_ready``, the median reported, with the quartiles of the per-round ratios).
 Memory is the compiled program's temporary bytes (``memory_analysis()``), at the shape of
 Gemma 2 2B distilled into a student of the same shape (compiled only, never run here).
 
     python experiments/benchmark_distillation.py     # writes benchmarks/results/<device>/distillation/
-    python experiments/benchmark_distillation.py --quick --out /tmp/distill-bench
+    python experiments/benchmark_distillation.py --quick     # writes runs/benchmark-distillation-quick/
 
 An interrupted run, started again with the same flags, resumes after its last finished case
 (``--fresh`` starts over); the results are written atomically at the end.
@@ -36,14 +36,14 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # a sibling module: the timing, memory and resuming helpers
-from flag_types import positive_int
+import harness  # helper modules of the scripts: the timing, memory and resuming helpers
 
 import jaxsoftmax
 from jaxsoftmax import distillation_loss, linear_distillation_loss, training
 
 TEMPERATURE = 2.0
 GEMMA = (8192, 2304, 2304, 256000)  # (N, d_student, d_teacher, V)
+QUICK_OUT = os.path.join("runs", "benchmark-distillation-quick")  # never committed
 
 
 def competitors(divergence: str) -> dict:
@@ -102,14 +102,14 @@ def case_time(shape, dtype, divergence, repeats):
     steps = {name: student_step(loss) for name, loss in competitors(divergence).items()}
     results = {name: step(*args) for name, step in steps.items()}
     agreement = agree(results, dtype)
-    rounds = benchmark.time_rounds({n: (lambda s=s: s(*args)) for n, s in steps.items()}, repeats)
-    seconds = benchmark.medians(rounds)
+    rounds = harness.time_rounds({n: (lambda s=s: s(*args)) for n, s in steps.items()}, repeats)
+    seconds = harness.medians(rounds)
     row = dict(kind="time", shape=list(shape), dtype=jnp.dtype(dtype).name,
                divergence=divergence, agree=agreement, seconds=seconds)  # fmt: skip
     for name in seconds:
         if name != "fused":
             row[f"fused / {name}"] = seconds["fused"] / seconds[name]
-            row[f"fused / {name} quartiles"] = benchmark.ratio_quartiles(rounds, "fused", name)
+            row[f"fused / {name} quartiles"] = harness.ratio_quartiles(rounds, "fused", name)
     print(f"[time] {shape} {row['dtype']} {divergence}: "
           + ", ".join(f"{n} {s * 1e3:.0f} ms" for n, s in seconds.items()), flush=True)  # fmt: skip
     return row
@@ -121,7 +121,7 @@ def case_memory(shape, dtype, divergence):
     s = jax.ShapeDtypeStruct
     specs = (s((n, d_s), dtype), s((v, d_s), dtype), s((n, d_t), dtype), s((v, d_t), dtype))
     found = {
-        name: benchmark.temp_bytes(jax.value_and_grad(loss, (0, 1)), *specs)
+        name: harness.temp_bytes(jax.value_and_grad(loss, (0, 1)), *specs)
         for name, loss in competitors(divergence).items()
     }
     row = dict(kind="memory", shape=list(shape), dtype=jnp.dtype(dtype).name,
@@ -187,18 +187,17 @@ def main(argv=None):
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
-    parser.add_argument(
-        "--out", default=None, help="output folder; None: benchmarks/results/<device>/distillation"
+    harness.add_run_flags(
+        parser,
+        out=f"output folder; None: benchmarks/results/<device>/distillation, or {QUICK_OUT} "
+        "with --quick (a smoke run never replaces the committed results)",
+        repeats="timed rounds; None: 8 (2 with --quick)",
     )
-    parser.add_argument(
-        "--repeats", type=positive_int, default=None, help="timed rounds; None: 8 (2 with --quick)"
-    )
-    parser.add_argument("--fresh", action="store_true", help="discard an interrupted run's cases")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "..", "benchmarks", "results", device.platform, "distillation"
+    committed = ("benchmarks", "results", device.platform, "distillation")
+    out = args.out or (
+        QUICK_OUT if args.quick else os.path.join(os.path.dirname(__file__), "..", *committed)
     )
     os.makedirs(out, exist_ok=True)
     repeats = args.repeats or (2 if args.quick else 8)
@@ -213,7 +212,7 @@ def main(argv=None):
             cases.append((f"time {name}", lambda d=dtype, k=divergence: [
                 case_time(shape, d, k, repeats) for shape in timed]))  # fmt: skip
     settings = dict(quick=args.quick, repeats=repeats, device=str(device))
-    rows = benchmark.run_cases(out, settings, cases, fresh=args.fresh)
+    rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     meta = dict(
         device=f"{device.platform}: {device.device_kind}",
         command=" ".join(
@@ -231,7 +230,7 @@ def main(argv=None):
         os.path.join(out, "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1)
     )
     write_markdown(os.path.join(out, "results.md"), meta, rows)
-    os.remove(os.path.join(out, benchmark.PARTIAL_RESULTS))
+    os.remove(os.path.join(out, harness.PARTIAL_RESULTS))
     print(f"wrote {out}/results.json and results.md")
     return rows
 

@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flag_types import number, positive_counts  # a sibling module; imports no JAX
+from common import number, positive_counts  # a helper module; imports no JAX
 
 
 def _counting(minimum: int):
@@ -99,10 +99,10 @@ from jax.sharding import PartitionSpec as P
 from jaxsoftmax import (
     cross_entropy,
     linear_cross_entropy,
+    sharded_cross_entropy,
+    sharded_linear_cross_entropy,
     training,
 )
-from jaxsoftmax._sharded import sharded_cross_entropy
-from jaxsoftmax._sharded_linear import sharded_linear_cross_entropy
 
 
 def step_fn(devices: int):
@@ -125,40 +125,38 @@ def measure(devices: int, rows: int, classes: int, repeats: int) -> dict:
     logits, labels = inputs(rows, classes)
     logits, labels = jax.device_put(logits, logits_at), jax.device_put(labels, labels_at)
     compiled = step.lower(logits, labels).compile()
-    memory = compiled.memory_analysis()
-    text = compiled.as_text()
-    value, grad = compiled(logits, labels)  # warm-up
-    jax.block_until_ready((value, grad))
     reference = cross_entropy(jax.device_get(logits), jax.device_get(labels))
+    return {
+        "devices": devices,
+        **timed(compiled, (logits, labels), repeats),
+        "loss_single_device": float(reference),
+        "per_device_bytes": _memory(compiled),
+        **collectives_of(compiled.as_text()),
+        "gather_logits_bytes_per_device": rows * classes * 4 * (devices - 1) // devices,
+    }
+
+
+def timed(compiled, arguments: tuple, repeats: int) -> dict:
+    """The median and every time of ``repeats`` calls of ``compiled`` after a warm-up call,
+    and the loss it returned."""
+    value, grads = compiled(*arguments)  # warm-up
+    jax.block_until_ready((value, grads))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(logits, labels))
+        jax.block_until_ready(compiled(*arguments))
         times.append(time.perf_counter() - start)
-    logits_bytes = rows * classes * 4
+    return {"seconds": statistics.median(times), "seconds_all": times, "loss": float(value)}
+
+
+def collectives_of(text: str) -> dict:
+    """The collectives of a compiled program's text and the bytes its all-reduces carry."""
     return {
-        "devices": devices,
-        "seconds": statistics.median(times),
-        "seconds_all": times,
-        "loss": float(value),
-        "loss_single_device": float(reference),
-        "per_device_bytes": {
-            "arguments": memory.argument_size_in_bytes,
-            "outputs": memory.output_size_in_bytes,
-            "temporaries": memory.temp_size_in_bytes,
-            "total": (
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes
-            ),
-        },
         "collectives": [
             [op, [f"{d}{list(s)}" for d, s in shapes]]
             for op, shapes in hlo_collectives.collectives(text)
         ],
         "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
-        "gather_logits_bytes_per_device": logits_bytes * (devices - 1) // devices,
     }
 
 
@@ -180,10 +178,7 @@ def model_size_communication(devices: int, rows: int, classes: int) -> dict:
         "all_reduce_bytes_per_device": measured,
         "predicted_bytes_per_device": predicted,
         "gather_logits_bytes_per_device": gathered,
-        "collectives": [
-            [op, [f"{d}{list(s)}" for d, s in shapes]]
-            for op, shapes in hlo_collectives.collectives(text)
-        ],
+        "collectives": collectives_of(text)["collectives"],
     }
 
 
@@ -223,7 +218,7 @@ def _all_reduce_bytes_by_size(text: str, rows: int) -> dict:
             if op == "all-reduce":
                 size = hlo_collectives.elements(shape)
                 split["per_row" if size <= rows else "larger"] += (
-                    size * hlo_collectives._BYTES[dtype]
+                    size * hlo_collectives.BYTES[dtype]
                 )
     return split
 
@@ -241,25 +236,12 @@ def measure_linear(devices: int, rows: int, classes: int, width: int, repeats: i
     )
     compiled = step.lower(hidden, classifier, labels).compile()
     text = compiled.as_text()
-    value, grads = compiled(hidden, classifier, labels)  # warm-up
-    jax.block_until_ready((value, grads))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(hidden, classifier, labels))
-        times.append(time.perf_counter() - start)
     return {
         "devices": devices,
-        "seconds": statistics.median(times),
-        "seconds_all": times,
-        "loss": float(value),
+        **timed(compiled, (hidden, classifier, labels), repeats),
         "loss_single_device": float(reference),
         "per_device_bytes": _memory(compiled),
-        "collectives": [
-            [op, [f"{d}{list(s)}" for d, s in shapes]]
-            for op, shapes in hlo_collectives.collectives(text)
-        ],
-        "all_reduce_bytes_per_device": hlo_collectives.all_reduce_bytes(text),
+        **collectives_of(text),
         "all_reduce_bytes_split": _all_reduce_bytes_by_size(text, rows),
         "gather_logits_bytes_per_device": rows * classes * 4 * (devices - 1) // devices,
     }

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # a sibling module of this script
-from flag_types import positive_counts, positive_int, writable_file  # a sibling module
+import common  # what the scripts share
+from common import positive_counts, positive_int, writable_file
 
 from jaxsoftmax import data, training
 
@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--hidden", type=positive_int, default=100, help="hidden width")
     parser.add_argument(
-        "--json", type=writable_file, default=None, help="also write the table here; None: do not"
+        "--json",
+        type=writable_file,
+        default=None,
+        help="also write the table here; None: do not",
     )
-    compilation_cache.add_flag(parser)
+    common.add_cache_flag(parser)
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
+    common.enable_compilation_cache(arguments)
     try:
         devices = len(training.select_devices(arguments.devices, name="--devices"))
     except ValueError as error:

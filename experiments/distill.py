@@ -44,27 +44,17 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # sibling modules of this script
-import lm_training
+import common  # what the scripts share
+import lm_training  # helper modules of the scripts
 import text_corpus
 import transformer
-from flag_types import (
-    OneLineErrorParser,
-    non_negative_float,
-    non_negative_int,
-    number,
-    positive_float,
-    positive_int,
-)
-from language_model import versions
-from train import output_directory_problem, save_figure, write_history
+from common import non_negative_float, non_negative_int, number, positive_float, positive_int
 
 import jaxsoftmax
 from jaxsoftmax import training
 from jaxsoftmax.training import TrainState
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TEACHER = os.path.join(HERE, "results", "language_model")
+DEFAULT_TEACHER = lm_training.DEFAULT_RUN  # where language_model.py writes it
 STUDENTS = ("distilled", "labels_only")
 LABELS = {"distilled": "distilled", "labels_only": "labels only"}
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -118,16 +108,7 @@ class DistillConfig:
 
 def teacher_checkpoint(folder: str) -> str:
     """The teacher's checkpoint in ``folder``, or ``FileNotFoundError`` saying how to make it."""
-    path = os.path.join(folder, lm_training.CHECKPOINT_FILENAME)
-    if not os.path.exists(path):
-        train = "python experiments/language_model.py"
-        if os.path.abspath(folder) != DEFAULT_TEACHER:
-            train += f" --out {folder}"
-        raise FileNotFoundError(
-            f"no trained language model at {path}; train the teacher first with `{train}` "
-            "(about 5 minutes on 2 CPU cores)"
-        )
-    return path
+    return lm_training.trained_checkpoint(folder, "the teacher")
 
 
 def read_teacher(folder: str) -> tuple[lm_training.LMConfig, str, str]:
@@ -143,17 +124,14 @@ def read_teacher(folder: str) -> tuple[lm_training.LMConfig, str, str]:
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise ValueError(
             f"the teacher's checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-            "train it again with python experiments/language_model.py"
+            f"train it again with {lm_training.train_command(folder)}"
         ) from None
     return config, corpus, hashlib.sha256(payload).hexdigest()
 
 
 def load_teacher_params(folder: str, config: lm_training.LMConfig, vocab_size: int):
-    optimizer = lm_training.make_optimizer(config)
-    params = jax.eval_shape(lambda: lm_training.init_params(config, vocab_size))
-    template = TrainState(params, jax.eval_shape(optimizer.init, params), 0)
-    state, _ = lm_training.load_checkpoint(teacher_checkpoint(folder), template)
-    return jax.device_put(state.params)
+    """The teacher's parameters, on the default device."""
+    return lm_training.load_params(teacher_checkpoint(folder), config, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,22 +210,12 @@ def compiled_functions(config: DistillConfig, vocab_size: int) -> dict:
             {name: abstract_opt_state for name in STUDENTS},
             jax.ShapeDtypeStruct((), jnp.int32),
         ),
-        "init": jax.jit(fresh_student, compiler_options={"xla_backend_optimization_level": 0}),
+        "init": jax.jit(fresh_student, compiler_options=training.RUN_ONCE_COMPILER_OPTIONS),
         "step": make_step(config, optimizer),
         "evaluate_student": lm_training.make_evaluate(config.student),
         "evaluate_teacher": lm_training.make_evaluate(config.teacher),
         "compiled_steps": {},
     }
-
-
-def compile_step(functions: dict, state: TrainState, teacher_params, train_tokens: jax.Array):
-    """The step compiled for these arguments' shapes, once per process (a second run in the
-    same process, a resumed one in a test, reuses it)."""
-    key = train_tokens.shape
-    if key not in functions["compiled_steps"]:
-        lowered = functions["step"].lower(state, teacher_params, train_tokens)
-        functions["compiled_steps"][key] = lowered.compile()
-    return functions["compiled_steps"][key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +251,8 @@ def train(
     """Trains both students on ``corpus``; ``eval_every`` steps at a time, then an evaluation
     of both on the fixed windows of both splits, a checkpoint every ``checkpoint_every`` steps
     (both students, their optimizer states and the history; a resumed run ends bit for bit
-    where an uninterrupted one does, on the CPU).
+    where an uninterrupted one does, on the CPU), through the run loop of
+    :func:`jaxsoftmax.training.run_loop` (``lm_training.run_training``).
 
     History rows: ``step``, ``tokens`` (each student trained on so far), ``{student}_objective``
     (the mean over the run's steps of what each minimises, each before its update), then for
@@ -295,98 +264,56 @@ def train(
     student = config.student
     functions = compiled_functions(config, corpus.vocab_size)
     train_tokens = jax.device_put(corpus.train_tokens)
-    evaluation = {
-        split: jax.device_put(lm_training.evaluation_windows(student, tokens))
-        for split, tokens in (
-            ("train", corpus.train_tokens),
-            ("validation", corpus.validation_tokens),
-        )
+    windows = lm_training.placed_evaluation_windows(student, corpus)
+    evaluate = {
+        which: lm_training.evaluator(functions[f"evaluate_{which}"], windows, EVALUATED)
+        for which in ("student", "teacher")
     }
-
-    def evaluate(params, which: str) -> dict:
-        row = {}
-        for split, windows in evaluation.items():
-            values = functions[f"evaluate_{which}"](params, windows)
-            row.update({f"{split}_{name}": float(values[name]) for name in EVALUATED})
-        return row
 
     def evaluate_students(params) -> dict:
         return {
             f"{name}_{key}": value
             for name in STUDENTS
-            for key, value in evaluate(params[name], "student").items()
+            for key, value in evaluate["student"](params[name]).items()
         }
 
-    checkpoint_path = None
-    if checkpoint_dir is not None and student.checkpoint_every:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        checkpoint_path = os.path.join(checkpoint_dir, lm_training.CHECKPOINT_FILENAME)
-        training.remove_stale_temporaries(checkpoint_path)
+    checkpoint_path = training.prepare_checkpoint(
+        checkpoint_dir if student.checkpoint_every else None
+    )
 
-    tokens_per_step = student.batch_size * student.seq_len
-    resumed_from = None
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        lm_training.check_checkpoint(checkpoint_path, config, corpus.fingerprint)
-        state, history = lm_training.load_checkpoint(checkpoint_path, functions["abstract_state"])
-        state = jax.device_put(state)
-        resumed_from = int(state.step)
-    else:
-        # The same initial weights, in buffers of their own (the step donates them).
-        initial = [functions["init"]() for _ in STUDENTS]
-        state = TrainState(
-            {name: params for name, (params, _) in zip(STUDENTS, initial, strict=True)},
-            {name: opt for name, (_, opt) in zip(STUDENTS, initial, strict=True)},
-            jnp.zeros((), jnp.int32),
-        )
+    def load(path: str) -> tuple[TrainState, list[dict]]:
+        lm_training.check_checkpoint(path, config, corpus.fingerprint)
+        state, history = lm_training.load_checkpoint(path, functions["abstract_state"])
+        return jax.device_put(state), history
+
+    def fresh() -> tuple[TrainState, list[dict]]:
+        state = initial_students(functions)
         no_step = {f"{name}_objective": None for name in STUDENTS}
-        history = [{"step": 0, "tokens": 0, **no_step, **evaluate_students(state.params)}]
-        history[0].update(run_seconds=None, tokens_per_second=None)
-    teacher = evaluate(teacher_params, "teacher")
-    last_checkpoint = resumed_from
+        return state, [lm_training.first_row(no_step, evaluate_students(state.params))]
 
-    step_function = compile_step(functions, state, teacher_params, train_tokens)
-    while int(state.step) < student.steps:
-        step = int(state.step)
-        length = min(student.steps, (step // student.eval_every + 1) * student.eval_every) - step
-        begun = time.perf_counter()
-        new_state, losses = state, []
-        for _ in range(length):
-            new_state, step_losses = step_function(new_state, teacher_params, train_tokens)
-            losses.append(step_losses)
-        losses = jax.tree.map(lambda *values: np.stack(values), *jax.device_get(losses))
-        seconds = time.perf_counter() - begun
-        finite = all(np.all(np.isfinite(values)) for values in losses.values()) and all(
-            bool(np.all(np.isfinite(np.asarray(leaf))))
-            for leaf in jax.tree_util.tree_leaves(new_state.params)
-        )
-        if not finite:
-            kept = (
-                f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
-                if last_checkpoint is not None
-                else "no checkpoint had been written yet"
-            )
-            raise lm_training.NonFiniteLossError(
-                f"a student's loss or parameters became non-finite between steps {step} and "
-                f"{step + length}; {kept}. Try a smaller --lr (was {student.learning_rate})."
-            )
-        state = new_state
-        row = {
-            "step": int(state.step),
-            "tokens": int(state.step) * tokens_per_step,
-            **{f"{name}_objective": float(np.mean(losses[name])) for name in STUDENTS},
-            **evaluate_students(state.params),
-            "run_seconds": seconds,
-            "tokens_per_second": length * tokens_per_step / seconds,
-        }
-        history.append(row)
-        if checkpoint_path is not None and (
-            row["step"] % student.checkpoint_every == 0 or row["step"] == student.steps
-        ):
-            lm_training.save_checkpoint(checkpoint_path, state, history, config, corpus.fingerprint)
-            last_checkpoint = row["step"]
-        if on_run_end is not None:
-            on_run_end(row, length)
-
+    state, history, resumed_from = training.start_or_resume(
+        checkpoint_path, resume, load=load, fresh=fresh
+    )
+    teacher = evaluate["teacher"](teacher_params)
+    step_function = lm_training.compile_once(
+        functions, train_tokens.shape, state, teacher_params, train_tokens
+    )
+    state, history = lm_training.run_training(
+        student,
+        state,
+        history,
+        run_steps=lm_training.steps_one_by_one(step_function, teacher_params, train_tokens),
+        batch_columns=lambda losses: {
+            f"{name}_objective": float(np.mean(losses[name])) for name in STUDENTS
+        },
+        checked=lambda losses: losses.values(),
+        evaluate=evaluate_students,
+        checkpoint=(checkpoint_path, config, corpus.fingerprint),
+        resumed_from=resumed_from,
+        on_run_end=on_run_end,
+        subject="a student's loss or parameters",
+        advice=f"Try a smaller --lr (was {student.learning_rate}).",
+    )
     jax.block_until_ready(state.params)
     seconds = sum(row["run_seconds"] or 0.0 for row in history)
     return DistillResult(
@@ -400,12 +327,23 @@ def train(
     )
 
 
+def initial_students(functions: dict) -> TrainState:
+    """Both students at the same initial weights, in buffers of their own (the step donates
+    them)."""
+    initial = [functions["init"]() for _ in STUDENTS]
+    return TrainState(
+        {name: params for name, (params, _) in zip(STUDENTS, initial, strict=True)},
+        {name: opt for name, (_, opt) in zip(STUDENTS, initial, strict=True)},
+        jnp.zeros((), jnp.int32),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The script
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = common.OneLineErrorParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -417,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--student-d-model", type=positive_int, default=64, help="width of the students")
-    add("--student-layers", type=positive_int, default=1, help="transformer blocks of a student")
+    add(
+        "--student-layers",
+        type=positive_int,
+        default=1,
+        help="transformer blocks of a student",
+    )
     add(
         "--student-heads",
         type=positive_int,
@@ -517,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     add("--no-plots", action="store_true", help="skip the two .png plots")
     add("--no-progress", action="store_true", help="no progress bar")
-    compilation_cache.add_flag(parser)
+    common.add_cache_flag(parser)
     return parser
 
 
@@ -581,11 +524,7 @@ def layers(config: lm_training.LMConfig) -> str:
 
 
 def plot(folder: str, history: list[dict], teacher: dict, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     tokens = [row["tokens"] / 1e6 for row in history]
     for split, filename in (("validation", "validation_loss.png"), ("train", "training_loss.png")):
         figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -604,7 +543,7 @@ def plot(folder: str, history: list[dict], teacher: dict, title: str) -> None:
         axes.set_ylim(low - 0.2, min(history[0][f"{STUDENTS[0]}_{split}_loss"], low + 4))
         axes.legend()
         figure.tight_layout()
-        save_figure(figure, os.path.join(folder, filename))
+        common.save_figure(figure, os.path.join(folder, filename))
         plt.close(figure)
 
 
@@ -659,7 +598,7 @@ def summary(result: DistillResult) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
+    common.enable_compilation_cache(arguments)
     # Flags that contradict each other and a missing teacher are usage errors (exit status 2),
     # found before any work, reported under the flag's name.
     try:
@@ -670,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_arguments(arguments, teacher_config, fingerprint)
     except ValueError as error:
         parser.error(str(error))
-    problem = output_directory_problem(arguments.out)
+    problem = common.output_directory_problem(arguments.out)
     if problem is not None:
         parser.error(f"argument --out: {problem}")
     checkpoint_path = os.path.join(arguments.out, lm_training.CHECKPOINT_FILENAME)
@@ -701,48 +640,29 @@ def main(argv: list[str] | None = None) -> int:
         f"vocabulary {corpus.vocab_size}"
     )
     if arguments.resume:
-        print(
-            f"resuming from step {resuming_from} of {checkpoint_path}"
-            if resuming_from is not None
-            else f"--resume: no checkpoint at {checkpoint_path}; starting from scratch"
-        )
-    os.makedirs(arguments.out, exist_ok=True)
-    for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
-        training.remove_stale_temporaries(os.path.join(arguments.out, name))
+        print(common.resume_note(resuming_from, checkpoint_path))
+    common.prepare_output(arguments.out, OUTPUTS_WRITTEN_ATOMICALLY)
     teacher_params = load_teacher_params(arguments.teacher, teacher, corpus.vocab_size)
 
-    progress_bar = None
-    if not arguments.no_progress:
-        from tqdm import tqdm
-
-        progress_bar = tqdm(
-            total=student.steps, initial=resuming_from or 0, unit="step", file=sys.stdout
-        )
-
-    def on_run_end(row: dict, steps_in_run: int) -> None:
-        if progress_bar is not None:
-            progress_bar.update(steps_in_run)
-            progress_bar.set_postfix(
-                distilled=f"{row['distilled_validation_loss']:.3f}",
-                labels_only=f"{row['labels_only_validation_loss']:.3f}",
-                refresh=False,
-            )
-
-    try:
-        result = train(
+    result = common.train_with_progress(
+        lambda on_run_end: train(
             config,
             corpus,
             teacher_params,
             checkpoint_dir=arguments.out,
             resume=arguments.resume,
             on_run_end=on_run_end,
-        )
-    except lm_training.NonFiniteLossError as error:
-        print(f"\nstopped: {error}", file=sys.stderr)
+        ),
+        student.steps,
+        lambda row: {
+            "distilled": f"{row['distilled_validation_loss']:.3f}",
+            "labels_only": f"{row['labels_only_validation_loss']:.3f}",
+        },
+        initial=resuming_from or 0,
+        disabled=arguments.no_progress,
+    )
+    if result is None:  # stopped on a non-finite value
         return 2
-    finally:
-        if progress_bar is not None:
-            progress_bar.close()
 
     final = result.history[-1]
     count = lambda params: sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
@@ -780,14 +700,12 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation included"
         + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
         "device": f"{device.platform}: {device.device_kind}",
-        "versions": versions(),
+        "versions": common.library_versions(("tokenizers",)),
         "corpus": corpus.describe(),
         "config": config.to_dict(),
     }
-    training.write_atomically(
-        os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
-    )
-    write_history(os.path.join(arguments.out, "history.csv"), result.history)
+    common.write_json(os.path.join(arguments.out, "metrics.json"), metrics)
+    common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
     written = ["metrics.json", "history.csv"]
     if student.checkpoint_every:
         written.append(lm_training.CHECKPOINT_FILENAME)

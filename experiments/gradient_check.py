@@ -35,8 +35,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # a sibling module of this script
-from flag_types import non_negative_float, positive_float, writable_file  # a sibling module
+import common  # what the scripts share
+from common import non_negative_float, positive_float, writable_file
 
 from jaxsoftmax import data, mlp, training
 
@@ -157,7 +157,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the networks' parameters")
     parser.add_argument(
-        "--l2", type=non_negative_float, default=0.0, help="weight penalty included in L, >= 0"
+        "--l2",
+        type=non_negative_float,
+        default=0.0,
+        help="weight penalty included in L, >= 0",
     )
     parser.add_argument(
         "--eps", type=positive_float, default=1e-6, help="finite-difference step, > 0"
@@ -174,9 +177,9 @@ def main(argv=None) -> int:
         default="both",
         help="check only one network: 000 the blog post's, 002 the question-and-answer thread's",
     )
-    compilation_cache.add_flag(parser)
+    common.add_cache_flag(parser)
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
+    common.enable_compilation_cache(arguments)
 
     rows = []
     for name, (make_input, sizes, activation) in NETWORKS.items():

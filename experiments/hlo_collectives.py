@@ -25,7 +25,7 @@ _GROUPS = re.compile(r"replica_groups=\{(\{[0-9,]*\}(?:,\{[0-9,]*\})*)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<over>[^}]*)\}")
 _MESH_AXIS = re.compile(r"'(?P<name>[^']+)'=(?P<size>[0-9]+)")
 _SHAPE = re.compile(r"(?P<dtype>[a-z]+[0-9]*)\[(?P<dims>[0-9,]*)\]")
-_BYTES = {
+BYTES = {
     "pred": 1,
     "s8": 1,
     "u8": 1,
@@ -98,7 +98,7 @@ def elements(shape: tuple[int, ...]) -> int:
 def all_reduce_bytes(hlo_text: str) -> int:
     """Bytes of all operands of all all-reduces (each device's contribution)."""
     return sum(
-        elements(shape) * _BYTES[dtype]
+        elements(shape) * BYTES[dtype]
         for op, shapes in collectives(hlo_text)
         if op == "all-reduce"
         for dtype, shape in shapes

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -37,24 +36,10 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # sibling modules of this script
-import lm_training
+import common  # what the scripts share
+import lm_training  # helper modules of the scripts
 import text_corpus
-from flag_types import (
-    OneLineErrorParser,
-    non_negative_float,
-    non_negative_int,
-    number,
-    positive_float,
-    positive_int,
-)
-from train import (
-    library_versions,
-    name_the_flag,
-    output_directory_problem,
-    save_figure,
-    write_history,
-)
+from common import non_negative_float, non_negative_int, number, positive_float, positive_int
 
 from jaxsoftmax import training
 
@@ -66,7 +51,7 @@ vocabulary_size = number(int, lambda v: v >= 257, "an integer >= 257 (256 bytes 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = lm_training.LMConfig()
-    parser = OneLineErrorParser(
+    parser = common.OneLineErrorParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -92,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--d-model", type=positive_int, default=defaults.d_model, help="width of the model"
     )
     parser.add_argument(
-        "--num-layers", type=positive_int, default=defaults.num_layers, help="transformer blocks"
+        "--num-layers",
+        type=positive_int,
+        default=defaults.num_layers,
+        help="transformer blocks",
     )
     parser.add_argument(
         "--num-heads",
@@ -101,13 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention heads; must divide --d-model",
     )
     parser.add_argument(
-        "--d-ff", type=positive_int, default=None, help="hidden width of the MLPs; None: 4 x d"
+        "--d-ff",
+        type=positive_int,
+        default=None,
+        help="hidden width of the MLPs; None: 4 x d",
     )
     parser.add_argument(
         "--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per window"
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="windows per step"
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="windows per step",
     )
     parser.add_argument(
         "--classifier",
@@ -122,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused: linear_cross_entropy, no logits array; naive: logits, then cross_entropy",
     )
     parser.add_argument(
-        "--z-loss", type=non_negative_float, default=defaults.z_loss, help="z-loss weight, >= 0"
+        "--z-loss",
+        type=non_negative_float,
+        default=defaults.z_loss,
+        help="z-loss weight, >= 0",
     )
     parser.add_argument(
         "--lr",
@@ -192,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="before training, run this many steps of each loss in a process of its own and "
         "compare their memory and speed (tokens/s over the second half); 0: no comparison",
     )
-    parser.add_argument("--out", default="runs/language_model", help="output directory")
+    parser.add_argument(
+        "--out",
+        default=lm_training.DEFAULT_RUN,
+        help="output directory (distill.py and gradient_filter.py read the model from here)",
+    )
     parser.add_argument(
         "--corpus-cache",
         default=text_corpus.default_cache_directory(),
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and accuracy.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    compilation_cache.add_flag(parser)
+    common.add_cache_flag(parser)
     return parser
 
 
@@ -344,11 +345,7 @@ def _mib(value: float) -> str:
 
 
 def plot_curves(folder: str, history: list[dict], baselines: dict[str, float], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     tokens = [row["tokens"] / 1e6 for row in history]
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.plot(tokens, [row["train_loss"] for row in history], label="train")
@@ -359,7 +356,7 @@ def plot_curves(folder: str, history: list[dict], baselines: dict[str, float], t
     axes.set(title=title)
     axes.legend()
     figure.tight_layout()
-    save_figure(figure, os.path.join(folder, "loss.png"))
+    common.save_figure(figure, os.path.join(folder, "loss.png"))
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -369,23 +366,14 @@ def plot_curves(folder: str, history: list[dict], baselines: dict[str, float], t
     axes.set(title=title, ylim=(0, None))
     axes.legend()
     figure.tight_layout()
-    save_figure(figure, os.path.join(folder, "accuracy.png"))
+    common.save_figure(figure, os.path.join(folder, "accuracy.png"))
     plt.close(figure)
-
-
-def versions() -> dict[str, str]:
-    found = library_versions()
-    try:
-        found["tokenizers"] = importlib.metadata.version("tokenizers")
-    except importlib.metadata.PackageNotFoundError:
-        found["tokenizers"] = "not installed"
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
+    common.enable_compilation_cache(arguments)
     # Flags that contradict each other are usage errors (exit status 2), found before any
     # work, reported under the flag's name.
     try:
@@ -396,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_arguments(arguments)
         lm_training.make_mesh(config)
     except ValueError as error:
-        parser.error(name_the_flag(str(error), arguments))
-    problem = output_directory_problem(arguments.out)
+        parser.error(common.name_the_flag(str(error), arguments))
+    problem = common.output_directory_problem(arguments.out)
     if problem is not None:
         parser.error(f"argument --out: {problem}")
     try:
@@ -412,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lm_training.check_config_for_corpus(config, corpus)
     except ValueError as error:
-        parser.error(name_the_flag(str(error), arguments))
+        parser.error(common.name_the_flag(str(error), arguments))
     checkpoint_path = os.path.join(arguments.out, training.CHECKPOINT_FILENAME)
     resuming_from = None
     if arguments.resume and os.path.exists(checkpoint_path):
@@ -441,14 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model's validation loss: {unigram_validation:.3f}"
     )
     if arguments.resume:
-        print(
-            f"resuming from step {resuming_from} of {checkpoint_path}"
-            if resuming_from is not None
-            else f"--resume: no checkpoint at {checkpoint_path}; starting from scratch"
-        )
-    os.makedirs(arguments.out, exist_ok=True)
-    for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
-        training.remove_stale_temporaries(os.path.join(arguments.out, name))
+        print(common.resume_note(resuming_from, checkpoint_path))
+    common.prepare_output(arguments.out, OUTPUTS_WRITTEN_ATOMICALLY)
 
     comparison = None
     if arguments.compare_steps:
@@ -468,38 +450,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(comparison_table(comparison))
 
-    progress_bar = None
-    if not arguments.no_progress:
-        from tqdm import tqdm
-
-        progress_bar = tqdm(
-            total=config.steps, initial=resuming_from or 0, unit="step", file=sys.stdout
-        )
-
-    def on_run_end(row: dict, steps_in_run: int) -> None:
-        if progress_bar is not None:
-            progress_bar.update(steps_in_run)
-            progress_bar.set_postfix(
-                loss=f"{row['batch_loss']:.3f}",
-                val=f"{row['validation_loss']:.3f}",
-                tok_s=f"{row['tokens_per_second']:,.0f}",
-                refresh=False,
-            )
-
-    try:
-        result = lm_training.train(
+    result = common.train_with_progress(
+        lambda on_run_end: lm_training.train(
             config,
             corpus,
             checkpoint_dir=arguments.out,
             resume=arguments.resume,
             on_run_end=on_run_end,
-        )
-    except lm_training.NonFiniteLossError as error:
-        print(f"\nstopped: {error}", file=sys.stderr)
+        ),
+        config.steps,
+        lambda row: {
+            "loss": f"{row['batch_loss']:.3f}",
+            "val": f"{row['validation_loss']:.3f}",
+            "tok_s": f"{row['tokens_per_second']:,.0f}",
+        },
+        initial=resuming_from or 0,
+        disabled=arguments.no_progress,
+    )
+    if result is None:  # stopped on a non-finite value
         return 2
-    finally:
-        if progress_bar is not None:
-            progress_bar.close()
 
     final = result.history[-1]
     parameters = sum(leaf.size for leaf in jax.tree_util.tree_leaves(result.params))
@@ -530,14 +499,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
         "device": device_description,
         "devices": result.devices,
-        "versions": versions(),
+        "versions": common.library_versions(("tokenizers",)),
         "corpus": described,
         "config": config.to_dict(),
     }
-    training.write_atomically(
-        os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
-    )
-    write_history(os.path.join(arguments.out, "history.csv"), result.history)
+    common.write_json(os.path.join(arguments.out, "metrics.json"), metrics)
+    common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
     if not arguments.no_plots:
         title = (
             f"{config.num_layers} layers, d = {config.d_model}, V = {corpus.vocab_size}, "

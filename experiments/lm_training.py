@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import os
 import resource
@@ -52,12 +51,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxsoftmax
 from jaxsoftmax import training
-from jaxsoftmax.training import TrainState
+from jaxsoftmax.training import TrainState, checkpoints
 
 LOSSES = ("fused", "naive")
 METRICS = ("loss", "accuracy", "z_loss", "entropy")  # of summarise
 BATCH_AXIS, VOCAB_AXIS = "batch", "vocab"
 CHECKPOINT_FILENAME = training.CHECKPOINT_FILENAME
+# Where language_model.py writes the model by default, and distill.py and gradient_filter.py
+# look for it: relative to the folder the scripts run from, as every script's --out.
+DEFAULT_RUN = os.path.join("runs", "language_model")
 # Settings that change only how the same run is computed (rounding, speed, memory): a
 # checkpoint may be resumed with other values.
 NOT_HYPERPARAMETERS = ("devices", "vocab_shards", "loss", "checkpoint_every")
@@ -361,57 +363,58 @@ def save_checkpoint(
 ) -> None:
     """Parameters, optimizer state, step, history, config and the corpus's fingerprint, as one
     ``.npz``, written atomically."""
-    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
-    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    arrays["step"] = np.asarray(state.step)
-    arrays["history"] = np.asarray(json.dumps(history))
-    arrays["config"] = np.asarray(json.dumps(config.to_dict()))
-    arrays["corpus"] = np.asarray(fingerprint)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    training.write_atomically(path, buffer.getvalue())
+    config_text = json.dumps(config.to_dict())
+    checkpoints.save_state(path, state, history, config=config_text, corpus=fingerprint)
 
 
 def check_checkpoint(path: str, config: LMConfig, fingerprint: str) -> int:
     """The step of the checkpoint at ``path``, or ``ValueError`` saying why it cannot be
     resumed with ``config`` on the corpus of ``fingerprint``. Reads no parameters."""
-    try:
-        with open(path, "rb") as file, np.load(file, allow_pickle=False) as stored:
-            saved = json.loads(str(stored["config"]))
-            corpus = str(stored["corpus"])
-            step = int(stored["step"])
-    except (OSError, KeyError, ValueError, AttributeError, TypeError) as error:
-        raise ValueError(
-            f"the checkpoint {path} cannot be read ({type(error).__name__}: {error}); delete it "
-            "to start from scratch, or use another output directory."
-        ) from None
-    different = {
-        key: (saved.get(key), value)
-        for key, value in config.to_dict().items()
-        if key not in NOT_HYPERPARAMETERS and saved.get(key) != value
-    }
-    if different:
-        raise ValueError(
-            f"the checkpoint {path} was written by a different configuration (saved, "
-            f"requested): {different}; resume with the same flags or use another output "
-            "directory."
-        )
-    if corpus != fingerprint:
+    stored = checkpoints.read_fields(path, ("config", "corpus", "step"))
+    saved = json.loads(str(stored["config"]))
+    checkpoints.check_same_settings(path, saved, config.to_dict(), NOT_HYPERPARAMETERS)
+    if str(stored["corpus"]) != fingerprint:
         raise ValueError(
             f"the checkpoint {path} was trained on other tokens (another Python's standard "
             "library, or another tokenizer); resume where it was written, or start afresh."
         )
-    return step
+    return int(stored["step"])
+
+
+def train_command(folder: str) -> str:
+    """The command that trains the language model into ``folder``."""
+    command = "python experiments/language_model.py"
+    if os.path.abspath(folder) != os.path.abspath(DEFAULT_RUN):
+        command += f" --out {folder}"
+    return command
+
+
+def trained_checkpoint(folder: str, role: str = "the model") -> str:
+    """The checkpoint of the language model trained into ``folder``, or ``FileNotFoundError``
+    with the command that trains it (``role``: what the caller calls the model)."""
+    path = os.path.join(folder, CHECKPOINT_FILENAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no trained language model at {path}; train {role} first with "
+            f"`{train_command(folder)}` (about 5 minutes on 2 CPU cores)"
+        )
+    return path
+
+
+def load_params(path: str, config: LMConfig, vocab_size: int):
+    """The parameters of the checkpoint at ``path``, written by a run of ``config``, placed on
+    the default device."""
+    optimizer = make_optimizer(config)
+    params = jax.eval_shape(lambda: init_params(config, vocab_size))
+    template = TrainState(params, jax.eval_shape(optimizer.init, params), 0)
+    state, _ = load_checkpoint(path, template)
+    return jax.device_put(state.params)
 
 
 def load_checkpoint(path: str, template: TrainState) -> tuple[TrainState, list[dict]]:
+    """The state (NumPy arrays, in the structure of ``template``) and history at ``path``."""
     with np.load(path, allow_pickle=False) as stored:
-        treedef = jax.tree_util.tree_structure((template.params, template.opt_state))
-        leaves = [stored[f"leaf_{i}"] for i in range(treedef.num_leaves)]
-        params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
-        step = np.asarray(stored["step"], np.int32)
-        history = json.loads(str(stored["history"]))
-    return TrainState(params, opt_state, step), history
+        return checkpoints.read_state(stored, template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +480,7 @@ def compiled_functions(config: LMConfig, vocab_size: int):
         "init": jax.jit(
             fresh_state,
             out_shardings=shardings,
-            compiler_options={"xla_backend_optimization_level": 0},
+            compiler_options=training.RUN_ONCE_COMPILER_OPTIONS,
         ),
         "step": make_step(config, optimizer, mesh, shardings),
         "evaluate": make_evaluate(config, mesh),
@@ -490,13 +493,19 @@ def place_tokens(mesh: Mesh, tokens: np.ndarray) -> jax.Array:
     return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
 
 
+def compile_once(functions: dict, key: Any, *arguments: Any):
+    """``functions["step"]`` compiled for ``arguments``, once per process for each ``key`` (a
+    second run in the same process, a resumed one in a test, reuses it)."""
+    if key not in functions["compiled_steps"]:
+        functions["compiled_steps"][key] = functions["step"].lower(*arguments).compile()
+    return functions["compiled_steps"][key]
+
+
 def compile_step(functions: dict, state: TrainState, train_tokens: jax.Array):
     """The step of :func:`compiled_functions` compiled for these arguments' shapes and
-    layouts, once per process (a second run in the same process reuses it)."""
+    layouts, once per process."""
     key = (train_tokens.shape, train_tokens.sharding)
-    if key not in functions["compiled_steps"]:
-        functions["compiled_steps"][key] = functions["step"].lower(state, train_tokens).compile()
-    return functions["compiled_steps"][key]
+    return compile_once(functions, key, state, train_tokens)
 
 
 def check_config_for_corpus(config: LMConfig, corpus) -> None:
@@ -529,7 +538,8 @@ def train(
     resume: bool = False,
     on_run_end: Callable[[dict, int], None] | None = None,
 ) -> LMResult:
-    """Trains the transformer on ``corpus`` (from ``text_corpus.load``).
+    """Trains the transformer on ``corpus`` (from ``text_corpus.load``), through the run loop
+    of :func:`jaxsoftmax.training.run_loop` (:func:`run_training`).
 
     History rows: ``step``, ``tokens`` (trained on so far), ``batch_loss``, ``batch_accuracy``,
     ``batch_z_loss``, ``batch_entropy`` (means over the run's steps, each before its update),
@@ -542,100 +552,168 @@ def train(
     check_config_for_corpus(config, corpus)
     functions = compiled_functions(config, corpus.vocab_size)
     mesh, shardings = functions["mesh"], functions["shardings"]
-    replicated = NamedSharding(mesh, PartitionSpec())
     train_tokens = place_tokens(mesh, corpus.train_tokens)
-    evaluation = {
-        split: jax.device_put(evaluation_windows(config, tokens), replicated)
-        for split, tokens in (
-            ("train", corpus.train_tokens),
-            ("validation", corpus.validation_tokens),
-        )
-    }
+    windows = placed_evaluation_windows(config, corpus, NamedSharding(mesh, PartitionSpec()))
+    evaluate = evaluator(functions["evaluate"], windows, METRICS)
+    checkpoint_path = training.prepare_checkpoint(
+        checkpoint_dir if config.checkpoint_every else None
+    )
 
-    checkpoint_path = None
-    if checkpoint_dir is not None and config.checkpoint_every:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        checkpoint_path = os.path.join(checkpoint_dir, CHECKPOINT_FILENAME)
-        training.remove_stale_temporaries(checkpoint_path)
+    def load(path: str) -> tuple[TrainState, list[dict]]:
+        check_checkpoint(path, config, corpus.fingerprint)
+        state, history = load_checkpoint(path, functions["abstract_state"])
+        return jax.device_put(state, shardings), history
 
-    def evaluate(params) -> dict:
-        row = {}
-        for split, windows in evaluation.items():
-            values = functions["evaluate"](params, windows)
-            row.update({f"{split}_{name}": float(values[name]) for name in METRICS})
-        return row
-
-    tokens_per_step = config.batch_size * config.seq_len
-    resumed_from = None
-    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        check_checkpoint(checkpoint_path, config, corpus.fingerprint)
-        state, history = load_checkpoint(checkpoint_path, functions["abstract_state"])
-        state = jax.device_put(state, shardings)
-        resumed_from = int(state.step)
-    else:
+    def fresh() -> tuple[TrainState, list[dict]]:
         state = functions["init"]()
-        before = {f"batch_{name}": None for name in METRICS}  # no step taken yet
-        history = [{"step": 0, "tokens": 0, **before, **evaluate(state.params)}]
-        history[0].update(run_seconds=None, tokens_per_second=None)
-    last_checkpoint = resumed_from
+        no_step = {f"batch_{name}": None for name in METRICS}
+        return state, [first_row(no_step, evaluate(state.params))]
 
+    state, history, resumed_from = training.start_or_resume(
+        checkpoint_path, resume, load=load, fresh=fresh
+    )
     # Compiled before the clock starts; XLA's memory analysis of this program is the report's.
     compiled_step = compile_step(functions, state, train_tokens)
-    temp_bytes = int(compiled_step.memory_analysis().temp_size_in_bytes)
-    while int(state.step) < config.steps:
-        step = int(state.step)
-        length = min(config.steps, (step // config.eval_every + 1) * config.eval_every) - step
-        begun = time.perf_counter()
-        new_state, metrics = state, []
-        for _ in range(length):
-            new_state, step_metrics = compiled_step(new_state, train_tokens)
-            metrics.append(step_metrics)
-        metrics = jax.tree.map(lambda *values: np.stack(values), *jax.device_get(metrics))
-        seconds = time.perf_counter() - begun
-        finite = np.all(np.isfinite(metrics["loss"])) and all(
-            bool(np.all(np.isfinite(np.asarray(leaf))))
-            for leaf in jax.tree_util.tree_leaves(new_state.params)
-        )
-        if not finite:
-            kept = (
-                f"the last good checkpoint, step {last_checkpoint}, is kept in {checkpoint_path}"
-                if last_checkpoint is not None
-                else "no checkpoint had been written yet"
-            )
-            raise NonFiniteLossError(
-                f"the training loss or parameters became non-finite between steps {step} and "
-                f"{step + length}; {kept}. Try a smaller learning rate (was "
-                f"{config.learning_rate})."
-            )
-        state = new_state
-        row = {
-            "step": int(state.step),
-            "tokens": int(state.step) * tokens_per_step,
-            **{f"batch_{name}": float(np.mean(values)) for name, values in metrics.items()},
-            **evaluate(state.params),
-            "run_seconds": seconds,
-            "tokens_per_second": length * tokens_per_step / seconds,
-        }
-        history.append(row)
-        if checkpoint_path is not None and (
-            row["step"] % config.checkpoint_every == 0 or row["step"] == config.steps
-        ):
-            save_checkpoint(checkpoint_path, state, history, config, corpus.fingerprint)
-            last_checkpoint = row["step"]
-        if on_run_end is not None:
-            on_run_end(row, length)
-
+    state, history = run_training(
+        config,
+        state,
+        history,
+        run_steps=steps_one_by_one(compiled_step, train_tokens),
+        batch_columns=lambda metrics: {
+            f"batch_{name}": float(np.mean(values)) for name, values in metrics.items()
+        },
+        checked=lambda metrics: [metrics["loss"]],
+        evaluate=evaluate,
+        checkpoint=(checkpoint_path, config, corpus.fingerprint),
+        resumed_from=resumed_from,
+        on_run_end=on_run_end,
+        subject="the training loss or parameters",
+        advice=f"Try a smaller learning rate (was {config.learning_rate}).",
+    )
     jax.block_until_ready(state.params)
-    seconds = sum(row["run_seconds"] or 0.0 for row in history)
-    trained_tokens = history[-1]["tokens"]
     return LMResult(
         params=state.params,
         history=history,
         steps=int(state.step),
         resumed_from=resumed_from,
-        tokens_per_second=trained_tokens / seconds if seconds else 0.0,
-        step_temp_bytes=temp_bytes,
+        tokens_per_second=tokens_per_second(history),
+        step_temp_bytes=int(compiled_step.memory_analysis().temp_size_in_bytes),
         peak_memory_bytes=peak_memory_bytes(),
         train_seconds=time.perf_counter() - started,
         devices=dict(mesh.shape),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What the language model's training and distillation's share
+
+
+def placed_evaluation_windows(config: LMConfig, corpus, sharding=None) -> dict[str, jax.Array]:
+    """``{"train": windows, "validation": windows}``: :func:`evaluation_windows` of each split,
+    placed with ``sharding`` (``None``: the default device)."""
+    splits = (("train", corpus.train_tokens), ("validation", corpus.validation_tokens))
+    return {
+        split: jax.device_put(evaluation_windows(config, tokens), sharding)
+        for split, tokens in splits
+    }
+
+
+def evaluator(evaluate: Callable, windows: dict[str, jax.Array], names: tuple[str, ...]):
+    """``params -> {f"{split}_{name}": value}``: ``evaluate(params, windows)`` on each split's
+    windows, the metrics ``names`` of each as Python floats."""
+
+    def evaluate_splits(params) -> dict[str, float]:
+        row = {}
+        for split, split_windows in windows.items():
+            values = evaluate(params, split_windows)
+            row.update({f"{split}_{name}": float(values[name]) for name in names})
+        return row
+
+    return evaluate_splits
+
+
+def first_row(no_step: dict, evaluated: dict) -> dict:
+    """The history's row at step 0: no step taken, the evaluation of the initial weights."""
+    timing = {"run_seconds": None, "tokens_per_second": None}
+    return {"step": 0, "tokens": 0, **no_step, **evaluated, **timing}
+
+
+def steps_one_by_one(step: Callable, *arguments: Any) -> Callable:
+    """``(state, num_steps) -> (state, outputs)``: ``num_steps`` calls of the compiled ``step``
+    ``(state, *arguments) -> (state, outputs)``, the outputs stacked on the host. One step is
+    long enough (a tenth of a second and more) that calling it from Python costs nothing
+    measurable."""
+
+    def run(state: TrainState, num_steps: int):
+        outputs = []
+        for _ in range(num_steps):
+            state, output = step(state, *arguments)
+            outputs.append(output)
+        return state, jax.tree.map(lambda *values: np.stack(values), *jax.device_get(outputs))
+
+    return run
+
+
+def run_training(
+    config: LMConfig,
+    state: TrainState,
+    history: list[dict],
+    *,
+    batch_columns: Callable[[Any], dict],
+    checked: Callable[[Any], Any],
+    evaluate: Callable[[Any], dict],
+    subject: str,
+    resumed_from: int | None,
+    checkpoint: tuple[str | None, Any, str],
+    **loop: Any,
+) -> tuple[TrainState, list[dict]]:
+    """:func:`jaxsoftmax.training.run_loop` to ``config.steps`` with a language model's rows:
+    ``step``, ``tokens``, ``batch_columns(outputs)``, ``evaluate(params)``, ``run_seconds`` and
+    ``tokens_per_second``. A run stops with :class:`NonFiniteLossError` naming ``subject`` when
+    an array of ``checked(outputs)`` or a parameter is not finite. ``checkpoint``: ``(path,
+    run_config, corpus_fingerprint)`` of :func:`save_checkpoint` (no checkpoints for a ``None``
+    path). ``loop``: ``run_steps``, ``advice`` and ``on_run_end`` of ``run_loop``."""
+    tokens_per_step = config.batch_size * config.seq_len
+    checkpoint_path, run_config, fingerprint = checkpoint
+
+    def row(state: TrainState, outputs, seconds: float, length: int) -> dict:
+        step = int(state.step)
+        return {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            **batch_columns(outputs),
+            **evaluate(state.params),
+            "run_seconds": seconds,
+            "tokens_per_second": length * tokens_per_step / seconds,
+        }
+
+    def non_finite(state: TrainState, outputs, first: int, length: int) -> str | None:
+        finite = all(np.all(np.isfinite(values)) for values in checked(outputs))
+        if finite and training.all_finite(state.params):
+            return None
+        return f"{subject} became non-finite between steps {first} and {first + length}"
+
+    return training.run_loop(
+        state,
+        history,
+        steps=config.steps,
+        eval_every=config.eval_every,
+        history_row=row,
+        non_finite=non_finite,
+        error=NonFiniteLossError,
+        checkpoint_every=config.checkpoint_every,
+        save=None
+        if checkpoint_path is None
+        else lambda state, history: save_checkpoint(
+            checkpoint_path, state, history, run_config, fingerprint
+        ),
+        checkpoint_path=checkpoint_path,
+        last_checkpoint=resumed_from,
+        **loop,
+    )
+
+
+def tokens_per_second(history: list[dict]) -> float:
+    """Training tokens over the wall time of the training steps of every row."""
+    seconds = sum(row["run_seconds"] or 0.0 for row in history)
+    return history[-1]["tokens"] / seconds if seconds else 0.0

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # a sibling module of this script
-from flag_types import non_negative_float, positive_int  # a sibling module
+import common  # what the scripts share
+from common import non_negative_float, positive_int
 
 from jaxsoftmax import data, mlp
 
@@ -61,12 +61,15 @@ def main(argv=None) -> int:
         "--l2", type=non_negative_float, default=1e-3, help="L2 weight penalty, >= 0"
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed runs of each method (best kept)"
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed runs of each method (best kept)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and parameters")
-    compilation_cache.add_flag(parser)
+    common.add_cache_flag(parser)
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
+    common.enable_compilation_cache(arguments)
 
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=True)
     if arguments.batch_size > len(dataset.y_train):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flag_types import positive_int  # a sibling module
+from common import positive_int  # a helper module of the scripts
 
 from jaxsoftmax import cross_entropy
 

@@ -31,30 +31,17 @@ only) and checkpoint.npz (``--resume`` continues from it).
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.metadata
-import io
-import json
 import os
-import platform
-import re
 import sys
 
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compilation_cache  # a sibling module of this script
-import launch  # a sibling module: the flags that join a run of several processes
-from flag_types import (  # a sibling module
-    OneLineErrorParser,
-    coefficient_below_one,
-    non_negative_float,
-    positive_float,
-    positive_int,
-)
+import common  # what the scripts share
+import processes  # the flags that join a run of several processes
+from common import coefficient_below_one, non_negative_float, positive_float, positive_int
 
-import jaxsoftmax
 from jaxsoftmax import data, mlp, training
 
 OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv")  # and the checkpoint, by training
@@ -89,7 +76,7 @@ def parse_class_weights(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = training.TrainConfig()
-    parser = OneLineErrorParser(
+    parser = common.OneLineErrorParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -124,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd: plain gradient descent; momentum: SGD with --momentum; adam",
     )
     parser.add_argument(
-        "--lr", type=positive_float, default=defaults.learning_rate, help="learning rate, > 0"
+        "--lr",
+        type=positive_float,
+        default=defaults.learning_rate,
+        help="learning rate, > 0",
     )
     parser.add_argument(
         "--momentum",
@@ -197,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    compilation_cache.add_flag(parser)
-    launch.add_flags(parser)
+    common.add_cache_flag(parser)
+    processes.add_flags(parser)
     return parser
 
 
@@ -229,35 +219,6 @@ def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig
     )
 
 
-def name_the_flag(message: str, arguments: argparse.Namespace) -> str:
-    """A library error about a setting, prefixed as argparse does with the flag that sets it:
-    ``"eval_every=30 must ..."`` -> ``"argument --eval-every: eval_every=30 must ..."``. The
-    setting is the first one the message names; a message naming a flag already is kept."""
-    if "--" in message:
-        return message
-    flags = {name: "--" + name.replace("_", "-") for name in vars(arguments)}
-    flags["learning_rate"] = "--lr"
-    names = "|".join(sorted(flags, key=len, reverse=True))
-    first = re.search(rf"(?<![\w-])({names})(?![\w-])", message)
-    return message if first is None else f"argument {flags[first.group(1)]}: {message}"
-
-
-def output_directory_problem(out: str) -> str | None:
-    """Why ``--out`` cannot be the output directory (a file, or under one, or not writable),
-    or ``None`` if it can."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"{out!r} is an existing file; expected a directory (existing or to create)"
-    ancestor = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        return f"{out!r} lies under the file {ancestor!r}; expected a directory path"
-    existing = out if os.path.isdir(out) else ancestor
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{out!r}: {existing!r} is not writable; expected a directory this user can write"
-    return None
-
-
 def config_used(config: training.TrainConfig) -> dict:
     """``config.to_dict()`` less the settings this run ignored (``momentum`` unless
     ``optimizer="momentum"``), as recorded in metrics.json."""
@@ -276,38 +237,8 @@ def class_colours(num_classes: int) -> np.ndarray:
     return np.asarray(colour_map(np.linspace(0.0, 1.0, max(num_classes, 2))))[:num_classes]
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions; for jaxsoftmax run from a source tree, its ``__version__``."""
-    versions = {"python": platform.python_version()}
-    for name in ("jaxsoftmax", "jax", "jaxlib", "optax", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = jaxsoftmax.__version__ if name == "jaxsoftmax" else "not installed"
-    return versions
-
-
-def write_history(path: str, history: list[dict]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    training.write_atomically(path, text.getvalue())
-
-
-def save_figure(figure, path: str) -> None:
-    """A matplotlib figure as a PNG at ``path``, written atomically (rendered in memory first)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    training.write_atomically(path, buffer.getvalue())
-
-
 def plot_history(path: str, history: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     steps = [row["step"] for row in history]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot(steps, [row["train_loss"] for row in history], label="train")
@@ -320,18 +251,14 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
     accuracy_axes.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     plt.close(figure)
 
 
 def plot_decision_boundary(
     path: str, params: mlp.Params, dataset: data.Dataset, activation: str, title: str
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     x, y = dataset.x_train, dataset.y_train
     low, high = x.min(axis=0) - 0.5, x.max(axis=0) + 0.5
     grid_x, grid_y = np.meshgrid(
@@ -352,7 +279,7 @@ def plot_decision_boundary(
     axes.scatter(x[:, 0], x[:, 1], c=colours[np.asarray(y)], s=18, edgecolors="k", linewidths=0.5)
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
     figure.tight_layout()
-    save_figure(figure, path)
+    common.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -372,8 +299,8 @@ def train_quietly(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    compilation_cache.enable(arguments)
-    launch.initialize(parser, arguments)  # several processes: join them before JAX starts
+    common.enable_compilation_cache(arguments)
+    processes.initialize(parser, arguments)  # several processes: join them before JAX starts
     # Process 0 alone prints the run's report and writes its files; every process trains.
     lead = jax.process_index() == 0
     # Flags that contradict each other or the data are usage errors (exit status 2), found
@@ -389,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         training.check_config_for_dataset(config, dataset)
     except (ValueError, TypeError) as error:
-        parser.error(name_the_flag(str(error), arguments))
-    problem = output_directory_problem(arguments.out)
+        parser.error(common.name_the_flag(str(error), arguments))
+    problem = common.output_directory_problem(arguments.out)
     if problem is not None:
         parser.error(f"argument --out: {problem}")
     checkpoint_path = os.path.join(arguments.out, training.CHECKPOINT_FILENAME)
@@ -424,47 +351,29 @@ def main(argv: list[str] | None = None) -> int:
         f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
     )
     if arguments.resume:
-        print(
-            f"resuming from step {resuming_from} of {checkpoint_path}"
-            if resuming_from is not None
-            else f"--resume: no checkpoint at {checkpoint_path}; starting from scratch"
-        )
+        print(common.resume_note(resuming_from, checkpoint_path))
     created_out = not os.path.exists(arguments.out)
-    os.makedirs(arguments.out, exist_ok=True)
-    for name in OUTPUTS_WRITTEN_ATOMICALLY:  # temporaries of a run killed while it wrote them
-        training.remove_stale_temporaries(os.path.join(arguments.out, name))
-
-    progress_bar = None
-    if not arguments.no_progress:
-        from tqdm import tqdm
-
-        progress_bar = tqdm(total=config.steps, unit="step", file=sys.stdout, mininterval=0.5)
-
-    def on_run_end(row: dict, steps_in_run: int) -> None:
-        if progress_bar is not None:
-            progress_bar.update(steps_in_run)
-            progress_bar.set_postfix(
-                loss=f"{row['batch_loss']:.4f}",
-                train_acc=f"{row['train_accuracy']:.3f}",
-                refresh=False,
-            )
-
-    try:
-        result = training.train(
+    common.prepare_output(arguments.out, OUTPUTS_WRITTEN_ATOMICALLY)
+    result = common.train_with_progress(
+        lambda on_run_end: training.train(
             config,
             dataset,
             checkpoint_dir=arguments.out,
             resume=arguments.resume,
             on_run_end=on_run_end,
-        )
-    except training.NonFiniteLossError as error:
+        ),
+        config.steps,
+        lambda row: {
+            "loss": f"{row['batch_loss']:.4f}",
+            "train_acc": f"{row['train_accuracy']:.3f}",
+        },
+        disabled=arguments.no_progress,
+        mininterval=0.5,
+    )
+    if result is None:  # stopped on a non-finite value
         if created_out and not os.listdir(arguments.out):  # no checkpoint: leave nothing behind
             os.rmdir(arguments.out)
-        print(f"\nstopped: {error}", file=sys.stderr)
         return 2
-    finally:
-        if progress_bar is not None:
-            progress_bar.close()
 
     metrics = {
         "train_accuracy": result.train_accuracy,
@@ -477,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_description,
         "devices": result.devices,
         "processes": result.processes,
-        "versions": library_versions(),
+        "versions": common.library_versions(),
         "dataset": {
             "name": dataset.name,
             "train_examples": len(dataset.y_train),
@@ -490,10 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": config_used(config),
     }
-    training.write_atomically(
-        os.path.join(arguments.out, "metrics.json"), json.dumps(metrics, indent=2)
-    )
-    write_history(os.path.join(arguments.out, "history.csv"), result.history)
+    common.write_json(os.path.join(arguments.out, "metrics.json"), metrics)
+    common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
     kind = config.activation if config.hidden else "linear softmax classifier"
     title = f"{dataset.name}, {architecture} {kind}, {config.steps} steps"
     if not arguments.no_plots:

@@ -4,6 +4,12 @@ import os
 
 # Several test workers may share one GPU: take memory as needed instead of 75% each.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The scripts of experiments/ keep JAX's compiled programs in the user's cache folder
+# ($XDG_CACHE_HOME/jaxsoftmax/jax-compilation-cache) unless this is set. Tests call their main()
+# in this process and start them in child processes, which inherit it: the suite never reads or
+# writes that folder, so it takes as long on a fresh machine as on one that ran it before
+# (tests/test_experiments.py holds it).
+os.environ["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

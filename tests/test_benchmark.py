@@ -184,7 +184,7 @@ def test_the_spiral_runs_must_end_at_the_same_loss():
 def test_fast_calls_get_more_rounds_in_whole_squares(
     repeats, seconds_per_round, competitors, expected
 ):
-    assert load_benchmark().rounds_for(repeats, seconds_per_round, competitors) == expected
+    assert load_benchmark().harness.rounds_for(repeats, seconds_per_round, competitors) == expected
 
 
 def test_the_ratio_spread_pairs_the_competitors_round_by_round():

@@ -33,7 +33,7 @@ def load_script(name):
 
 # The scripts' persistent compilation cache, for the runs of this test process: a folder of
 # its own (never the user's), shared by the runs, which then skip compiling what an earlier
-# run compiled.
+# run compiled. The suite turns the cache off (conftest.py); these child processes turn it on.
 CACHE_HOME = tempfile.mkdtemp(prefix="jaxsoftmax-tests-cache-")
 
 
@@ -41,6 +41,7 @@ def run_script(name, *arguments, expect_success=True, environment=None):
     environment = {
         **os.environ,
         "XDG_CACHE_HOME": CACHE_HOME,
+        "JAXSOFTMAX_NO_COMPILATION_CACHE": "0",
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         **(environment or {}),
     }
@@ -136,7 +137,7 @@ def test_metrics_versions_name_the_package_version_when_not_installed(monkeypatc
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    versions = train.library_versions()
+    versions = train.common.library_versions()
     assert versions["jaxsoftmax"] == jaxsoftmax.__version__
     assert versions["jax"] == "not installed"
     # a source tree that is not installed reports its pyproject version, marked as such
@@ -504,7 +505,7 @@ def test_decision_boundary_regions_and_points_take_one_colour_per_class(tmp_path
 
     monkeypatch.setattr(Axes, "contourf", contourf)
     monkeypatch.setattr(Axes, "scatter", scatter)
-    monkeypatch.setattr(train, "save_figure", lambda figure, path: None)  # nothing rendered
+    monkeypatch.setattr(train.common, "save_figure", lambda figure, path: None)  # nothing rendered
     dataset = data.load("spiral", num_examples=10)
     params = mlp.init(jax.random.key(0), [2, 4, 3])
     train.plot_decision_boundary(str(tmp_path / "b.png"), params, dataset, "relu", "t")
@@ -567,6 +568,26 @@ def test_the_compilation_cache_can_be_turned_off(tmp_path, how):
         environment["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
     run_script("train.py", *small, *flags, "--out", str(tmp_path / "run"), environment=environment)
     assert cache_entries(tmp_path / "cache") == []
+
+
+def test_the_suite_never_turns_on_the_users_compilation_cache(tmp_path, monkeypatch):
+    """conftest.py turns the scripts' cache off for the whole suite: a script's main() run in
+    the test process (as several tests do) neither points JAX's cache at the user's folder nor
+    writes under $XDG_CACHE_HOME, and the processes the suite starts inherit the switch."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train = load_script("train")
+    small = ["--num-examples", "30", "--hidden", "8", "--steps", "20", "--no-progress"]
+    assert train.main([*small, "--no-plots", "--out", str(tmp_path / "run")]) == 0
+    folder = os.path.join("jaxsoftmax", "jax-compilation-cache")
+    assert folder not in str(jax.config.jax_compilation_cache_dir)
+    assert cache_entries(tmp_path / "cache") == [] and not (tmp_path / "cache").exists()
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ['JAXSOFTMAX_NO_COMPILATION_CACHE'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == "1"
 
 
 def test_benchmark_flags_show_defaults_and_refuse_bad_repeats():

@@ -54,7 +54,6 @@ devices, so on the CPU the same seed and device count give the same parameters b
 resumed run ends where an uninterrupted one does. Another device count changes only the rounding.
 """
 
-
 from jaxsoftmax.training.batches import batch_indices as batch_indices
 from jaxsoftmax.training.batches import epoch_permutation as epoch_permutation
 from jaxsoftmax.training.batches import is_full_batch as is_full_batch

@@ -25,7 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments")]
-import launch  # noqa: E402  (experiments/launch.py: the process flags)
+import processes  # noqa: E402  (experiments/processes.py: the process flags)
 
 # The cases the test compares; experiments/train.py's flags for "minibatch" are
 # tests/test_multiprocess.py's TRAIN_FLAGS (its killed run resumes to these parameters).
@@ -205,9 +205,9 @@ def train_cases(out: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for OUT/<case>.npz")
-    launch.add_flags(parser)
+    processes.add_flags(parser)
     arguments = parser.parse_args()
-    several = launch.initialize(parser, arguments)
+    several = processes.initialize(parser, arguments)
     import jax
 
     jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -1,0 +1,203 @@
+"""The fused distillation's backward: the derived gradients, tile by tile.
+
+For each vocabulary chunk and token chunk both tiles of logits are recomputed and
+:func:`jaxsoftmax.core.divergences.logits_gradients` (plus the cross-entropy rule's tile,
+:func:`jaxsoftmax.core.row_terms.logits_gradient`, for the hard term) turns them into the
+gradient tiles ``G_s`` and ``G_t`` for the rows' cotangent ``g``, consumed at once
+(:func:`products`)::
+
+    dh_s[T] += G_s W_s[Vc]    dW_s[Vc] += G_s^T h_s[T]    db_s[Vc] += sum_T G_s
+    (and the teacher's, with G_t)
+
+The log-probabilities come from the forward's residuals, ``log p = a - m_a - log s_a`` and
+``log q = b - m_b - log s_b``: nothing is normalized again. A model whose gradient is not
+wanted (:class:`jaxsoftmax.tiles.distillation_plan.Wanted`) gets no gradient tile and no
+products, so a frozen teacher costs two matrix products per tile (its logits, forward and
+backward), not four. The classifier's gradient is assembled one vocabulary chunk at a time;
+a moved-back last chunk adds exactly 0 to the classes an earlier chunk wrote, and the rows of
+a moved-back last token chunk get ``g = 0``. With a ``vocab_mask`` a chunk of only masked
+classes is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax.checks.linear_head import LinearHead
+from jaxsoftmax.core import divergences, row_terms
+from jaxsoftmax.core.cpu_programs import slice_chunk
+from jaxsoftmax.core.varying_axes import typed_like_inputs
+from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles.distillation_plan import (
+    DistillationPlan,
+    TileGrid,
+    Wanted,
+    fresh_classes,
+    masked,
+    tile_grid,
+    tile_pair,
+)
+
+
+class _Rows(NamedTuple):
+    """What the backward reads per row: the cotangent and the forward's residuals."""
+
+    labels: Any  # [N] or None
+    row_mask: Any  # [N] or None
+    g: Any  # [N]
+    statistics: tuple  # (m_a, log s_a, m_b, log s_b)
+    terms: list  # the KL terms, one or two [N]
+    hard_stats: list  # m and log s of the hard term's softmax
+
+
+def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wanted: Wanted,
+             plan: DistillationPlan):  # fmt: skip
+    """Gradients ``(LinearHead, LinearHead)`` of the student and the teacher (None where not wanted)."""
+    grid = tile_grid(student, teacher, plan)
+    top_a, log_a, top_b, log_b, *rest = residuals
+    num_terms = 2 if plan.divergence.divergence == "jsd" else 1
+    terms, hard_stats = rest[:num_terms], rest[num_terms:] or [top_a, log_a]
+    rows = _Rows(labels, row_mask, g, (top_a, log_a, top_b, log_b), terms, hard_stats)
+    participating = None
+    if vocab_mask is not None:
+        participating = jnp.sum(vocab_mask[: grid.num_classes].astype(grid.dtype))
+    models = [m for m, w in ((student, wanted.student), (teacher, wanted.teacher)) if w]
+    varying = typed_like_inputs((student, teacher, labels, row_mask, vocab_mask, residuals, g))
+    step = functools.partial(_vocab_step, grid, rows, vocab_mask, participating, wanted,
+                             models, varying)  # fmt: skip
+    init = varying(
+        [
+            (
+                jnp.zeros(m.hidden.shape, row_terms.compute_dtype(m.hidden.dtype)),
+                jnp.zeros_like(m.classifier),
+                None if m.bias is None else jnp.zeros_like(m.bias),
+            )
+            for m in models
+        ]
+    )
+    found, _ = lax.scan(step, init, jnp.arange(grid.num_vc, dtype=jnp.int32))
+    found = iter(found)
+    gradients = []
+    for model, w in ((student, wanted.student), (teacher, wanted.teacher)):
+        if not w:
+            gradients.append(None)
+            continue
+        d_hidden, d_classifier, d_bias = next(found)
+        gradients.append(LinearHead(d_hidden.astype(model.hidden.dtype), d_classifier, d_bias))
+    return tuple(gradients)
+
+
+def _vocab_step(grid: TileGrid, rows: _Rows, vocab_mask, participating, wanted, models,
+                varying, carry, i):  # fmt: skip
+    """One vocabulary chunk: its gradient tiles over all token chunks, then the chunk's
+    ``dW[Vc]`` and ``db[Vc]`` added to the models' gradients (``dh`` is carried through)."""
+    plan = grid.plan
+    v0 = grid.vocab_start(i)
+    fresh = fresh_classes(grid, v0, i, vocab_mask)
+    block = row_terms.ClassBlock(grid.offset + v0, grid.num_classes, None, participating)
+    inner = []
+    for model, (d_hidden, _, _) in zip(models, carry):
+        width = model.hidden.shape[1]
+        shape = (plan.vocab_chunk, width) if plan.layout == "vd" else (width, plan.vocab_chunk)
+        acc = row_terms.compute_dtype(model.classifier.dtype)
+        bias = None if model.bias is None else jnp.zeros((plan.vocab_chunk,), acc)
+        inner.append((d_hidden, *varying((jnp.zeros(shape, acc), bias))))
+    step = functools.partial(_token_step, grid, rows, v0, fresh, block, wanted, models)
+    run = lambda inner: lax.scan(step, inner, jnp.arange(grid.num_tc, dtype=jnp.int32))[0]
+    if vocab_mask is None:
+        inner = run(inner)
+    else:  # a chunk of only masked classes adds nothing: skipped
+        inner = lax.cond(jnp.any(fresh), run, lambda x: x, inner)
+    return [_add_chunk(plan, v0, *found) for found in zip(models, carry, inner)], None
+
+
+def _add_chunk(plan: DistillationPlan, v0, model, whole, chunk):
+    """``dW[Vc] += dW_c``, ``db[Vc] += db_c`` for one model; ``dh`` is the chunk's. Classes
+    already written by an earlier chunk got exactly 0 here: adding is exact."""
+    vc = plan.vocab_chunk
+    _, d_classifier, d_bias = whole
+    d_hidden, d_classifier_c, d_bias_c = chunk
+    d_classifier = lax.dynamic_update_slice_in_dim(
+        d_classifier,
+        tile_plan.classifier_chunk(d_classifier, v0, vc, plan.layout)
+        + d_classifier_c.astype(model.classifier.dtype),
+        v0,
+        0 if plan.layout == "vd" else 1,
+    )
+    if d_bias is not None:
+        d_bias = lax.dynamic_update_slice_in_dim(
+            d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(d_bias.dtype), v0, 0
+        )
+    return d_hidden, d_classifier, d_bias
+
+
+def _token_step(grid: TileGrid, rows: _Rows, v0, fresh, block, wanted, models, inner, j):
+    """One tile: its gradient tiles ``G_s``, ``G_t`` (those wanted), consumed by the products."""
+    tc = grid.plan.token_chunk
+    t0 = grid.token_start(j)
+    sliced = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, t0, tc)
+    # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
+    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
+    g_t = jnp.where(fresh_rows, sliced(rows.g), 0.0)
+    if rows.row_mask is not None:
+        g_t = jnp.where(sliced(rows.row_mask), g_t, 0.0)
+    z_s, z_t = tile_pair(grid, t0, v0)
+    grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
+    grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
+    hidden_tiles = [slice_chunk(m.hidden, t0, tc) for m in models]
+    return [
+        products(acc, grad, h_t, m, v0, t0, grid.plan)
+        for acc, grad, h_t, m in zip(inner, grads, hidden_tiles, models)
+    ], None
+
+
+def _gradient_tiles(grid: TileGrid, rows: _Rows, sliced, z_s, z_t, fresh, g_t, block, wanted):
+    """``[G_s, G_t]`` of one tile (None where not wanted): the divergence's derived gradients
+    times ``g``, plus ``h (softmax(z_s) - onehot(y)) g`` for the hard term (the core's rule)."""
+    plan = grid.plan
+    div, t = plan.divergence, plan.divergence.temperature
+    top_a, log_a, top_b, log_b = rows.statistics
+    log_p = masked(z_s / t, fresh) - sliced(top_a)[:, None] - sliced(log_a)[:, None]
+    log_q = masked(z_t / t, fresh) - sliced(top_b)[:, None] - sliced(log_b)[:, None]
+    terms_t = [sliced(term)[:, None] for term in rows.terms]
+    grads = divergences.logits_gradients(log_p, log_q, terms_t, div, wanted.student, wanted.teacher)
+    grads = [None if x is None else x * g_t[:, None] for x in grads]
+    if plan.hard_weight > 0 and wanted.student:
+        statistics = tuple(sliced(x)[:, None] for x in rows.hard_stats)
+        hard_g = plan.hard_weight * g_t
+        grads[0] = grads[0] + row_terms.logits_gradient(
+            z_s, sliced(rows.labels), None, None, sliced(rows.row_mask), statistics, hard_g,
+            grid.rule, block,
+        )  # fmt: skip
+    return grads
+
+
+def products(inner, grad, hidden_t, model, v0, t0, plan: DistillationPlan):
+    """One model's ``dh[T] += G W[Vc]``, ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``."""
+    d_hidden, d_classifier_c, d_bias_c = inner
+    vocab_axis = 0 if plan.layout == "vd" else 1
+    classifier_c = tile_plan.classifier_chunk(model.classifier, v0, plan.vocab_chunk, plan.layout)
+    grad_in = grad.astype(model.hidden.dtype)  # the products in the inputs' dtype
+    d_hidden_t = lax.dot_general(
+        grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
+        preferred_element_type=d_hidden.dtype,
+    )  # fmt: skip
+    tc = plan.token_chunk
+    d_hidden = lax.dynamic_update_slice_in_dim(
+        d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
+    )
+    acc = d_classifier_c.dtype
+    if plan.layout == "vd":  # G^T h: [Vc, d]
+        product = lax.dot_general(grad_in, hidden_t, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=acc)  # fmt: skip
+    else:  # h^T G: [d, Vc]
+        product = lax.dot_general(hidden_t, grad_in, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=acc)  # fmt: skip
+    d_classifier_c = d_classifier_c + product
+    if d_bias_c is not None:
+        d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
+    return d_hidden, d_classifier_c, d_bias_c

@@ -1,11 +1,11 @@
-"""The loss options every public loss shares, checked in one place, and the reduction.
+"""The loss options every public loss shares, checked in one place.
 
 ``cross_entropy``, the optax drop-ins, ``linear_cross_entropy`` and the sharded losses take
 the same options with the same meaning (see :func:`jaxsoftmax.cross_entropy`):
 ``ignore_index``, ``label_smoothing``, ``class_weights``, ``z_loss``, ``logit_softcap`` and
 ``reduction`` (``where`` is checked against each loss's shapes in
 :mod:`jaxsoftmax.checks.arrays`). :func:`check_options` validates them before any
-computation; :func:`reduce_loss` is the one place the PyTorch reductions are written.
+computation (the reduction itself is :func:`jaxsoftmax.core.reduction.reduce_loss`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-from jax import lax
 
 from jaxsoftmax.checks import arrays
 from jaxsoftmax.core import row_terms
+from jaxsoftmax.core.reduction import reduce_loss  # noqa: F401  (until linear_distillation imports it from core)
 
 REDUCTIONS = arrays.REDUCTIONS
 
@@ -69,29 +69,6 @@ def check_options(
     return options, arrays.check_class_weights(class_weights, num_classes)
 
 
-def reduce_loss(loss, row_weight, reduction: str, batch_axis_names: tuple = ()):
-    """A PyTorch reduction of per-example losses; a mean over no counted example is 0.
-
-    ``"mean"`` is ``sum_n loss_n / sum_n r_n`` with ``r_n`` each example's weight
-    (``row_weight``: ``w[label]`` with class weights, else 1; 0 where not counted). With
-    ``batch_axis_names`` (inside ``shard_map``, examples split over those mesh axes) both
-    sums are finished by a ``psum``, so the mean equals the single-device one, not a mean
-    of the shards' means.
-    """
-    if reduction == "none":
-        return loss
-    total = jnp.sum(loss)
-    if batch_axis_names:
-        total = lax.psum(total, batch_axis_names)
-    if reduction == "sum":
-        return total
-    denominator = jnp.sum(row_weight)
-    if batch_axis_names:
-        denominator = lax.psum(denominator, batch_axis_names)
-    counted = denominator > 0
-    return jnp.where(counted, total / jnp.where(counted, denominator, 1.0), 0.0)
-
-
 def check_vocab_mask(vocab_mask, num_classes: int):
     """``vocab_mask`` as a bool array of ``num_classes`` entries (or None), checked: the
     classes that exist, shared by every row."""
@@ -116,3 +93,11 @@ def labels_on_masked_classes_out_of_range(labels, vocab_mask, ignore_index):
     masked = inside & ~jnp.take(vocab_mask, jnp.clip(labels, 0, num_classes - 1))
     sentinel = jnp.asarray(num_classes if ignore_index == -1 else -1, labels.dtype)
     return jnp.where(masked, sentinel, labels)
+
+
+def merged_row_mask(row_mask, labels, ignore_index):
+    """``where`` and ``labels != ignore_index`` as one row mask (None: every row counts)."""
+    if ignore_index is None:
+        return row_mask
+    kept = labels != ignore_index
+    return kept if row_mask is None else row_mask & kept

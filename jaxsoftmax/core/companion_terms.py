@@ -1,7 +1,7 @@
 """What a trainer logs beside the loss, from the same pass: ``return_aux=True``.
 
 Each loss can return, per example, four numbers computed from the per-row statistics the
-rule already has (:func:`jaxsoftmax.row_terms.row_statistics`, ``m`` and ``log_sum``), so no
+rule already has (:func:`jaxsoftmax.core.row_terms.row_statistics`, ``m`` and ``log_sum``), so no
 second pass over the classes is made:
 
 * ``lse = m + log_sum``, the log-sum-exp of the (soft-capped) logits ``x``;
@@ -128,7 +128,7 @@ def companions_gradient(x, statistics, entropy, g_lse, g_entropy, taking_part, l
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def rows_with_companions(logits, targets, class_mask, class_weights, row_mask,
                          options: row_terms.RuleOptions):  # fmt: skip
-    """:func:`jaxsoftmax.rule.softmax_cross_entropy_rows` that also returns ``lse``,
+    """:func:`jaxsoftmax.core.rule.softmax_cross_entropy_rows` that also returns ``lse``,
     ``entropy`` (both differentiable) and ``correct``, per row."""
     return _fwd(logits, targets, class_mask, class_weights, row_mask, options)[0]
 

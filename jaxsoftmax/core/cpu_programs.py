@@ -71,7 +71,7 @@ def per_platform(plain, fast, **keywords):
     """``plain`` on every platform but the CPU, which gets ``fast``, chosen when lowered.
 
     Both take the same array arguments and return the same types; ``keywords`` (the rule's
-    options, a tile's :class:`~jaxsoftmax.row_terms.ClassBlock`) are bound to both.
+    options, a tile's :class:`~jaxsoftmax.core.row_terms.ClassBlock`) are bound to both.
     """
     plain = functools.partial(plain, **keywords) if keywords else plain
     fast = functools.partial(fast, **keywords) if keywords else fast
@@ -116,7 +116,7 @@ def _statistics_and_shifted(logits, x, class_mask, options):
 
 
 def forward(logits, targets, class_mask, class_weights, row_mask, options):
-    """:func:`jaxsoftmax.row_terms.forward` for XLA:CPU: integer labels gather their logit
+    """:func:`jaxsoftmax.core.row_terms.forward` for XLA:CPU: integer labels gather their logit
     instead of building a one-hot target; narrow logits get separate readers."""
     num_local = logits.shape[-1]
     widened_only = options.logit_softcap is None and _is_widened(logits)
@@ -155,7 +155,7 @@ def forward(logits, targets, class_mask, class_weights, row_mask, options):
 
 def logits_gradient(logits, targets, class_mask, class_weights, row_mask, statistics, g,
                     options, block=None):  # fmt: skip
-    """:func:`jaxsoftmax.row_terms.logits_gradient` for XLA:CPU.
+    """:func:`jaxsoftmax.core.row_terms.logits_gradient` for XLA:CPU.
 
     Narrow logits: the plain expression, with ``m`` behind a barrier so the backward widens
     the logits itself (workaround 1). Float32/float64 integer labels: the expression with

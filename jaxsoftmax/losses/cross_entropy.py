@@ -26,171 +26,52 @@ The gradient comes from the hand-derived rule in :mod:`jaxsoftmax.core.rule`.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxsoftmax.checks import arrays, checked_mode
-from jaxsoftmax.checks.options import (
-    check_options,
-    check_vocab_mask,
-    labels_on_masked_classes_out_of_range,
-    reduce_loss,
-)
+from jaxsoftmax.checks.logits_call import LogitsCall, LogitsSettings, check_logits_call
+from jaxsoftmax.checks.options import labels_on_masked_classes_out_of_range, merged_row_mask
 from jaxsoftmax.core import companion_terms, row_terms, rule
+from jaxsoftmax.core.reduction import reduce_loss
 
-LABEL_HINT = " Leave an example out with ignore_index= or where=."
 
+def per_example_loss(call: LogitsCall, *, axis_name=None, forward_mode=False, companions=False):
+    """``(loss [batch...], row_weight [batch...])`` of a checked call, and with
+    ``companions`` a third element, the :class:`~jaxsoftmax.LossAux` of every example.
 
-def per_example_loss(
-    logits,
-    targets,
-    *,
-    axis=-1,
-    where=None,
-    ignore_index=None,
-    label_smoothing=0.0,
-    class_weights=None,
-    z_loss=0.0,
-    logit_softcap=None,
-    axis_name=None,
-    checked=False,
-    forward_mode=False,
-    allow_none_axis=False,
-    targets_kind=None,
-    targets_name="targets",
-    kind_hint="",
-    label_hint=LABEL_HINT,
-    return_aux=False,
-    vocab_mask=None,
-):
-    """Validates, moves the class axes last and applies the rule row by row.
-
-    Returns ``(loss [batch...], row_weight [batch...])`` where ``row_weight`` is the
-    example's share of a mean's denominator (0 for dropped examples), and with
-    ``return_aux`` a third element, the :class:`~jaxsoftmax.LossAux` of every example.
-
-    ``targets_kind`` is ``"indices"``, ``"probabilities"`` or None to decide by dtype;
-    ``targets_name``, ``kind_hint`` and ``label_hint`` (checked mode: how to leave an
-    example out) word the error messages.
+    ``row_weight`` is the example's share of a mean's denominator (0 for dropped examples).
+    ``axis_name``: the mapped axis the class axis is split over (inside ``shard_map``).
     """
-    logits = arrays.check_logits(logits)
-    axes = arrays.class_axes(axis, logits.ndim, allow_none=allow_none_axis)
-    num_classes = arrays.check_num_classes(logits.shape, axes)
-    name = targets_name
-    targets = arrays.as_array(targets, name)
-    arrays.check_not_bool(targets, logits.shape, axes, name=name, kind=targets_kind)
-    if targets_kind is None:
-        targets_kind = "indices" if jnp.issubdtype(targets.dtype, jnp.integer) else "probabilities"
-    if targets_kind == "indices":
-        targets = arrays.check_integer_labels(targets, logits.shape, axes, name=name, hint=kind_hint)
-    else:
-        targets = arrays.check_probability_labels(targets, logits.shape, name=name, hint=kind_hint)
-    integer = targets_kind == "indices"
-    row_mask, class_mask = arrays.check_where(where, logits.shape, axes)
-    loss_options, class_weights = check_options(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        num_classes=num_classes,
-        integer_targets=integer,
-    )
-    ignore_index = loss_options.ignore_index
-    options = loss_options.rule(axis_name)
-    vocab_mask = check_vocab_mask(vocab_mask, num_classes)
-    label_check = None
-    if checked and integer:
-        # Labels known in Python are checked here, before any computation; traced labels
-        # get a checkify check inside the computation, which needs `jaxsoftmax.checked`.
-        defer = checked_mode.check_labels_or_defer(
-            targets,
-            None if axis_name is not None else num_classes,
-            row_mask,
-            name=name,
-            ignore_index=ignore_index,
-            hint=label_hint,
-            vocab_mask=vocab_mask,
-        )
-        label_check = (name, label_hint) if defer else None
-
     return rows_and_weights(
-        logits,
-        targets,
-        row_mask,
-        class_mask,
-        class_weights,
-        axes=axes,
-        integer=integer,
-        ignore_index=ignore_index,
-        options=options,
-        forward_mode=forward_mode,
-        label_check=label_check,
-        companions=return_aux,
-        vocab_mask=vocab_mask,
-    )
+        call.logits, call.targets, call.row_mask, call.class_mask, call.class_weights,
+        call.vocab_mask, settings=call.settings, axis_name=axis_name, forward_mode=forward_mode,
+        companions=companions,
+    )  # fmt: skip
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "axes",
-        "integer",
-        "ignore_index",
-        "options",
-        "forward_mode",
-        "label_check",
-        "companions",
-    ),
-)
-def rows_and_weights(
-    logits,
-    targets,
-    row_mask,
-    class_mask,
-    class_weights,
-    *,
-    axes,
-    integer,
-    ignore_index,
-    options,
-    forward_mode,
-    label_check,
-    companions=False,
-    vocab_mask=None,
-):
-    """The computation after validation, jitted so eager calls compile once per shape.
+@functools.partial(jax.jit, static_argnames=("settings", "axis_name", "forward_mode", "companions"))
+def rows_and_weights(logits, targets, row_mask, class_mask, class_weights, vocab_mask, *,
+                     settings: LogitsSettings, axis_name, forward_mode, companions):  # fmt: skip
+    """The computation after the checks, jitted so eager calls compile once per shape.
 
-    ``label_check`` is ``(name, hint)`` to stage checked mode's label check, else None;
-    ``companions`` adds the :class:`~jaxsoftmax.LossAux` (the rule of
-    :mod:`jaxsoftmax.core.companion_terms`); ``vocab_mask`` (``[C]``, this shard's classes under
-    ``axis_name``) joins the class mask, and labels on its masked classes become bad labels.
+    The class axes are moved last, ``ignore_index`` joins the row mask, checked mode's
+    deferred label check is staged, the ``vocab_mask`` (``[C]``, this shard's classes under
+    ``axis_name``) joins the class mask, and the rule gives each row's loss
+    (:mod:`jaxsoftmax.core.rule`; with ``companions`` the :class:`~jaxsoftmax.LossAux` too,
+    by :mod:`jaxsoftmax.core.companion_terms`).
     """
-    num_classes = math.prod(logits.shape[a] for a in axes)
-    logits = arrays.move_classes_last(logits, axes)
-    if not integer:
-        targets = arrays.move_classes_last(targets, axes)
-    if class_mask is not None:
-        class_mask = arrays.move_classes_last(class_mask, axes)
-    if ignore_index is not None:
-        kept = targets != ignore_index
-        row_mask = kept if row_mask is None else row_mask & kept
-    if label_check is not None:
-        total = num_classes
-        if options.axis_name is not None:
-            total = jax.lax.psum(num_classes, options.axis_name)
-        name, hint = label_check
-        checked_mode.check_labels(
-            targets, total, row_mask, name=name, ignore_index=ignore_index, hint=hint,
-            vocab_mask=vocab_mask if options.axis_name is None else None,
-        )  # fmt: skip
-
+    options = settings.options.rule(axis_name)
+    ignore_index = settings.options.ignore_index
+    logits, targets, class_mask = _classes_last(logits, targets, class_mask, settings)
+    row_mask = merged_row_mask(row_mask, targets, ignore_index)
+    if settings.label_check is not None:
+        _staged_label_check(targets, row_mask, vocab_mask, logits.shape[-1], settings, options)
     if vocab_mask is not None:
         every_row = jnp.broadcast_to(vocab_mask, logits.shape)
         class_mask = every_row if class_mask is None else class_mask & every_row
-        if integer and options.axis_name is None:  # (sharded: done on the global labels)
+        if settings.integer and axis_name is None:  # (sharded: done on the global labels)
             targets = labels_on_masked_classes_out_of_range(targets, vocab_mask, ignore_index)
     args = (logits, targets, class_mask, class_weights, row_mask, options)
     if companions:
@@ -199,16 +80,35 @@ def rows_and_weights(
         loss = rule.softmax_cross_entropy_rows_fwd_capable(*args)
     else:
         loss = rule.softmax_cross_entropy_rows(*args)
-
-    dtype = loss.dtype
-    r = row_terms.row_weight(targets, class_weights, logits.shape[-1], dtype, options)
+    r = row_terms.row_weight(targets, class_weights, logits.shape[-1], loss.dtype, options)
     r = jnp.broadcast_to(r, loss.shape + (1,))[..., 0]
     live = row_terms.live_rows(class_mask, row_mask, options)
     weight = r if live is None else jnp.where(live[..., 0], r, 0.0)
     if companions:
-        aux = companion_terms.loss_aux(lse, entropy, correct, r, options.z_loss)
-        return loss, weight, aux
+        return loss, weight, companion_terms.loss_aux(lse, entropy, correct, r, options.z_loss)
     return loss, weight
+
+
+def _classes_last(logits, targets, class_mask, settings: LogitsSettings):
+    """The logits, probability targets and class mask with their class axes last."""
+    logits = arrays.move_classes_last(logits, settings.axes)
+    if not settings.integer:
+        targets = arrays.move_classes_last(targets, settings.axes)
+    if class_mask is not None:
+        class_mask = arrays.move_classes_last(class_mask, settings.axes)
+    return logits, targets, class_mask
+
+
+def _staged_label_check(targets, row_mask, vocab_mask, num_local, settings, options):
+    """Checked mode's checkify check of traced labels, against all ``V`` classes."""
+    total = num_local
+    if options.axis_name is not None:
+        total = jax.lax.psum(num_local, options.axis_name)
+    name, hint = settings.label_check
+    checked_mode.check_labels(
+        targets, total, row_mask, name=name, ignore_index=settings.options.ignore_index,
+        hint=hint, vocab_mask=vocab_mask if options.axis_name is None else None,
+    )  # fmt: skip
 
 
 def cross_entropy(
@@ -297,23 +197,14 @@ def cross_entropy(
       >>> print([f"{loss:.4f}" for loss in losses])
       ['0.4170', '0.0000']
     """
-    reduction = arrays.check_reduction(reduction)
-    logits = arrays.check_logits(logits)
     arrays.check_flag(return_aux, "return_aux")
-    out = per_example_loss(
-        logits,
-        targets,
-        axis=axis,
-        where=where,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        axis_name=axis_name,
-        checked=checked,
-        return_aux=return_aux,
-        vocab_mask=vocab_mask,
-    )
-    loss = reduce_loss(out[0], out[1], reduction).astype(logits.dtype)
+    call = check_logits_call(
+        logits, targets, axis=axis, where=where, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
+        logit_softcap=logit_softcap, reduction=reduction, checked=checked,
+        sharded=axis_name is not None, vocab_mask=vocab_mask,
+    )  # fmt: skip
+    out = per_example_loss(call, axis_name=axis_name, companions=return_aux)
+    loss = reduce_loss(out[0], out[1], call.settings.options.reduction)
+    loss = loss.astype(call.logits.dtype)
     return (loss, out[2]) if return_aux else loss

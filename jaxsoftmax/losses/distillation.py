@@ -17,12 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxsoftmax.checks import arrays, checked_mode
-from jaxsoftmax.checks.options import (
-    check_vocab_mask,
-    labels_on_masked_classes_out_of_range,
-    reduce_loss,
-)
+from jaxsoftmax.checks.options import check_vocab_mask, labels_on_masked_classes_out_of_range
 from jaxsoftmax.core import divergences, row_terms, rule
+from jaxsoftmax.core.reduction import reduce_loss
 
 DIVERGENCES = divergences.DIVERGENCES
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax
 
-from jaxsoftmax.checks.arrays import check_logits
+from jaxsoftmax.checks.logits_call import check_logits_call
 from jaxsoftmax.losses.cross_entropy import per_example_loss
 
 Axis = int | tuple[int, ...] | None
@@ -62,20 +62,19 @@ def softmax_cross_entropy(
       >>> print([f"{loss:.4f}" for loss in softmax_cross_entropy(logits, labels)])
       ['0.2761', '2.9518']
     """
-    logits = check_logits(logits)
-    loss, _ = per_example_loss(
+    call = check_logits_call(
         logits,
         labels,
         axis=axis,
         where=where,
-        axis_name=axis_name,
-        forward_mode=True,
+        sharded=axis_name is not None,
         allow_none_axis=True,
         targets_kind="probabilities",
         targets_name="labels",
         kind_hint=" For class indices use softmax_cross_entropy_with_integer_labels.",
     )
-    return loss.astype(logits.dtype)
+    loss, _ = per_example_loss(call, axis_name=axis_name, forward_mode=True)
+    return loss.astype(call.logits.dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -120,18 +119,17 @@ def softmax_cross_entropy_with_integer_labels(
       >>> print([f"{loss:.4f}" for loss in losses])
       ['0.2761', '2.9518']
     """
-    logits = check_logits(logits)
-    loss, _ = per_example_loss(
+    call = check_logits_call(
         logits,
         labels,
         axis=axis,
         where=where,
-        axis_name=axis_name,
         checked=checked,
-        forward_mode=True,
+        sharded=axis_name is not None,
         targets_kind="indices",
         targets_name="labels",
         kind_hint=" For probabilities use softmax_cross_entropy.",
         label_hint=" Leave an example out with where=.",
     )
-    return loss.astype(logits.dtype)
+    loss, _ = per_example_loss(call, axis_name=axis_name, forward_mode=True)
+    return loss.astype(call.logits.dtype)

@@ -25,7 +25,6 @@ and whose gradient is 0; the logits are never padded because they never exist.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +32,18 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax.checks import arrays
-from jaxsoftmax.checks.options import reduce_loss
+from jaxsoftmax.checks.linear_call import LinearCall, check_linear_call
+from jaxsoftmax.checks.linear_head import LinearHead
+from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.core.companion_terms import LossAux
-from jaxsoftmax.losses import linear_cross_entropy as lce
-from jaxsoftmax.losses.sharded_cross_entropy import (
-    AxisName,
-    _spec_entry,
-    check_tokens_divide,
-    mesh_axes,
+from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.tiles import cross_entropy as fused
+from jaxsoftmax.tiles.mesh import (
+    MeshLayout,
     on_explicit_axes,
-    pad_axis,
-    run_on_mesh,
+    pad_classes,
+    run_sharded,
+    vocabulary_split,
 )
 
 
@@ -124,122 +124,80 @@ def sharded_linear_cross_entropy(
     class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     return_aux = arrays.check_flag(return_aux, "return_aux")
     # The single-device checks and messages, on the global arrays.
-    call = lce._validated(
-        hidden,
-        classifier,
-        labels,
-        bias=bias,
-        where=where,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        class_weights=class_weights,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        reduction=reduction,
-        classifier_layout=classifier_layout,
-        token_chunk=token_chunk,
-        vocab_chunk=vocab_chunk,
-        accumulation_dtype=accumulation_dtype,
-        vocab_mask=vocab_mask,
-    )
-    check_tokens_divide(call.hidden.shape[0], mesh, batch_names, batch_axis_name,
-                        "hidden's leading axes, flattened")  # fmt: skip
-    explicit = on_explicit_axes(
-        mesh, (hidden, classifier, labels, bias, where, class_weights, vocab_mask)
-    )
-    inputs = (call.hidden, call.classifier, call.labels, call.bias, call.class_weights)
-    settings = call._replace(
-        hidden=None, classifier=None, labels=None, bias=None, class_weights=None, row_mask=None,
-        vocab_mask=None,
+    call = check_linear_call(
+        hidden, classifier, labels, bias=bias, where=where, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
+        logit_softcap=logit_softcap, reduction=reduction, classifier_layout=classifier_layout,
+        token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+        accumulation_dtype=accumulation_dtype, vocab_mask=vocab_mask,
     )  # fmt: skip
-    out = _sharded_loss(
-        *inputs,
-        call.row_mask,
-        call.vocab_mask,
-        settings=settings,
-        mesh=mesh,
-        class_names=class_names,
-        batch_names=batch_names,
-        explicit=explicit,
-        return_aux=return_aux,
+    check_tokens_divide(call.head.hidden.shape[0], mesh, batch_names, batch_axis_name,
+                        "hidden's leading axes, flattened")  # fmt: skip
+    inputs = (hidden, classifier, labels, bias, where, class_weights, vocab_mask)
+    layout = MeshLayout(mesh, class_names, batch_names, on_explicit_axes(mesh, inputs))
+    arrays_of_call = (call.head, call.labels, call.class_weights, call.row_mask, call.vocab_mask)
+    settings = call._replace(
+        head=None, labels=None, class_weights=None, row_mask=None, vocab_mask=None
     )
+    out = _sharded_loss(*arrays_of_call, settings=settings, layout=layout, return_aux=return_aux)
     out, aux = out if return_aux else (out, None)
-    if call.reduction == "none":
+    if call.options.reduction == "none":
         out = out.reshape(call.batch)
-    out = out.astype(call.hidden.dtype)
+    out = out.astype(call.head.hidden.dtype)
     if not return_aux:
         return out
     return out, jax.tree.map(lambda a: a.reshape(call.batch), aux)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit", "return_aux"),
-)
-def _sharded_loss(
-    hidden, classifier, labels, bias, class_weights, row_mask, vocab_mask, *, settings, mesh,
-    class_names, batch_names, explicit, return_aux=False,
-):  # fmt: skip
-    """The loss after validation, compiled once per mesh, settings and shapes, so that eager
+@functools.partial(jax.jit, static_argnames=("settings", "layout", "return_aux"))
+def _sharded_loss(head: LinearHead, labels, class_weights, row_mask, vocab_mask, *,
+                  settings: LinearCall, layout: MeshLayout, return_aux=False):  # fmt: skip
+    """The loss after the checks, compiled once per mesh, settings and shapes, so that eager
     calls and their gradients run as one program each. ``settings`` is the checked call
     without its arrays."""
-    call = settings._replace(
-        hidden=hidden,
-        classifier=classifier,
-        labels=labels,
-        bias=bias,
-        class_weights=class_weights,
-        row_mask=row_mask,
-        vocab_mask=vocab_mask,
-    )
-    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
-    num_local = -(-call.num_classes // num_class_shards)
-    padding = num_local * num_class_shards - call.num_classes
-    vocab_axis = 0 if call.layout == "vd" else 1
-
-    batch, classes = _spec_entry(batch_names), _spec_entry(class_names)
-    rows = P(batch)
-    pad = functools.partial(pad_axis, padding=padding, mesh=mesh if explicit else None)
-    classifier_spec = P(classes, None) if call.layout == "vd" else P(None, classes)
-    arrays = {
-        "hidden": (call.hidden, P(batch, None)),
-        "classifier": (
-            pad(call.classifier, axis=vocab_axis, spec=classifier_spec),
-            classifier_spec,
+    layout_vd = settings.tiles.layout == "vd"
+    num_local, padding = vocabulary_split(settings.num_classes, layout)
+    pad = functools.partial(pad_classes, layout=layout, padding=padding)
+    rows, classes = P(layout.batch), P(layout.classes)
+    classifier_spec = P(layout.classes, None) if layout_vd else P(None, layout.classes)
+    vocab_axis = 0 if layout_vd else 1
+    inputs = {
+        "hidden": (head.hidden, P(layout.batch, None)),
+        "classifier": (pad(head.classifier, axis=vocab_axis, spec=classifier_spec),
+                       classifier_spec),
+        "labels": (labels, rows),
+        "bias": (None if head.bias is None else pad(head.bias, axis=0, spec=classes), classes),
+        "class_weights": (
+            None if class_weights is None else pad(class_weights, axis=0, spec=P()), P()
         ),
-        "labels": (call.labels, rows),
-    }
-    if call.bias is not None:
-        arrays["bias"] = (pad(call.bias, axis=0, spec=P(classes)), P(classes))
-    if call.class_weights is not None:
-        arrays["class_weights"] = (pad(call.class_weights, axis=0, spec=P()), P())
-    if call.row_mask is not None:
-        arrays["row_mask"] = (call.row_mask, rows)
-    if call.vocab_mask is not None:  # global on every shard, like the class weights
-        arrays["vocab_mask"] = (pad(call.vocab_mask, axis=0, spec=P(), value=False), P())
-    names = list(arrays)
-    specs = tuple(spec for _, spec in arrays.values())
-
-    def local_loss(*local):
-        got = dict(zip(names, local))
-        plan = lce.make_plan(
-            call, got["hidden"].shape[0], num_local, axis_name=classes, companions=return_aux
-        )
-        loss, weight, *aux = lce.rows_and_weights(
-            got["hidden"],
-            got["classifier"],
-            got.get("bias"),
-            got["labels"],
-            got.get("class_weights"),
-            got.get("row_mask"),
-            plan,
-            got.get("vocab_mask"),
-        )
-        out = reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
-        return (out, aux[0]) if return_aux else out
-
-    out_spec = rows if call.reduction == "none" else P()
+        "row_mask": (row_mask, rows),
+        # global on every shard, like the class weights
+        "vocab_mask": (
+            None if vocab_mask is None else pad(vocab_mask, axis=0, spec=P(), value=False), P()
+        ),
+    }  # fmt: skip
+    local = functools.partial(
+        _local_loss, settings=settings, layout=layout, num_local=num_local, return_aux=return_aux
+    )
+    out_spec = rows if settings.options.reduction == "none" else P()
     if return_aux:
         out_spec = (out_spec, LossAux(*[rows] * len(LossAux._fields)))
-    placed = [x for x, _ in arrays.values()]
-    return run_on_mesh(local_loss, mesh, placed, specs, out_spec, explicit=explicit)
+    return run_sharded(local, layout, inputs, out_spec)
+
+
+def _local_loss(local: dict, *, settings: LinearCall, layout: MeshLayout, num_local: int,
+                return_aux: bool):  # fmt: skip
+    """One device's loss: the fused rows over its vocabulary shard, reduced over the batch
+    shards."""
+    head = LinearHead(local["hidden"], local["classifier"], local.get("bias"))
+    plan = fused.make_plan(
+        settings, head.hidden.shape[0], num_local, axis_name=layout.classes,
+        companions=return_aux,
+    )  # fmt: skip
+    loss, weight, *aux = fused.rows_and_weights(
+        head, local["labels"], local.get("class_weights"), local.get("row_mask"),
+        local.get("vocab_mask"), plan,
+    )  # fmt: skip
+    reduction = settings.options.reduction
+    out = reduce_loss(loss, weight, reduction, layout.batch_names).astype(loss.dtype)
+    return (out, aux[0]) if return_aux else out

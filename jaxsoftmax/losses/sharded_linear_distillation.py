@@ -23,17 +23,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax.checks.linear_head import LinearHead
-from jaxsoftmax.checks.options import reduce_loss
+from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
+from jaxsoftmax.core.reduction import reduce_loss
 from jaxsoftmax.losses import linear_distillation as fused
-from jaxsoftmax.losses.sharded_cross_entropy import (
-    AxisName,
-    _spec_entry,
-    check_tokens_divide,
-    mesh_axes,
-    on_explicit_axes,
-    pad_axis,
-    run_on_mesh,
-)
+from jaxsoftmax.tiles.mesh import on_explicit_axes, pad_axis, run_on_mesh, spec_entry
 
 
 def sharded_linear_distillation_loss(
@@ -157,7 +150,7 @@ def _sharded_loss(
     num_local = -(-settings.num_classes // num_class_shards)
     padding = num_local * num_class_shards - settings.num_classes
     vocab_axis = 0 if settings.layout == "vd" else 1
-    batch, classes = _spec_entry(batch_names), _spec_entry(class_names)
+    batch, classes = spec_entry(batch_names), spec_entry(class_names)
     rows = P(batch)
     pad = functools.partial(pad_axis, padding=padding, mesh=mesh if explicit else None)
     classifier_spec = P(classes, None) if settings.layout == "vd" else P(None, classes)

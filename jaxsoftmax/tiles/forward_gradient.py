@@ -9,8 +9,8 @@ the products dominate (a CPU, or small vocabularies).
 This path does the three products once each. Tokens are cut into blocks of ``T`` rows and
 each block's logits are computed for the whole vocabulary, ``z = h[T] W^T + b``
 (``[T, V]``). A whole row is then at hand, so the core rule applies to the block as it is:
-:func:`jaxsoftmax.row_terms.forward` gives each row's loss and statistics and
-:func:`jaxsoftmax.row_terms.logits_gradient` the block's gradient ``G = dL/dz`` for the
+:func:`jaxsoftmax.core.row_terms.forward` gives each row's loss and statistics and
+:func:`jaxsoftmax.core.row_terms.logits_gradient` the block's gradient ``G = dL/dz`` for the
 per-row cotangent ``c_n``, which is consumed at once::
 
     dh[T] = G W          dW += G^T h[T]          db += sum_T G
@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsoftmax.checks.options import reduce_loss
 from jaxsoftmax.core import companion_terms, row_terms
 from jaxsoftmax.core.cpu_programs import forward as cpu_forward
 from jaxsoftmax.core.cpu_programs import logits_gradient as cpu_logits_gradient
 from jaxsoftmax.core.cpu_programs import per_platform
+from jaxsoftmax.core.reduction import reduce_loss
 
 # method="auto" computes the gradients in the forward when V * d is at most this: a float32
 # accumulator of at most 256 MiB for the classifier's gradient.

@@ -21,10 +21,15 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsoftmax import _linear_cross_entropy as lce
-from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
-from jaxsoftmax.losses.sharded_linear_cross_entropy import sharded_linear_cross_entropy
-from jaxsoftmax.losses.sharded_linear_distillation import sharded_linear_distillation_loss
+from jaxsoftmax import (
+    linear_cross_entropy,
+    linear_distillation_loss,
+    sharded_linear_cross_entropy,
+    sharded_linear_distillation_loss,
+)
+from jaxsoftmax.checks.linear_call import check_linear_call
+from jaxsoftmax.checks.linear_head import LinearHead
+from jaxsoftmax.tiles import cross_entropy as fused
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -267,29 +272,19 @@ def test_gradients_land_sharded_like_their_inputs(layout):
 
 def test_cotangent_without_vma_typing():
     """``shard_map(check_vma=False)`` hands each shard a share of the cotangent (summed by
-    ``_varying_axes.whole_cotangent``) and adds the hidden states' partial gradients itself; with
+    ``core.varying_axes.whole_cotangent``) and adds the hidden states' partial gradients itself; with
     ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient."""
     mesh = auto_mesh((4,), ("vocab",))
     hidden, classifier, _, labels, weights, _ = make_inputs(24)
     options = dict(
         label_smoothing=0.1, z_loss=1e-2, class_weights=weights, reduction="sum", **CHUNKS
     )
-    call = lce._validated(
-        hidden,
-        classifier,
-        labels,
-        bias=None,
-        where=None,
-        ignore_index=None,
-        logit_softcap=None,
-        classifier_layout="vd",
-        accumulation_dtype=jnp.float32,
-        **options,
-    )
+    call = check_linear_call(hidden, classifier, labels, **options)
 
     def local(h, w):
-        plan = lce.make_plan(call, h.shape[0], w.shape[0], axis_name="vocab")
-        loss, _ = lce.rows_and_weights(h, w, None, labels, call.class_weights, None, plan)
+        plan = fused.make_plan(call, h.shape[0], w.shape[0], axis_name="vocab")
+        head = LinearHead(h, w, None)
+        loss, _ = fused.rows_and_weights(head, labels, call.class_weights, None, None, plan)
         return jnp.sum(loss)
 
     want = jax.grad(
@@ -503,8 +498,7 @@ def test_companions_equal_one_device(mesh_name, num_classes):
 
 def test_sharded_cross_entropy_companions_equal_one_device():
     """The same for the logits' loss, with a per-logit mask, on 2 x 4 devices."""
-    from jaxsoftmax import cross_entropy
-    from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy
+    from jaxsoftmax import cross_entropy, sharded_cross_entropy
 
     mesh = auto_mesh((2, 4), ("batch", "vocab"))
     hidden, classifier, bias, labels, _, _ = make_inputs(23, seed=5)
@@ -536,8 +530,7 @@ def test_vocab_mask_equals_one_device(mesh_name, num_classes):
     """A vocabulary with holes and a padded end, split unevenly (23 classes over 4 shards):
     both sharded losses equal one device, with label smoothing (whose mass the mask keeps
     off the missing classes) and the companions."""
-    from jaxsoftmax import cross_entropy
-    from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy
+    from jaxsoftmax import cross_entropy, sharded_cross_entropy
 
     shape, names, class_axis, batch_axis = MESHES[mesh_name]
     mesh = auto_mesh(shape, names)

@@ -1,0 +1,175 @@
+"""The fused cross-entropy's rule: per-row losses of ``h W^T + b`` without the logits.
+
+:func:`linear_rows` is a ``jax.custom_vjp`` whose forward is the online log-sum-exp of
+:mod:`jaxsoftmax.tiles.cross_entropy_forward` and whose backward is the core's rule applied
+tile by tile (:mod:`jaxsoftmax.tiles.cross_entropy_backward`); its residuals are the inputs
+and two numbers per row. The entry points the public losses call:
+
+* :func:`make_plan`: a checked call's :class:`~jaxsoftmax.tiles.plan.TilePlan`, with each
+  backend's tile;
+* :func:`rows_and_weights`: per-row losses and their weights in a mean (and the
+  :class:`~jaxsoftmax.LossAux` with ``return_aux``), for a whole vocabulary or, inside
+  ``shard_map``, one shard of it;
+* :func:`choose_method` and :func:`reduced_by_forward_gradient`: ``method="forward"``
+  (:mod:`jaxsoftmax.tiles.forward_gradient`), three matrix products instead of four.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxsoftmax.checks.linear_call import LinearCall
+from jaxsoftmax.checks.linear_head import LinearHead
+from jaxsoftmax.core import companion_terms, row_terms
+from jaxsoftmax.core.varying_axes import summed_like, whole_cotangent
+from jaxsoftmax.tiles import forward_gradient
+from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles.cross_entropy_backward import backward
+from jaxsoftmax.tiles.cross_entropy_forward import forward
+from jaxsoftmax.tiles.plan import TilePlan
+from jaxsoftmax.tiles.sizes import on_each_platform, tiles_by_platform
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask,
+                plan: TilePlan):  # fmt: skip
+    """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule; with
+    ``plan.companions``, ``(loss, lse, entropy, correct)``."""
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+    return linear_rows_fwd(*args, plan)[0]
+
+
+def linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan):
+    """The online forward; residuals: the inputs and ``(m, log s[, H])`` per row."""
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+    loss, statistics, *companions = on_each_platform(forward, plan, *args)
+    out = loss
+    if plan.companions:  # (loss, lse, entropy, correct); the entropy is a residual too
+        (lse, entropy, correct), statistics = companions[0], (*statistics, companions[0][1])
+        out = (loss, lse, entropy, correct)
+    return out, (*args, statistics)
+
+
+def linear_rows_bwd(plan, residuals, g):
+    """The rule tile by tile; the class weights get a zero gradient (a constant)."""
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics = residuals
+    axis_name = plan.options.axis_name
+    if plan.companions:
+        g = tuple(whole_cotangent(c, classifier, axis_name) for c in g[:3])
+    else:
+        g = whole_cotangent(g, classifier, axis_name)
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics, g)
+    d_hidden, d_classifier, d_bias = on_each_platform(backward, plan, *args)
+    d_hidden, d_classifier, d_bias = (
+        summed_like(d, x)
+        for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
+    )
+    d_weights = None if class_weights is None else jnp.zeros_like(class_weights)
+    return d_hidden, d_classifier, d_bias, None, d_weights, None, None
+
+
+linear_rows.defvjp(linear_rows_fwd, linear_rows_bwd)
+
+
+def make_plan(call: LinearCall, num_tokens: int, num_local: int, axis_name=None,
+              companions=False) -> TilePlan:  # fmt: skip
+    """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
+    vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
+    tiles = call.tiles
+    by_platform = tiles_by_platform(num_tokens, num_local, tiles.token_chunk, tiles.vocab_chunk)
+    _, token_chunk, vocab_chunk = next(t for t in by_platform if t[0] == "default")
+    return TilePlan(
+        options=call.options.rule(axis_name),
+        layout=tiles.layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        accumulation_dtype=tiles.accumulation_dtype,
+        num_classes=None if axis_name is None else call.num_classes,
+        tiles=by_platform,
+        companions=companions,
+        gradient_filter=tiles.gradient_filter,
+    )
+
+
+def rows_and_weights(head: LinearHead, labels, class_weights, row_mask, vocab_mask,
+                     plan: TilePlan):  # fmt: skip
+    """Per-row losses ``[N]`` and mean weights ``[N]`` (``w[label]`` or 1; 0 where masked);
+    with ``plan.companions`` also the :class:`~jaxsoftmax.LossAux`.
+
+    With ``plan.options.axis_name`` (inside ``shard_map``): the head's classifier and bias
+    are this shard's classes, ``class_weights`` all ``V`` of them (padded like the
+    classifier).
+    """
+    num_tokens = head.hidden.shape[0]
+    _, num_classes, _, rule = tile_plan.vocabulary(head.classifier, plan)
+    dtype = row_terms.compute_dtype(head.hidden.dtype)
+    if num_tokens == 0:
+        empty = jnp.zeros((0,), dtype)
+        out = (empty, empty, empty, empty.astype(bool)) if plan.companions else empty
+    else:
+        out = linear_rows(*head, labels, class_weights, row_mask, vocab_mask, plan)
+    weight = mean_weights(labels, class_weights, row_mask, num_classes, dtype, rule)
+    if not plan.companions:
+        return out, weight
+    loss, lse, entropy, correct = out
+    return loss, weight, loss_aux(lse, entropy, correct, labels, class_weights, num_classes, rule)
+
+
+def loss_aux(lse, entropy, correct, labels, class_weights, num_classes, rule):
+    """The :class:`~jaxsoftmax.LossAux` of each row, its z-loss weighted by ``w[label]``."""
+    r = row_terms.row_weight(labels, class_weights, num_classes, lse.dtype, rule)
+    r = jnp.broadcast_to(r, (lse.shape[0], 1))[:, 0]
+    return companion_terms.loss_aux(lse, entropy, correct, r, rule.z_loss)
+
+
+def mean_weights(labels, class_weights, row_mask, num_classes: int, dtype, options):
+    """Each row's weight in the mean, ``[N]``: ``w[label]`` (1 without class weights), 0 where
+    ``row_mask`` drops the row."""
+    weight = row_terms.row_weight(labels, class_weights, num_classes, dtype, options)
+    weight = jnp.broadcast_to(weight, (labels.shape[0], 1))[:, 0]
+    if row_mask is not None:
+        weight = jnp.where(row_mask, weight, 0.0)
+    return weight
+
+
+def choose_method(call: LinearCall, method: str) -> str:
+    """The method ``"auto"`` stands for with these arguments (see
+    :func:`~jaxsoftmax.linear_cross_entropy`); other methods are returned as they are."""
+    if method != "auto":
+        return method
+    width = call.head.hidden.shape[-1]
+    return forward_gradient.auto_method(call.num_classes, width, call.options.reduction)
+
+
+def loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask,
+              plan: TilePlan):  # fmt: skip
+    """Per-row losses by the online forward, nothing differentiated."""
+    args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+    return on_each_platform(forward, plan, *args)[0]
+
+
+def recompute_backward(*args, plan: TilePlan):
+    """The default path's backward, tile by tile (``method="forward"`` uses it for the
+    companions' cotangents, which arrive only in the backward)."""
+    return on_each_platform(backward, plan, *args)
+
+
+def reduced_by_forward_gradient(call: LinearCall, plan: TilePlan):
+    """The reduced loss, its gradients computed in the forward (``method="forward"``); with
+    ``plan.companions``, ``(loss, lse, entropy, correct)``."""
+    num_tokens = call.head.hidden.shape[0]
+    rows = call.tiles.token_chunk or forward_gradient.default_block(num_tokens, call.num_classes)
+    block_plan = dataclasses.replace(plan, token_chunk=min(rows, num_tokens))
+    dtype = row_terms.compute_dtype(call.head.hidden.dtype)
+    weight = mean_weights(
+        call.labels, call.class_weights, call.row_mask, call.num_classes, dtype, plan.options
+    )
+    return forward_gradient.reduced_loss(
+        *call.head, call.labels, call.class_weights, call.row_mask, call.vocab_mask, weight,
+        call.options.reduction, block_plan, functools.partial(loss_rows, plan=plan),
+        functools.partial(recompute_backward, plan=plan) if plan.companions else None,
+    )  # fmt: skip

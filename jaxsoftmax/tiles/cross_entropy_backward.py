@@ -1,0 +1,217 @@
+"""The fused cross-entropy's backward: the core's rule, tile by tile.
+
+For each vocabulary chunk and each token chunk the tile of logits is recomputed and the
+core's derived ``dL/dz = ((sum q + 2 beta r lse) s - q) g (1 - tanh^2)``
+(:func:`jaxsoftmax.core.row_terms.logits_gradient`, given the chunk's offset through a
+:class:`~jaxsoftmax.core.row_terms.ClassBlock`) turns it into the tile ``G`` of the logits'
+gradient (:func:`tile_gradient`), which is consumed at once (:func:`products`)::
+
+    dh[T] += G W[Vc]        dW[Vc] += G^T h[T]        db[Vc] += sum_T G
+
+``dW[Vc]`` and ``db[Vc]`` are accumulated over the token chunks in the plan's
+``accumulation_dtype`` (float32 by default) and written once per vocabulary chunk; ``dh`` is
+accumulated in float32 over the vocabulary chunks. Classes an earlier (moved-back) chunk
+already visited get a zero gradient here, so adding each chunk's block is exact.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsoftmax.core import companion_terms, cpu_programs, row_terms
+from jaxsoftmax.core.cpu_programs import slice_chunk
+from jaxsoftmax.core.varying_axes import typed_like_inputs
+from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles.plan import TilePlan
+
+
+class Rows(NamedTuple):
+    """What the backward reads per row: labels, the row mask, the forward's statistics
+    ``(m, log s[, H])`` and the cotangents ``(g[, g_lse, g_H])``."""
+
+    labels: jax.Array
+    row_mask: jax.Array | None
+    statistics: tuple
+    cotangents: tuple
+
+
+class Chunk(NamedTuple):
+    """One vocabulary chunk: its classifier block and bias, class weights, the rule's
+    :class:`~jaxsoftmax.core.row_terms.ClassBlock` and the classes that count (``fresh``)."""
+
+    classifier: jax.Array
+    bias: jax.Array | None
+    class_weights: jax.Array | None
+    block: row_terms.ClassBlock
+    fresh: jax.Array
+
+
+def tile_gradient(plan: TilePlan, rule, chunk: Chunk, rows: Rows, hidden_t, t0, j, dtype):
+    """``G``, the ``[T, Vc]`` tile of ``dL/dz`` for the token chunk ``j`` at ``t0``, and each
+    row's total cotangent magnitude (for the gradient filter)."""
+    tc = plan.token_chunk
+    sliced = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
+    # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
+    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
+    g_t, *g_companions = (jnp.where(fresh_rows, sliced(c), 0.0) for c in rows.cotangents)
+    z = tile_plan.tile_logits(hidden_t, chunk.classifier, chunk.bias, plan.layout, dtype)
+    gradient_here = cpu_programs.per_platform(
+        row_terms.logits_gradient, cpu_programs.logits_gradient, options=rule, block=chunk.block
+    )
+    top, log_sum, *entropy = rows.statistics  # the entropy too with companions
+    statistics_t = (sliced(top)[:, None], sliced(log_sum)[:, None])
+    row_mask_t = sliced(rows.row_mask)
+    grad = gradient_here(
+        z, sliced(rows.labels), None, chunk.class_weights, row_mask_t, statistics_t, g_t
+    )
+    if plan.companions:  # + s (g_lse - g_H (log s + H)), jaxsoftmax.core.companion_terms
+        live_t = None if row_mask_t is None else row_mask_t[:, None]
+        grad = grad.astype(dtype) + companion_terms.companions_gradient(
+            row_terms.capped(z, rule), statistics_t, sliced(entropy[0]), *g_companions,
+            None, live_t, rule,
+        )  # fmt: skip
+    grad = jnp.where(chunk.fresh[None, :], grad, 0.0)
+    return grad, sum(jnp.abs(c) for c in (g_t, *g_companions))[:, None]
+
+
+def products(plan: TilePlan, chunk: Chunk, inner, t0, hidden_t, grad, dtypes):
+    """``dh[T] += G W[Vc]``, ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``.
+
+    The matrix products run in the inputs' dtype, as the naive composition's do;
+    ``dtypes`` are ``(hidden's dtype, dh's accumulation dtype, dW's)``.
+    """
+    d_hidden, d_classifier_c, d_bias_c = inner
+    hidden_dtype, hidden_acc, acc = dtypes
+    vocab_axis = 0 if plan.layout == "vd" else 1
+    grad_in = grad.astype(hidden_dtype)
+    d_hidden_t = lax.dot_general(
+        grad_in, chunk.classifier, (((1,), (vocab_axis,)), ((), ())),
+        preferred_element_type=hidden_acc,
+    )  # fmt: skip
+    tc = plan.token_chunk
+    d_hidden = lax.dynamic_update_slice_in_dim(
+        d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
+    )
+    contract = (((0,), (0,)), ((), ()))
+    if plan.layout == "vd":  # G^T h: [Vc, d]
+        d_classifier_c = d_classifier_c + lax.dot_general(
+            grad_in, hidden_t, contract, preferred_element_type=acc
+        )
+    else:  # h^T G: [d, Vc]
+        d_classifier_c = d_classifier_c + lax.dot_general(
+            hidden_t, grad_in, contract, preferred_element_type=acc
+        )
+    if d_bias_c is not None:
+        d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
+    return d_hidden, d_classifier_c, d_bias_c
+
+
+def token_step(plan, rule, chunk, rows, hidden, dtypes, compute_dtype, inner, j):
+    """One token chunk's tile: its gradient, then its products (skipped under the opt-in
+    gradient filter when every entry is below ``eps`` times its row's cotangent: softmax
+    below ``eps``, no label)."""
+    _, token_start = tile_plan.chunk_starts(hidden.shape[0], plan.token_chunk)
+    t0 = token_start(j)
+    hidden_t = slice_chunk(hidden, t0, plan.token_chunk)
+    grad, scale = tile_gradient(plan, rule, chunk, rows, hidden_t, t0, j, compute_dtype)
+    keep = lambda inner: products(plan, chunk, inner, t0, hidden_t, grad, dtypes)
+    if plan.gradient_filter is None:
+        return keep(inner), None
+    negligible = jnp.all(jnp.abs(grad) <= plan.gradient_filter * scale)
+    return lax.cond(negligible, lambda inner: inner, keep, inner), None
+
+
+def vocabulary_chunk(classifier, bias, class_weights, shard, vocab_mask, plan, i, v0) -> Chunk:
+    """Chunk ``i``'s (from class ``v0``) classifier block, bias, class weights, block and
+    counted classes;
+    ``shard`` is :func:`jaxsoftmax.tiles.plan.vocabulary`'s ``(local, V, offset)`` and
+    ``class_weights`` the masked weights and ``K`` of
+    :func:`~jaxsoftmax.tiles.plan.with_vocab_mask`."""
+    _, num_classes, offset = shard
+    vc = plan.vocab_chunk
+    weights, participating = class_weights
+    classifier_c = tile_plan.classifier_chunk(classifier, v0, vc, plan.layout)
+    bias_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
+    weights_c = None if weights is None else lax.dynamic_slice_in_dim(weights, offset + v0, vc)
+    return Chunk(
+        classifier=classifier_c,
+        bias=bias_c,
+        class_weights=weights_c,
+        block=row_terms.ClassBlock(offset + v0, num_classes, weights, participating),
+        fresh=tile_plan.visited(v0, i, vc, offset, num_classes, plan.options, vocab_mask),
+    )
+
+
+def add_chunk(total, chunk_gradient, v0, width, axis):
+    """``total`` with ``chunk_gradient`` added at classes ``[v0, v0 + width)``."""
+    block = (
+        tile_plan.classifier_chunk(total, v0, width, "vd" if axis == 0 else "dv")
+        if total.ndim == 2
+        else lax.dynamic_slice_in_dim(total, v0, width)
+    )
+    return lax.dynamic_update_slice_in_dim(total, block + chunk_gradient, v0, axis)
+
+
+def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics,
+             g, plan: TilePlan):  # fmt: skip
+    """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
+    local, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
+    dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
+    acc = plan.accumulation_dtype  # never below the inputs' dtype
+    acc = classifier.dtype if acc.itemsize < classifier.dtype.itemsize else acc
+    dtypes = (hidden.dtype, row_terms.compute_dtype(hidden.dtype), acc)
+    vc, vocab_axis = plan.vocab_chunk, 0 if plan.layout == "vd" else 1
+    num_vc, vocab_start = tile_plan.chunk_starts(local, vc)
+    weights = tile_plan.with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
+    rows = Rows(labels, row_mask, statistics, g if plan.companions else (g,))
+    varying = typed_like_inputs(
+        (hidden, classifier, bias, labels, weights[0], row_mask, vocab_mask, statistics, g)
+    )
+    num_tc = tile_plan.chunk_starts(hidden.shape[0], plan.token_chunk)[0]
+    # When the chunks tile the [V, d] classifier exactly, each chunk's gradient is a row block
+    # of the result: the scan stacks them ([V / Vc, Vc, d], reshaped for free) instead of
+    # updating a [V, d] buffer in place, which XLA's CPU backend does for bf16 by converting
+    # the whole buffer to float32 at every chunk.
+    stacked = plan.layout == "vd" and num_vc * vc == local
+
+    def vocab_step(carry, i):
+        d_hidden, d_classifier, d_bias = carry
+        v0 = vocab_start(i)
+        shard = (local, num_classes, offset)
+        chunk = vocabulary_chunk(classifier, bias, weights, shard, vocab_mask, plan, i, v0)
+        chunk_shape = (vc, hidden.shape[1]) if plan.layout == "vd" else (hidden.shape[1], vc)
+        zeros = (jnp.zeros(chunk_shape, acc), None if bias is None else jnp.zeros((vc,), acc))
+        step = lambda inner, j: token_step(plan, rule, chunk, rows, hidden, dtypes, dtype, inner, j)
+        run = lambda inner: lax.scan(step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
+        inner = (d_hidden, *varying(zeros))
+        if vocab_mask is None:
+            d_hidden, d_classifier_c, d_bias_c = run(inner)
+        else:  # a chunk of only masked classes adds nothing: skipped
+            d_hidden, d_classifier_c, d_bias_c = lax.cond(
+                jnp.any(chunk.fresh), run, lambda x: x, inner
+            )
+        d_classifier_c = d_classifier_c.astype(classifier.dtype)
+        d_bias_c = None if bias is None else d_bias_c.astype(bias.dtype)
+        if stacked:  # the chunks are the scan's outputs, laid end to end below
+            return (d_hidden, None, None), (d_classifier_c, d_bias_c)
+        d_classifier = add_chunk(d_classifier, d_classifier_c, v0, vc, vocab_axis)
+        if d_bias is not None:
+            d_bias = add_chunk(d_bias, d_bias_c, v0, vc, 0)
+        return (d_hidden, d_classifier, d_bias), None
+
+    init = varying((
+        jnp.zeros(hidden.shape, dtypes[1]),
+        None if stacked else jnp.zeros_like(classifier),
+        None if bias is None or stacked else jnp.zeros_like(bias),
+    ))  # fmt: skip
+    (d_hidden, d_classifier, d_bias), chunks = lax.scan(
+        vocab_step, init, jnp.arange(num_vc, dtype=jnp.int32)
+    )
+    if stacked:
+        d_classifier = chunks[0].reshape(classifier.shape)
+        d_bias = None if bias is None else chunks[1].reshape(bias.shape)
+    return d_hidden.astype(hidden.dtype), d_classifier, d_bias

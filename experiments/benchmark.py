@@ -75,7 +75,7 @@ from harness import (
 import jaxsoftmax
 from jaxsoftmax import cross_entropy, linear_cross_entropy, training
 from jaxsoftmax.core import plain_path_only
-from jaxsoftmax.tiles.forward_gradient import auto_method
+from jaxsoftmax.tiles import auto_method
 
 try:
     import torch

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from jaxsoftmax.checks import arrays
 from jaxsoftmax.core import row_terms
-from jaxsoftmax.core.reduction import reduce_loss  # noqa: F401  (until linear_distillation imports it from core)
 
 REDUCTIONS = arrays.REDUCTIONS
 

@@ -26,7 +26,7 @@ a zero gradient: the product is taken only where the probability is positive, so
 never becomes ``0 * inf``. bf16 and f16 are computed in float32.
 
 The functions work on class-last arrays of any leading shape, whole rows or one tile of them
-(the fused loss, :mod:`jaxsoftmax.losses.linear_distillation`, sums the tiles itself):
+(the fused loss, :mod:`jaxsoftmax.tiles.distillation`, sums the tiles itself):
 
 * :func:`scaled`: ``z / T`` in the compute dtype, masked classes ``-inf``;
 * :func:`kl_summands`: the per-class terms whose row sums are the KL terms;

@@ -16,12 +16,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsoftmax.checks import arrays, checked_mode
-from jaxsoftmax.checks.options import check_vocab_mask, labels_on_masked_classes_out_of_range
+from jaxsoftmax.checks import arrays
+from jaxsoftmax.checks.distillation_call import check_logits_distillation
+from jaxsoftmax.checks.options import labels_on_masked_classes_out_of_range
 from jaxsoftmax.core import divergences, row_terms, rule
 from jaxsoftmax.core.reduction import reduce_loss
-
-DIVERGENCES = divergences.DIVERGENCES
 
 
 def distillation_loss(
@@ -115,108 +114,16 @@ def distillation_loss(
       >>> print(f"{float(4.0 * jnp.mean(kl)):.4f}")
       0.1480
     """
-    student_logits = _check_logits(student_logits, "student_logits")
-    teacher_logits = _check_logits(teacher_logits, "teacher_logits")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher_logits must have student_logits' shape {tuple(student_logits.shape)} "
-            f"(the same examples and vocabulary); got {arrays.describe(teacher_logits)}. "
-            "Nothing is broadcast."
-        )
-    if isinstance(axis, (tuple, list)):
-        raise TypeError(f"axis must be one int (the class axis); got {axis!r}.")
-    axes = arrays.class_axes(axis, student_logits.ndim)
-    num_classes = arrays.check_num_classes(student_logits.shape, axes)
-    options = check_divergence_options(divergence, temperature, beta)
-    hard_weight = arrays.check_number(hard_weight, "hard_weight", low=0.0)
-    reduction = arrays.check_reduction(reduction)
-    ignore_index = arrays.check_ignore_index(ignore_index, True)
-    check_labels_needed(labels, hard_weight, ignore_index)
-    if labels is not None:
-        labels = arrays.check_integer_labels(labels, student_logits.shape, axes, name="labels")
-    row_mask = None
-    if where is not None:
-        row_mask, class_mask = arrays.check_where(where, student_logits.shape, axes)
-        if class_mask is not None:
-            raise ValueError(
-                f"where must have one entry per example, shape "
-                f"{arrays.batch_shape(student_logits.shape, axes)}; got {arrays.describe(where)}. "
-                "Classes to leave out of every row go in vocab_mask=."
-            )
-    vocab_mask = check_vocab_mask(vocab_mask, num_classes)
-    if arrays.check_flag(checked, "checked") and hard_weight:
-        check_labels(labels, num_classes, row_mask, ignore_index, vocab_mask)
+    call = check_logits_distillation(
+        student_logits, teacher_logits, divergence=divergence, temperature=temperature,
+        beta=beta, labels=labels, hard_weight=hard_weight, axis=axis, where=where,
+        ignore_index=ignore_index, vocab_mask=vocab_mask, reduction=reduction, checked=checked,
+    )  # fmt: skip
     return _distillation(
-        student_logits,
-        teacher_logits,
-        labels,
-        row_mask,
-        vocab_mask,
-        axes=axes,
-        options=options,
-        hard_weight=hard_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    ).astype(student_logits.dtype)
-
-
-def _check_logits(logits, name: str):
-    logits = arrays.as_array(logits, name)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be a floating-point array (float16, bfloat16, float32 or float64); "
-            f"got {arrays.describe(logits)}."
-        )
-    if logits.ndim == 0:
-        raise ValueError(f"{name} must have at least one axis (the class axis); got a scalar.")
-    return logits
-
-
-def check_divergence_options(divergence, temperature, beta) -> divergences.DivergenceOptions:
-    """The divergence, ``T`` and ``beta``, checked (shared by every distillation loss)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}.")
-    temperature = arrays.check_number(temperature, "temperature", low=0.0, low_open=True)
-    beta = arrays.check_number(beta, "beta", low=0.0, high=1.0)
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        other = "forward_kl" if beta == 0.0 else "reverse_kl"
-        raise ValueError(
-            f"beta must be strictly between 0 and 1 for divergence='jsd'; got {beta}: there "
-            "the mixture equals one of the two distributions and the divergence is "
-            f"identically 0. Did you mean divergence={other!r} (the limit some libraries "
-            "give beta = 0 or 1)?"
-        )
-    if divergence != "jsd" and beta != 0.5:
-        raise ValueError(
-            f"beta weighs the Jensen-Shannon mixture and applies to divergence='jsd' only; "
-            f"got beta={beta} with divergence={divergence!r}."
-        )
-    return divergences.DivergenceOptions(divergence, temperature, beta)
-
-
-def check_labels_needed(labels, hard_weight: float, ignore_index) -> None:
-    """``labels`` must be given when the hard term or ``ignore_index`` uses them."""
-    if labels is not None:
-        return
-    if hard_weight > 0:
-        raise ValueError(
-            f"hard_weight={hard_weight} adds the labels' cross-entropy, but labels is None. "
-            "Pass labels=, or hard_weight=0.0 for the divergence alone."
-        )
-    if ignore_index is not None:
-        raise ValueError(
-            f"ignore_index={ignore_index} leaves out the examples whose label equals it, but "
-            "labels is None. Pass labels=, or where= to choose examples."
-        )
-
-
-def check_labels(labels, num_classes: int, row_mask, ignore_index, vocab_mask) -> None:
-    """Checked mode's label check (see :mod:`jaxsoftmax.checks.checked_mode`): now when the labels are
-    known in Python, else staged as a checkify check."""
-    hint = " Leave an example out with ignore_index= or where=."
-    keywords = dict(name="labels", ignore_index=ignore_index, hint=hint, vocab_mask=vocab_mask)
-    if checked_mode.check_labels_or_defer(labels, num_classes, row_mask, **keywords):
-        checked_mode.check_labels(labels, num_classes, row_mask, **keywords)
+        call.student, call.teacher, call.labels, call.row_mask, call.vocab_mask,
+        axes=call.axes, options=call.divergence, hard_weight=call.hard_weight,
+        ignore_index=call.options.ignore_index, reduction=call.options.reduction,
+    ).astype(call.student.dtype)  # fmt: skip
 
 
 @functools.partial(

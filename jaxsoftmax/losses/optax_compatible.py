@@ -62,19 +62,11 @@ def softmax_cross_entropy(
       >>> print([f"{loss:.4f}" for loss in softmax_cross_entropy(logits, labels)])
       ['0.2761', '2.9518']
     """
-    call = check_logits_call(
-        logits,
-        labels,
-        axis=axis,
-        where=where,
-        sharded=axis_name is not None,
-        allow_none_axis=True,
+    return _per_example(
+        logits, labels, axis_name, axis=axis, where=where, allow_none_axis=True,
         targets_kind="probabilities",
-        targets_name="labels",
         kind_hint=" For class indices use softmax_cross_entropy_with_integer_labels.",
-    )
-    loss, _ = per_example_loss(call, axis_name=axis_name, forward_mode=True)
-    return loss.astype(call.logits.dtype)
+    )  # fmt: skip
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -119,17 +111,18 @@ def softmax_cross_entropy_with_integer_labels(
       >>> print([f"{loss:.4f}" for loss in losses])
       ['0.2761', '2.9518']
     """
-    call = check_logits_call(
-        logits,
-        labels,
-        axis=axis,
-        where=where,
-        checked=checked,
-        sharded=axis_name is not None,
-        targets_kind="indices",
-        targets_name="labels",
-        kind_hint=" For probabilities use softmax_cross_entropy.",
+    return _per_example(
+        logits, labels, axis_name, axis=axis, where=where, checked=checked,
+        targets_kind="indices", kind_hint=" For probabilities use softmax_cross_entropy.",
         label_hint=" Leave an example out with where=.",
+    )  # fmt: skip
+
+
+def _per_example(logits, labels, axis_name, **check):
+    """Each example's loss through the rule's forward-capable form (a ``custom_jvp``), after
+    the checks (``check``: the call's arguments and the messages' wording)."""
+    call = check_logits_call(
+        logits, labels, sharded=axis_name is not None, targets_name="labels", **check
     )
     loss, _ = per_example_loss(call, axis_name=axis_name, forward_mode=True)
     return loss.astype(call.logits.dtype)

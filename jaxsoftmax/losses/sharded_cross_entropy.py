@@ -40,7 +40,8 @@ from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.checks.options import labels_on_masked_classes_out_of_range
 from jaxsoftmax.core.companion_terms import LossAux
 from jaxsoftmax.core.reduction import reduce_loss
-from jaxsoftmax.losses.cross_entropy import per_example_loss
+from jaxsoftmax.losses.cross_entropy import cross_entropy, per_example_loss
+from jaxsoftmax.losses.mesh_options import array_options, takes_options_of
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
     on_explicit_axes,
@@ -50,6 +51,7 @@ from jaxsoftmax.tiles.mesh import (
 )
 
 
+@takes_options_of(cross_entropy, excluded=("axis", "axis_name"))
 def sharded_cross_entropy(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -57,16 +59,8 @@ def sharded_cross_entropy(
     mesh: Mesh,
     class_axis_name: AxisName,
     batch_axis_name: AxisName | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    class_weights: jax.typing.ArrayLike | None = None,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    reduction: str = "mean",
-    checked: bool = False,
     return_aux: bool = False,
-    vocab_mask: jax.typing.ArrayLike | None = None,
+    **options,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.cross_entropy` with the vocabulary split over a mesh axis.
 
@@ -119,11 +113,7 @@ def sharded_cross_entropy(
     return_aux = arrays.check_flag(return_aux, "return_aux")
     class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     # The single-device checks and messages, on the global arrays.
-    call = check_logits_call(
-        logits, targets, where=where, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
-        logit_softcap=logit_softcap, reduction=reduction, checked=checked, vocab_mask=vocab_mask,
-    )  # fmt: skip
+    call = check_logits_call(logits, targets, **options)
     if call.logits.ndim < 2 and batch_names:
         raise ValueError(
             f"batch_axis_name={batch_axis_name!r} splits the first axis of the "
@@ -132,7 +122,7 @@ def sharded_cross_entropy(
     if batch_names:
         check_tokens_divide(call.logits.shape[0], mesh, batch_names, batch_axis_name,
                             "the logits' first axis")  # fmt: skip
-    explicit = on_explicit_axes(mesh, (logits, targets, where, class_weights, vocab_mask))
+    explicit = on_explicit_axes(mesh, (logits, targets, array_options(options)))
     layout = MeshLayout(mesh, class_names, batch_names, explicit)
     call = _global_labels_checked(call)
     return _sharded_loss(*call[:6], layout=layout, settings=call.settings, return_aux=return_aux)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +36,8 @@ from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.core.companion_terms import LossAux
 from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.losses.linear_cross_entropy import linear_cross_entropy
+from jaxsoftmax.losses.mesh_options import array_options, takes_options_of
 from jaxsoftmax.tiles import cross_entropy as fused
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
@@ -47,6 +48,7 @@ from jaxsoftmax.tiles.mesh import (
 )
 
 
+@takes_options_of(linear_cross_entropy, excluded=("method", "gradient_filter"))
 def sharded_linear_cross_entropy(
     hidden: jax.typing.ArrayLike,
     classifier: jax.typing.ArrayLike,
@@ -55,20 +57,8 @@ def sharded_linear_cross_entropy(
     mesh: Mesh,
     class_axis_name: AxisName,
     batch_axis_name: AxisName | None = None,
-    bias: jax.typing.ArrayLike | None = None,
-    where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    class_weights: jax.typing.ArrayLike | None = None,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
-    reduction: str = "mean",
-    classifier_layout: str = "vd",
-    token_chunk: int | None = None,
-    vocab_chunk: int | None = None,
-    accumulation_dtype=jnp.float32,
     return_aux: bool = False,
-    vocab_mask: jax.typing.ArrayLike | None = None,
+    **options,
 ) -> jax.Array | tuple[jax.Array, LossAux]:
     r""":func:`~jaxsoftmax.linear_cross_entropy` with the classifier split by vocabulary rows.
 
@@ -124,16 +114,10 @@ def sharded_linear_cross_entropy(
     class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     return_aux = arrays.check_flag(return_aux, "return_aux")
     # The single-device checks and messages, on the global arrays.
-    call = check_linear_call(
-        hidden, classifier, labels, bias=bias, where=where, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,
-        logit_softcap=logit_softcap, reduction=reduction, classifier_layout=classifier_layout,
-        token_chunk=token_chunk, vocab_chunk=vocab_chunk,
-        accumulation_dtype=accumulation_dtype, vocab_mask=vocab_mask,
-    )  # fmt: skip
+    call = check_linear_call(hidden, classifier, labels, **options)
     check_tokens_divide(call.head.hidden.shape[0], mesh, batch_names, batch_axis_name,
                         "hidden's leading axes, flattened")  # fmt: skip
-    inputs = (hidden, classifier, labels, bias, where, class_weights, vocab_mask)
+    inputs = (hidden, classifier, labels, array_options(options))
     layout = MeshLayout(mesh, class_names, batch_names, on_explicit_axes(mesh, inputs))
     arrays_of_call = (call.head, call.labels, call.class_weights, call.row_mask, call.vocab_mask)
     settings = call._replace(

@@ -16,19 +16,28 @@ masked out of every sum), as in :func:`jaxsoftmax.sharded_linear_cross_entropy`.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxsoftmax.checks.distillation_call import DistillationCall, check_linear_distillation
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.core.reduction import reduce_loss
-from jaxsoftmax.losses import linear_distillation as fused
-from jaxsoftmax.tiles.mesh import on_explicit_axes, pad_axis, run_on_mesh, spec_entry
+from jaxsoftmax.losses.linear_distillation import linear_distillation_loss
+from jaxsoftmax.losses.mesh_options import array_options, takes_options_of
+from jaxsoftmax.tiles import distillation as fused
+from jaxsoftmax.tiles.mesh import (
+    MeshLayout,
+    on_explicit_axes,
+    pad_classes,
+    run_sharded,
+    vocabulary_split,
+)
 
 
+@takes_options_of(linear_distillation_loss)
 def sharded_linear_distillation_loss(
     student_hidden: jax.typing.ArrayLike,
     student_classifier: jax.typing.ArrayLike,
@@ -38,21 +47,7 @@ def sharded_linear_distillation_loss(
     mesh: Mesh,
     class_axis_name: AxisName,
     batch_axis_name: AxisName | None = None,
-    labels: jax.typing.ArrayLike | None = None,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    hard_weight: float = 0.0,
-    where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
-    vocab_mask: jax.typing.ArrayLike | None = None,
-    reduction: str = "mean",
-    student_bias: jax.typing.ArrayLike | None = None,
-    teacher_bias: jax.typing.ArrayLike | None = None,
-    classifier_layout: str = "vd",
-    token_chunk: int | None = None,
-    vocab_chunk: int | None = None,
-    checked: bool = False,
+    **options,
 ) -> jax.Array:
     r""":func:`~jaxsoftmax.linear_distillation_loss` with both classifiers split by vocabulary.
 
@@ -95,99 +90,61 @@ def sharded_linear_distillation_loss(
     """
     class_names, batch_names = mesh_axes(mesh, class_axis_name, batch_axis_name)
     # The single-device checks and messages, on the global arrays.
-    call = fused.validated(
-        student_hidden,
-        student_classifier,
-        teacher_hidden,
-        teacher_classifier,
-        labels=labels,
-        divergence=divergence,
-        temperature=temperature,
-        beta=beta,
-        hard_weight=hard_weight,
-        where=where,
-        ignore_index=ignore_index,
-        vocab_mask=vocab_mask,
-        reduction=reduction,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        classifier_layout=classifier_layout,
-        token_chunk=token_chunk,
-        vocab_chunk=vocab_chunk,
-        checked=checked,
+    call = check_linear_distillation(
+        student_hidden, student_classifier, teacher_hidden, teacher_classifier, **options
     )
     check_tokens_divide(call.student.hidden.shape[0], mesh, batch_names, batch_axis_name,
                         "the hidden states' leading axes, flattened")  # fmt: skip
-    given = (student_hidden, student_classifier, teacher_hidden, teacher_classifier, labels,
-             where, vocab_mask, student_bias, teacher_bias)  # fmt: skip
-    explicit = on_explicit_axes(mesh, given)
+    given = (student_hidden, student_classifier, teacher_hidden, teacher_classifier,
+             array_options(options))  # fmt: skip
+    layout = MeshLayout(mesh, class_names, batch_names, on_explicit_axes(mesh, given))
     arrays = (call.student, call.teacher, call.labels, call.row_mask, call.vocab_mask)
     settings = call._replace(
         student=None, teacher=None, labels=None, row_mask=None, vocab_mask=None
     )
-    out = _sharded_loss(
-        *arrays,
-        settings=settings,
-        mesh=mesh,
-        class_names=class_names,
-        batch_names=batch_names,
-        explicit=explicit,
-    )
-    if call.reduction == "none":
+    out = _sharded_loss(*arrays, settings=settings, layout=layout)
+    if call.options.reduction == "none":
         out = out.reshape(call.batch)
     return out.astype(call.student.hidden.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("settings", "mesh", "class_names", "batch_names", "explicit")
-)
-def _sharded_loss(
-    student, teacher, labels, row_mask, vocab_mask, *, settings, mesh, class_names,
-    batch_names, explicit,
-):  # fmt: skip
-    """The loss after validation, compiled once per mesh, settings and shapes."""
-    num_class_shards = math.prod(mesh.shape[n] for n in class_names)
-    num_local = -(-settings.num_classes // num_class_shards)
-    padding = num_local * num_class_shards - settings.num_classes
-    vocab_axis = 0 if settings.layout == "vd" else 1
-    batch, classes = spec_entry(batch_names), spec_entry(class_names)
-    rows = P(batch)
-    pad = functools.partial(pad_axis, padding=padding, mesh=mesh if explicit else None)
-    classifier_spec = P(classes, None) if settings.layout == "vd" else P(None, classes)
-
-    arrays = {}
+@functools.partial(jax.jit, static_argnames=("settings", "layout"))
+def _sharded_loss(student, teacher, labels, row_mask, vocab_mask, *,
+                  settings: DistillationCall, layout: MeshLayout):  # fmt: skip
+    """The loss after the checks, compiled once per mesh, settings and shapes."""
+    num_local, padding = vocabulary_split(settings.num_classes, layout)
+    layout_vd = settings.tiles.layout == "vd"
+    pad = functools.partial(pad_classes, layout=layout, padding=padding)
+    rows, classes = P(layout.batch), P(layout.classes)
+    classifier_spec = P(layout.classes, None) if layout_vd else P(None, layout.classes)
+    inputs = {}
     for name, model in (("student", student), ("teacher", teacher)):
-        arrays[f"{name}_hidden"] = (model.hidden, P(batch, None))
-        classifier = pad(model.classifier, axis=vocab_axis, spec=classifier_spec)
-        arrays[f"{name}_classifier"] = (classifier, classifier_spec)
-        if model.bias is not None:
-            arrays[f"{name}_bias"] = (pad(model.bias, axis=0, spec=P(classes)), P(classes))
-    if labels is not None:
-        arrays["labels"] = (labels, rows)
-    if row_mask is not None:
-        arrays["row_mask"] = (row_mask, rows)
+        inputs[f"{name}_hidden"] = (model.hidden, P(layout.batch, None))
+        classifier = pad(model.classifier, axis=0 if layout_vd else 1, spec=classifier_spec)
+        inputs[f"{name}_classifier"] = (classifier, classifier_spec)
+        bias = None if model.bias is None else pad(model.bias, axis=0, spec=classes)
+        inputs[f"{name}_bias"] = (bias, classes)
+    inputs["labels"] = (labels, rows)
+    inputs["row_mask"] = (row_mask, rows)
     if vocab_mask is not None:  # global on every shard
-        arrays["vocab_mask"] = (pad(vocab_mask, axis=0, spec=P(), value=False), P())
-    names = list(arrays)
-    specs = tuple(spec for _, spec in arrays.values())
+        vocab_mask = pad(vocab_mask, axis=0, spec=P(), value=False)
+    inputs["vocab_mask"] = (vocab_mask, P())
+    local = functools.partial(_local_loss, settings=settings, layout=layout, num_local=num_local)
+    out_spec = rows if settings.options.reduction == "none" else P()
+    return run_sharded(local, layout, inputs, out_spec)
 
-    def local_loss(*local):
-        got = dict(zip(names, local))
-        model = lambda name: LinearHead(
-            got[f"{name}_hidden"], got[f"{name}_classifier"], got.get(f"{name}_bias")
-        )
-        call = settings._replace(
-            student=model("student"),
-            teacher=model("teacher"),
-            labels=got.get("labels"),
-            row_mask=got.get("row_mask"),
-            vocab_mask=got.get("vocab_mask"),
-        )
-        num_tokens = got["student_hidden"].shape[0]
-        plan = fused.make_plan(call, num_tokens, num_local, axis_name=classes)
-        loss, weight = fused.rows_and_weights(call, plan)
-        return reduce_loss(loss, weight, call.reduction, batch_names).astype(loss.dtype)
 
-    out_spec = rows if settings.reduction == "none" else P()
-    placed = [x for x, _ in arrays.values()]
-    return run_on_mesh(local_loss, mesh, placed, specs, out_spec, explicit=explicit)
+def _local_loss(local: dict, *, settings: DistillationCall, layout: MeshLayout, num_local: int):
+    """One device's loss: the fused distillation over its vocabulary shard, reduced over the
+    batch shards."""
+    head = lambda name: LinearHead(
+        local[f"{name}_hidden"], local[f"{name}_classifier"], local.get(f"{name}_bias")
+    )
+    student = head("student")
+    plan = fused.make_plan(settings, student.hidden.shape[0], num_local, axis_name=layout.classes)
+    loss, weight = fused.rows_and_weights(
+        student, head("teacher"), local.get("labels"), local.get("row_mask"),
+        local.get("vocab_mask"), plan,
+    )  # fmt: skip
+    reduction = settings.options.reduction
+    return reduce_loss(loss, weight, reduction, layout.batch_names).astype(loss.dtype)

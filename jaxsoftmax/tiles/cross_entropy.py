@@ -31,7 +31,7 @@ from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.cross_entropy_backward import backward
 from jaxsoftmax.tiles.cross_entropy_forward import forward
 from jaxsoftmax.tiles.plan import TilePlan
-from jaxsoftmax.tiles.sizes import on_each_platform, tiles_by_platform
+from jaxsoftmax.tiles.sizes import chosen_tiles, on_each_platform
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -79,19 +79,17 @@ def make_plan(call: LinearCall, num_tokens: int, num_local: int, axis_name=None,
               companions=False) -> TilePlan:  # fmt: skip
     """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
     vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
-    tiles = call.tiles
-    by_platform = tiles_by_platform(num_tokens, num_local, tiles.token_chunk, tiles.vocab_chunk)
-    _, token_chunk, vocab_chunk = next(t for t in by_platform if t[0] == "default")
+    by_platform, token_chunk, vocab_chunk = chosen_tiles(num_tokens, num_local, call.tiles)
     return TilePlan(
         options=call.options.rule(axis_name),
-        layout=tiles.layout,
+        layout=call.tiles.layout,
         token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
-        accumulation_dtype=tiles.accumulation_dtype,
+        accumulation_dtype=call.tiles.accumulation_dtype,
         num_classes=None if axis_name is None else call.num_classes,
         tiles=by_platform,
         companions=companions,
-        gradient_filter=tiles.gradient_filter,
+        gradient_filter=call.tiles.gradient_filter,
     )
 
 

@@ -16,6 +16,7 @@ already visited get a zero gradient here, so adding each chunk's block is exact.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -86,25 +87,16 @@ def products(plan: TilePlan, chunk: Chunk, inner, t0, hidden_t, grad, dtypes):
     """
     d_hidden, d_classifier_c, d_bias_c = inner
     hidden_dtype, hidden_acc, acc = dtypes
-    vocab_axis = 0 if plan.layout == "vd" else 1
     grad_in = grad.astype(hidden_dtype)
-    d_hidden_t = lax.dot_general(
-        grad_in, chunk.classifier, (((1,), (vocab_axis,)), ((), ())),
-        preferred_element_type=hidden_acc,
-    )  # fmt: skip
+    d_hidden_t = tile_plan.hidden_gradient(grad_in, chunk.classifier, plan.layout, hidden_acc)
     tc = plan.token_chunk
     d_hidden = lax.dynamic_update_slice_in_dim(
         d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
     )
-    contract = (((0,), (0,)), ((), ()))
-    if plan.layout == "vd":  # G^T h: [Vc, d]
-        d_classifier_c = d_classifier_c + lax.dot_general(
-            grad_in, hidden_t, contract, preferred_element_type=acc
-        )
-    else:  # h^T G: [d, Vc]
-        d_classifier_c = d_classifier_c + lax.dot_general(
-            hidden_t, grad_in, contract, preferred_element_type=acc
-        )
+    # G^T h ([Vc, d]) or h^T G ([d, Vc])
+    d_classifier_c = d_classifier_c + tile_plan.classifier_gradient(
+        grad_in, hidden_t, plan.layout, acc
+    )
     if d_bias_c is not None:
         d_bias_c = d_bias_c + jnp.sum(grad.astype(acc), axis=0)
     return d_hidden, d_classifier_c, d_bias_c
@@ -156,6 +148,25 @@ def add_chunk(total, chunk_gradient, v0, width, axis):
     return lax.dynamic_update_slice_in_dim(total, block + chunk_gradient, v0, axis)
 
 
+class Sweep(NamedTuple):
+    """What every vocabulary chunk of one backward reads: the inputs, the masked class
+    weights and ``K`` (:func:`~jaxsoftmax.tiles.plan.with_vocab_mask`), the shard
+    ``(V_local, V, offset)``, the rule's options, the dtypes ``(compute, dh, dW)``, the
+    zero carries' typing and whether the chunks' gradients are stacked."""
+
+    hidden: jax.Array
+    classifier: jax.Array
+    bias: jax.Array | None
+    vocab_mask: jax.Array | None
+    rows: Rows
+    weights: tuple
+    shard: tuple
+    rule: row_terms.RuleOptions
+    dtypes: tuple
+    varying: object
+    stacked: bool
+
+
 def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics,
              g, plan: TilePlan):  # fmt: skip
     """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
@@ -163,55 +174,63 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     acc = plan.accumulation_dtype  # never below the inputs' dtype
     acc = classifier.dtype if acc.itemsize < classifier.dtype.itemsize else acc
-    dtypes = (hidden.dtype, row_terms.compute_dtype(hidden.dtype), acc)
-    vc, vocab_axis = plan.vocab_chunk, 0 if plan.layout == "vd" else 1
-    num_vc, vocab_start = tile_plan.chunk_starts(local, vc)
+    num_vc = tile_plan.chunk_starts(local, plan.vocab_chunk)[0]
     weights = tile_plan.with_vocab_mask(class_weights, vocab_mask, num_classes, dtype)
-    rows = Rows(labels, row_mask, statistics, g if plan.companions else (g,))
     varying = typed_like_inputs(
         (hidden, classifier, bias, labels, weights[0], row_mask, vocab_mask, statistics, g)
     )
-    num_tc = tile_plan.chunk_starts(hidden.shape[0], plan.token_chunk)[0]
     # When the chunks tile the [V, d] classifier exactly, each chunk's gradient is a row block
     # of the result: the scan stacks them ([V / Vc, Vc, d], reshaped for free) instead of
     # updating a [V, d] buffer in place, which XLA's CPU backend does for bf16 by converting
     # the whole buffer to float32 at every chunk.
-    stacked = plan.layout == "vd" and num_vc * vc == local
-
-    def vocab_step(carry, i):
-        d_hidden, d_classifier, d_bias = carry
-        v0 = vocab_start(i)
-        shard = (local, num_classes, offset)
-        chunk = vocabulary_chunk(classifier, bias, weights, shard, vocab_mask, plan, i, v0)
-        chunk_shape = (vc, hidden.shape[1]) if plan.layout == "vd" else (hidden.shape[1], vc)
-        zeros = (jnp.zeros(chunk_shape, acc), None if bias is None else jnp.zeros((vc,), acc))
-        step = lambda inner, j: token_step(plan, rule, chunk, rows, hidden, dtypes, dtype, inner, j)
-        run = lambda inner: lax.scan(step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
-        inner = (d_hidden, *varying(zeros))
-        if vocab_mask is None:
-            d_hidden, d_classifier_c, d_bias_c = run(inner)
-        else:  # a chunk of only masked classes adds nothing: skipped
-            d_hidden, d_classifier_c, d_bias_c = lax.cond(
-                jnp.any(chunk.fresh), run, lambda x: x, inner
-            )
-        d_classifier_c = d_classifier_c.astype(classifier.dtype)
-        d_bias_c = None if bias is None else d_bias_c.astype(bias.dtype)
-        if stacked:  # the chunks are the scan's outputs, laid end to end below
-            return (d_hidden, None, None), (d_classifier_c, d_bias_c)
-        d_classifier = add_chunk(d_classifier, d_classifier_c, v0, vc, vocab_axis)
-        if d_bias is not None:
-            d_bias = add_chunk(d_bias, d_bias_c, v0, vc, 0)
-        return (d_hidden, d_classifier, d_bias), None
-
+    stacked = plan.layout == "vd" and num_vc * plan.vocab_chunk == local
+    sweep = Sweep(
+        hidden, classifier, bias, vocab_mask,
+        Rows(labels, row_mask, statistics, g if plan.companions else (g,)), weights,
+        (local, num_classes, offset), rule, (dtype, row_terms.compute_dtype(hidden.dtype), acc),
+        varying, stacked,
+    )  # fmt: skip
     init = varying((
-        jnp.zeros(hidden.shape, dtypes[1]),
+        jnp.zeros(hidden.shape, sweep.dtypes[1]),
         None if stacked else jnp.zeros_like(classifier),
         None if bias is None or stacked else jnp.zeros_like(bias),
     ))  # fmt: skip
+    step = functools.partial(vocabulary_step, sweep, plan)
     (d_hidden, d_classifier, d_bias), chunks = lax.scan(
-        vocab_step, init, jnp.arange(num_vc, dtype=jnp.int32)
+        step, init, jnp.arange(num_vc, dtype=jnp.int32)
     )
     if stacked:
         d_classifier = chunks[0].reshape(classifier.shape)
         d_bias = None if bias is None else chunks[1].reshape(bias.shape)
     return d_hidden.astype(hidden.dtype), d_classifier, d_bias
+
+
+def vocabulary_step(sweep: Sweep, plan: TilePlan, carry, i):
+    """Vocabulary chunk ``i`` against every token chunk: ``dh`` accumulated, the chunk's
+    ``dW`` and ``db`` written once (or returned, to be stacked)."""
+    d_hidden, d_classifier, d_bias = carry
+    vc, width = plan.vocab_chunk, sweep.hidden.shape[1]
+    v0 = tile_plan.chunk_starts(sweep.shard[0], vc)[1](i)
+    chunk = vocabulary_chunk(sweep.classifier, sweep.bias, sweep.weights, sweep.shard,
+                             sweep.vocab_mask, plan, i, v0)  # fmt: skip
+    acc = sweep.dtypes[2]
+    chunk_shape = (vc, width) if plan.layout == "vd" else (width, vc)
+    zeros = (jnp.zeros(chunk_shape, acc), None if sweep.bias is None else jnp.zeros((vc,), acc))
+    products_dtypes = (sweep.hidden.dtype, sweep.dtypes[1], acc)
+    step = lambda inner, j: token_step(plan, sweep.rule, chunk, sweep.rows, sweep.hidden,
+                                       products_dtypes, sweep.dtypes[0], inner, j)  # fmt: skip
+    num_tc = tile_plan.chunk_starts(sweep.hidden.shape[0], plan.token_chunk)[0]
+    run = lambda inner: lax.scan(step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
+    inner = (d_hidden, *sweep.varying(zeros))
+    if sweep.vocab_mask is None:
+        d_hidden, d_classifier_c, d_bias_c = run(inner)
+    else:  # a chunk of only masked classes adds nothing: skipped
+        d_hidden, d_classifier_c, d_bias_c = lax.cond(jnp.any(chunk.fresh), run, lambda x: x, inner)
+    d_classifier_c = d_classifier_c.astype(sweep.classifier.dtype)
+    d_bias_c = None if sweep.bias is None else d_bias_c.astype(sweep.bias.dtype)
+    if sweep.stacked:  # the chunks are the scan's outputs, laid end to end
+        return (d_hidden, None, None), (d_classifier_c, d_bias_c)
+    d_classifier = add_chunk(d_classifier, d_classifier_c, v0, vc, 0 if plan.layout == "vd" else 1)
+    if d_bias is not None:
+        d_bias = add_chunk(d_bias, d_bias_c, v0, vc, 0)
+    return (d_hidden, d_classifier, d_bias), None

@@ -24,13 +24,16 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from jaxsoftmax.checks.distillation_call import DistillationCall
 from jaxsoftmax.checks.linear_head import LinearHead
+from jaxsoftmax.core import row_terms
 from jaxsoftmax.core.varying_axes import summed_like, whole_cotangent
 from jaxsoftmax.tiles.distillation_backward import backward
 from jaxsoftmax.tiles.distillation_forward import forward
-from jaxsoftmax.tiles.distillation_plan import DistillationPlan, Wanted
-from jaxsoftmax.tiles.sizes import on_each_platform
+from jaxsoftmax.tiles.distillation_plan import DistillationPlan, Wanted, compute_dtype
+from jaxsoftmax.tiles.sizes import chosen_tiles, on_each_platform
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -71,3 +74,35 @@ def _rows_bwd(plan, residuals, g):
 
 
 distillation_rows.defvjp(_rows_fwd, _rows_bwd, symbolic_zeros=True)
+
+
+def make_plan(call: DistillationCall, num_tokens: int, num_local: int,
+              axis_name=None) -> DistillationPlan:  # fmt: skip
+    """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's when the
+    vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
+    by_platform, token_chunk, vocab_chunk = chosen_tiles(num_tokens, num_local, call.tiles)
+    return DistillationPlan(
+        divergence=call.divergence,
+        hard_weight=call.hard_weight,
+        layout=call.tiles.layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+        options=row_terms.RuleOptions(axis_name=axis_name),
+        num_classes=None if axis_name is None else call.num_classes,
+        tiles=by_platform,
+    )
+
+
+def rows_and_weights(student: LinearHead, teacher: LinearHead, labels, row_mask, vocab_mask,
+                     plan: DistillationPlan):  # fmt: skip
+    """Per-token losses ``[N]`` and their weights in a mean (1, or 0 where not counted)."""
+    num_tokens = student.hidden.shape[0]
+    dtype = compute_dtype(student, teacher)
+    if num_tokens == 0:
+        loss = jnp.zeros((0,), dtype)
+    else:
+        loss = distillation_rows(student, teacher, labels, row_mask, vocab_mask, plan)
+    weight = jnp.ones((num_tokens,), dtype)
+    if row_mask is not None:
+        weight = jnp.where(row_mask, weight, 0.0)
+    return loss, weight

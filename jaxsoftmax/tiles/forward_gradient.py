@@ -1,6 +1,6 @@
 """``linear_cross_entropy(method="forward")``: the gradients computed in the forward pass.
 
-The default path (:mod:`jaxsoftmax.losses.linear_cross_entropy`) computes the logits twice: once
+The default path (:mod:`jaxsoftmax.tiles.cross_entropy`) computes the logits twice: once
 in the forward for each row's log-sum-exp, once more in the backward to turn each tile into
 its gradient. That is four ``N x V x d`` matrix products where the naive composition has
 three (``z = h W^T``, ``dh = G W``, ``dW = G^T h``), so it is slower than the naive path when
@@ -41,6 +41,7 @@ from jaxsoftmax.core.cpu_programs import forward as cpu_forward
 from jaxsoftmax.core.cpu_programs import logits_gradient as cpu_logits_gradient
 from jaxsoftmax.core.cpu_programs import per_platform
 from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.tiles import plan as tile_plan
 
 # method="auto" computes the gradients in the forward when V * d is at most this: a float32
 # accumulator of at most 256 MiB for the classifier's gradient.
@@ -80,68 +81,17 @@ def reduction_cotangents(weight, reduction: str):
 def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c, plan):
     """Per-row losses and the gradients for cotangent ``c`` [N], block by block; a
     ``vocab_mask`` (``[V]``) is every row's class mask."""
-    options = plan.options
     num_tokens, width = hidden.shape
-    vd = plan.layout == "vd"
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     acc = plan.accumulation_dtype  # never below the inputs' dtype
-    if acc.itemsize < classifier.dtype.itemsize:
-        acc = classifier.dtype
-    hidden_acc = row_terms.compute_dtype(hidden.dtype)
-    block = plan.token_chunk
-    num_blocks = -(-num_tokens // block)
-    ragged = num_blocks * block != num_tokens
-    contract = 1 if vd else 0  # the classifier's feature axis
-
-    forward_here = per_platform(row_terms.forward, cpu_forward, options=options)
-    gradient_here = per_platform(row_terms.logits_gradient, cpu_logits_gradient, options=options)
-
-    def step(carry, j):
-        loss, d_hidden, d_classifier, d_bias, *per_row = carry
-        # The last block is moved back to end at N: its first rows were done by the block
-        # before, and are recomputed identically (losses and dh are overwritten with the same
-        # values) but left out of dW and db.
-        t0 = jnp.minimum(j * block, num_tokens - block)
-        rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, block)
-        hidden_t, labels_t, mask_t = rows(hidden), rows(labels), rows(row_mask)
-        z = lax.dot_general(
-            hidden_t, classifier, (((1,), (contract,)), ((), ())), preferred_element_type=dtype
-        )
-        if bias is not None:
-            z = z + bias.astype(dtype)[None, :]
-        classes = None if vocab_mask is None else jnp.broadcast_to(vocab_mask, z.shape)
-        loss_t, statistics = forward_here(z, labels_t, classes, class_weights, mask_t)
-        grad = gradient_here(z, labels_t, classes, class_weights, mask_t, statistics, rows(c))
-        if plan.companions:  # lse, entropy, correct, m, log_sum of the block's whole rows
-            found = _block_companions(z, labels_t, classes, mask_t, statistics, options)
-            per_row = [lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(per_row, found)]
-        grad_in = grad.astype(hidden.dtype)  # products in the inputs' dtype
-        d_hidden_t = lax.dot_general(
-            grad_in,
-            classifier,
-            (((1,), (1 - contract,)), ((), ())),
-            preferred_element_type=hidden_acc,
-        )
-        if ragged:
-            fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
-            grad_in = jnp.where(fresh, grad_in, 0)
-        if vd:  # G^T h: [V, d]
-            d_classifier = d_classifier + lax.dot_general(
-                grad_in, hidden_t, (((0,), (0,)), ((), ())), preferred_element_type=acc
-            )
-        else:  # h^T G: [d, V]
-            d_classifier = d_classifier + lax.dot_general(
-                hidden_t, grad_in, (((0,), (0,)), ((), ())), preferred_element_type=acc
-            )
-        if bias is not None:
-            d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
-        loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)
-        d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, d_hidden_t, t0, 0)
-        return (loss, d_hidden, d_classifier, d_bias, *per_row), None
-
+    acc = classifier.dtype if acc.itemsize < classifier.dtype.itemsize else acc
+    dtypes = (dtype, row_terms.compute_dtype(hidden.dtype), acc)
+    num_blocks = -(-num_tokens // plan.token_chunk)
+    inputs = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c)
+    step = functools.partial(_block_step, inputs, plan, dtypes)
     init = (
         jnp.zeros((num_tokens,), dtype),
-        jnp.zeros((num_tokens, width), hidden_acc),
+        jnp.zeros((num_tokens, width), dtypes[1]),
         jnp.zeros(classifier.shape, acc),
         None if bias is None else jnp.zeros(bias.shape, acc),
         *([jnp.zeros((num_tokens,), dtype)] * (5 if plan.companions else 0)),
@@ -150,6 +100,56 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
         step, init, jnp.arange(num_blocks, dtype=jnp.int32)
     )
     return loss, (d_hidden, d_classifier, d_bias), per_row
+
+
+def _block_step(inputs, plan, dtypes, carry, j):
+    """Block ``j``: its whole rows of logits, their losses and gradient ``G``, consumed at
+    once by the three products.
+
+    The last block is moved back to end at N: its first rows were done by the block before,
+    and are recomputed identically (losses and dh are overwritten with the same values) but
+    left out of dW and db.
+    """
+    hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c = inputs
+    loss, d_hidden, d_classifier, d_bias, *per_row = carry
+    options, block, num_tokens = plan.options, plan.token_chunk, hidden.shape[0]
+    t0 = jnp.minimum(j * block, num_tokens - block)
+    rows = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, block)
+    hidden_t, labels_t, mask_t = rows(hidden), rows(labels), rows(row_mask)
+    z = tile_plan.tile_logits(hidden_t, classifier, bias, plan.layout, dtypes[0])
+    classes = None if vocab_mask is None else jnp.broadcast_to(vocab_mask, z.shape)
+    forward_here = per_platform(row_terms.forward, cpu_forward, options=options)
+    gradient_here = per_platform(row_terms.logits_gradient, cpu_logits_gradient, options=options)
+    loss_t, statistics = forward_here(z, labels_t, classes, class_weights, mask_t)
+    grad = gradient_here(z, labels_t, classes, class_weights, mask_t, statistics, rows(c))
+    if plan.companions:  # lse, entropy, correct, m, log_sum of the block's whole rows
+        found = _block_companions(z, labels_t, classes, mask_t, statistics, options)
+        per_row = [lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(per_row, found)]
+    fresh = None
+    if -(-num_tokens // block) * block != num_tokens:  # ragged
+        fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
+    d_hidden_t, d_classifier, d_bias = _products(
+        grad.astype(hidden.dtype), hidden_t, classifier, fresh, (d_classifier, d_bias),
+        plan.layout, dtypes,
+    )  # fmt: skip
+    loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)
+    d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, d_hidden_t, t0, 0)
+    return (loss, d_hidden, d_classifier, d_bias, *per_row), None
+
+
+def _products(grad_in, hidden_t, classifier, fresh, accumulated, layout, dtypes):
+    """``dh[T] = G W``, ``dW += G^T h[T]``, ``db += sum_T G`` in the inputs' dtype; rows
+    not ``fresh`` (a moved-back block's first rows) are left out of ``dW`` and ``db``."""
+    d_classifier, d_bias = accumulated
+    _, hidden_acc, acc = dtypes
+    d_hidden_t = tile_plan.hidden_gradient(grad_in, classifier, layout, hidden_acc)
+    if fresh is not None:
+        grad_in = jnp.where(fresh, grad_in, 0)
+    # G^T h ([V, d]) or h^T G ([d, V])
+    d_classifier = d_classifier + tile_plan.classifier_gradient(grad_in, hidden_t, layout, acc)
+    if d_bias is not None:
+        d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
+    return d_hidden_t, d_classifier, d_bias
 
 
 def _block_companions(z, labels, classes, row_mask, statistics, options):

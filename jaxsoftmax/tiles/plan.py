@@ -104,3 +104,21 @@ def tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):
     if bias_c is not None:
         z = z + bias_c.astype(dtype)[None, :]
     return z
+
+
+def hidden_gradient(grad, classifier_c, layout, dtype):
+    """``G W``: a tile's part of ``dL/dh``, ``[T, d]`` in ``dtype``, for the tile ``G`` of
+    ``dL/dz`` against the classifier block it was computed from."""
+    vocab_axis = 0 if layout == "vd" else 1
+    return lax.dot_general(
+        grad, classifier_c, (((1,), (vocab_axis,)), ((), ())), preferred_element_type=dtype
+    )
+
+
+def classifier_gradient(grad, hidden_t, layout, dtype):
+    """A tile's part of ``dL/dW`` in ``dtype``: ``G^T h`` (``[Vc, d]``) for ``"vd"``, ``h^T G``
+    (``[d, Vc]``) for ``"dv"``."""
+    rows = (((0,), (0,)), ((), ()))
+    if layout == "vd":
+        return lax.dot_general(grad, hidden_t, rows, preferred_element_type=dtype)
+    return lax.dot_general(hidden_t, grad, rows, preferred_element_type=dtype)

@@ -30,7 +30,7 @@ From these, :func:`default_chunks` takes ``T = min(N, T_max)`` and for ``Vc`` th
 divisor of ``V`` between ``Vc_max / 2`` and ``Vc_max`` (so the chunks tile the vocabulary
 exactly and the classifier's gradient is assembled from them without updates in place),
 or ``Vc_max`` when ``V`` has none (the last chunk then overlaps the one before, see
-:mod:`jaxsoftmax.losses.linear_cross_entropy`), or ``V`` itself when it is smaller.
+:mod:`jaxsoftmax.tiles.cross_entropy`), or ``V`` itself when it is smaller.
 
 The backend is chosen when the program is lowered (:func:`on_each_platform`, through
 ``jax.lax.platform_dependent``), not from the machine that traces it: a program exported
@@ -115,3 +115,12 @@ def on_each_platform(function, plan, *args):
 
 def _bound(function, plan):
     return lambda *args: function(*args, plan=plan)
+
+
+def chosen_tiles(num_tokens: int, num_classes: int, tiles) -> tuple[tuple, int, int]:
+    """``(by_platform, token_chunk, vocab_chunk)`` for a call's tiling ``tiles`` (a
+    :class:`~jaxsoftmax.checks.linear_head.TileOptions`): each backend's tile, and the one
+    the program is traced with."""
+    by_platform = tiles_by_platform(num_tokens, num_classes, tiles.token_chunk, tiles.vocab_chunk)
+    _, token_chunk, vocab_chunk = next(t for t in by_platform if t[0] == "default")
+    return by_platform, token_chunk, vocab_chunk

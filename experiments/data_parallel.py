@@ -13,7 +13,6 @@ the runs end in different but equally good minima.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,9 +36,7 @@ def max_difference(a, b) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.script_parser(__doc__)
     parser.add_argument(
         "--devices", type=positive_int, default=None, help="local devices to use; None: all"
     )

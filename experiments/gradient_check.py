@@ -21,7 +21,6 @@ status 1 if any exceeds its tolerance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -152,9 +151,7 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.script_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0, help="seed of the networks' parameters")
     parser.add_argument(
         "--l2",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -39,149 +40,76 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # what the scripts share
 import lm_training  # helper modules of the scripts
 import text_corpus
-from common import non_negative_float, non_negative_int, number, positive_float, positive_int
+from common import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    number,
+    positive_float,
+    positive_int,
+)
 
 from jaxsoftmax import training
 
 SCRIPT = os.path.abspath(__file__)
 OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv", "loss.png", "accuracy.png")
-fraction = number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+SPLITS = ("train", "validation")
 vocabulary_size = number(int, lambda v: v >= 257, "an integer >= 257 (256 bytes and one more)")
+
+
+# The flags that set a field of lm_training.LMConfig, its default theirs: (field, type, help),
+# or a flag several scripts share (common.SHARED_FLAGS); --classifier sets ``tied``.
+FLAGS = (
+    ("vocab_size", vocabulary_size, "tokens of the byte-pair encoding (the classifier's classes)"),
+    (
+        "max_files",
+        positive_int,
+        "use only the first N files of the standard library, in sorted order; None: all",
+    ),
+    ("validation_fraction", fraction, "share of the files held out for validation"),
+    ("d_model", positive_int, "width of the model"),
+    ("num_layers", positive_int, "transformer blocks"),
+    ("num_heads", positive_int, "attention heads; must divide --d-model"),
+    ("d_ff", positive_int, "hidden width of the MLPs; None: 4 x d"),
+    ("seq_len", positive_int, "tokens per window"),
+    ("batch_size", positive_int, "windows per step"),
+)
+TRAINING_FLAGS = (
+    (
+        "loss",
+        lm_training.LOSSES,
+        "fused: linear_cross_entropy, no logits array; naive: logits, then cross_entropy",
+    ),
+    *("z_loss", "learning_rate", "warmup_steps"),
+    ("weight_decay", non_negative_float, "AdamW's decoupled weight decay of the matrices"),
+    ("clip_norm", positive_float, "gradients clipped to this global norm"),
+    *("steps", "seed", "eval_every"),
+    (
+        "eval_batches",
+        positive_int,
+        "each evaluation reads this many batches of fixed windows of each split",
+    ),
+    *("checkpoint_every", "devices"),
+    (
+        "vocab_shards",
+        positive_int,
+        "split the classifier's vocabulary over this many of the devices "
+        "(sharded_linear_cross_entropy); must divide the device count",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = lm_training.LMConfig()
-    parser = common.OneLineErrorParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=vocabulary_size,
-        default=defaults.vocab_size,
-        help="tokens of the byte-pair encoding (the classifier's classes)",
-    )
-    parser.add_argument(
-        "--max-files",
-        type=positive_int,
-        default=None,
-        help="use only the first N files of the standard library, in sorted order; None: all",
-    )
-    parser.add_argument(
-        "--validation-fraction",
-        type=fraction,
-        default=defaults.validation_fraction,
-        help="share of the files held out for validation",
-    )
-    parser.add_argument(
-        "--d-model", type=positive_int, default=defaults.d_model, help="width of the model"
-    )
-    parser.add_argument(
-        "--num-layers",
-        type=positive_int,
-        default=defaults.num_layers,
-        help="transformer blocks",
-    )
-    parser.add_argument(
-        "--num-heads",
-        type=positive_int,
-        default=defaults.num_heads,
-        help="attention heads; must divide --d-model",
-    )
-    parser.add_argument(
-        "--d-ff",
-        type=positive_int,
-        default=None,
-        help="hidden width of the MLPs; None: 4 x d",
-    )
-    parser.add_argument(
-        "--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per window"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=defaults.batch_size,
-        help="windows per step",
-    )
+    parser = common.script_parser(__doc__)
+    common.add_field_flags(parser, defaults, FLAGS)
     parser.add_argument(
         "--classifier",
         choices=("tied", "untied"),
         default="tied",
         help="tied: the classifier is the embedding table; untied: a matrix of its own",
     )
-    parser.add_argument(
-        "--loss",
-        choices=lm_training.LOSSES,
-        default=defaults.loss,
-        help="fused: linear_cross_entropy, no logits array; naive: logits, then cross_entropy",
-    )
-    parser.add_argument(
-        "--z-loss",
-        type=non_negative_float,
-        default=defaults.z_loss,
-        help="z-loss weight, >= 0",
-    )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        default=defaults.learning_rate,
-        help="peak learning rate of AdamW, reached after --warmup-steps, cosine decay after",
-    )
-    parser.add_argument(
-        "--warmup-steps",
-        type=non_negative_int,
-        default=defaults.warmup_steps,
-        help="steps of linear warm-up",
-    )
-    parser.add_argument(
-        "--weight-decay",
-        type=non_negative_float,
-        default=defaults.weight_decay,
-        help="AdamW's decoupled weight decay of the matrices",
-    )
-    parser.add_argument(
-        "--clip-norm",
-        type=positive_float,
-        default=defaults.clip_norm,
-        help="gradients clipped to this global norm",
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="optimizer steps"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed of the initialisation and batches"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=positive_int,
-        default=defaults.eval_every,
-        help="steps between evaluations on both splits, one history row each",
-    )
-    parser.add_argument(
-        "--eval-batches",
-        type=positive_int,
-        default=defaults.eval_batches,
-        help="each evaluation reads this many batches of fixed windows of each split",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=non_negative_int,
-        default=defaults.checkpoint_every,
-        help="steps between checkpoints, a multiple of --eval-every; 0: none",
-    )
-    parser.add_argument(
-        "--devices",
-        type=positive_int,
-        default=None,
-        help="run on the first N local devices, the batch split over them; None: all",
-    )
-    parser.add_argument(
-        "--vocab-shards",
-        type=positive_int,
-        default=defaults.vocab_shards,
-        help="split the classifier's vocabulary over this many of the devices "
-        "(sharded_linear_cross_entropy); must divide the device count",
-    )
+    common.add_field_flags(parser, defaults, TRAINING_FLAGS)
     parser.add_argument(
         "--compare-steps",
         type=non_negative_int,
@@ -190,61 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
         "compare their memory and speed (tokens/s over the second half); 0: no comparison",
     )
     parser.add_argument(
-        "--out",
-        default=lm_training.DEFAULT_RUN,
-        help="output directory (distill.py and gradient_filter.py read the model from here)",
-    )
-    parser.add_argument(
         "--corpus-cache",
         default=text_corpus.default_cache_directory(),
         help="folder of the cached tokenizer and token streams",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    parser.add_argument("--no-plots", action="store_true", help="skip loss.png and accuracy.png")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common.add_cache_flag(parser)
+    common.add_output_flags(
+        parser,
+        lm_training.DEFAULT_RUN,
+        "output directory (distill.py and gradient_filter.py read the model from here)",
+        "loss.png and accuracy.png",
+    )
     return parser
 
 
 def config_from_arguments(arguments: argparse.Namespace) -> lm_training.LMConfig:
     return lm_training.LMConfig(
-        vocab_size=arguments.vocab_size,
-        max_files=arguments.max_files,
-        validation_fraction=arguments.validation_fraction,
-        d_model=arguments.d_model,
-        num_layers=arguments.num_layers,
-        num_heads=arguments.num_heads,
-        d_ff=arguments.d_ff,
-        seq_len=arguments.seq_len,
-        batch_size=arguments.batch_size,
+        **common.fields_of(arguments, FLAGS),
         tied=arguments.classifier == "tied",
-        loss=arguments.loss,
-        z_loss=arguments.z_loss,
-        learning_rate=arguments.lr,
-        warmup_steps=arguments.warmup_steps,
-        weight_decay=arguments.weight_decay,
-        clip_norm=arguments.clip_norm,
-        steps=arguments.steps,
-        seed=arguments.seed,
-        eval_every=arguments.eval_every,
-        eval_batches=arguments.eval_batches,
-        checkpoint_every=arguments.checkpoint_every,
-        devices=arguments.devices,
-        vocab_shards=arguments.vocab_shards,
+        **common.fields_of(arguments, TRAINING_FLAGS),
     )
 
 
 def flags_of(config: lm_training.LMConfig) -> list[str]:
     """The command-line flags that give ``config`` (the inverse of
     :func:`config_from_arguments`)."""
-    renamed = {"learning_rate": "--lr", "tied": "--classifier"}
     flags = []
     for name, value in config.to_dict().items():
         if value is None:
             continue
         if name == "tied":
-            value = "tied" if value else "untied"
-        flags += [renamed.get(name, "--" + name.replace("_", "-")), str(value)]
+            flags += ["--classifier", "tied" if value else "untied"]
+        else:
+            flags += [common.flag_of(name), str(value)]
     return flags
 
 
@@ -345,37 +250,37 @@ def _mib(value: float) -> str:
 
 
 def plot_curves(folder: str, history: list[dict], baselines: dict[str, float], title: str):
+    """loss.png (beside the ``baselines``) and accuracy.png of both splits against the tokens
+    trained on."""
     plt = common.pyplot()
     tokens = [row["tokens"] / 1e6 for row in history]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.plot(tokens, [row["train_loss"] for row in history], label="train")
-    axes.plot(tokens, [row["validation_loss"] for row in history], label="validation")
-    for (label, value), style in zip(baselines.items(), (":", "--")):
-        axes.axhline(value, color="grey", linestyle=style, label=f"{label} ({value:.2f})")
-    axes.set(xlabel="training tokens (millions)", ylabel="cross-entropy (nats per token)")
-    axes.set(title=title)
-    axes.legend()
-    figure.tight_layout()
-    common.save_figure(figure, os.path.join(folder, "loss.png"))
-    plt.close(figure)
+    references = [
+        (f"{label} ({value:.2f})", value, style)
+        for (label, value), style in zip(baselines.items(), (":", "--"))
+    ]
+    for metric, filename, settings in (
+        ("loss", "loss.png", dict(ylabel="cross-entropy (nats per token)")),
+        ("accuracy", "accuracy.png", dict(ylabel="next-token accuracy (argmax)", ylim=(0, None))),
+    ):
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        lines = {split: [row[f"{split}_{metric}"] for row in history] for split in SPLITS}
+        common.plot_lines(
+            axes,
+            tokens,
+            lines,
+            references if metric == "loss" else (),
+            xlabel="training tokens (millions)",
+            title=title,
+            **settings,
+        )
+        common.write_figure(figure, os.path.join(folder, filename))
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.plot(tokens, [row["train_accuracy"] for row in history], label="train")
-    axes.plot(tokens, [row["validation_accuracy"] for row in history], label="validation")
-    axes.set(xlabel="training tokens (millions)", ylabel="next-token accuracy (argmax)")
-    axes.set(title=title, ylim=(0, None))
-    axes.legend()
-    figure.tight_layout()
-    common.save_figure(figure, os.path.join(folder, "accuracy.png"))
-    plt.close(figure)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
-    common.enable_compilation_cache(arguments)
-    # Flags that contradict each other are usage errors (exit status 2), found before any
-    # work, reported under the flag's name.
+def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
+    """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the run the
+    flags ask for. Flags
+    that contradict each other are usage errors (exit status 2), found before any work,
+    reported under the flag's name."""
     try:
         training.select_devices(arguments.devices)
     except ValueError as error:
@@ -385,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         lm_training.make_mesh(config)
     except ValueError as error:
         parser.error(common.name_the_flag(str(error), arguments))
-    problem = common.output_directory_problem(arguments.out)
-    if problem is not None:
-        parser.error(f"argument --out: {problem}")
+    common.check_output_directory(parser, arguments.out)
     try:
         corpus = text_corpus.load(
             config.vocab_size,
@@ -401,78 +304,46 @@ def main(argv: list[str] | None = None) -> int:
         lm_training.check_config_for_corpus(config, corpus)
     except ValueError as error:
         parser.error(common.name_the_flag(str(error), arguments))
-    checkpoint_path = os.path.join(arguments.out, training.CHECKPOINT_FILENAME)
-    resuming_from = None
-    if arguments.resume and os.path.exists(checkpoint_path):
-        try:
-            resuming_from = lm_training.check_checkpoint(
-                checkpoint_path, config, corpus.fingerprint
-            )
-        except ValueError as error:
-            parser.error(f"argument --resume: {error}")
+    checkpoint = common.checkpoint_to_resume(
+        parser,
+        arguments,
+        lambda path: lm_training.check_checkpoint(path, config, corpus.fingerprint),
+    )
+    return config, corpus, checkpoint
 
-    device = jax.devices()[0]
-    device_description = f"{device.platform}: {device.device_kind}"
+
+def unigram_baselines(corpus) -> dict[str, float]:
+    """What a model that ignores the context reaches: the entropy of the training tokens'
+    frequencies, and the validation loss of a model predicting them."""
+    return {
+        "unigram entropy, training tokens": text_corpus.unigram_entropy(
+            corpus.train_tokens, corpus.vocab_size
+        ),
+        "unigram model, validation": text_corpus.unigram_cross_entropy(
+            corpus.train_tokens, corpus.validation_tokens, corpus.vocab_size
+        ),
+    }
+
+
+def describe_corpus(corpus, baselines: dict[str, float]) -> None:
     described = corpus.describe()
-    print(f"device: {device_description} ({jax.device_count()} visible)")
     print(
         f"corpus: {corpus.source}; {described['train_tokens']:,} training tokens in "
         f"{corpus.train_files} files, {described['validation_tokens']:,} validation tokens in "
         f"{corpus.validation_files} files, vocabulary {corpus.vocab_size}"
     )
-    entropy = text_corpus.unigram_entropy(corpus.train_tokens, corpus.vocab_size)
-    unigram_validation = text_corpus.unigram_cross_entropy(
-        corpus.train_tokens, corpus.validation_tokens, corpus.vocab_size
-    )
+    entropy, unigram_validation = baselines.values()
     print(
         f"unigram entropy of the training tokens: {entropy:.3f} nats per token; a unigram "
         f"model's validation loss: {unigram_validation:.3f}"
     )
-    if arguments.resume:
-        print(common.resume_note(resuming_from, checkpoint_path))
-    common.prepare_output(arguments.out, OUTPUTS_WRITTEN_ATOMICALLY)
 
-    comparison = None
-    if arguments.compare_steps:
-        print(
-            f"comparing the losses: {arguments.compare_steps} steps of each, each in a "
-            "process of its own"
-        )
-        try:
-            comparison = compare_losses(
-                config,
-                arguments,
-                arguments.compare_steps,
-                os.path.join(arguments.out, "comparison"),
-            )
-        except RuntimeError as error:
-            print(f"stopped: {error}", file=sys.stderr)
-            return 1
-        print(comparison_table(comparison))
 
-    result = common.train_with_progress(
-        lambda on_run_end: lm_training.train(
-            config,
-            corpus,
-            checkpoint_dir=arguments.out,
-            resume=arguments.resume,
-            on_run_end=on_run_end,
-        ),
-        config.steps,
-        lambda row: {
-            "loss": f"{row['batch_loss']:.3f}",
-            "val": f"{row['validation_loss']:.3f}",
-            "tok_s": f"{row['tokens_per_second']:,.0f}",
-        },
-        initial=resuming_from or 0,
-        disabled=arguments.no_progress,
-    )
-    if result is None:  # stopped on a non-finite value
-        return 2
-
+def metrics(result, config, corpus, baselines: dict[str, float], comparison) -> dict:
+    """metrics.json of a run."""
     final = result.history[-1]
-    parameters = sum(leaf.size for leaf in jax.tree_util.tree_leaves(result.params))
-    metrics = {
+    entropy, unigram_validation = baselines.values()
+    return {
         "validation_loss": final["validation_loss"],
         "train_loss": final["train_loss"],
         "unigram_entropy": entropy,
@@ -492,49 +363,80 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison,
         "steps": result.steps,
         "tokens_trained": final["tokens"],
-        "parameters": parameters,
+        "parameters": common.parameter_count(result.params),
         "train_seconds": result.train_seconds,
-        "train_seconds_note": "wall time of lm_training.train in this process, compilation and "
-        "evaluation included"
-        + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
-        "device": device_description,
+        "train_seconds_note": common.seconds_note(
+            "wall time of lm_training.train in this process, compilation and evaluation included",
+            result.resumed_from,
+        ),
+        "device": common.device_description(),
         "devices": result.devices,
         "versions": common.library_versions(("tokenizers",)),
-        "corpus": described,
+        "corpus": corpus.describe(),
         "config": config.to_dict(),
     }
-    common.write_json(os.path.join(arguments.out, "metrics.json"), metrics)
+
+
+def outcome(result, entropy: float) -> str:
+    """The line on the trained model and the steps this run took."""
+    final = result.history[-1]
+    ran = common.steps_ran(result.steps, result.resumed_from)
+    return (
+        f"validation loss {final['validation_loss']:.4f} (unigram entropy {entropy:.4f}), "
+        f"validation accuracy {final['validation_accuracy']:.4f}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, {ran} in {result.train_seconds:.1f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = common.parse_flags(parser, argv)
+    config, corpus, checkpoint = load_inputs(parser, arguments)
+    print(f"device: {common.device_description()} ({jax.device_count()} visible)")
+    baselines = unigram_baselines(corpus)
+    describe_corpus(corpus, baselines)
+    common.start_output(arguments, OUTPUTS_WRITTEN_ATOMICALLY, checkpoint)
+    comparison = None
+    if arguments.compare_steps:
+        print(
+            f"comparing the losses: {arguments.compare_steps} steps of each, each in a "
+            "process of its own"
+        )
+        folder = os.path.join(arguments.out, "comparison")
+        try:
+            comparison = compare_losses(config, arguments, arguments.compare_steps, folder)
+        except RuntimeError as error:
+            print(f"stopped: {error}", file=sys.stderr)
+            return 1
+        print(comparison_table(comparison))
+    result = common.train_with_progress(
+        functools.partial(lm_training.train, config, corpus),
+        arguments,
+        config.steps,
+        lambda row: {
+            "loss": f"{row['batch_loss']:.3f}",
+            "val": f"{row['validation_loss']:.3f}",
+            "tok_s": f"{row['tokens_per_second']:,.0f}",
+        },
+        initial=checkpoint[1] or 0,
+    )
+    if result is None:  # stopped on a non-finite value
+        return 2
+    found = metrics(result, config, corpus, baselines, comparison)
+    common.write_json(os.path.join(arguments.out, "metrics.json"), found)
     common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
+    written = ["metrics.json", "history.csv"]
+    if config.checkpoint_every:
+        written.append(training.CHECKPOINT_FILENAME)
     if not arguments.no_plots:
         title = (
             f"{config.num_layers} layers, d = {config.d_model}, V = {corpus.vocab_size}, "
             f"{config.loss} loss"
         )
-        plot_curves(
-            arguments.out,
-            result.history,
-            {
-                "unigram entropy, training tokens": entropy,
-                "unigram model, validation": unigram_validation,
-            },
-            title,
-        )
-    ran = f"{result.steps} steps"
-    if result.resumed_from is not None:
-        ran = (
-            f"{result.steps - result.resumed_from} steps, resumed from step {result.resumed_from},"
-        )
-    print(
-        f"validation loss {final['validation_loss']:.4f} (unigram entropy {entropy:.4f}), "
-        f"validation accuracy {final['validation_accuracy']:.4f}, "
-        f"{result.tokens_per_second:,.0f} tokens/s, {ran} in {result.train_seconds:.1f} s"
-    )
-    written = ["metrics.json", "history.csv"]
-    if config.checkpoint_every:
-        written.append(training.CHECKPOINT_FILENAME)
-    if not arguments.no_plots:
+        plot_curves(arguments.out, result.history, baselines, title)
         written += ["loss.png", "accuracy.png"]
-    print(f"wrote {arguments.out}/" + ", ".join(written))
+    print(outcome(result, found["unigram_entropy"]))
+    common.report_written(arguments.out, written)
     return 0
 
 

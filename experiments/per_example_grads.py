@@ -10,7 +10,6 @@ with ``block_until_ready``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -42,31 +41,24 @@ def best_seconds(function, repeats):
     return min(times)
 
 
+# The flags: (name, type or choices, help), their defaults in DEFAULTS.
+FLAGS = (
+    ("dataset", data.DATASETS, "the data"),
+    ("batch_size", positive_int, "examples to differentiate"),
+    ("hidden", positive_int, "hidden width"),
+    ("activation", tuple(sorted(mlp.ACTIVATIONS)), "activation of the hidden layer"),
+    ("l2", non_negative_float, "L2 weight penalty, >= 0"),
+    ("repeats", positive_int, "timed runs of each method (best kept)"),
+    ("seed", int, "seed of the data and parameters"),
+)
+DEFAULTS = dict(
+    dataset="digits", batch_size=128, hidden=100, activation="relu", l2=1e-3, repeats=5, seed=0
+)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--dataset", choices=data.DATASETS, default="digits", help="the data")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=128, help="examples to differentiate"
-    )
-    parser.add_argument("--hidden", type=positive_int, default=100, help="hidden width")
-    parser.add_argument(
-        "--activation",
-        choices=sorted(mlp.ACTIVATIONS),
-        default="relu",
-        help="activation of the hidden layer",
-    )
-    parser.add_argument(
-        "--l2", type=non_negative_float, default=1e-3, help="L2 weight penalty, >= 0"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=5,
-        help="timed runs of each method (best kept)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and parameters")
+    parser = common.script_parser(__doc__)
+    common.add_field_flags(parser, DEFAULTS, FLAGS)
     common.add_cache_flag(parser)
     arguments = parser.parse_args(argv)
     common.enable_compilation_cache(arguments)

@@ -31,6 +31,7 @@ only) and checkpoint.npz (``--resume`` continues from it).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -74,12 +75,36 @@ def parse_class_weights(text: str) -> tuple[float, ...]:
         ) from None
 
 
+# The flags that set a field of training.TrainConfig, its default theirs: (field, type or
+# choices, help), or a flag several scripts share (common.SHARED_FLAGS); --checkpoint-every,
+# whose default differs, is written out below.
+FLAGS = (
+    ("hidden", parse_hidden, "hidden widths, comma-separated; 0 = linear softmax classifier"),
+    ("activation", tuple(sorted(mlp.ACTIVATIONS)), "activation of the hidden layers"),
+    (
+        "optimizer",
+        training.OPTIMIZERS,
+        "sgd: plain gradient descent; momentum: SGD with --momentum; adam",
+    ),
+    ("learning_rate", positive_float, "learning rate, > 0"),
+    (
+        "momentum",
+        coefficient_below_one,
+        "momentum coefficient in [0, 1); used only by --optimizer momentum",
+    ),
+    ("l2", non_negative_float, "L2 weight penalty, >= 0"),
+    ("batch_size", positive_int, "minibatch size; None: full batch"),
+    ("init_scheme", mlp.INIT_SCHEMES, "weight initialisation"),
+    ("init_scale", positive_float, "scale of the initial weights, > 0"),
+    ("label_smoothing", float, "label smoothing in [0, 1]"),
+    ("class_weights", parse_class_weights, "comma-separated, one per class; None: all 1"),
+    ("logit_softcap", float, "tanh soft cap of the logits, > 0"),
+    *("z_loss", "steps", "seed", "eval_every", "devices"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = training.TrainConfig()
-    parser = common.OneLineErrorParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = common.script_parser(__doc__)
     parser.add_argument("--dataset", choices=data.DATASETS, default="spiral", help="training data")
     parser.add_argument(
         "--num-examples",
@@ -92,84 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="standardise features with the training statistics",
     )
-    parser.add_argument(
-        "--hidden",
-        type=parse_hidden,
-        default=defaults.hidden,
-        help="hidden widths, comma-separated; 0 = linear softmax classifier",
-    )
-    parser.add_argument(
-        "--activation",
-        choices=sorted(mlp.ACTIVATIONS),
-        default=defaults.activation,
-        help="activation of the hidden layers",
-    )
-    parser.add_argument(
-        "--optimizer",
-        choices=training.OPTIMIZERS,
-        default=defaults.optimizer,
-        help="sgd: plain gradient descent; momentum: SGD with --momentum; adam",
-    )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        default=defaults.learning_rate,
-        help="learning rate, > 0",
-    )
-    parser.add_argument(
-        "--momentum",
-        type=coefficient_below_one,
-        default=defaults.momentum,
-        help="momentum coefficient in [0, 1); used only by --optimizer momentum",
-    )
-    parser.add_argument(
-        "--l2", type=non_negative_float, default=defaults.l2, help="L2 weight penalty, >= 0"
-    )
-    parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="total training steps"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=None,
-        help="minibatch size; None: full batch",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed of the data and initialisation"
-    )
-    parser.add_argument(
-        "--init-scheme",
-        choices=mlp.INIT_SCHEMES,
-        default=defaults.init_scheme,
-        help="weight initialisation",
-    )
-    parser.add_argument(
-        "--init-scale",
-        type=positive_float,
-        default=defaults.init_scale,
-        help="scale of the initial weights, > 0",
-    )
-    parser.add_argument(
-        "--label-smoothing", type=float, default=0.0, help="label smoothing in [0, 1]"
-    )
-    parser.add_argument(
-        "--class-weights",
-        type=parse_class_weights,
-        default=None,
-        help="comma-separated, one per class; None: all 1",
-    )
-    parser.add_argument(
-        "--z-loss", type=non_negative_float, default=0.0, help="weight of the z-loss, >= 0"
-    )
-    parser.add_argument(
-        "--logit-softcap", type=float, default=None, help="tanh soft cap of the logits, > 0"
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=positive_int,
-        default=defaults.eval_every,
-        help="steps per compiled run, one history row each",
-    )
+    common.add_field_flags(parser, training.TrainConfig(), FLAGS)
     parser.add_argument(
         "--checkpoint-every",
         type=positive_int,
@@ -177,17 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a multiple of --eval-every; None: every {training.DEFAULT_CHECKPOINT_EVERY} "
         "steps, rounded up to one",
     )
-    parser.add_argument(
-        "--devices",
-        type=positive_int,
-        default=None,
-        help="train data-parallel on the first N local devices (of each process); None: all",
-    )
-    parser.add_argument("--out", default="runs/train", help="output directory")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    parser.add_argument("--no-plots", action="store_true", help="skip loss.png and the boundary")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common.add_cache_flag(parser)
+    common.add_output_flags(parser, "runs/train", "output directory", "loss.png and the boundary")
     processes.add_flags(parser)
     return parser
 
@@ -198,24 +136,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_arguments(arguments: argparse.Namespace) -> training.TrainConfig:
     return training.TrainConfig(
-        hidden=arguments.hidden,
-        activation=arguments.activation,
-        optimizer=arguments.optimizer,
-        learning_rate=arguments.lr,
-        momentum=arguments.momentum,
-        l2=arguments.l2,
-        steps=arguments.steps,
-        batch_size=arguments.batch_size,
-        seed=arguments.seed,
-        init_scheme=arguments.init_scheme,
-        init_scale=arguments.init_scale,
-        label_smoothing=arguments.label_smoothing,
-        class_weights=arguments.class_weights,
-        z_loss=arguments.z_loss,
-        logit_softcap=arguments.logit_softcap,
-        eval_every=arguments.eval_every,
-        checkpoint_every=arguments.checkpoint_every,
-        devices=arguments.devices,
+        **common.fields_of(arguments, FLAGS), checkpoint_every=arguments.checkpoint_every
     )
 
 
@@ -241,18 +162,16 @@ def plot_history(path: str, history: list[dict], title: str) -> None:
     plt = common.pyplot()
     steps = [row["step"] for row in history]
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot(steps, [row["train_loss"] for row in history], label="train")
-    loss_axes.plot(steps, [row["test_loss"] for row in history], label="test")
-    loss_axes.set(xlabel="step", ylabel="loss (cross-entropy + L2)", yscale="log")
-    loss_axes.legend()
-    accuracy_axes.plot(steps, [row["train_accuracy"] for row in history], label="train")
-    accuracy_axes.plot(steps, [row["test_accuracy"] for row in history], label="test")
-    accuracy_axes.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
-    accuracy_axes.legend()
+    for axes, metric, settings in (
+        (loss_axes, "loss", dict(ylabel="loss (cross-entropy + L2)", yscale="log")),
+        (accuracy_axes, "accuracy", dict(ylabel="accuracy", ylim=(0, 1.02))),
+    ):
+        lines = {
+            split: [row[f"{split}_{metric}"] for row in history] for split in ("train", "test")
+        }
+        common.plot_lines(axes, steps, lines, xlabel="step", **settings)
     figure.suptitle(title)
-    figure.tight_layout()
-    common.save_figure(figure, path)
-    plt.close(figure)
+    common.write_figure(figure, path)
 
 
 def plot_decision_boundary(
@@ -278,9 +197,7 @@ def plot_decision_boundary(
     )
     axes.scatter(x[:, 0], x[:, 1], c=colours[np.asarray(y)], s=18, edgecolors="k", linewidths=0.5)
     axes.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]), title=title)
-    figure.tight_layout()
-    common.save_figure(figure, path)
-    plt.close(figure)
+    common.write_figure(figure, path)
 
 
 def train_quietly(
@@ -296,15 +213,11 @@ def train_quietly(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
-    common.enable_compilation_cache(arguments)
-    processes.initialize(parser, arguments)  # several processes: join them before JAX starts
-    # Process 0 alone prints the run's report and writes its files; every process trains.
-    lead = jax.process_index() == 0
-    # Flags that contradict each other or the data are usage errors (exit status 2), found
-    # before anything is computed: the library's checks, reported under the flag's name.
+def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
+    """``(devices, config, dataset, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the
+    run the flags ask
+    for. Flags that contradict each other or the data are usage errors (exit status 2), found
+    before anything is computed: the library's checks, reported under the flag's name."""
     try:
         devices = training.select_devices(arguments.devices, name="--devices")
         config = config_from_arguments(arguments)
@@ -317,73 +230,47 @@ def main(argv: list[str] | None = None) -> int:
         training.check_config_for_dataset(config, dataset)
     except (ValueError, TypeError) as error:
         parser.error(common.name_the_flag(str(error), arguments))
-    problem = common.output_directory_problem(arguments.out)
-    if problem is not None:
-        parser.error(f"argument --out: {problem}")
-    checkpoint_path = os.path.join(arguments.out, training.CHECKPOINT_FILENAME)
-    resuming_from = None
-    if arguments.resume and os.path.exists(checkpoint_path):
-        try:  # another configuration, other data, or more steps than asked for
-            resuming_from = training.check_checkpoint(checkpoint_path, config, dataset)
-        except (ValueError, OSError, KeyError) as error:
-            parser.error(f"argument --resume: {error}")
-    device = jax.devices()[0]
-    device_description = f"{device.platform}: {device.device_kind}"
+    common.check_output_directory(parser, arguments.out)
+    checkpoint = common.checkpoint_to_resume(
+        parser, arguments, lambda path: training.check_checkpoint(path, config, dataset)
+    )
+    return devices, config, dataset, checkpoint
+
+
+def describe_devices(devices: list, out: str) -> None:
+    """The line on the devices this process trains on (several processes: and who writes)."""
     if jax.process_count() == 1:
         print(
-            f"device: {device_description} ({jax.device_count()} visible), training "
+            f"device: {common.device_description()} ({jax.device_count()} visible), training "
             f"data-parallel on {len(devices)}"
         )
-    else:
-        print(
-            f"process {jax.process_index()} of {jax.process_count()}: "
-            f"{device_description} ({jax.local_device_count()} local), training data-parallel "
-            f"on {len(devices)} here, {len(devices) * jax.process_count()} in all"
-            + ("" if lead else f"; process 0 writes {arguments.out}")
-        )
-    if not lead:
-        return train_quietly(config, dataset, arguments)
-    architecture = " -> ".join(
-        str(w) for w in [dataset.num_features, *config.hidden, dataset.num_classes]
-    )
+        return
     print(
-        f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
-        f"network: {architecture}, {config.activation}, {config.optimizer} lr={config.learning_rate}"
+        f"process {jax.process_index()} of {jax.process_count()}: "
+        f"{common.device_description()} ({jax.local_device_count()} local), training "
+        f"data-parallel on {len(devices)} here, {len(devices) * jax.process_count()} in all"
+        + ("" if jax.process_index() == 0 else f"; process 0 writes {out}")
     )
-    if arguments.resume:
-        print(common.resume_note(resuming_from, checkpoint_path))
-    created_out = not os.path.exists(arguments.out)
-    common.prepare_output(arguments.out, OUTPUTS_WRITTEN_ATOMICALLY)
-    result = common.train_with_progress(
-        lambda on_run_end: training.train(
-            config,
-            dataset,
-            checkpoint_dir=arguments.out,
-            resume=arguments.resume,
-            on_run_end=on_run_end,
-        ),
-        config.steps,
-        lambda row: {
-            "loss": f"{row['batch_loss']:.4f}",
-            "train_acc": f"{row['train_accuracy']:.3f}",
-        },
-        disabled=arguments.no_progress,
-        mininterval=0.5,
-    )
-    if result is None:  # stopped on a non-finite value
-        if created_out and not os.listdir(arguments.out):  # no checkpoint: leave nothing behind
-            os.rmdir(arguments.out)
-        return 2
 
-    metrics = {
+
+def architecture(config: training.TrainConfig, dataset: data.Dataset) -> str:
+    """The layers' widths, ``"2 -> 100 -> 3"``."""
+    return " -> ".join(str(w) for w in [dataset.num_features, *config.hidden, dataset.num_classes])
+
+
+def metrics(result, config: training.TrainConfig, dataset: data.Dataset, arguments) -> dict:
+    """metrics.json of a run."""
+    return {
         "train_accuracy": result.train_accuracy,
         "test_accuracy": result.test_accuracy,
         "final_loss": result.final_loss,
         "steps": result.steps,
         "train_seconds": result.train_seconds,
-        "train_seconds_note": "wall time of training.train in this process, compilation included"
-        + (f"; resumed from step {result.resumed_from}" if result.resumed_from is not None else ""),
-        "device": device_description,
+        "train_seconds_note": common.seconds_note(
+            "wall time of training.train in this process, compilation included",
+            result.resumed_from,
+        ),
+        "device": common.device_description(),
         "devices": result.devices,
         "processes": result.processes,
         "versions": common.library_versions(),
@@ -399,37 +286,73 @@ def main(argv: list[str] | None = None) -> int:
         },
         "config": config_used(config),
     }
-    common.write_json(os.path.join(arguments.out, "metrics.json"), metrics)
-    common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
+
+
+def plot(out: str, result, config: training.TrainConfig, dataset: data.Dataset) -> list[str]:
+    """loss.png, and for 2-D data decision_boundary.png; returns their names."""
     kind = config.activation if config.hidden else "linear softmax classifier"
-    title = f"{dataset.name}, {architecture} {kind}, {config.steps} steps"
-    if not arguments.no_plots:
-        plot_history(os.path.join(arguments.out, "loss.png"), result.history, title)
-        if dataset.num_features == 2:
-            plot_decision_boundary(  # on this process's device: the others may have exited
-                os.path.join(arguments.out, "decision_boundary.png"),
-                jax.tree.map(np.asarray, result.params),
-                dataset,
-                config.activation,
-                f"{title}\ntrain accuracy {result.train_accuracy:.3f}",
-            )
-    if result.resumed_from is None:
-        ran = f"{result.steps} steps"
-    else:
-        ran = (
-            f"{result.steps - result.resumed_from} steps this run, resumed from step "
-            f"{result.resumed_from} (now at step {result.steps}),"
-        )
-    print(
+    title = f"{dataset.name}, {architecture(config, dataset)} {kind}, {config.steps} steps"
+    plot_history(os.path.join(out, "loss.png"), result.history, title)
+    if dataset.num_features != 2:
+        return ["loss.png"]
+    plot_decision_boundary(  # on this process's device: the others may have exited
+        os.path.join(out, "decision_boundary.png"),
+        jax.tree.map(np.asarray, result.params),
+        dataset,
+        config.activation,
+        f"{title}\ntrain accuracy {result.train_accuracy:.3f}",
+    )
+    return ["loss.png", "decision_boundary.png"]
+
+
+def outcome(result) -> str:
+    """The line on the trained model and the steps this run took."""
+    ran = common.steps_ran(result.steps, result.resumed_from)
+    return (
         f"train accuracy {result.train_accuracy:.4f}, test accuracy {result.test_accuracy:.4f}, "
         f"final loss {result.final_loss:.4f}, {ran} in {result.train_seconds:.2f} s"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = common.parse_flags(parser, argv)
+    processes.initialize(parser, arguments)  # several processes: join them before JAX starts
+    devices, config, dataset, checkpoint = load_inputs(parser, arguments)
+    describe_devices(devices, arguments.out)
+    # Process 0 alone prints the run's report and writes its files; every process trains.
+    if jax.process_index() != 0:
+        return train_quietly(config, dataset, arguments)
+    print(
+        f"dataset: {dataset.name} ({len(dataset.y_train)} train, {len(dataset.y_test)} test), "
+        f"network: {architecture(config, dataset)}, {config.activation}, {config.optimizer} "
+        f"lr={config.learning_rate}"
+    )
+    created_out = not os.path.exists(arguments.out)
+    common.start_output(arguments, OUTPUTS_WRITTEN_ATOMICALLY, checkpoint)
+    result = common.train_with_progress(
+        functools.partial(training.train, config, dataset),
+        arguments,
+        config.steps,
+        lambda row: {
+            "loss": f"{row['batch_loss']:.4f}",
+            "train_acc": f"{row['train_accuracy']:.3f}",
+        },
+        mininterval=0.5,
+    )
+    if result is None:  # stopped on a non-finite value
+        if created_out and not os.listdir(arguments.out):  # no checkpoint: leave nothing behind
+            os.rmdir(arguments.out)
+        return 2
+    common.write_json(
+        os.path.join(arguments.out, "metrics.json"), metrics(result, config, dataset, arguments)
+    )
+    common.write_history(os.path.join(arguments.out, "history.csv"), result.history)
     written = ["metrics.json", "history.csv", training.CHECKPOINT_FILENAME]
     if not arguments.no_plots:
-        written.append("loss.png")
-        if dataset.num_features == 2:
-            written.append("decision_boundary.png")
-    print(f"wrote {arguments.out}/" + ", ".join(written))
+        written += plot(arguments.out, result, config, dataset)
+    print(outcome(result))
+    common.report_written(arguments.out, written)
     return 0
 
 

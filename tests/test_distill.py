@@ -4,7 +4,7 @@ The corpus is the first 12 files of the standard library with a 300-token byte-p
 (as in tests/test_language_model.py); the teacher, one layer of width 16, is written as a
 checkpoint straight from its initialisation (the script never trains it, so its training does
 not matter here), and the students are one layer of width 8. The runs of one worker share the
-compiled step (``distill.compiled_functions`` is cached per config).
+compiled step (``distillation_training.compiled_functions`` is cached per config).
 """
 
 import csv
@@ -22,6 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 import distill  # noqa: E402
+import distillation_training  # noqa: E402
 import lm_training  # noqa: E402
 import text_corpus  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_a_tiny_run_writes_its_outputs_and_an_interrupted_run_resumes_losing_not
     metrics = json.loads((whole / "metrics.json").read_text())
     history = read_history(whole / "history.csv")
     assert [int(row["step"]) for row in history] == [0, 2, 4]
-    for name in distill.STUDENTS:
+    for name in distillation_training.STUDENTS:
         assert float(history[-1][f"{name}_validation_loss"]) < float(
             history[0][f"{name}_validation_loss"]
         )
@@ -91,9 +92,9 @@ def test_a_tiny_run_writes_its_outputs_and_an_interrupted_run_resumes_losing_not
             float(history[-1][f"{name}_validation_loss"])
         )
     # the same start: both students' first row is one evaluation of the same weights
-    first = {name: {} for name in distill.STUDENTS}
+    first = {name: {} for name in distillation_training.STUDENTS}
     for key, value in history[0].items():
-        for name in distill.STUDENTS:
+        for name in distillation_training.STUDENTS:
             if key.startswith(name + "_"):
                 first[name][key.removeprefix(name + "_")] = value
     assert first["distilled"] == first["labels_only"] and len(first["distilled"]) == 7
@@ -109,15 +110,17 @@ def test_a_tiny_run_writes_its_outputs_and_an_interrupted_run_resumes_losing_not
     # The same run stopped after its first checkpoint (step 2), then resumed by the script.
     interrupted = tmp_path / "interrupted"
     arguments = distill.build_parser().parse_args(flags(teacher, corpus_cache, str(interrupted)))
-    teacher_config, _, fingerprint = distill.read_teacher(teacher)
+    teacher_config, _, fingerprint = distillation_training.read_teacher(teacher)
     config = distill.config_from_arguments(arguments, teacher_config, fingerprint)
-    teacher_params = distill.load_teacher_params(teacher, teacher_config, corpus.vocab_size)
+    teacher_params = distillation_training.load_teacher_params(
+        teacher, teacher_config, corpus.vocab_size
+    )
 
     def stop(row, steps_in_run):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill.train(
+        distillation_training.train(
             config, corpus, teacher_params, checkpoint_dir=str(interrupted), on_run_end=stop
         )
     resumed_flags = [*flags(teacher, corpus_cache, str(interrupted)), "--resume", "--no-plots"]
@@ -144,23 +147,25 @@ def test_the_distilled_objective_is_the_tempered_divergence_plus_the_weighted_la
     corpus, corpus_cache, teacher, standard_promotion
 ):
     arguments = distill.build_parser().parse_args(flags(teacher, corpus_cache, "unused"))
-    teacher_config, _, fingerprint = distill.read_teacher(teacher)
+    teacher_config, _, fingerprint = distillation_training.read_teacher(teacher)
     config = distill.config_from_arguments(arguments, teacher_config, fingerprint)
     assert config.student.d_model == 8 and config.student.seq_len == TEACHER.seq_len
     assert config.student.vocab_size == TEACHER.vocab_size and config.student.z_loss == 0
-    teacher_params = distill.load_teacher_params(teacher, teacher_config, corpus.vocab_size)
-    student, _ = distill.compiled_functions(config, corpus.vocab_size)["init"]()
+    teacher_params = distillation_training.load_teacher_params(
+        teacher, teacher_config, corpus.vocab_size
+    )
+    student, _ = distillation_training.compiled_functions(config, corpus.vocab_size)["init"]()
     windows = jnp.asarray(lm_training.evaluation_windows(config.student, corpus.train_tokens)[0])
 
     @jax.jit
     def objectives_and_logits(student, teacher_params):
         params = {"distilled": student, "labels_only": student}
         logits = [
-            distill.transformer.logits(p, windows[:, :-1], num_heads=2)
+            distillation_training.transformer.logits(p, windows[:, :-1], num_heads=2)
             for p in (student, teacher_params)
         ]
         tempered = dataclasses.replace(config, temperature=2.0, hard_weight=0.25)
-        return distill.objectives(tempered, params, teacher_params, windows), logits
+        return distillation_training.objectives(tempered, params, teacher_params, windows), logits
 
     (total, losses), logits = objectives_and_logits(student, teacher_params)
 

@@ -41,10 +41,8 @@ result files are written atomically, once every case has run.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
-import json
 import math
 import os
 import platform
@@ -60,7 +58,6 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # helper modules of the scripts
 from harness import (
-    PARTIAL_RESULTS,
     compiled_memory,
     medians,
     memory_setting,
@@ -298,6 +295,16 @@ def naive_fits(device, shapes):
     ]
 
 
+def _linear_row(kind: str, dtype, shape: tuple[int, int, int], **measured) -> dict:
+    """A row of case 2: its ``kind`` ("memory" or "time"), dtype, shape ``(n, d, v)``, what was
+    ``measured``, and the method ``linear_cross_entropy`` chose."""
+    n, d, v = shape
+    return dict(
+        case=2, kind=kind, dtype=jnp.dtype(dtype).name, n=n, d=d, v=v, **measured,
+        method=auto_method(v, d, "mean"),
+    )  # fmt: skip
+
+
 def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
     rows = []
     fused = lambda h, w, y: linear_cross_entropy(h, w, y)  # method="auto"
@@ -321,17 +328,7 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
                 plain = compiled_plain(grads(fused), *args)
                 memory["fused_plain"] = int(plain.memory_analysis().temp_size_in_bytes)
             ratio = memory["naive"] / memory["fused"]
-            row = dict(
-                case=2,
-                kind="memory",
-                dtype=jnp.dtype(dtype).name,
-                n=n,
-                d=d,
-                v=v,
-                temp_bytes=memory,
-                memory_ratio=ratio,
-                method=auto_method(v, d, "mean"),
-            )
+            row = _linear_row("memory", dtype, (n, d, v), temp_bytes=memory, memory_ratio=ratio)
             if (n, d, v) == GEMMA:
                 # at least 50x below the naive path, 300x in float32 (where it is logits only)
                 row["memory_target"] = 300 if dtype == jnp.float32 else 50
@@ -414,20 +411,16 @@ def case_linear(timed_shapes, memory_shapes, dtypes, repeats):
             )
             best = min(seconds["naive_dv"], tokamax_seconds)
             ratio_best = seconds["fused_dv"] / best
-            row = dict(
-                case=2,
-                kind="time",
-                dtype=jnp.dtype(dtype).name,
-                n=n,
-                d=d,
-                v=v,
+            row = _linear_row(
+                "time",
+                dtype,
+                (n, d, v),
                 agree=bool(agree),
                 **({"tokamax_agrees": bool(agrees["tokamax"])} if "tokamax" in agrees else {}),
                 seconds=seconds,
                 time_ratio=ratio,
                 time_ratio_vs_best=ratio_best,
                 meets_time_target=max(ratio, ratio_best) <= 1.0,
-                method=auto_method(v, d, "mean"),
             )
             rows.append(row)
             print(
@@ -707,17 +700,24 @@ def write_markdown(path, meta, rows):
             "The CPU's fast paths (`jaxsoftmax/core/cpu_programs.py`) against the plain rule, the "
             "program a GPU or TPU compiles, both run on this CPU in the same rounds:",
             "",
-            "| dtype | N | C | fast ms | plain ms | fast / plain | plain vs optax | "
-            "temp MiB fast / plain |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for r in plain_rows:
-            s, m = r["seconds"], r["temp_bytes"]
-            lines.append(
-                f"| {r['dtype']} | {r['n']} | {r['classes']} | {s['jaxsoftmax'] * 1e3:.2f} | "
-                f"{s['plain'] * 1e3:.2f} | {r['ratio_fast_vs_plain']:.2f} | "
-                f"{r['ratio_plain_vs_optax']:.2f} | {mib(m['jaxsoftmax'])} / {mib(m['plain'])} |"
-            )
+        columns = "dtype,N,C,fast ms,plain ms,fast / plain,plain vs optax,temp MiB fast / plain"
+        lines += harness.markdown_table(
+            columns.split(","),
+            [
+                [
+                    r["dtype"],
+                    str(r["n"]),
+                    str(r["classes"]),
+                    f"{r['seconds']['jaxsoftmax'] * 1e3:.2f}",
+                    f"{r['seconds']['plain'] * 1e3:.2f}",
+                    f"{r['ratio_fast_vs_plain']:.2f}",
+                    f"{r['ratio_plain_vs_optax']:.2f}",
+                    f"{mib(r['temp_bytes']['jaxsoftmax'])} / {mib(r['temp_bytes']['plain'])}",
+                ]
+                for r in plain_rows
+            ],
+        )
     lines += [
         "",
         "## 2. linear_cross_entropy vs logits then optax and tokamax (loss + both gradients)",
@@ -904,12 +904,8 @@ def write_chart(path, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    harness.add_run_flags(
-        parser,
+    parser = harness.benchmark_parser(
+        __doc__,
         out=f"output folder; None: benchmarks/results/<device>, or {QUICK_OUT} with --quick "
         "(a smoke run never replaces the committed results)",
         repeats="timed rounds per case (fast cases get up to four times as many); None: 8, "
@@ -932,12 +928,7 @@ def main(argv=None):
         parser.error(f"argument --cases: expected numbers among 1, 2, 3, 4; got {args.cases!r}")
     device = jax.devices()[0]
     platform_name = device.platform
-    out = args.out or (
-        QUICK_OUT
-        if args.quick
-        else os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", platform_name)
-    )
-    os.makedirs(out, exist_ok=True)
+    out = harness.output_folder(args, QUICK_OUT, platform_name)
     if args.quick:
         repeats = args.repeats or 3
         cases = [
@@ -981,10 +972,10 @@ def main(argv=None):
     memory = memory_setting()
     meta = dict(
         device=f"{platform_name}: {device.device_kind}",
-        command=" ".join(
-            ([f"GLIBC_TUNABLES={memory['glibc_tunables']}"] if memory["glibc_tunables"] else [])
-            + ["python", "experiments/benchmark.py"]
-            + (argv if argv is not None else sys.argv[1:])
+        command=harness.command(
+            "benchmark.py",
+            argv,
+            (f"GLIBC_TUNABLES={memory['glibc_tunables']}",) if memory["glibc_tunables"] else (),
         ),
         jax=jax.__version__,
         jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
@@ -999,12 +990,8 @@ def main(argv=None):
         memory=memory,
         quick=args.quick,
     )
-    training.write_atomically(
-        os.path.join(out, "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1)
-    )
-    write_markdown(os.path.join(out, "results.md"), meta, rows)
     write_chart(os.path.join(out, "chart.png"), rows)
-    os.remove(os.path.join(out, PARTIAL_RESULTS))
+    harness.write_results(out, meta, rows, write_markdown)
     print(f"wrote {out}/results.json, results.md, chart.png")
     return rows
 

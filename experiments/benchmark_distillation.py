@@ -24,8 +24,6 @@ An interrupted run, started again with the same flags, resumes after its last fi
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -183,23 +181,15 @@ def write_markdown(path, meta, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    harness.add_run_flags(
-        parser,
+    parser = harness.benchmark_parser(
+        __doc__,
         out=f"output folder; None: benchmarks/results/<device>/distillation, or {QUICK_OUT} "
         "with --quick (a smoke run never replaces the committed results)",
         repeats="timed rounds; None: 8 (2 with --quick)",
     )
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    committed = ("benchmarks", "results", device.platform, "distillation")
-    out = args.out or (
-        QUICK_OUT if args.quick else os.path.join(os.path.dirname(__file__), "..", *committed)
-    )
-    os.makedirs(out, exist_ok=True)
+    out = harness.output_folder(args, QUICK_OUT, device.platform, "distillation")
     repeats = args.repeats or (2 if args.quick else 8)
     memory_shapes = [(64, 16, 24, 500)] if args.quick else [GEMMA]
     timed = [(64, 16, 24, 500)] if args.quick else [(2048, 512, 1024, 32768)]
@@ -215,10 +205,7 @@ def main(argv=None):
     rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     meta = dict(
         device=f"{device.platform}: {device.device_kind}",
-        command=" ".join(
-            ["python", "experiments/benchmark_distillation.py"]
-            + (argv if argv is not None else sys.argv[1:])
-        ),  # fmt: skip
+        command=harness.command("benchmark_distillation.py", argv),
         jax=jax.__version__,
         optax=optax.__version__,
         jaxsoftmax=jaxsoftmax.__version__,
@@ -226,11 +213,7 @@ def main(argv=None):
         cpu_count=os.cpu_count(),
         quick=args.quick,
     )
-    training.write_atomically(
-        os.path.join(out, "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1)
-    )
-    write_markdown(os.path.join(out, "results.md"), meta, rows)
-    os.remove(os.path.join(out, harness.PARTIAL_RESULTS))
+    harness.write_results(out, meta, rows, write_markdown)
     print(f"wrote {out}/results.json and results.md")
     return rows
 

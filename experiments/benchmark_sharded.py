@@ -25,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import number, positive_counts  # a helper module; imports no JAX
+from common import add_field_flags, number, positive_counts  # a helper module; no JAX
 
 
 def _counting(minimum: int):
@@ -33,44 +33,33 @@ def _counting(minimum: int):
     return number(int, lambda value: value >= minimum, f"an integer >= {minimum}")
 
 
+# The flags: (name, type, help), their defaults in _DEFAULTS.
+_FLAGS = (
+    ("rows", _counting(1), "tokens N per step"),
+    ("classes", _counting(1), "vocabulary size V"),
+    ("devices", positive_counts("device counts", "1,2,4"), "comma-separated device counts"),
+    ("repeats", _counting(1), "timed runs (median reported)"),
+    ("model_rows", _counting(0), "N for the compile-only communication check (0: skip)"),
+    ("model_classes", _counting(1), "V for the compile-only communication check"),
+    ("width", _counting(1), "hidden size d of the linear loss's timed runs"),
+    ("model_width", _counting(1), "d for the linear loss's compile-only communication check"),
+    ("out", str, "directory for sharded.json and sharded.md"),
+)
+_DEFAULTS = dict(
+    rows=1024,
+    classes=32768,
+    devices="1,2,4,8",
+    repeats=7,
+    model_rows=8192,
+    model_classes=256000,
+    width=128,
+    model_width=2304,
+    out=os.path.join("benchmarks", "results", "cpu"),
+)
 _parser = argparse.ArgumentParser(
     description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
 )
-_parser.add_argument("--rows", type=_counting(1), default=1024, help="tokens N per step")
-_parser.add_argument("--classes", type=_counting(1), default=32768, help="vocabulary size V")
-_parser.add_argument(
-    "--devices",
-    type=positive_counts("device counts", "1,2,4"),
-    default="1,2,4,8",
-    help="comma-separated device counts",
-)
-_parser.add_argument("--repeats", type=_counting(1), default=7, help="timed runs (median reported)")
-_parser.add_argument(
-    "--model-rows",
-    type=_counting(0),
-    default=8192,
-    help="N for the compile-only communication check (0: skip)",
-)
-_parser.add_argument(
-    "--model-classes",
-    type=_counting(1),
-    default=256000,
-    help="V for the compile-only communication check",
-)
-_parser.add_argument(
-    "--width", type=_counting(1), default=128, help="hidden size d of the linear loss's timed runs"
-)
-_parser.add_argument(
-    "--model-width",
-    type=_counting(1),
-    default=2304,
-    help="d for the linear loss's compile-only communication check",
-)
-_parser.add_argument(
-    "--out",
-    default=os.path.join("benchmarks", "results", "cpu"),
-    help="directory for sharded.json and sharded.md",
-)
+add_field_flags(_parser, _DEFAULTS, _FLAGS)
 
 if __name__ == "__main__":
     _ARGS = _parser.parse_args()
@@ -89,6 +78,7 @@ import platform
 import statistics
 import time
 
+import harness
 import hlo_collectives
 import jax
 import jax.numpy as jnp
@@ -284,6 +274,31 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _per_device_table(runs: list[dict], columns_after: list[str], cells) -> list[str]:
+    """The Markdown table of ``runs``: devices, time, memory per device and its temporaries,
+    the ``columns_after`` of ``cells(run)``, the loss."""
+
+    def row(r: dict) -> list[str]:
+        memory = r["per_device_bytes"]
+        fixed = [str(r["devices"]), f"{1e3 * r['seconds']:.1f}", _mib(memory["total"])]
+        return [*fixed, _mib(memory["temporaries"]), *cells(r), f"{r['loss']:.6f}"]
+
+    columns = ["devices", "time (ms)", "memory per device (MiB)", "of which temporaries (MiB)"]
+    header = [*columns, *columns_after, "loss"]
+    return harness.markdown_table(header, [row(r) for r in runs], rule=" ---: ")
+
+
+def _single_device_loss(runs: list[dict]) -> list[str]:
+    return ["", f"Single-device loss for comparison: {runs[0]['loss_single_device']:.6f}."]
+
+
+def _at_model_size(model: dict, heading: str, findings: list[str]) -> list[str]:
+    """The section on the compile-only check at model size: ``heading`` and the device
+    count, then a list of the ``findings`` and the collectives."""
+    items = [*findings, f"collectives: {model['collectives']}"]
+    return ["", f"{heading}, {model['devices']} devices", "", *(f"- {item}" for item in items)]
+
+
 def markdown(result: dict) -> str:
     c = result["config"]
     lines = [
@@ -299,33 +314,30 @@ def markdown(result: dict) -> str:
         "share the cores, so the time shows the cost of the communication pattern, not a "
         "speed-up. Memory per device and bytes communicated are what carry over to a real mesh.",
         "",
-        "| devices | time (ms) | memory per device (MiB) | of which temporaries (MiB) | "
-        "all-reduce bytes per device | gathering the logits instead (MiB) | loss |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *_per_device_table(
+            result["runs"],
+            ["all-reduce bytes per device", "gathering the logits instead (MiB)"],
+            lambda r: [
+                str(r["all_reduce_bytes_per_device"]),
+                _mib(r["gather_logits_bytes_per_device"]),
+            ],
+        ),
     ]
-    for r in result["runs"]:
-        m = r["per_device_bytes"]
-        lines.append(
-            f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
-            f"{_mib(m['temporaries'])} | {r['all_reduce_bytes_per_device']} | "
-            f"{_mib(r['gather_logits_bytes_per_device'])} | {r['loss']:.6f} |"
-        )
-    single = result["runs"][0]["loss_single_device"]
-    lines += ["", f"Single-device loss for comparison: {single:.6f}."]
+    lines += _single_device_loss(result["runs"])
     model = result.get("model_size")
     if model:
-        lines += [
-            "",
+        lines += _at_model_size(
+            model,
             f"## At model size (compiled, not run): N = {model['rows']}, V = {model['classes']}, "
-            f"bf16 logits, {model['devices']} devices",
-            "",
-            f"- all-reduce operands per device, read from the compiled HLO: "
-            f"{model['all_reduce_bytes_per_device']} bytes "
-            f"({model['predicted_bytes_per_device']} predicted: 3 float32 per row)",
-            f"- all-gather of the logits instead: {model['gather_logits_bytes_per_device']} bytes "
-            f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB) per device",
-            f"- collectives: {model['collectives']}",
-        ]
+            "bf16 logits",
+            [
+                f"all-reduce operands per device, read from the compiled HLO: "
+                f"{model['all_reduce_bytes_per_device']} bytes "
+                f"({model['predicted_bytes_per_device']} predicted: 3 float32 per row)",
+                f"all-gather of the logits instead: {model['gather_logits_bytes_per_device']} "
+                f"bytes ({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB) per device",
+            ],
+        )
     linear = result.get("linear_runs")
     if linear:
         lines += [
@@ -337,35 +349,33 @@ def markdown(result: dict) -> str:
             "by vocabulary rows over d **virtual** devices (same caveat: shared cores). Memory "
             "per device is the compiled program's arguments + outputs + temporaries.",
             "",
-            "| devices | time (ms) | memory per device (MiB) | of which temporaries (MiB) | "
-            "all-reduce bytes per device: statistics | : hidden-state gradient | loss |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *_per_device_table(
+                linear,
+                ["all-reduce bytes per device: statistics", ": hidden-state gradient"],
+                lambda r: [
+                    str(r["all_reduce_bytes_split"][part]) for part in ("per_row", "larger")
+                ],
+            ),
         ]
-        for r in linear:
-            m, split = r["per_device_bytes"], r["all_reduce_bytes_split"]
-            lines.append(
-                f"| {r['devices']} | {1e3 * r['seconds']:.1f} | {_mib(m['total'])} | "
-                f"{_mib(m['temporaries'])} | {split['per_row']} | {split['larger']} | "
-                f"{r['loss']:.6f} |"
-            )
-        lines += ["", f"Single-device loss for comparison: {linear[0]['loss_single_device']:.6f}."]
+        lines += _single_device_loss(linear)
     model = result.get("linear_model_size")
     if model:
-        lines += [
-            "",
+        lines += _at_model_size(
+            model,
             f"### At model size (compiled, not run): N = {model['rows']}, d = {model['width']}, "
-            f"V = {model['classes']}, bf16, {model['devices']} devices",
-            "",
-            f"- per-row statistics: {model['statistics_bytes_per_device']} bytes per device "
-            f"({model['predicted_statistics_bytes']} predicted: 3 float32 per row)",
-            f"- the hidden states' gradient sum: {model['hidden_gradient_bytes_per_device']} bytes "
-            f"({model['predicted_hidden_gradient_bytes']} predicted: N x d bf16; the program "
-            "asks for a bf16 psum, which XLA's CPU compiler widens to float32, twice that)",
-            f"- gathering the logits instead: {model['gather_logits_bytes_per_device']} bytes "
-            f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB); gathering the "
-            f"classifier: {model['gather_classifier_bytes_per_device']} bytes",
-            f"- collectives: {model['collectives']}",
-        ]
+            f"V = {model['classes']}, bf16",
+            [
+                f"per-row statistics: {model['statistics_bytes_per_device']} bytes per device "
+                f"({model['predicted_statistics_bytes']} predicted: 3 float32 per row)",
+                f"the hidden states' gradient sum: {model['hidden_gradient_bytes_per_device']} "
+                f"bytes ({model['predicted_hidden_gradient_bytes']} predicted: N x d bf16; the "
+                "program asks for a bf16 psum, which XLA's CPU compiler widens to float32, twice "
+                "that)",
+                f"gathering the logits instead: {model['gather_logits_bytes_per_device']} bytes "
+                f"({model['gather_logits_bytes_per_device'] / 2**30:.2f} GiB); gathering the "
+                f"classifier: {model['gather_classifier_bytes_per_device']} bytes",
+            ],
+        )
     lines += [
         "",
         "Reproduce: `python experiments/benchmark_sharded.py` "

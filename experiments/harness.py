@@ -17,6 +17,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 
 import jax
@@ -204,3 +205,50 @@ def add_run_flags(parser: argparse.ArgumentParser, out: str, repeats: str) -> No
         action="store_true",
         help=f"discard the finished cases an interrupted run saved in {PARTIAL_RESULTS}",
     )
+
+
+def benchmark_parser(doc: str, out: str, repeats: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: the first line of its docstring ``doc``, every default shown, and
+    the flags of :func:`add_run_flags`."""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_run_flags(parser, out=out, repeats=repeats)
+    return parser
+
+
+def output_folder(args: argparse.Namespace, quick_out: str, *committed: str) -> str:
+    """Creates and returns where a benchmark writes: ``--out``; else with ``--quick``
+    ``quick_out`` (a smoke run never replaces the committed results); else the committed
+    results' folder, ``benchmarks/results/<committed...>`` of this repository."""
+    results = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results"
+    )
+    out = args.out or (quick_out if args.quick else os.path.join(results, *committed))
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def command(script: str, argv: list[str] | None, prefix: tuple[str, ...] = ()) -> str:
+    """The command line that ran ``experiments/<script>`` with ``argv`` (None: this process's
+    arguments), after the environment settings of ``prefix``."""
+    return " ".join(
+        [*prefix, "python", f"experiments/{script}", *(argv if argv is not None else sys.argv[1:])]
+    )
+
+
+def write_results(out: str, meta: dict, rows: list[dict], write_markdown) -> None:
+    """``results.json`` (``meta`` and ``rows``) and ``results.md`` (``write_markdown(path, meta,
+    rows)``) in ``out``, atomically; then the partial results of :func:`run_cases` go."""
+    training.write_atomically(
+        os.path.join(out, "results.json"), json.dumps(dict(meta=meta, rows=rows), indent=1)
+    )
+    write_markdown(os.path.join(out, "results.md"), meta, rows)
+    os.remove(os.path.join(out, PARTIAL_RESULTS))
+
+
+def markdown_table(columns: list[str], rows: list[list[str]], rule: str = "---") -> list[str]:
+    """The lines of a Markdown table: the header of ``columns``, the rule (``"---"``, or for
+    example ``" ---: "`` for right-aligned columns), one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return [line(columns), "|" + "|".join([rule] * len(columns)) + "|", *map(line, rows)]

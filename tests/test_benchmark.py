@@ -66,7 +66,7 @@ def test_an_interrupted_run_resumes_with_its_finished_cases(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         benchmark.run_cases(str(tmp_path), settings, [("a", case("a")), ("b", case("b", True))])
     assert calls == ["a", "b"]
-    saved = json.loads((tmp_path / benchmark.PARTIAL_RESULTS).read_text())
+    saved = json.loads((tmp_path / benchmark.harness.PARTIAL_RESULTS).read_text())
     assert list(saved["cases"]) == ["a"]
 
     rows = benchmark.run_cases(str(tmp_path), settings, [("a", case("a")), ("b", case("b"))])
@@ -274,7 +274,9 @@ def test_the_reproduce_command_carries_the_glibc_tunables(tmp_path, monkeypatch)
     # Only the metadata is under test: no case runs.
     monkeypatch.setattr(benchmark, "run_cases", lambda out, settings, cases, fresh: [])
     monkeypatch.setattr(benchmark, "write_chart", lambda path, rows: None)
-    (tmp_path / benchmark.PARTIAL_RESULTS).write_text("{}")  # what run_cases leaves, removed
+    (tmp_path / benchmark.harness.PARTIAL_RESULTS).write_text(
+        "{}"
+    )  # what run_cases leaves, removed
     benchmark.main(["--quick", "--out", str(tmp_path)])
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["command"] == (

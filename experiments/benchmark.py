@@ -903,6 +903,69 @@ def write_chart(path, rows):
     training.write_atomically(path, buffer.getvalue())
 
 
+def cases_to_run(args, device) -> tuple[int, list]:
+    """``(repeats, cases)``: the rounds per case and the ``(name, run)`` cases of a run with
+    ``args``' flags on ``device``: tiny shapes with ``--quick``; else the committed results'
+    shapes, on an accelerator also as large as its memory allows."""
+    if args.quick:
+        repeats = args.repeats or 3
+        return repeats, [
+            ("1", lambda: case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)),
+            (
+                "2",
+                lambda: case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats),
+            ),
+            ("3", lambda: case_spiral(200, 1)),
+        ]
+    repeats = args.repeats or 8  # two whole Williams squares of case 1's four competitors
+    shapes = [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768), (8192, 32768)]
+    shapes += [(8192, 65536)] if args.large else []
+    memory_shapes = [GEMMA, (2048, 512, 32768)]
+    timed = [(2048, 512, 32768)]
+    if device.platform != "cpu":  # on an accelerator, also as large as its memory allows
+        shapes += naive_fits(device, [(8192, 65536), (16384, 131072), (32768, 131072)])
+        shapes = list(dict.fromkeys(shapes))  # --large's shape once
+        largest = largest_naive_fit(device, GEMMA[1], GEMMA[2], jnp.float32)
+        timed += [largest] if largest is not None else []
+    dtypes = [jnp.float32, jnp.bfloat16]
+    cases = [
+        (f"1 {jnp.dtype(dtype).name}", lambda d=dtype: case_integer_labels(shapes, [d], repeats))
+        for dtype in dtypes
+    ]
+    return repeats, [
+        *cases,
+        ("2", lambda: case_linear(timed, memory_shapes, dtypes, repeats)),
+        ("3", lambda: case_spiral(10_000, 4)),  # one Williams square
+        ("4", lambda: case_gradient_filter(repeats)),
+    ]
+
+
+def run_description(args, argv, device) -> dict:
+    """The ``meta`` of results.json: the device, the command, the versions, the machine and
+    how it gets fresh memory."""
+    memory = memory_setting()
+    return dict(
+        device=f"{device.platform}: {device.device_kind}",
+        command=harness.command(
+            "benchmark.py",
+            argv,
+            (f"GLIBC_TUNABLES={memory['glibc_tunables']}",) if memory["glibc_tunables"] else (),
+        ),
+        jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+        optax=optax.__version__,
+        jaxsoftmax=jaxsoftmax.__version__,
+        torch=torch.__version__ if torch is not None else "not installed",
+        tokamax=tokamax_version(),
+        numpy=np.__version__,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        machine=platform.platform(),
+        memory=memory,
+        quick=args.quick,
+    )
+
+
 def main(argv=None):
     parser = harness.benchmark_parser(
         __doc__,
@@ -927,69 +990,15 @@ def main(argv=None):
     if chosen is not None and not chosen <= {"1", "2", "3", "4"}:
         parser.error(f"argument --cases: expected numbers among 1, 2, 3, 4; got {args.cases!r}")
     device = jax.devices()[0]
-    platform_name = device.platform
-    out = harness.output_folder(args, QUICK_OUT, platform_name)
-    if args.quick:
-        repeats = args.repeats or 3
-        cases = [
-            ("1", lambda: case_integer_labels([(128, 10), (256, 1000)], [jnp.float32], repeats)),
-            (
-                "2",
-                lambda: case_linear([(256, 64, 1000)], [(512, 64, 5000)], [jnp.float32], repeats),
-            ),
-            ("3", lambda: case_spiral(200, 1)),
-        ]
-    else:
-        repeats = args.repeats or 8  # two whole Williams squares of case 1's four competitors
-        shapes = [(128, 10), (1024, 1000), (4096, 4096), (4096, 32768), (8192, 32768)]
-        shapes += [(8192, 65536)] if args.large else []
-        memory_shapes = [GEMMA, (2048, 512, 32768)]
-        timed = [(2048, 512, 32768)]
-        if platform_name != "cpu":  # on an accelerator, also as large as its memory allows
-            shapes += naive_fits(device, [(8192, 65536), (16384, 131072), (32768, 131072)])
-            shapes = list(dict.fromkeys(shapes))  # --large's shape once
-            largest = largest_naive_fit(device, GEMMA[1], GEMMA[2], jnp.float32)
-            timed += [largest] if largest is not None else []
-        dtypes = [jnp.float32, jnp.bfloat16]
-        cases = [
-            (
-                f"1 {jnp.dtype(dtype).name}",
-                lambda d=dtype: case_integer_labels(shapes, [d], repeats),
-            )
-            for dtype in dtypes
-        ]
-        cases += [
-            ("2", lambda: case_linear(timed, memory_shapes, dtypes, repeats)),
-            ("3", lambda: case_spiral(10_000, 4)),  # one Williams square
-            ("4", lambda: case_gradient_filter(repeats)),
-        ]
+    out = harness.output_folder(args, QUICK_OUT, device.platform)
+    repeats, cases = cases_to_run(args, device)
     if chosen is not None:
         cases = [(name, run) for name, run in cases if name.split()[0] in chosen]
     settings = dict(
         quick=args.quick, large=args.large, repeats=repeats, device=str(device), cases=args.cases
     )
     rows = run_cases(out, settings, cases, fresh=args.fresh)
-    memory = memory_setting()
-    meta = dict(
-        device=f"{platform_name}: {device.device_kind}",
-        command=harness.command(
-            "benchmark.py",
-            argv,
-            (f"GLIBC_TUNABLES={memory['glibc_tunables']}",) if memory["glibc_tunables"] else (),
-        ),
-        jax=jax.__version__,
-        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
-        optax=optax.__version__,
-        jaxsoftmax=jaxsoftmax.__version__,
-        torch=torch.__version__ if torch is not None else "not installed",
-        tokamax=tokamax_version(),
-        numpy=np.__version__,
-        python=platform.python_version(),
-        cpu_count=os.cpu_count(),
-        machine=platform.platform(),
-        memory=memory,
-        quick=args.quick,
-    )
+    meta = run_description(args, argv, device)
     write_chart(os.path.join(out, "chart.png"), rows)
     harness.write_results(out, meta, rows, write_markdown)
     print(f"wrote {out}/results.json, results.md, chart.png")

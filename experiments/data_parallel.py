@@ -14,7 +14,6 @@ the runs end in different but equally good minima.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -35,7 +34,7 @@ def max_difference(a, b) -> float:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     parser = common.script_parser(__doc__)
     parser.add_argument(
         "--devices", type=positive_int, default=None, help="local devices to use; None: all"
@@ -60,8 +59,32 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the table here; None: do not",
     )
     common.add_cache_flag(parser)
-    arguments = parser.parse_args(argv)
-    common.enable_compilation_cache(arguments)
+    return parser
+
+
+def compare(steps: int, hidden: int, devices: int, spiral, reversed_rows) -> dict:
+    """A row of the table: ``steps`` steps on one device, on ``devices``, and on one device with
+    the rows reversed; the largest parameter differences and each run's metrics."""
+    every = min(steps, 100)
+    config = dict(hidden=(hidden,), steps=steps, eval_every=every, checkpoint_every=every)
+    one = training.train(training.TrainConfig(**config, devices=1), spiral)
+    many = training.train(training.TrainConfig(**config, devices=devices), spiral)
+    control = training.train(training.TrainConfig(**config, devices=1), reversed_rows)
+    runs = (one, many, control)
+    return {
+        "steps": steps,
+        "devices": many.devices,
+        "max_param_diff_1_vs_n": max_difference(one.params, many.params),
+        "max_param_diff_1_vs_reversed_rows": max_difference(one.params, control.params),
+        "final_loss": [run.final_loss for run in runs],
+        "train_accuracy": [run.train_accuracy for run in runs],
+        "test_accuracy": [run.test_accuracy for run in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = common.parse_flags(parser, argv)
     try:
         devices = len(training.select_devices(arguments.devices, name="--devices"))
     except ValueError as error:
@@ -75,47 +98,30 @@ def main(argv: list[str] | None = None) -> int:
         f"spiral, {len(spiral.y_train)} points, hidden {arguments.hidden}, full-batch gradient "
         f"descent; 1 device against {devices}, and against 1 device with the rows reversed"
     )
-    header = (
+    print(
         f"{'steps':>6} {'|1 - N| params':>15} {'|1 - rev| params':>17} "
         f"{'loss 1':>9} {'loss N':>9} {'loss rev':>9} {'acc 1':>6} {'acc N':>6}"
     )
-    print(header)
     rows = []
     for steps in arguments.steps:
-        every = min(steps, 100)
-        config = dict(
-            hidden=(arguments.hidden,), steps=steps, eval_every=every, checkpoint_every=every
-        )
-        one = training.train(training.TrainConfig(**config, devices=1), spiral)
-        many = training.train(training.TrainConfig(**config, devices=devices), spiral)
-        control = training.train(training.TrainConfig(**config, devices=1), reversed_rows)
-        row = {
-            "steps": steps,
-            "devices": many.devices,
-            "max_param_diff_1_vs_n": max_difference(one.params, many.params),
-            "max_param_diff_1_vs_reversed_rows": max_difference(one.params, control.params),
-            "final_loss": [one.final_loss, many.final_loss, control.final_loss],
-            "train_accuracy": [one.train_accuracy, many.train_accuracy, control.train_accuracy],
-            "test_accuracy": [one.test_accuracy, many.test_accuracy, control.test_accuracy],
-        }
+        row = compare(steps, arguments.hidden, devices, spiral, reversed_rows)
         rows.append(row)
+        (loss_one, loss_many, loss_control), accuracy = row["final_loss"], row["train_accuracy"]
         print(
             f"{steps:>6} {row['max_param_diff_1_vs_n']:>15.3g} "
-            f"{row['max_param_diff_1_vs_reversed_rows']:>17.3g} {one.final_loss:>9.6f} "
-            f"{many.final_loss:>9.6f} {control.final_loss:>9.6f} {one.train_accuracy:>6.4f} "
-            f"{many.train_accuracy:>6.4f}",
+            f"{row['max_param_diff_1_vs_reversed_rows']:>17.3g} {loss_one:>9.6f} "
+            f"{loss_many:>9.6f} {loss_control:>9.6f} {accuracy[0]:>6.4f} {accuracy[1]:>6.4f}",
             flush=True,
         )
     if arguments.json:
-        device = jax.devices()[0]
         result = {
-            "device": f"{device.platform}: {device.device_kind}",
+            "device": common.device_description(),
             "devices": devices,
             "columns": "final_loss, train_accuracy, test_accuracy: [1 device, N devices, 1 "
             "device with the training rows reversed]",
             "rows": rows,
         }
-        training.write_atomically(arguments.json, json.dumps(result, indent=2))
+        common.write_json(arguments.json, result)
     return 0
 
 

@@ -21,7 +21,6 @@ status 1 if any exceeds its tolerance.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # what the scripts share
 from common import non_negative_float, positive_float, writable_file
 
-from jaxsoftmax import data, mlp, training
+from jaxsoftmax import data, mlp
 
 RELATIVE_FLOOR = 1e-6  # below it a difference is judged by its absolute size
 # (absolute, relative) tolerances: exact references agree to rounding, finite differences to
@@ -150,7 +149,7 @@ def check_network(name, make_input, sizes, activation, *, seed, l2, eps):
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser():
     parser = common.script_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0, help="seed of the networks' parameters")
     parser.add_argument(
@@ -175,9 +174,27 @@ def main(argv=None) -> int:
         help="check only one network: 000 the blog post's, 002 the question-and-answer thread's",
     )
     common.add_cache_flag(parser)
-    arguments = parser.parse_args(argv)
-    common.enable_compilation_cache(arguments)
+    return parser
 
+
+def print_table(rows: list[dict]) -> None:
+    """One line per comparison: the network, the parameter, the reference, the largest
+    differences and whether they are within tolerance."""
+    header = (
+        f"{'network':36} {'param':5} {'shape':10} {'reference':31} {'max abs':>9} {'max rel':>9}"
+    )
+    print(header + "  ok")
+    print("-" * (len(header) + 4))
+    for row in rows:
+        shape = "x".join(str(s) for s in row["shape"])
+        print(
+            f"{row['network']:36} {row['parameter']:5} {shape:10} {row['reference']:31} "
+            f"{row['max_abs']:9.2e} {row['max_rel']:9.2e}  {'yes' if row['ok'] else 'NO'}"
+        )
+
+
+def main(argv=None) -> int:
+    arguments = common.parse_flags(build_parser(), argv)
     rows = []
     for name, (make_input, sizes, activation) in NETWORKS.items():
         if arguments.network != "both" and not name.startswith(f"seed {arguments.network}"):
@@ -195,22 +212,10 @@ def main(argv=None) -> int:
         f"device: {jax.devices()[0].platform}, dtype: float64, l2 = {arguments.l2}, "
         f"eps = {arguments.eps}; custom rule against each reference"
     )
-    header = (
-        f"{'network':36} {'param':5} {'shape':10} {'reference':31} {'max abs':>9} {'max rel':>9}"
-    )
-    print(header + "  ok")
-    print("-" * (len(header) + 4))
-    for row in rows:
-        shape = "x".join(str(s) for s in row["shape"])
-        print(
-            f"{row['network']:36} {row['parameter']:5} {shape:10} {row['reference']:31} "
-            f"{row['max_abs']:9.2e} {row['max_rel']:9.2e}  {'yes' if row['ok'] else 'NO'}"
-        )
+    print_table(rows)
     failed = [row for row in rows if not row["ok"]]
     if arguments.json:
-        training.write_atomically(
-            arguments.json, json.dumps({"tolerances": TOLERANCES, "rows": rows}, indent=2)
-        )
+        common.write_json(arguments.json, {"tolerances": TOLERANCES, "rows": rows})
     if failed:
         print(
             f"\n{len(failed)} comparison(s) exceed their tolerance "

@@ -41,6 +41,32 @@ def best_seconds(function, repeats):
     return min(times)
 
 
+def compiled_gradients(options: dict):
+    """The jitted per-example gradients of :func:`jaxsoftmax.mlp.per_example_grads` and the
+    jitted gradient of one example's loss, with the loss's ``options``."""
+    vectorised = jax.jit(lambda p, xs, ys: mlp.per_example_grads(p, xs, ys, **options))
+    single_example_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
+    return vectorised, single_example_grad
+
+
+def agreement(with_vmap, with_loop, params, x, labels, options: dict):
+    """``(largest, mean_gap, norms)``: the largest difference between the two ways' gradients,
+    the largest between their mean and the batch gradient, and each example's gradient norm."""
+    leaves = jax.tree_util.tree_leaves
+    largest = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(with_vmap), leaves(with_loop))
+    )
+    batch_gradient = jax.grad(lambda p: mlp.loss(p, x, labels, **options))(params)
+    mean_gap = max(
+        float(jnp.max(jnp.abs(jnp.mean(a, axis=0) - b)))
+        for a, b in zip(leaves(with_vmap), leaves(batch_gradient))
+    )
+    norms = np.sqrt(
+        sum(np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1) for g in leaves(with_vmap))
+    )
+    return largest, mean_gap, norms
+
+
 # The flags: (name, type or choices, help), their defaults in DEFAULTS.
 FLAGS = (
     ("dataset", data.DATASETS, "the data"),
@@ -60,8 +86,7 @@ def main(argv=None) -> int:
     parser = common.script_parser(__doc__)
     common.add_field_flags(parser, DEFAULTS, FLAGS)
     common.add_cache_flag(parser)
-    arguments = parser.parse_args(argv)
-    common.enable_compilation_cache(arguments)
+    arguments = common.parse_flags(parser, argv)
 
     dataset = data.load(arguments.dataset, seed=arguments.seed, standardized=True)
     if arguments.batch_size > len(dataset.y_train):
@@ -75,27 +100,10 @@ def main(argv=None) -> int:
     params = mlp.init(jax.random.key(arguments.seed), sizes, scheme="he")
     options = {"l2": arguments.l2, "activation": arguments.activation}
 
-    vectorised = jax.jit(lambda p, xs, ys: mlp.per_example_grads(p, xs, ys, **options))
+    vectorised, single_example_grad = compiled_gradients(options)
     with_vmap = vectorised(params, x, labels)
-    single_example_grad = jax.jit(jax.grad(lambda p, xi, yi: mlp.loss(p, xi, yi, **options)))
     with_loop = loop_of_grads(single_example_grad, params, x, labels)
-    largest = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree_util.tree_leaves(with_vmap), jax.tree_util.tree_leaves(with_loop))
-    )
-    batch_gradient = jax.grad(lambda p: mlp.loss(p, x, labels, **options))(params)
-    mean_gap = max(
-        float(jnp.max(jnp.abs(jnp.mean(a, axis=0) - b)))
-        for a, b in zip(
-            jax.tree_util.tree_leaves(with_vmap), jax.tree_util.tree_leaves(batch_gradient)
-        )
-    )
-    norms = np.sqrt(
-        sum(
-            np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1)
-            for g in jax.tree_util.tree_leaves(with_vmap)
-        )
-    )
+    largest, mean_gap, norms = agreement(with_vmap, with_loop, params, x, labels, options)
 
     print(
         f"device: {jax.devices()[0].platform}, dataset: {arguments.dataset}, "

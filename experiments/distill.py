@@ -186,9 +186,8 @@ def config_from_arguments(arguments, teacher, fingerprint: str):
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
     """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the run the
-    flags ask for; flags
-    that contradict each other and a missing teacher are usage errors (exit status 2), found
-    before any work, reported under the flag's name."""
+    flags ask for; flags that contradict each other and a missing teacher are usage errors
+    (exit status 2), found before any work, reported under the flag's name."""
     try:
         teacher, teacher_corpus, fingerprint = distillation.read_teacher(arguments.teacher)
     except (FileNotFoundError, ValueError) as error:

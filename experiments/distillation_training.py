@@ -250,39 +250,33 @@ def train(
             for key, value in evaluate["student"](params[name]).items()
         }
 
-    checkpoint_path = training.prepare_checkpoint(
-        checkpoint_dir if student.checkpoint_every else None
-    )
-
-    def load(path: str) -> tuple[TrainState, list[dict]]:
-        lm_training.check_checkpoint(path, config, corpus.fingerprint)
-        state, history = lm_training.load_checkpoint(path, functions["abstract_state"])
-        return jax.device_put(state), history
-
     def fresh() -> tuple[TrainState, list[dict]]:
         state = initial_students(functions)
         no_step = {f"{name}_objective": None for name in STUDENTS}
         return state, [lm_training.first_row(no_step, evaluate_students(state.params))]
 
-    state, history, resumed_from = training.start_or_resume(
-        checkpoint_path, resume, load=load, fresh=fresh
+    start = lm_training.start_run(
+        student,
+        config,
+        corpus,
+        functions["abstract_state"],
+        fresh,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
     )
     teacher = evaluate["teacher"](teacher_params)
     step_function = lm_training.compile_once(
-        functions, train_tokens.shape, state, teacher_params, train_tokens
+        functions, train_tokens.shape, start.state, teacher_params, train_tokens
     )
     state, history = lm_training.run_training(
         student,
-        state,
-        history,
+        start,
         run_steps=lm_training.steps_one_by_one(step_function, teacher_params, train_tokens),
         batch_columns=lambda losses: {
             f"{name}_objective": float(np.mean(losses[name])) for name in STUDENTS
         },
         checked=lambda losses: losses.values(),
         evaluate=evaluate_students,
-        checkpoint=(checkpoint_path, config, corpus.fingerprint),
-        resumed_from=resumed_from,
         on_run_end=on_run_end,
         subject="a student's loss or parameters",
         advice=f"Try a smaller --lr (was {student.learning_rate}).",
@@ -294,7 +288,7 @@ def train(
         history=history,
         teacher=teacher,
         steps=int(state.step),
-        resumed_from=resumed_from,
+        resumed_from=start.resumed_from,
         seconds_per_step=seconds / int(state.step) if int(state.step) else 0.0,
         train_seconds=time.perf_counter() - started,
     )

@@ -278,9 +278,8 @@ def plot_curves(folder: str, history: list[dict], baselines: dict[str, float], t
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
     """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the run the
-    flags ask for. Flags
-    that contradict each other are usage errors (exit status 2), found before any work,
-    reported under the flag's name."""
+    flags ask for. Flags that contradict each other are usage errors (exit status 2), found
+    before any work, reported under the flag's name."""
     try:
         training.select_devices(arguments.devices)
     except ValueError as error:

@@ -555,37 +555,33 @@ def train(
     train_tokens = place_tokens(mesh, corpus.train_tokens)
     windows = placed_evaluation_windows(config, corpus, NamedSharding(mesh, PartitionSpec()))
     evaluate = evaluator(functions["evaluate"], windows, METRICS)
-    checkpoint_path = training.prepare_checkpoint(
-        checkpoint_dir if config.checkpoint_every else None
-    )
-
-    def load(path: str) -> tuple[TrainState, list[dict]]:
-        check_checkpoint(path, config, corpus.fingerprint)
-        state, history = load_checkpoint(path, functions["abstract_state"])
-        return jax.device_put(state, shardings), history
 
     def fresh() -> tuple[TrainState, list[dict]]:
         state = functions["init"]()
         no_step = {f"batch_{name}": None for name in METRICS}
         return state, [first_row(no_step, evaluate(state.params))]
 
-    state, history, resumed_from = training.start_or_resume(
-        checkpoint_path, resume, load=load, fresh=fresh
+    start = start_run(
+        config,
+        config,
+        corpus,
+        functions["abstract_state"],
+        fresh,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        shardings=shardings,
     )
     # Compiled before the clock starts; XLA's memory analysis of this program is the report's.
-    compiled_step = compile_step(functions, state, train_tokens)
+    compiled_step = compile_step(functions, start.state, train_tokens)
     state, history = run_training(
         config,
-        state,
-        history,
+        start,
         run_steps=steps_one_by_one(compiled_step, train_tokens),
         batch_columns=lambda metrics: {
             f"batch_{name}": float(np.mean(values)) for name, values in metrics.items()
         },
         checked=lambda metrics: [metrics["loss"]],
         evaluate=evaluate,
-        checkpoint=(checkpoint_path, config, corpus.fingerprint),
-        resumed_from=resumed_from,
         on_run_end=on_run_end,
         subject="the training loss or parameters",
         advice=f"Try a smaller learning rate (was {config.learning_rate}).",
@@ -595,7 +591,7 @@ def train(
         params=state.params,
         history=history,
         steps=int(state.step),
-        resumed_from=resumed_from,
+        resumed_from=start.resumed_from,
         tokens_per_second=tokens_per_second(history),
         step_temp_bytes=int(compiled_step.memory_analysis().temp_size_in_bytes),
         peak_memory_bytes=peak_memory_bytes(),
@@ -654,27 +650,63 @@ def steps_one_by_one(step: Callable, *arguments: Any) -> Callable:
     return run
 
 
+@dataclasses.dataclass
+class Start:
+    """Where a run starts (:func:`start_run`): its ``state`` and ``history``, the step of the
+    checkpoint it resumed (``resumed_from``, or None) and its checkpoints' ``(path, run
+    settings, corpus fingerprint)`` (no checkpoints for a ``None`` path)."""
+
+    state: TrainState
+    history: list[dict]
+    resumed_from: int | None
+    checkpoint: tuple[str | None, Any, str]
+
+
+def start_run(
+    config: LMConfig,
+    run_config: Any,
+    corpus,
+    abstract_state: TrainState,
+    fresh: Callable[[], tuple[TrainState, list[dict]]],
+    *,
+    checkpoint_dir: str | None,
+    resume: bool,
+    shardings: Any = None,
+) -> Start:
+    """The run's :class:`Start`: with ``resume``, the checkpoint in ``checkpoint_dir`` (checked
+    against ``run_config``, all of the run's settings, and ``corpus``; read in the structure of
+    ``abstract_state`` and placed with ``shardings``, None: the default device) where there is
+    one, else ``fresh()``. No checkpoints when ``config.checkpoint_every`` is 0."""
+    path = training.prepare_checkpoint(checkpoint_dir if config.checkpoint_every else None)
+
+    def load(path: str) -> tuple[TrainState, list[dict]]:
+        check_checkpoint(path, run_config, corpus.fingerprint)
+        state, history = load_checkpoint(path, abstract_state)
+        return jax.device_put(state, shardings), history
+
+    state, history, resumed_from = training.start_or_resume(path, resume, load=load, fresh=fresh)
+    return Start(state, history, resumed_from, (path, run_config, corpus.fingerprint))
+
+
 def run_training(
     config: LMConfig,
-    state: TrainState,
-    history: list[dict],
+    start: Start,
     *,
     batch_columns: Callable[[Any], dict],
     checked: Callable[[Any], Any],
     evaluate: Callable[[Any], dict],
     subject: str,
-    resumed_from: int | None,
-    checkpoint: tuple[str | None, Any, str],
     **loop: Any,
 ) -> tuple[TrainState, list[dict]]:
-    """:func:`jaxsoftmax.training.run_loop` to ``config.steps`` with a language model's rows:
-    ``step``, ``tokens``, ``batch_columns(outputs)``, ``evaluate(params)``, ``run_seconds`` and
+    """:func:`jaxsoftmax.training.run_loop` from ``start`` (:func:`start_run`) to
+    ``config.steps`` with a language model's rows: ``step``, ``tokens``,
+    ``batch_columns(outputs)``, ``evaluate(params)``, ``run_seconds`` and
     ``tokens_per_second``. A run stops with :class:`NonFiniteLossError` naming ``subject`` when
-    an array of ``checked(outputs)`` or a parameter is not finite. ``checkpoint``: ``(path,
-    run_config, corpus_fingerprint)`` of :func:`save_checkpoint` (no checkpoints for a ``None``
-    path). ``loop``: ``run_steps``, ``advice`` and ``on_run_end`` of ``run_loop``."""
+    an array of ``checked(outputs)`` or a parameter is not finite. Checkpoints:
+    :func:`save_checkpoint` of ``start.checkpoint``. ``loop``: ``run_steps``, ``advice`` and
+    ``on_run_end`` of ``run_loop``."""
     tokens_per_step = config.batch_size * config.seq_len
-    checkpoint_path, run_config, fingerprint = checkpoint
+    checkpoint_path, run_config, fingerprint = start.checkpoint
 
     def row(state: TrainState, outputs, seconds: float, length: int) -> dict:
         step = int(state.step)
@@ -694,8 +726,8 @@ def run_training(
         return f"{subject} became non-finite between steps {first} and {first + length}"
 
     return training.run_loop(
-        state,
-        history,
+        start.state,
+        start.history,
         steps=config.steps,
         eval_every=config.eval_every,
         history_row=row,
@@ -708,7 +740,7 @@ def run_training(
             checkpoint_path, state, history, run_config, fingerprint
         ),
         checkpoint_path=checkpoint_path,
-        last_checkpoint=resumed_from,
+        last_checkpoint=start.resumed_from,
         **loop,
     )
 

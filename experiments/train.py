@@ -215,9 +215,9 @@ def train_quietly(
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
     """``(devices, config, dataset, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the
-    run the flags ask
-    for. Flags that contradict each other or the data are usage errors (exit status 2), found
-    before anything is computed: the library's checks, reported under the flag's name."""
+    run the flags ask for. Flags that contradict each other or the data are usage errors (exit
+    status 2), found before anything is computed: the library's checks, reported under the
+    flag's name."""
     try:
         devices = training.select_devices(arguments.devices, name="--devices")
         config = config_from_arguments(arguments)

@@ -65,7 +65,14 @@ def cases() -> dict:
     rng = np.random.default_rng(0)
     n, v, d = 16, 64, 8
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-    z, zt, h, w, ht, wt = normal(n, v), normal(n, v), normal(n, d), normal(v, d), normal(n, 2 * d), normal(v, 2 * d)
+    z, zt, h, w, ht, wt = (
+        normal(n, v),
+        normal(n, v),
+        normal(n, d),
+        normal(v, d),
+        normal(n, 2 * d),
+        normal(v, 2 * d),
+    )
     y = jnp.asarray(rng.integers(0, v, n), jnp.int32)
     mask, cw = jnp.arange(v) < v - 3, jnp.asarray(rng.uniform(size=v), jnp.float32)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
@@ -126,7 +133,9 @@ def main(argv=None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.compare:
         before, after = (json.loads((f / "summary.json").read_text()) for f in arguments.compare)
-        differ = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        differ = sorted(
+            name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+        )
         print(f"compared {len(before)} calls: {len(differ)} differ {differ}")
         return 1 if differ else 0
     if arguments.out is None:

@@ -32,6 +32,13 @@ class LogitsSettings:
     options: LossOptions
     label_check: tuple | None = None
 
+    def without_reduction(self) -> LogitsSettings:
+        """These settings for the per-example losses, which do not depend on the reduction:
+        one compiled program then serves every reduction."""
+        return dataclasses.replace(
+            self, options=dataclasses.replace(self.options, reduction="none")
+        )
+
 
 class LogitsCall(NamedTuple):
     """A checked call: the arrays (masks and weights None when not given) and its settings."""

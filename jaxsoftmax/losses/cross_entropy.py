@@ -46,7 +46,8 @@ def per_example_loss(call: LogitsCall, *, axis_name=None, forward_mode=False, co
     """
     return rows_and_weights(
         call.logits, call.targets, call.row_mask, call.class_mask, call.class_weights,
-        call.vocab_mask, settings=call.settings, axis_name=axis_name, forward_mode=forward_mode,
+        call.vocab_mask, settings=call.settings.without_reduction(), axis_name=axis_name,
+        forward_mode=forward_mode,
         companions=companions,
     )  # fmt: skip
 

@@ -2,7 +2,8 @@
 evaluation, a stop on a non-finite value, one history row per run, checkpoints, and resume.
 
 :func:`jaxsoftmax.train` uses it for the network of :mod:`jaxsoftmax.mlp`, and
-``experiments/lm_training.py`` and ``experiments/distill.py`` for their transformers. What differs
+``experiments/lm_training.py`` (the language model and, through it, the distillation of
+``experiments/distillation_training.py``) for their transformers. What differs
 between them comes in as callables: how a run of steps is taken, what a history row holds, what
 must be finite, how a checkpoint is written or read.
 

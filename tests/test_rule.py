@@ -390,7 +390,7 @@ def test_compiled_loss_and_gradient_compute_one_exponential_per_logit():
     shares ``z - m`` or a broadcast with the forward makes XLA write that out as well, and a
     scatter that is not in place needs a second logits-sized buffer. Compiled for the CPU,
     whose fusion decisions this pins."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
     logits = jax.ShapeDtypeStruct((256, 1000), jnp.float32, sharding=cpu)
     labels = jax.ShapeDtypeStruct((256,), jnp.int32, sharding=cpu)
     compiled = jax.jit(jax.value_and_grad(cross_entropy)).lower(logits, labels).compile()
@@ -424,7 +424,7 @@ def test_bf16_logits_are_widened_inside_the_passes_not_copied(label_smoothing):
     this pins; there float16 logits, a class mask (``where`` of the logits' shape), a soft cap
     and probability targets still cost a copy, as the CPU's fused reductions do not widen
     float16 or compute select or tanh."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
     rows, classes = 256, 1000
     logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
     labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=cpu)
@@ -442,7 +442,7 @@ def test_bf16_probability_targets_are_widened_once_per_pass():
     targets themselves. Merged into one widening, XLA's CPU backend writes the float32 targets
     out whole, a second float32 array of the logits' size next to the one the target sum's
     select costs (see the test above)."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
     rows, classes = 256, 1000
     logits = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
     targets = jax.ShapeDtypeStruct((rows, classes), jnp.bfloat16, sharding=cpu)
@@ -455,7 +455,7 @@ def test_a_class_mask_costs_no_logits_sized_temporary():
     """Float32 logits with ``where`` of the logits' shape: whether a row has any class left is
     an ``any`` over the mask, not a sum of the mask as integers, which XLA's CPU backend writes
     out whole (``4 N C`` bytes) before summing it."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
     rows, classes = 256, 1000
     logits = jax.ShapeDtypeStruct((rows, classes), jnp.float32, sharding=cpu)
     labels = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=cpu)

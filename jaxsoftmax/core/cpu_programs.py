@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsoftmax.core import row_terms as rule
+from jaxsoftmax.core import row_terms
 
 _fast_paths_on = True
 
@@ -82,7 +82,7 @@ def per_platform(plain, fast, **keywords):
 
 def _is_widened(logits) -> bool:
     """bf16/f16 logits, which the rule computes in float32."""
-    return jnp.dtype(logits.dtype) != rule.compute_dtype(logits.dtype)
+    return jnp.dtype(logits.dtype) != row_terms.compute_dtype(logits.dtype)
 
 
 def _separate_readers(logits):
@@ -98,7 +98,7 @@ def _separate_readers(logits):
 def _shifted_again(logits, top, options):
     """``x - m`` for one more pass over the classes, from names of its own (workaround 1)."""
     logits, top = lax.optimization_barrier((logits, top))
-    return rule.capped(logits, options) - top
+    return row_terms.capped(logits, options) - top
 
 
 def _statistics_and_shifted(logits, x, class_mask, options):
@@ -108,10 +108,10 @@ def _statistics_and_shifted(logits, x, class_mask, options):
     if class_mask is not None:
         x = jnp.where(class_mask, x, -jnp.inf)
         raw = jnp.where(class_mask, raw, -jnp.inf)
-    top = rule.max_classes(raw, options).astype(x.dtype)
+    top = row_terms.max_classes(raw, options).astype(x.dtype)
     top = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
     shifted = x - top
-    log_sum = jnp.log(rule.sum_classes(jnp.exp(shifted), options))
+    log_sum = jnp.log(row_terms.sum_classes(jnp.exp(shifted), options))
     return (top, log_sum), shifted
 
 
@@ -123,34 +123,34 @@ def forward(logits, targets, class_mask, class_weights, row_mask, options):
     other_passes = logits
     if widened_only:
         logits, other_passes = _separate_readers(logits)
-    x = rule.capped(logits, options)
+    x = row_terms.capped(logits, options)
     dtype = x.dtype
     statistics, shifted = _statistics_and_shifted(logits, x, class_mask, options)
     top = statistics[0]
     eps = options.label_smoothing
-    if widened_only and (eps or not rule.is_indices(targets)):
+    if widened_only and (eps or not row_terms.is_indices(targets)):
         shifted = _shifted_again(other_passes, top, options)
     log_sum = statistics[1]
-    r = rule.row_weight(targets, class_weights, num_local, dtype, options)
-    if rule.is_indices(targets):
+    r = row_terms.row_weight(targets, class_weights, num_local, dtype, options)
+    if row_terms.is_indices(targets):
         # The label's own logit counts even where class_mask drops it (optax's semantics).
-        label = rule.at_label(rule.capped(other_passes, options), targets, options) - top
+        label = row_terms.at_label(row_terms.capped(other_passes, options), targets, options) - top
         smoothing = None
         if eps:
-            w = 1.0 if class_weights is None else rule.per_class(class_weights, x.ndim, dtype)
+            w = 1.0 if class_weights is None else row_terms.per_class(class_weights, x.ndim, dtype)
             smoothing = w * (log_sum - shifted)
             smoothing = smoothing if class_mask is None else jnp.where(class_mask, smoothing, 0.0)
-            smoothing = rule.sum_classes(smoothing, options)
-        k = rule.num_participating(class_mask, num_local, dtype, options)
-        cross = rule.label_cross_entropy(log_sum, label, smoothing, r, k, options)
+            smoothing = row_terms.sum_classes(smoothing, options)
+        k = row_terms.num_participating(class_mask, num_local, dtype, options)
+        cross = row_terms.label_cross_entropy(log_sum, label, smoothing, r, k, options)
     else:
         if widened_only:  # the backward widens bf16 targets too; merged, they are written out
             targets = lax.optimization_barrier(targets)
-        q = rule.target_vector(targets, class_mask, class_weights, num_local, dtype, options)
-        cross = rule.sum_classes(jnp.where(q != 0, q * (log_sum - shifted), 0.0), options)
-    live = rule.live_rows(class_mask, row_mask, options)
-    bad = rule.bad_label_rows(targets, row_mask, num_local, options)
-    return rule.row_loss(statistics, cross, r, live, bad, options), statistics
+        q = row_terms.target_vector(targets, class_mask, class_weights, num_local, dtype, options)
+        cross = row_terms.sum_classes(jnp.where(q != 0, q * (log_sum - shifted), 0.0), options)
+    live = row_terms.live_rows(class_mask, row_mask, options)
+    bad = row_terms.bad_label_rows(targets, row_mask, num_local, options)
+    return row_terms.row_loss(statistics, cross, r, live, bad, options), statistics
 
 
 def logits_gradient(logits, targets, class_mask, class_weights, row_mask, statistics, g,
@@ -164,43 +164,43 @@ def logits_gradient(logits, targets, class_mask, class_weights, row_mask, statis
     """
     if _is_widened(logits):
         statistics = (lax.optimization_barrier(statistics[0]), statistics[1])
-    if not rule.is_indices(targets) or _is_widened(logits):
-        return rule.logits_gradient(
+    if not row_terms.is_indices(targets) or _is_widened(logits):
+        return row_terms.logits_gradient(
             logits, targets, class_mask, class_weights, row_mask, statistics, g, options, block
         )
     num_local = num_total = logits.shape[-1]
     all_weights = class_weights
     if block is not None:
         num_total, all_weights = block.num_classes, block.class_weights
-    x = rule.capped(logits, options)
+    x = row_terms.capped(logits, options)
     dtype = x.dtype
-    live = rule.live_rows(class_mask, row_mask, options)
+    live = row_terms.live_rows(class_mask, row_mask, options)
     if live is not None:
         statistics = (statistics[0], jnp.where(live, statistics[1], 0.0))
-    scale = rule.gradient_scale(
+    scale = row_terms.gradient_scale(
         targets, class_mask, class_weights, num_local, statistics, dtype, options, block
     )
-    bad = rule.bad_label_rows(targets, row_mask, num_total, options)
-    row_g = rule.row_cotangent(g, live, bad, dtype)
-    smoothing = rule.smoothing_vector(
+    bad = row_terms.bad_label_rows(targets, row_mask, num_total, options)
+    row_g = row_terms.row_cotangent(g, live, bad, dtype)
+    smoothing = row_terms.smoothing_vector(
         class_mask, class_weights, num_local, x.ndim, dtype, options, block
     )
     q_rest = 0.0 if smoothing is None else smoothing
-    grad = rule.gradient_expression(x, q_rest, scale, statistics, row_g, class_mask, options)
+    grad = row_terms.gradient_expression(x, q_rest, scale, statistics, row_g, class_mask, options)
     index, owned = _local_label(targets, num_local, options, block)
     pick = lambda values: jnp.take_along_axis(
         values, jnp.clip(index, 0, num_local - 1)[..., None], axis=-1
     )
     label_taking_part = None if class_mask is None else pick(class_mask)
-    weight = rule.row_weight(targets, all_weights, num_total, dtype, options)
+    weight = row_terms.row_weight(targets, all_weights, num_total, dtype, options)
     q_label = (1.0 - options.label_smoothing) * weight
     if smoothing is not None:  # the smoothing vector's entry at the label, eps w_y / K
-        k = rule.num_participating(class_mask, num_local, dtype, options, block)
+        k = row_terms.num_participating(class_mask, num_local, dtype, options, block)
         spread = weight * (options.label_smoothing / k)
         if label_taking_part is not None:
             spread = jnp.where(label_taking_part, spread, 0.0)
         q_label = q_label + spread
-    label_grad = rule.gradient_expression(
+    label_grad = row_terms.gradient_expression(
         pick(x), q_label, scale, statistics, row_g, label_taking_part, options
     )
     return _set_at_label(grad.astype(logits.dtype), index, owned, label_grad.astype(logits.dtype))

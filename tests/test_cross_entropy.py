@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 from jax.test_util import check_grads
 
 from jaxsoftmax import cross_entropy
@@ -22,11 +23,11 @@ def naive_loss(logits, labels, axis=-1):
 
 
 def random_problem(seed, shape, axis=-1, dtype=jnp.float32, scale=3.0):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    logits = (scale * jax.random.normal(k1, shape)).astype(dtype)
+    k1, k2 = sample.split(seed, 2)
+    logits = sample.normal(k1, shape, dtype, scale=scale)
     num_classes = shape[axis]
     batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
-    labels = jax.random.randint(k2, batch, 0, num_classes)
+    labels = sample.integers(k2, batch, 0, num_classes)
     return logits, labels
 
 
@@ -83,15 +84,14 @@ TUPLE_AXES = [
 def test_tuple_axes_and_probability_targets_match_naive_composition(shape, axis, kind, jit):
     """Values, the logits' gradient and (for probabilities) the targets' gradient."""
     axes = (axis,) if isinstance(axis, int) else axis
-    k1, k2 = jax.random.split(jax.random.PRNGKey(21))
-    logits = 3.0 * jax.random.normal(k1, shape)
+    logits = sample.normal(21, shape, scale=3.0)
     if kind == "labels":
         batch = tuple(s for i, s in enumerate(shape) if i not in {a % len(shape) for a in axes})
         num_classes = math.prod(shape[a] for a in axes)
-        targets = jax.random.randint(k2, batch, 0, num_classes)
+        targets = sample.integers(22, batch, 0, num_classes)
         argnums = 0
     else:
-        targets = jax.nn.softmax(jax.random.normal(k2, shape), axis=axes)
+        targets = sample.probabilities(22, shape, axis=axes)
         argnums = (0, 1)
     ours = functools.partial(cross_entropy, axis=axis)
     naive = functools.partial(naive_composition, axes=axes)
@@ -107,7 +107,7 @@ def test_tuple_axes_and_probability_targets_match_naive_composition(shape, axis,
 @pytest.mark.parametrize("shape", [(5, 3), (8, 10), (3, 4, 7)])
 def test_gradient_is_the_closed_form_softmax_minus_one_hot(shape):
     logits, labels = random_problem(1, shape)
-    g = jax.random.uniform(jax.random.PRNGKey(2), shape[:-1])
+    g = sample.uniform(2, shape[:-1])
     grad = jax.grad(lambda z: jnp.sum(g * cross_entropy(z, labels, reduction="none")))(logits)
     expected = reference.closed_form_gradient(logits, labels, g)
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
@@ -151,7 +151,7 @@ def test_finite_differences_reverse_mode():
 def test_finite_differences_with_probability_targets_both_arguments():
     with jax.enable_x64(True):
         logits, _ = random_problem(6, (3, 5), dtype=jnp.float64)
-        probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(7), (3, 5), jnp.float64))
+        probs = sample.probabilities(7, (3, 5), jnp.float64)
         check_grads(
             lambda z, y: cross_entropy(z, y, label_smoothing=0.2),
             (logits, probs),
@@ -224,7 +224,7 @@ def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_for
     cap: masked classes get zero gradient, never ``0 * inf``, even though the cap's derivative
     is evaluated on every class."""
     logits, labels = random_problem(14, (9, 7))
-    mask = jax.random.bernoulli(jax.random.PRNGKey(15), 0.6, (9, 7))
+    mask = sample.bernoulli(15, 0.6, (9, 7))
     mask = mask.at[jnp.arange(9), labels].set(True)  # each label takes part
     eps, beta = 0.2, 1e-2
 
@@ -253,7 +253,7 @@ def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_for
 
 def test_probability_targets_with_weights_and_smoothing_against_numpy():
     logits, _ = random_problem(10, (7, 5))
-    probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(11), (7, 5)))
+    probs = sample.probabilities(11, (7, 5))
     w = jnp.array([1.0, 0.5, 2.0, 1.0, 3.0])
     for reduction in ("mean", "sum", "none"):
         got = cross_entropy(
@@ -271,7 +271,7 @@ def test_probability_targets_with_weights_and_smoothing_against_numpy():
 
 def test_probability_target_gradient_is_minus_log_softmax():
     logits, _ = random_problem(12, (4, 5))
-    probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(13), (4, 5)))
+    probs = sample.probabilities(13, (4, 5))
     grad = jax.grad(
         lambda y: cross_entropy(logits, y, reduction="sum"),
     )(probs)
@@ -281,7 +281,7 @@ def test_probability_target_gradient_is_minus_log_softmax():
 def test_where_per_example_and_per_logit():
     logits, labels = random_problem(14, (6, 5))
     rows = jnp.array([True, False, True, True, False, True])
-    classes = jax.random.bernoulli(jax.random.PRNGKey(15), 0.7, (6, 5))
+    classes = sample.bernoulli(15, 0.7, (6, 5))
     classes = classes.at[jnp.arange(6), labels].set(True)
     for where in (rows, classes):
         got = cross_entropy(logits, labels, where=where, reduction="none")

@@ -1,0 +1,50 @@
+"""Random test inputs drawn with NumPy, returned as JAX arrays.
+
+``jax.random`` compiles a program for every shape and dtype it draws (threefry and the
+normal's inverse error function: about half a second each on the 2-core CPU), and the tests
+draw a few hundred different shapes: drawing with NumPy compiles nothing. Each function
+takes a ``seed`` and gives the same array for the same arguments, on every machine.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _generator(seed):
+    return np.random.default_rng(seed)
+
+
+def normal(seed, shape, dtype=jnp.float32, *, scale=1.0):
+    """``scale * N(0, 1)`` of ``shape``, drawn in float64 and rounded once to ``dtype``."""
+    return jnp.asarray((scale * _generator(seed).standard_normal(shape)).astype(dtype))
+
+
+def uniform(seed, shape, dtype=jnp.float32, *, low=0.0, high=1.0):
+    """Uniform on ``[low, high)``."""
+    return jnp.asarray(_generator(seed).uniform(low, high, shape).astype(dtype))
+
+
+def integers(seed, shape, low, high, dtype=jnp.int32):
+    """Integers uniform on ``[low, high)``."""
+    return jnp.asarray(_generator(seed).integers(low, high, shape).astype(dtype))
+
+
+def bernoulli(seed, probability, shape):
+    """Booleans, each true with ``probability``."""
+    return jnp.asarray(_generator(seed).uniform(size=shape) < probability)
+
+
+def probabilities(seed, shape, dtype=jnp.float32, *, scale=1.0, axis=-1):
+    """Rows of a softmax of ``scale * N(0, 1)`` along ``axis``: positive, summing to 1."""
+    z = scale * _generator(seed).standard_normal(shape)
+    p = np.exp(z - z.max(axis=axis, keepdims=True))
+    return jnp.asarray((p / p.sum(axis=axis, keepdims=True)).astype(dtype))
+
+
+def split(seed, num):
+    """``num`` independent seeds derived from ``seed``, as ``jax.random.split`` splits a key:
+    a helper that draws several arrays from one ``seed`` gives each draw its own. (Not
+    ``(seed, i)``: NumPy seeds ``(seed, 0)`` as it seeds ``seed``.)"""
+    return np.random.SeedSequence(seed).spawn(num)

@@ -8,6 +8,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sample
 
 from jaxsoftmax import cross_entropy, linear_cross_entropy
 from jaxsoftmax.core import row_terms
@@ -40,15 +41,15 @@ OPTIONS = {
 
 
 def _inputs(dtype=jnp.float32, batch=(N,), d=D, v=V, seed=0):
-    k = jax.random.split(jax.random.key(seed), 6)
-    hidden = jax.random.normal(k[0], batch + (d,)).astype(dtype)
-    classifier = (jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3).astype(dtype)
-    bias = jax.random.normal(k[2], (v,)).astype(dtype)
-    labels = jax.random.randint(k[3], batch, 0, v)
-    labels = jnp.where(jax.random.uniform(k[4], batch) < 0.15, -100, labels)
+    k = sample.split(seed, 7)
+    hidden = sample.normal(k[0], batch + (d,), dtype)
+    classifier = sample.normal(k[1], (v, d), dtype, scale=3 / math.sqrt(d))
+    bias = sample.normal(k[2], (v,), dtype)
+    labels = sample.integers(k[3], batch, 0, v)
+    labels = jnp.where(sample.bernoulli(k[4], 0.15, batch), -100, labels)
     extras = {
-        "weights": jax.random.uniform(k[5], (v,), minval=0.5, maxval=2.0),
-        "where": jax.random.uniform(k[4], batch) < 0.8,
+        "weights": sample.uniform(k[5], (v,), low=0.5, high=2.0),
+        "where": sample.bernoulli(k[6], 0.8, batch),
     }
     return hidden, classifier, bias, labels, extras
 
@@ -509,10 +510,9 @@ def test_errors_name_the_argument(call, error, words):
 
 def test_rule_class_block_matches_whole_row():
     """The rule on a chunk of classes equals that chunk of the rule on the whole row."""
-    k = jax.random.split(jax.random.key(3), 3)
-    logits = jax.random.normal(k[0], (5, 11))
+    logits = sample.normal(3, (5, 11))
     labels = jnp.array([0, 4, 7, 10, 5])
-    weights = jax.random.uniform(k[1], (11,)) + 0.5
+    weights = sample.uniform(4, (11,), low=0.5, high=1.5)
     options = row_terms.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
     _, stats = row_terms.forward(logits, labels, None, weights, None, options)
     g = jnp.arange(1.0, 6.0)
@@ -528,10 +528,9 @@ def test_rule_class_block_matches_whole_row():
 def test_vmap_gives_each_batch_its_own_cotangent(method):
     """Under ``vmap`` a scalar loss per batch element gets its own cotangent: the forward
     method's stored gradients must be scaled per element, not by one number."""
-    k = jax.random.split(jax.random.key(7), 3)
-    hidden = jax.random.normal(k[0], (3, 10, 8))
-    classifier = jax.random.normal(k[1], (13, 8))
-    labels = jax.random.randint(k[2], (3, 10), 0, 13)
+    hidden = sample.normal(7, (3, 10, 8))
+    classifier = sample.normal(8, (13, 8))
+    labels = sample.integers(9, (3, 10), 0, 13)
     fused = lambda h, w, y: linear_cross_entropy(h, w, y, method=method, token_chunk=4)
     naive = lambda h, w, y: cross_entropy(h @ w.T, y)
     weights = jnp.array([0.5, 2.0, -1.0])  # distinct cotangents per batch element

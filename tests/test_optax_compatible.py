@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import sample
 from jax.test_util import check_grads
 
 import jaxsoftmax
@@ -23,14 +24,14 @@ CASES = [
 
 
 def problem(shape, axis, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    logits = 2.0 * jax.random.normal(k1, shape)
+    k1, k2, k3 = sample.split(seed, 3)
+    logits = sample.normal(k1, shape, scale=2.0)
     axes = (axis,) if isinstance(axis, int) else axis
     axes = tuple(a % len(shape) for a in axes)
     batch = tuple(s for i, s in enumerate(shape) if i not in axes)
     num_classes = int(np.prod([shape[a] for a in axes]))
-    labels = jax.random.randint(k2, batch, 0, num_classes)
-    probs = jax.nn.softmax(jax.random.normal(k3, shape), axis=axes)
+    labels = sample.integers(k2, batch, 0, num_classes)
+    probs = sample.probabilities(k3, shape, axis=axes)
     return logits, labels, probs
 
 
@@ -108,7 +109,7 @@ def test_where_matches_optax_on_rows_that_are_not_fully_masked(kind):
     if kind == "per_example":
         where = jnp.array([True, False, True, True, False, True])
     else:
-        where = jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (6, 5))
+        where = sample.bernoulli(4, 0.7, (6, 5))
         where = where.at[jnp.arange(6), labels].set(True)
     got = jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=where)
     np.testing.assert_allclose(got, OPTAX_INT(logits, labels, where=where), rtol=1e-6, atol=1e-6)
@@ -148,7 +149,7 @@ def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan
 @pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))])
 def test_forward_mode_jvp_and_jacfwd_match_optax(shape, axis):
     logits, labels, probs = problem(shape, axis, seed=6)
-    tangent = jax.random.normal(jax.random.PRNGKey(7), shape)
+    tangent = sample.normal(7, shape)
     ours = lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels, axis)
     theirs = lambda z: OPTAX_INT(z, labels, axis)
     _, t_ours = jax.jvp(ours, (logits,), (tangent,))
@@ -159,7 +160,7 @@ def test_forward_mode_jvp_and_jacfwd_match_optax(shape, axis):
     )
     ours_p = lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, axis)
     theirs_p = lambda z, y: OPTAX_PROB(z, y, axis)
-    t_y = jax.random.normal(jax.random.PRNGKey(8), shape)
+    t_y = sample.normal(8, shape)
     np.testing.assert_allclose(
         jax.jvp(ours_p, (logits, probs), (tangent, t_y))[1],
         jax.jvp(theirs_p, (logits, probs), (tangent, t_y))[1],

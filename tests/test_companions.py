@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 
 import jaxsoftmax
 from jaxsoftmax import LossAux, cross_entropy, linear_cross_entropy
@@ -23,19 +24,19 @@ B = np.linspace(-1.0, 0.7, N)  # and of the entropy
 
 
 def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
-    k = jax.random.split(jax.random.key(seed), 5)
-    z = (jax.random.normal(k[0], (n, c)) * 3).astype(dtype)
-    labels = jax.random.randint(k[1], (n,), 0, c)
+    k = sample.split(seed, 6)
+    z = sample.normal(k[0], (n, c), dtype, scale=3.0)
+    labels = sample.integers(k[1], (n,), 0, c, dtype=int)  # JAX's default int, as under x64
     labels = jnp.where(jnp.arange(n) % 2 == 0, jnp.argmax(z, -1), labels)  # some right
     labels = labels.at[2].set(-100)  # ignored where ignore_index is set
-    class_mask = jax.random.uniform(k[2], (n, c)) < 0.7
+    class_mask = sample.bernoulli(k[2], 0.7, (n, c))
     class_mask = class_mask.at[jnp.arange(n), jnp.clip(labels, 0)].set(True)
     class_mask = class_mask.at[4].set(False)  # a row without classes
     extras = {
-        "rows": jax.random.uniform(k[3], (n,)) < 0.75,
+        "rows": sample.bernoulli(k[3], 0.75, (n,)),
         "classes": class_mask,
-        "weights": jax.random.uniform(k[4], (c,), minval=0.5, maxval=2.0),
-        "probabilities": jax.nn.softmax(jax.random.normal(k[4], (n, c)) * 2),
+        "weights": sample.uniform(k[4], (c,), float, low=0.5, high=2.0),
+        "probabilities": sample.probabilities(k[5], (n, c), float, scale=2.0),
     }
     return z, labels, extras
 
@@ -180,14 +181,14 @@ FUSED_OPTIONS = {
 
 
 def _fused_inputs(seed=3, n=37, d=6, v=23):
-    k = jax.random.split(jax.random.key(seed), 5)
-    hidden = jax.random.normal(k[0], (n, d))
-    classifier = jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3
-    bias = jax.random.normal(k[2], (v,))
-    labels = jax.random.randint(k[3], (n,), 0, v).at[5].set(-100)
+    k = sample.split(seed, 6)
+    hidden = sample.normal(k[0], (n, d))
+    classifier = sample.normal(k[1], (v, d), scale=3 / math.sqrt(d))
+    bias = sample.normal(k[2], (v,))
+    labels = sample.integers(k[3], (n,), 0, v).at[5].set(-100)
     extras = {
-        "weights": jax.random.uniform(k[4], (v,), minval=0.5, maxval=2.0),
-        "rows": jax.random.uniform(k[4], (n,)) < 0.8,
+        "weights": sample.uniform(k[4], (v,), low=0.5, high=2.0),
+        "rows": sample.bernoulli(k[5], 0.8, (n,)),
     }
     return hidden, classifier, bias, labels, extras
 

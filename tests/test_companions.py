@@ -26,7 +26,7 @@ B = np.linspace(-1.0, 0.7, N)  # and of the entropy
 def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
     k = sample.split(seed, 6)
     z = sample.normal(k[0], (n, c), dtype, scale=3.0)
-    labels = sample.integers(k[1], (n,), 0, c, dtype=int)  # JAX's default int, as under x64
+    labels = sample.integers(k[1], (n,), 0, c, dtype=int)  # JAX default int: int64 under x64
     labels = jnp.where(jnp.arange(n) % 2 == 0, jnp.argmax(z, -1), labels)  # some right
     labels = labels.at[2].set(-100)  # ignored where ignore_index is set
     class_mask = sample.bernoulli(k[2], 0.7, (n, c))

@@ -27,7 +27,8 @@ def random_problem(seed, shape, axis=-1, dtype=jnp.float32, scale=3.0):
     logits = sample.normal(k1, shape, dtype, scale=scale)
     num_classes = shape[axis]
     batch = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
-    labels = sample.integers(k2, batch, 0, num_classes)
+    # JAX's default int: int64 under x64
+    labels = sample.integers(k2, batch, 0, num_classes, dtype=int)
     return logits, labels
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sample
 
 from jaxsoftmax import (
     cross_entropy,
@@ -219,18 +220,19 @@ AGREEMENT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 @functools.cache
 def problems():
     """The inputs of every (dtype, kind), made together once: ``plain_path_only`` empties
-    JAX's caches, and each test drawing its own afterwards compiled the random draws again."""
-    keys = jax.random.split(jax.random.key(11), 3)
-    logits = 3 * jax.random.normal(keys[0], (N, C))
-    integer = jax.random.randint(keys[1], (N,), 0, C)
-    probabilities = jax.nn.softmax(jax.random.normal(keys[1], (N, C)))
-    class_mask = jax.random.uniform(keys[2], (N, C)) > 0.3
+    JAX's caches, and each test making its own afterwards compiled the masks' updates again.
+    Each dtype gets the same draws, rounded to it."""
+    integer = sample.integers(12, (N,), 0, C)
+    class_mask = sample.bernoulli(14, 0.7, (N, C))
     class_mask = class_mask.at[:, 0].set(True).at[-1].set(False)  # and a row with no class
     masks = {"classes": class_mask, "rows": jnp.arange(N) % 3 != 1}
     return {
-        (dtype, kind): (logits.astype(dtype), targets, masks)
+        (dtype, kind): (sample.normal(11, (N, C), dtype, scale=3.0), targets, masks)
         for dtype in AGREEMENT_DTYPES
-        for kind, targets in (("integer", integer), ("probabilities", probabilities.astype(dtype)))
+        for kind, targets in (
+            ("integer", integer),
+            ("probabilities", sample.probabilities(13, (N, C), dtype)),
+        )
     }
 
 
@@ -272,14 +274,16 @@ def test_plain_and_fast_paths_agree_on_the_cpu(dtype, kind):
 @functools.cache
 def linear_problems():
     """As :func:`problems`, for the fused loss: made once, for both dtypes."""
-    keys = jax.random.split(jax.random.key(5), 3)
-    hidden = jax.random.normal(keys[0], (N + 2, D))
-    classifier = jax.random.normal(keys[1], (C + 3, D))
-    labels = jax.random.randint(keys[2], (N + 2,), 0, C + 3)
+    labels = sample.integers(7, (N + 2,), 0, C + 3)
     every = OPTION_SETS["all"] | {"where": jnp.arange(N + 2) % 4 != 0}
     every["class_weights"] = jnp.linspace(0.5, 1.5, C + 3)
     return {
-        dtype: (hidden.astype(dtype), classifier.astype(dtype), labels, every)
+        dtype: (
+            sample.normal(5, (N + 2, D), dtype),
+            sample.normal(6, (C + 3, D), dtype),
+            labels,
+            every,
+        )
         for dtype in (jnp.float32, jnp.bfloat16)
     }
 

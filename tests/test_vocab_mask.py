@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 
 import jaxsoftmax
 from jaxsoftmax import cross_entropy, linear_cross_entropy
@@ -22,12 +23,12 @@ MASK = np.array([c % 4 != 1 and c < 11 for c in range(C)])  # holes and a padded
 
 
 def _inputs(seed=0, n=N, c=C):
-    k = jax.random.split(jax.random.key(seed), 4)
-    z = jax.random.normal(k[0], (n, c)) * 3
-    labels = jax.random.randint(k[1], (n,), 0, c)
+    k = sample.split(seed, 4)
+    z = sample.normal(k[0], (n, c), scale=3.0)
+    labels = sample.integers(k[1], (n,), 0, c)
     labels = jnp.where(jnp.asarray(MASK)[labels], labels, 0)  # labels on existing classes
-    probabilities = jax.nn.softmax(jax.random.normal(k[2], (n, c)))
-    weights = jax.random.uniform(k[3], (c,), minval=0.5, maxval=2.0)
+    probabilities = sample.probabilities(k[2], (n, c))
+    weights = sample.uniform(k[3], (c,), low=0.5, high=2.0)
     return z, labels, probabilities, weights
 
 
@@ -122,13 +123,12 @@ def test_bad_masks_are_refused_before_any_computation(mask, message):
 def test_fused_equals_the_unfused_loss_and_padding_rows_get_no_gradient(method):
     """Ragged chunks (37 tokens by 8, 23 classes by 5) over a vocabulary padded from 18 to
     23 classes with holes: the classifier's and bias's masked rows get exactly 0."""
-    k = jax.random.split(jax.random.key(3), 4)
     n, d, v = 37, 6, 23
     mask = (jnp.arange(v) % 4 != 1) & (jnp.arange(v) < 18)
-    hidden = jax.random.normal(k[0], (n, d))
-    classifier = jax.random.normal(k[1], (v, d)) / math.sqrt(d) * 3
-    bias = jax.random.normal(k[2], (v,))
-    labels = jax.random.randint(k[3], (n,), 0, v)
+    hidden = sample.normal(3, (n, d))
+    classifier = sample.normal(4, (v, d), scale=3 / math.sqrt(d))
+    bias = sample.normal(5, (v,))
+    labels = sample.integers(6, (n,), 0, v)
     labels = jnp.where(mask[labels], labels, 0)
     kw = dict(label_smoothing=0.1, class_weights=jnp.linspace(0.5, 2.0, v), z_loss=1e-3)
 
@@ -151,12 +151,11 @@ def test_fused_equals_the_unfused_loss_and_padding_rows_get_no_gradient(method):
 
 
 def test_fused_companions_and_bad_labels_with_a_mask():
-    k = jax.random.split(jax.random.key(4), 3)
     n, d, v = 16, 4, 20
     mask = jnp.arange(v) < 15
-    hidden, classifier = jax.random.normal(k[0], (n, d)), jax.random.normal(k[1], (v, d))
+    hidden, classifier = sample.normal(4, (n, d)), sample.normal(5, (v, d))
     classifier = classifier.at[17].set(hidden[0] * 10)  # the largest logit, on a masked class
-    labels = jax.random.randint(k[2], (n,), 0, 15).at[5].set(16)
+    labels = sample.integers(6, (n,), 0, 15).at[5].set(16)
     loss, aux = linear_cross_entropy(
         hidden, classifier, labels, vocab_mask=mask, return_aux=True, reduction="none",
         vocab_chunk=4,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -122,12 +123,11 @@ def count_rule_calls(patch_rule):
     return calls
 
 
-@functools.cache  # patch_rule empties JAX's caches: drawn again, the draws compiled again
 def rule_problem(kind):
-    logits = jax.random.normal(jax.random.PRNGKey(0), (7, 5))
+    logits = sample.normal(0, (7, 5))
     if kind == "labels":
         return logits, jnp.arange(7) % 5
-    return logits, jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (7, 5)))
+    return logits, sample.probabilities(1, (7, 5))
 
 
 def with_options(z, y):
@@ -206,7 +206,7 @@ def residual_arrays(fn, logits):
 def test_residuals_are_the_logits_and_per_row_statistics(loss, logits_sized):
     """Integer labels keep one logits-sized residual (the logits); probability targets may
     add a second one, the targets themselves, and nothing else."""
-    logits = jax.random.normal(jax.random.PRNGKey(2), (64, 1000))
+    logits = sample.normal(2, (64, 1000))
     leaves = residual_arrays(loss, logits)
     big = [leaf for leaf in leaves if leaf.size >= logits.size]
     assert sum(leaf.size for leaf in big) <= logits_sized * logits.size, [l.shape for l in big]
@@ -236,8 +236,7 @@ def test_compiled_gradient_uses_less_temporary_memory_than_autodiff_of_naive():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_is_computed_in_float32_and_keeps_its_dtype(dtype):
-    logits32 = 4 * jax.random.normal(jax.random.PRNGKey(3), (32, 50))
-    logits = logits32.astype(dtype)
+    logits = sample.normal(3, (32, 50), dtype, scale=4.0)
     labels = jnp.arange(32) % 50
     value, grad = jax.jit(jax.value_and_grad(cross_entropy))(logits, labels)
     assert value.dtype == dtype and grad.dtype == dtype

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 
 from jaxsoftmax import distillation_loss, linear_distillation_loss
 from jaxsoftmax.core import divergences
@@ -34,8 +35,8 @@ CASES = {
 
 
 def _models(dtype=jnp.float64, layout="vd", scale=1.0, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 6)
-    normal = lambda k, shape: scale * jax.random.normal(k, shape, dtype)
+    keys = sample.split(seed, 6)
+    normal = lambda k, shape: sample.normal(k, shape, dtype, scale=scale)
     classifier = lambda k, d: normal(k, (V, d) if layout == "vd" else (d, V))
     return (
         normal(keys[0], (N, D_S)), classifier(keys[1], D_S), normal(keys[2], (V,)),
@@ -77,7 +78,7 @@ def test_fused_equals_unfused(case):
         value, fused_vjp = jax.vjp(jax.jit(fused), *arrays)
         expected, unfused_vjp = jax.vjp(jax.jit(unfused), *arrays)
         np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)
-        cotangent = jax.random.normal(jax.random.key(5), value.shape, value.dtype)
+        cotangent = sample.normal(5, value.shape, value.dtype)
         for got, want in zip(fused_vjp(cotangent), unfused_vjp(cotangent)):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -126,7 +127,7 @@ def test_small_divergence_between_large_logits_is_not_lost():
     is not small next to the KL)."""
     h_s, w_s, _, _, _, _ = _models(jnp.float32)
     offset = jnp.full((V,), 2048.0, jnp.float32)
-    w_t = w_s + 0.1 * jax.random.normal(jax.random.key(9), w_s.shape, jnp.float32)
+    w_t = w_s + sample.normal(9, w_s.shape, jnp.float32, scale=0.1)
     f64 = lambda x: np.asarray(x, np.float64)
     for divergence in ("forward_kl", "reverse_kl"):
         value = linear_distillation_loss(

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference
+import sample
 from jax.flatten_util import ravel_pytree
 
 from jaxsoftmax import mlp
@@ -40,17 +41,15 @@ def naive_loss(params, x, labels, activation, l2):
 
 
 def random_problem(sizes, num_examples, seed=0, dtype=jnp.float32, bias_scale=0.1):
-    key_params, key_x, key_y, key_b = jax.random.split(jax.random.key(seed), 4)
-    params = mlp.init(key_params, sizes, scheme="glorot", dtype=dtype)
+    params = mlp.init(jax.random.key(seed), sizes, scheme="glorot", dtype=dtype)
+    k = sample.split(seed, len(params) + 2)
     params = [
-        {
-            "W": p["W"],
-            "b": bias_scale * jax.random.normal(jax.random.fold_in(key_b, i), p["b"].shape, dtype),
-        }
+        {"W": p["W"], "b": sample.normal(k[2 + i], p["b"].shape, dtype, scale=bias_scale)}
         for i, p in enumerate(params)
     ]
-    x = jax.random.normal(key_x, (num_examples, sizes[0]), dtype)
-    labels = jax.random.randint(key_y, (num_examples,), 0, sizes[-1])
+    x = sample.normal(k[0], (num_examples, sizes[0]), dtype)
+    # JAX's default int: int64 under x64
+    labels = sample.integers(k[1], (num_examples,), 0, sizes[-1], dtype=int)
     return params, x, labels
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sample
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -21,8 +22,8 @@ OPTIONS = dict(
 
 
 def problem(seed=0, shape=(6, 5)):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    return 2 * jax.random.normal(k1, shape), jax.random.randint(k2, shape[:-1], 0, shape[-1])
+    k1, k2 = sample.split(seed, 2)
+    return sample.normal(k1, shape, scale=2.0), sample.integers(k2, shape[:-1], 0, shape[-1])
 
 
 def test_jit_equals_eager_with_every_option():
@@ -103,7 +104,7 @@ def test_cross_entropy_is_reverse_mode_only_and_the_dropins_do_forward_mode():
     with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
         jax.jacfwd(loss)(logits)
     dropin = lambda z: jnp.sum(softmax_cross_entropy_with_integer_labels(z, labels))
-    tangent = jax.random.normal(jax.random.PRNGKey(9), logits.shape)
+    tangent = sample.normal(9, logits.shape)
     _, forward = jax.jvp(dropin, (logits,), (tangent,))
     np.testing.assert_allclose(forward, jnp.vdot(jax.grad(loss)(logits), tangent), rtol=1e-5)
     np.testing.assert_allclose(jax.jacfwd(dropin)(logits), jax.grad(loss)(logits), rtol=1e-6)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sample
 
 from jaxsoftmax import linear_cross_entropy
 
@@ -20,12 +21,11 @@ def _peaked_inputs():
     """Logits whose softmax is concentrated, as a trained model's are: the tokens of token
     chunk ``a`` point at the classes of vocabulary chunk ``a``, so most other tiles hold
     nothing but tiny probabilities."""
-    k = jax.random.split(jax.random.key(0), 3)
     topic = jnp.arange(N) // T  # 0, 1, 2: the vocabulary chunk each token chunk points at
-    hidden = 4.0 * jax.nn.one_hot(topic, D) + 0.3 * jax.random.normal(k[0], (N, D))
+    hidden = 4.0 * jax.nn.one_hot(topic, D) + sample.normal(0, (N, D), scale=0.3)
     classifier = 3.0 * jax.nn.one_hot(jnp.arange(V) // VC, D)
-    classifier = classifier + 0.3 * jax.random.normal(k[1], (V, D))
-    labels = topic * VC + jax.random.randint(k[2], (N,), 0, VC)
+    classifier = classifier + sample.normal(1, (V, D), scale=0.3)
+    labels = topic * VC + sample.integers(2, (N,), 0, VC)
     return hidden, classifier, labels
 
 

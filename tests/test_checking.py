@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sample
 from jax.experimental import checkify
 
 import jaxsoftmax
@@ -13,7 +14,7 @@ import jaxsoftmax.losses.cross_entropy
 from jaxsoftmax import cross_entropy
 from jaxsoftmax import softmax_cross_entropy_with_integer_labels as integer_loss
 
-LOGITS = 2 * jax.random.normal(jax.random.PRNGKey(5), (2, 3, 4))
+LOGITS = sample.normal(5, (2, 3, 4), scale=2.0)
 LABELS = jnp.array([[0, 1, 2], [3, 9, 1]])  # 9 is out of range, at position [1 1]
 GOOD = LABELS.at[1, 1].set(2)
 CHECKED_CE = functools.partial(cross_entropy, checked=True)

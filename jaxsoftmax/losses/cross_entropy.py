@@ -35,6 +35,7 @@ from jaxsoftmax.checks.logits_call import LogitsCall, LogitsSettings, check_logi
 from jaxsoftmax.checks.options import labels_on_masked_classes_out_of_range, merged_row_mask
 from jaxsoftmax.core import companion_terms, row_terms, rule
 from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.losses.one_program import one_program
 
 
 def per_example_loss(call: LogitsCall, *, axis_name=None, forward_mode=False, companions=False):
@@ -205,6 +206,12 @@ def cross_entropy(
         logit_softcap=logit_softcap, reduction=reduction, checked=checked,
         sharded=axis_name is not None, vocab_mask=vocab_mask,
     )  # fmt: skip
+    return _cross_entropy(call, axis_name, return_aux)
+
+
+@one_program
+def _cross_entropy(call: LogitsCall, axis_name, return_aux: bool):
+    """The loss of a checked call: each example's loss, then the reduction."""
     out = per_example_loss(call, axis_name=axis_name, companions=return_aux)
     loss = reduce_loss(out[0], out[1], call.settings.options.reduction)
     loss = loss.astype(call.logits.dtype)

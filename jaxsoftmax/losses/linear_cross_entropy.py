@@ -18,6 +18,7 @@ from jaxsoftmax.checks import arrays
 from jaxsoftmax.checks.linear_call import LinearCall, check_linear_call
 from jaxsoftmax.core import companion_terms
 from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.losses.one_program import one_program
 from jaxsoftmax.tiles import cross_entropy as fused
 from jaxsoftmax.tiles.plan import TilePlan
 
@@ -142,7 +143,15 @@ def linear_cross_entropy(
     check_method(method, call, gradient_filter)
     return_aux = arrays.check_flag(return_aux, "return_aux")
     plan = fused.make_plan(call, call.head.hidden.shape[0], call.num_classes, companions=return_aux)
-    if _takes_forward_gradient(call, method):
+    return _linear_cross_entropy(call, plan, _takes_forward_gradient(call, method), return_aux)
+
+
+@one_program
+def _linear_cross_entropy(call: LinearCall, plan: TilePlan, forward_gradient: bool,
+                          return_aux: bool):  # fmt: skip
+    """The loss of a checked call: by ``method="forward"`` when ``forward_gradient``, else
+    each row's loss and weight on the tiles, then the reduction."""
+    if forward_gradient:
         return _reduced_by_forward_gradient(call, plan)
     loss, weight, *aux = fused.rows_and_weights(
         call.head, call.labels, call.class_weights, call.row_mask, call.vocab_mask, plan

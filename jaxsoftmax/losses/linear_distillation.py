@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import jax
 
-from jaxsoftmax.checks.distillation_call import check_linear_distillation
+from jaxsoftmax.checks.distillation_call import DistillationCall, check_linear_distillation
 from jaxsoftmax.core.reduction import reduce_loss
+from jaxsoftmax.losses.one_program import one_program
 from jaxsoftmax.tiles import distillation as fused
+from jaxsoftmax.tiles.distillation_plan import DistillationPlan
 
 
 def linear_distillation_loss(
@@ -99,6 +101,13 @@ def linear_distillation_loss(
         checked=checked,
     )  # fmt: skip
     plan = fused.make_plan(call, call.student.hidden.shape[0], call.num_classes)
+    return _linear_distillation_loss(call, plan)
+
+
+@one_program
+def _linear_distillation_loss(call: DistillationCall, plan: DistillationPlan):
+    """The loss of a checked call: each row's loss and weight on the tiles, then the
+    reduction."""
     loss, weight = fused.rows_and_weights(
         call.student, call.teacher, call.labels, call.row_mask, call.vocab_mask, plan
     )

@@ -11,6 +11,16 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # (tests/test_experiments.py holds it).
 os.environ["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
 
+# The suite compiles a few thousand small programs and runs each for microseconds: LLVM's
+# optimisation of their machine code is most of their compile time and saves nothing here
+# (test_cross_entropy.py: 108 s -> 66 s without it). XLA's own passes still run, so the
+# programs the tests read (fusions, collectives, buffer assignment, memory_analysis()) are
+# the ones users get; only the CPU's machine code is less optimised, and no test times it.
+# Child processes inherit the flag.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

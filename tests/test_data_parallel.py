@@ -8,11 +8,11 @@ A failure prints the child's report.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
+import child_process
 import jax
 import numpy as np
 import pytest
@@ -23,16 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_with_devices(command, devices):
-    environment = dict(os.environ)
-    flags = environment.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count", "--x"
-    )
-    environment["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    environment["JAX_PLATFORMS"] = "cpu"
-    environment["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"  # the scripts' cache: not in tests
-    environment["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-    )
+    environment = child_process.environment(devices)
     return subprocess.run(
         command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600, check=False
     )

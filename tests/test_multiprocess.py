@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 import time
 
+import child_process
 import jax
 import numpy as np
 import pytest
@@ -65,17 +65,14 @@ def load_script(path):
 
 
 def environment(cache: pathlib.Path, devices: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"  # not the user's cache: the test's own, below
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    if devices is not None:
-        flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    return env
+    # JAXSOFTMAX_NO_COMPILATION_CACHE (tests/conftest.py) keeps the user's cache out; the
+    # test's own cache, below, is the one the processes share.
+    return child_process.environment(
+        devices,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def launch(arguments, cache, *, timeout=240):

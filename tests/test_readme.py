@@ -1,11 +1,11 @@
 """The README's Python examples run as written, each on its own, and give what they claim."""
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import child_process
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +44,7 @@ def test_fused_example_runs_and_equals_logits_then_loss():
 
 def run_alone(block: str, devices: int = 1) -> str:
     """Runs one README block as its own script in a fresh Python, as a reader pastes it."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = child_process.environment(devices)
     result = subprocess.run(
         [sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=300
     )

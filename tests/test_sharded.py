@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import child_process
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(command, *, devices, timeout, environment=()):
-    env = dict(os.environ, **dict(environment))
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = child_process.environment(devices, **dict(environment))
     result = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )

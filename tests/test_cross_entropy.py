@@ -43,20 +43,6 @@ SHAPES_AND_AXES = [
 ]
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("shape,axis", SHAPES_AND_AXES)
-def test_value_and_gradient_match_naive_composition(shape, axis, jit):
-    logits, labels = random_problem(0, shape, axis)
-    ours = functools.partial(cross_entropy, axis=axis)
-    naive = functools.partial(naive_loss, axis=axis)
-    if jit:
-        ours, naive = jax.jit(ours), jax.jit(naive)
-    value, grad = jax.value_and_grad(ours)(logits, labels)
-    expected_value, expected_grad = jax.value_and_grad(naive)(logits, labels)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-7)
-
-
 def naive_composition(logits, targets, axes):
     """-sum(y * log(softmax(z))) over the class axes, averaged over examples, in the logits'
     own layout: integer labels (row-major flat indices into the class axes, in the order
@@ -78,45 +64,102 @@ TUPLE_AXES = [
     ((4, 6), 0),
 ]
 
+# Every case compared with the naive composition: (shape, axis, kind). "single_axis" is
+# one class axis against naive_loss; "labels" and "probabilities" are tuple axes (or an
+# int) against naive_composition, the latter with the targets' gradient too.
+NAIVE_CASES = [(shape, axis, "single_axis") for shape, axis in SHAPES_AND_AXES] + [
+    (shape, axis, kind) for shape, axis in TUPLE_AXES for kind in ("labels", "probabilities")
+]
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("kind", ["labels", "probabilities"])
-@pytest.mark.parametrize("shape,axis", TUPLE_AXES)
-def test_tuple_axes_and_probability_targets_match_naive_composition(shape, axis, kind, jit):
-    """Values, the logits' gradient and (for probabilities) the targets' gradient."""
+
+def naive_case(shape, axis, kind):
+    """``(ours, naive, logits, targets, argnums)`` of one case of NAIVE_CASES."""
+    if kind == "single_axis":
+        logits, labels = random_problem(0, shape, axis)
+        ours = functools.partial(cross_entropy, axis=axis)
+        return ours, functools.partial(naive_loss, axis=axis), logits, labels, 0
     axes = (axis,) if isinstance(axis, int) else axis
     logits = sample.normal(21, shape, scale=3.0)
     if kind == "labels":
         batch = tuple(s for i, s in enumerate(shape) if i not in {a % len(shape) for a in axes})
         num_classes = math.prod(shape[a] for a in axes)
-        targets = sample.integers(22, batch, 0, num_classes)
-        argnums = 0
+        targets, argnums = sample.integers(22, batch, 0, num_classes), 0
     else:
-        targets = sample.probabilities(22, shape, axis=axes)
-        argnums = (0, 1)
+        targets, argnums = sample.probabilities(22, shape, axis=axes), (0, 1)
     ours = functools.partial(cross_entropy, axis=axis)
     naive = functools.partial(naive_composition, axes=axes)
-    if jit:
-        ours, naive = jax.jit(ours), jax.jit(naive)
+    return ours, naive, logits, targets, argnums
+
+
+def every_naive_case(which):
+    """``jax.value_and_grad`` of ``which`` ("ours" or "naive") for every case of NAIVE_CASES,
+    all in one jitted program (one compilation instead of one per case)."""
+    cases = [naive_case(*case) for case in NAIVE_CASES]
+    index = {"ours": 0, "naive": 1}[which]
+
+    def all_cases(inputs):
+        return [
+            jax.value_and_grad(case[index], case[4])(logits, targets)
+            for case, (logits, targets) in zip(cases, inputs)
+        ]
+
+    return jax.jit(all_cases)([(case[2], case[3]) for case in cases])
+
+
+@functools.cache
+def naive_results():
+    return every_naive_case("naive")
+
+
+def assert_matches_naive(case, value, grad, expected_value, expected_grad):
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6, err_msg=str(case))
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str(case))
+
+
+@pytest.mark.parametrize("shape,axis,kind", NAIVE_CASES)
+def test_eager_value_and_gradient_match_naive_composition(shape, axis, kind):
+    """Called eagerly: values, the logits' gradient and (for probabilities) the targets'
+    gradient, for one class axis, tuple axes and probability targets."""
+    ours, _, logits, targets, argnums = naive_case(shape, axis, kind)
     value, grad = jax.value_and_grad(ours, argnums)(logits, targets)
-    expected_value, expected_grad = jax.value_and_grad(naive, argnums)(logits, targets)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    expected = naive_results()[NAIVE_CASES.index((shape, axis, kind))]
+    assert_matches_naive((shape, axis, kind), value, grad, *expected)
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (8, 10), (3, 4, 7)])
-def test_gradient_is_the_closed_form_softmax_minus_one_hot(shape):
-    logits, labels = random_problem(1, shape)
-    g = sample.uniform(2, shape[:-1])
-    grad = jax.grad(lambda z: jnp.sum(g * cross_entropy(z, labels, reduction="none")))(logits)
-    expected = reference.closed_form_gradient(logits, labels, g)
-    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+def test_jitted_value_and_gradient_match_naive_composition():
+    """Under jit, every case of NAIVE_CASES (one program for all of them)."""
+    for case, got, expected in zip(
+        NAIVE_CASES, every_naive_case("ours"), naive_results(), strict=True
+    ):
+        assert_matches_naive(case, *got, *expected)
+
+
+CLOSED_FORM_SHAPES = [(5, 3), (8, 10), (3, 4, 7)]
+
+
+def test_gradient_is_the_closed_form_softmax_minus_one_hot():
+    """Every shape of CLOSED_FORM_SHAPES, in one program."""
+    problems = [
+        (*random_problem(1, shape), sample.uniform(2, shape[:-1])) for shape in CLOSED_FORM_SHAPES
+    ]
+
+    def grads(problems):
+        return [
+            jax.grad(lambda z: jnp.sum(g * cross_entropy(z, labels, reduction="none")))(logits)
+            for logits, labels, g in problems
+        ]
+
+    for shape, grad, (logits, labels, g) in zip(
+        CLOSED_FORM_SHAPES, jax.jit(grads)(problems), problems, strict=True
+    ):
+        expected = reference.closed_form_gradient(logits, labels, g)
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7, err_msg=str(shape))
 
 
 def test_mean_divides_each_row_by_n():
     logits, labels = random_problem(3, (6, 4))
-    grad = jax.grad(cross_entropy)(logits, labels)
+    grad = jax.jit(jax.grad(cross_entropy))(logits, labels)
     np.testing.assert_allclose(
         grad, reference.closed_form_gradient(logits, labels) / 6, rtol=1e-5, atol=1e-8
     )
@@ -126,7 +169,7 @@ def test_float64_values_and_gradient_against_numpy():
     with jax.enable_x64(True):
         logits, labels = random_problem(4, (9, 13), dtype=jnp.float64)
         assert logits.dtype == jnp.float64
-        value, grad = jax.value_and_grad(cross_entropy)(logits, labels)
+        value, grad = jax.jit(jax.value_and_grad(cross_entropy))(logits, labels)
         assert value.dtype == jnp.float64 and grad.dtype == jnp.float64
         np.testing.assert_allclose(value, reference.cross_entropy(logits, labels), rtol=1e-13)
         np.testing.assert_allclose(
@@ -146,7 +189,7 @@ def test_finite_differences_reverse_mode():
             z_loss=1e-2,
             logit_softcap=5.0,
         )
-        check_grads(lambda z: f(z), (logits,), order=2, modes=["rev"])
+        check_grads(jax.jit(lambda z: f(z)), (logits,), order=2, modes=["rev"])
 
 
 def test_finite_differences_with_probability_targets_both_arguments():
@@ -154,7 +197,7 @@ def test_finite_differences_with_probability_targets_both_arguments():
         logits, _ = random_problem(6, (3, 5), dtype=jnp.float64)
         probs = sample.probabilities(7, (3, 5), jnp.float64)
         check_grads(
-            lambda z, y: cross_entropy(z, y, label_smoothing=0.2),
+            jax.jit(lambda z, y: cross_entropy(z, y, label_smoothing=0.2)),
             (logits, probs),
             order=1,
             modes=["rev"],
@@ -176,60 +219,82 @@ OPTIONS = [
         "logit_softcap": 4.0,
     },
 ]
+OPTION_NAMES = ["+".join(options) or "plain" for options in OPTIONS]
+REDUCTIONS = ["mean", "sum", "none"]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
-def test_options_against_numpy_reference_of_pytorch_semantics(options, reduction):
+def test_options_against_numpy_reference_of_pytorch_semantics():
+    """Every option set of OPTIONS with every reduction, all in one program."""
     logits, labels = random_problem(8, (12, 6))
-    options = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in options.items()}
-    got = jax.jit(functools.partial(cross_entropy, reduction=reduction, **options))(logits, labels)
-    np_options = {k: np.asarray(v) if isinstance(v, jax.Array) else v for k, v in options.items()}
-    expected = reference.cross_entropy(
-        np.asarray(logits), np.asarray(labels), reduction=reduction, **np_options
-    )
-    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+
+    def every_case(logits, labels, class_weights):
+        results = {}
+        for name, options in zip(OPTION_NAMES, OPTIONS):
+            if "class_weights" in options:  # an array: an argument of the program
+                options = dict(options, class_weights=class_weights)
+            for reduction in REDUCTIONS:
+                results[name, reduction] = cross_entropy(
+                    logits, labels, reduction=reduction, **options
+                )
+        return results
+
+    weights = jnp.asarray(OPTIONS[2]["class_weights"])
+    got = jax.jit(every_case)(logits, labels, weights)
+    for name, options in zip(OPTION_NAMES, OPTIONS):
+        for reduction in REDUCTIONS:
+            expected = reference.cross_entropy(
+                np.asarray(logits), np.asarray(labels), reduction=reduction, **options
+            )
+            np.testing.assert_allclose(
+                got[name, reduction], expected, rtol=2e-6, atol=1e-6, err_msg=f"{name} {reduction}"
+            )
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "plain")
-def test_option_gradients_match_autodiff_of_the_documented_formula(options):
-    """The derived rule with every option equals jax.grad of the plain formula."""
-    logits, labels = random_problem(9, (10, 6))
+def documented_formula(z, labels, options):
+    """The plain formula of an option set of OPTIONS, for 6 classes."""
     eps = options.get("label_smoothing", 0.0)
     w = jnp.asarray(options.get("class_weights", np.ones(6, np.float32)))
     ignore = options.get("ignore_index")
     beta = options.get("z_loss", 0.0)
     cap = options.get("logit_softcap")
-
-    def formula(z):
-        if cap is not None:
-            z = cap * jnp.tanh(z / cap)
-        logp = jax.nn.log_softmax(z)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        kept = jnp.ones(labels.shape, bool) if ignore is None else labels != ignore
-        y = jax.nn.one_hot(labels, 6)
-        q = w[None, :] * ((1 - eps) * y + eps / 6)
-        r = w[labels]
-        per = -jnp.sum(q * logp, -1) + beta * r * lse**2
-        return jnp.sum(jnp.where(kept, per, 0.0)) / jnp.sum(jnp.where(kept, r, 0.0))
-
-    got = jax.jit(jax.grad(lambda z: cross_entropy(z, labels, **options)))(logits)
-    np.testing.assert_allclose(got, jax.grad(formula)(logits), rtol=2e-5, atol=1e-7)
+    if cap is not None:
+        z = cap * jnp.tanh(z / cap)
+    logp = jax.nn.log_softmax(z)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    kept = jnp.ones(labels.shape, bool) if ignore is None else labels != ignore
+    y = jax.nn.one_hot(labels, 6)
+    q = w[None, :] * ((1 - eps) * y + eps / 6)
+    r = w[labels]
+    per = -jnp.sum(q * logp, -1) + beta * r * lse**2
+    return jnp.sum(jnp.where(kept, per, 0.0)) / jnp.sum(jnp.where(kept, r, 0.0))
 
 
-@pytest.mark.parametrize("logit_softcap", [None, 3.0])
-def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_formula(
-    logit_softcap,
-):
+def test_option_gradients_match_autodiff_of_the_documented_formula():
+    """The derived rule with every option set of OPTIONS equals jax.grad of the plain
+    formula (ours in one program, the formula's in another)."""
+    logits, labels = random_problem(9, (10, 6))
+    got = jax.jit(
+        lambda z: [jax.grad(lambda z: cross_entropy(z, labels, **o))(z) for o in OPTIONS]
+    )(logits)
+    want = jax.jit(
+        lambda z: [jax.grad(lambda z: documented_formula(z, labels, o))(z) for o in OPTIONS]
+    )(logits)
+    for name, g, w in zip(OPTION_NAMES, got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7, err_msg=name)
+
+
+def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_formula():
     """``where`` of the logits' shape (classes taking part) with smoothing, z-loss and a soft
-    cap: masked classes get zero gradient, never ``0 * inf``, even though the cap's derivative
-    is evaluated on every class."""
+    cap (and without it): masked classes get zero gradient, never ``0 * inf``, even though
+    the cap's derivative is evaluated on every class. Both caps in one program, the
+    formula's in another."""
     logits, labels = random_problem(14, (9, 7))
-    mask = sample.bernoulli(15, 0.6, (9, 7))
-    mask = mask.at[jnp.arange(9), labels].set(True)  # each label takes part
+    mask = np.array(sample.bernoulli(15, 0.6, (9, 7)))
+    mask[np.arange(9), np.asarray(labels)] = True  # each label takes part
     eps, beta = 0.2, 1e-2
+    caps = (None, 3.0)
 
-    def formula(z):
+    def formula(z, logit_softcap):
         if logit_softcap is not None:
             z = logit_softcap * jnp.tanh(z / logit_softcap)
         z = jnp.where(mask, z, -jnp.inf)
@@ -239,27 +304,35 @@ def test_class_mask_gradients_with_every_option_match_autodiff_of_the_masked_for
         per = -jnp.sum(jnp.where(q != 0, q * logp, 0.0), -1)
         return jnp.mean(per + beta * jax.nn.logsumexp(z, axis=-1) ** 2)
 
-    def loss(z):
+    def loss(z, logit_softcap):
         return cross_entropy(
             z, labels, where=mask, label_smoothing=eps, z_loss=beta, logit_softcap=logit_softcap
         )
 
-    value, grad = jax.jit(jax.value_and_grad(loss))(logits)
-    want_value, want_grad = jax.value_and_grad(formula)(logits)
-    np.testing.assert_allclose(value, want_value, rtol=1e-6)
-    assert np.all(np.isfinite(grad))
-    np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
-    assert np.all(np.asarray(grad)[~np.asarray(mask)] == 0)
+    got = jax.jit(
+        lambda z: [jax.value_and_grad(functools.partial(loss, logit_softcap=c))(z) for c in caps]
+    )(logits)
+    want = jax.jit(
+        lambda z: [jax.value_and_grad(functools.partial(formula, logit_softcap=c))(z) for c in caps]
+    )(logits)
+    for cap, (value, grad), (want_value, want_grad) in zip(caps, got, want, strict=True):
+        np.testing.assert_allclose(value, want_value, rtol=1e-6, err_msg=f"cap {cap}")
+        assert np.all(np.isfinite(grad)), cap
+        np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7, err_msg=f"cap {cap}")
+        assert np.all(np.asarray(grad)[~mask] == 0), cap
 
 
 def test_probability_targets_with_weights_and_smoothing_against_numpy():
     logits, _ = random_problem(10, (7, 5))
     probs = sample.probabilities(11, (7, 5))
-    w = jnp.array([1.0, 0.5, 2.0, 1.0, 3.0])
-    for reduction in ("mean", "sum", "none"):
-        got = cross_entropy(
-            logits, probs, class_weights=w, label_smoothing=0.2, reduction=reduction
-        )
+    w = np.array([1.0, 0.5, 2.0, 1.0, 3.0], np.float32)
+    got = jax.jit(
+        lambda z, y, w: {
+            r: cross_entropy(z, y, class_weights=w, label_smoothing=0.2, reduction=r)
+            for r in REDUCTIONS
+        }
+    )(logits, probs, w)
+    for reduction in REDUCTIONS:
         expected = reference.cross_entropy(
             np.asarray(logits),
             np.asarray(probs),
@@ -267,65 +340,76 @@ def test_probability_targets_with_weights_and_smoothing_against_numpy():
             label_smoothing=0.2,
             reduction=reduction,
         )
-        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            got[reduction], expected, rtol=2e-6, atol=1e-6, err_msg=reduction
+        )
 
 
 def test_probability_target_gradient_is_minus_log_softmax():
     logits, _ = random_problem(12, (4, 5))
     probs = sample.probabilities(13, (4, 5))
-    grad = jax.grad(
-        lambda y: cross_entropy(logits, y, reduction="sum"),
-    )(probs)
+    grad = jax.jit(jax.grad(lambda y: cross_entropy(logits, y, reduction="sum")))(probs)
     np.testing.assert_allclose(grad, -reference.log_softmax(logits)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_where_per_example_and_per_logit():
     logits, labels = random_problem(14, (6, 5))
-    rows = jnp.array([True, False, True, True, False, True])
-    classes = sample.bernoulli(15, 0.7, (6, 5))
-    classes = classes.at[jnp.arange(6), labels].set(True)
-    for where in (rows, classes):
-        got = cross_entropy(logits, labels, where=where, reduction="none")
+    rows = np.array([True, False, True, True, False, True])
+    classes = np.array(sample.bernoulli(15, 0.7, (6, 5)))
+    classes[np.arange(6), np.asarray(labels)] = True
+    got = jax.jit(
+        lambda z, y, rows, classes: [
+            cross_entropy(z, y, where=where, reduction="none") for where in (rows, classes)
+        ]
+    )(logits, labels, rows, classes)
+    for kind, where, per in zip(("rows", "classes"), (rows, classes), got, strict=True):
         expected = reference.cross_entropy(
-            np.asarray(logits), np.asarray(labels), where=np.asarray(where), reduction="none"
+            np.asarray(logits), np.asarray(labels), where=where, reduction="none"
         )
-        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(per, expected, rtol=1e-6, atol=1e-6, err_msg=kind)
 
 
 def test_all_ignored_batch_gives_zero_and_zero_gradient():
     logits, _ = random_problem(16, (4, 3))
-    labels = jnp.full((4,), -100)
-    value, grad = jax.value_and_grad(cross_entropy)(logits, labels, ignore_index=-100)
+    labels = np.full((4,), -100, np.int32)
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(cross_entropy, ignore_index=-100)))(
+        logits, labels
+    )
     assert value == 0.0
-    np.testing.assert_array_equal(grad, jnp.zeros_like(logits))
+    np.testing.assert_array_equal(grad, np.zeros(logits.shape, np.float32))
 
 
 def test_fully_masked_rows_give_zero_loss_and_finite_zero_gradient():
     logits, labels = random_problem(17, (3, 4))
-    where = jnp.array([[True] * 4, [False] * 4, [True, False, True, True]])
-    loss, grad = jax.value_and_grad(
-        lambda z: cross_entropy(z, labels, where=where, reduction="sum")
-    )(logits)
-    per = cross_entropy(logits, labels, where=where, reduction="none")
+    where = np.array([[True] * 4, [False] * 4, [True, False, True, True]])
+
+    def loss_grad_and_rows(z):
+        loss, grad = jax.value_and_grad(
+            lambda z: cross_entropy(z, labels, where=where, reduction="sum")
+        )(z)
+        return loss, grad, cross_entropy(z, labels, where=where, reduction="none")
+
+    loss, grad, per = jax.jit(loss_grad_and_rows)(logits)
     assert per[1] == 0.0
-    np.testing.assert_array_equal(grad[1], jnp.zeros(4))
-    assert jnp.all(jnp.isfinite(grad)) and jnp.isfinite(loss)
+    np.testing.assert_array_equal(grad[1], np.zeros(4))
+    assert np.all(np.isfinite(grad)) and np.isfinite(loss)
 
 
 def test_label_out_of_range_gives_nan_for_its_row_only():
     logits, _ = random_problem(18, (3, 4))
-    labels = jnp.array([0, 7, 2])
-    per, grad = (
-        jax.jit(jax.value_and_grad(lambda z: jnp.sum(cross_entropy(z, labels, reduction="none"))))(
-            logits
-        ),
-        None,
-    )
-    per_rows = cross_entropy(logits, labels, reduction="none")
-    assert jnp.isnan(per_rows[1]) and jnp.all(jnp.isfinite(per_rows[jnp.array([0, 2])]))
-    grad = jax.grad(lambda z: jnp.sum(cross_entropy(z, labels, reduction="none")))(logits)
-    assert jnp.all(jnp.isnan(grad[1])) and jnp.all(jnp.isfinite(grad[0]))
-    assert jnp.isnan(per[0])
+    labels = np.array([0, 7, 2], np.int32)
+
+    def total(z):
+        return jnp.sum(cross_entropy(z, labels, reduction="none"))
+
+    def value_grad_and_rows(z):
+        total_value, grad = jax.value_and_grad(total)(z)
+        return total_value, grad, cross_entropy(z, labels, reduction="none")
+
+    total_value, grad, per_rows = map(np.asarray, jax.jit(value_grad_and_rows)(logits))
+    assert np.isnan(per_rows[1]) and np.all(np.isfinite(per_rows[[0, 2]]))
+    assert np.all(np.isnan(grad[1])) and np.all(np.isfinite(grad[0]))
+    assert np.isnan(total_value)
 
 
 def test_docstring_formula_seeds_case():
@@ -334,28 +418,52 @@ def test_docstring_formula_seeds_case():
     yhat = np.exp(reference.log_softmax(logits)[0])
     y = np.eye(3)[np.asarray(labels)]
     expected = -np.mean(np.sum(y * np.log(yhat), -1))
-    np.testing.assert_allclose(cross_entropy(logits, labels), expected, rtol=1e-6)
-    np.testing.assert_allclose(
-        jax.grad(cross_entropy)(logits, labels), (yhat - y) / 5, rtol=1e-5, atol=1e-8
-    )
+    value, grad = jax.jit(jax.value_and_grad(cross_entropy))(logits, labels)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, (yhat - y) / 5, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
-@pytest.mark.parametrize("shape,axis", [((6, 7), -1), ((3, 4, 5), 1)])
-def test_dtypes_against_naive_composition_in_float32_or_float64(dtype, shape, axis):
-    """Half precision is computed in f32 and rounded once; f64 stays f64 under x64."""
-    with jax.enable_x64(dtype == "float64"):
-        logits, labels = random_problem(20, shape, axis, dtype=jnp.dtype(dtype))
-        reference_dtype = jnp.float64 if dtype == "float64" else jnp.float32
-        value, grad = jax.jit(jax.value_and_grad(functools.partial(cross_entropy, axis=axis)))(
-            logits, labels
-        )
-        assert value.dtype == logits.dtype and grad.dtype == logits.dtype
-        expected_value, expected_grad = jax.value_and_grad(
-            functools.partial(naive_loss, axis=axis)
-        )(logits.astype(reference_dtype), labels)
-        tolerance = {"bfloat16": 1e-2, "float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
-        np.testing.assert_allclose(np.asarray(value, np.float64), expected_value, rtol=tolerance)
+DTYPE_SHAPES = [((6, 7), -1), ((3, 4, 5), 1)]
+DTYPE_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-3, "float32": 1e-6, "float64": 1e-13}
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["half_and_float32", "float64"])
+def test_dtypes_against_naive_composition_in_float32_or_float64(x64):
+    """Half precision is computed in f32 and rounded once; f64 stays f64 under x64. Every
+    (dtype, shape) of one x64 setting in one program, the references in another."""
+    dtypes = ["float64"] if x64 else ["bfloat16", "float16", "float32"]
+    reference_dtype = jnp.float64 if x64 else jnp.float32
+    with jax.enable_x64(x64):
+        cases = [(dtype, shape, axis) for dtype in dtypes for shape, axis in DTYPE_SHAPES]
+        inputs = [random_problem(20, shape, axis, dtype=jnp.dtype(d)) for d, shape, axis in cases]
+
+        def ours(inputs):
+            return [
+                jax.value_and_grad(functools.partial(cross_entropy, axis=axis))(z, y)
+                for (_, _, axis), (z, y) in zip(cases, inputs)
+            ]
+
+        def naive(inputs):
+            return [
+                jax.value_and_grad(functools.partial(naive_loss, axis=axis))(
+                    z.astype(reference_dtype), y
+                )
+                for (_, _, axis), (z, y) in zip(cases, inputs)
+            ]
+
+        got, want = jax.jit(ours)(inputs), jax.jit(naive)(inputs)
+    for case, (logits, _), (value, grad), (expected_value, expected_grad) in zip(
+        cases, inputs, got, want, strict=True
+    ):
+        assert value.dtype == logits.dtype and grad.dtype == logits.dtype, case
+        tolerance = DTYPE_TOLERANCE[case[0]]
         np.testing.assert_allclose(
-            np.asarray(grad, np.float64), expected_grad, rtol=tolerance, atol=tolerance * 1e-2
+            np.asarray(value, np.float64), expected_value, rtol=tolerance, err_msg=str(case)
+        )
+        np.testing.assert_allclose(
+            np.asarray(grad, np.float64),
+            expected_grad,
+            rtol=tolerance,
+            atol=tolerance * 1e-2,
+            err_msg=str(case),
         )

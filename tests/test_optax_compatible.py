@@ -1,6 +1,7 @@
 """The drop-in names against optax: same signatures, shapes, values and gradients,
 plus forward mode (jvp, jacfwd, hessian) through the derived rule."""
 
+import functools
 import inspect
 
 import jax
@@ -66,116 +67,227 @@ def test_signatures_match_optax_positionally():
         ]
 
 
-@pytest.mark.parametrize("jit", [False, True])
+def integer_value_and_gradient(fn, logits, labels, axis):
+    """The per-example losses and the gradient of their sum of squares."""
+    grad = jax.grad(lambda z: jnp.sum(fn(z, labels, axis) ** 2))(logits)
+    return fn(logits, labels, axis), grad
+
+
+def every_integer_case(fn):
+    """:func:`integer_value_and_gradient` of ``fn`` for every case of CASES, in one program."""
+    problems = [problem(shape, axis)[:2] for shape, axis in CASES]
+    return jax.jit(
+        lambda problems: [
+            integer_value_and_gradient(fn, logits, labels, axis)
+            for (logits, labels), (_, axis) in zip(problems, CASES)
+        ]
+    )(problems)
+
+
+@functools.cache
+def optax_integer_results():
+    return every_integer_case(OPTAX_INT)
+
+
+def assert_integer_case_matches_optax(case, got, expected):
+    (value, grad), (expected_value, expected_grad) = got, expected
+    assert value.shape == expected_value.shape, case
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6, atol=1e-6, err_msg=str(case))
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6, err_msg=str(case))
+
+
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_integer_labels_match_optax(shape, axis, jit):
+def test_integer_labels_match_optax_eagerly(shape, axis):
     logits, labels, _ = problem(shape, axis)
-    ours = jaxsoftmax.softmax_cross_entropy_with_integer_labels
-    if jit:
-        ours = jax.jit(ours, static_argnums=2)
-    got = ours(logits, labels, axis)
-    expected = OPTAX_INT(logits, labels, axis)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    g_ours = jax.grad(lambda z: jnp.sum(ours(z, labels, axis) ** 2))(logits)
-    g_optax = jax.grad(lambda z: jnp.sum(OPTAX_INT(z, labels, axis) ** 2))(logits)
-    np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
+    got = integer_value_and_gradient(
+        jaxsoftmax.softmax_cross_entropy_with_integer_labels, logits, labels, axis
+    )
+    expected = optax_integer_results()[CASES.index((shape, axis))]
+    assert_integer_case_matches_optax((shape, axis), got, expected)
 
 
-@pytest.mark.parametrize("shape,axis", CASES[:4])
-def test_probability_labels_match_optax_including_label_gradient(shape, axis):
-    logits, _, probs = problem(shape, axis)
-    f = jax.jit(jaxsoftmax.softmax_cross_entropy, static_argnums=2)
-    got = f(logits, probs, axis)
-    expected = OPTAX_PROB(logits, probs, axis)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
-    for argnum in (0, 1):
-        g_ours = jax.grad(lambda z, y: jnp.sum(f(z, y, axis) ** 2), argnum)(logits, probs)
-        g_optax = jax.grad(lambda z, y: jnp.sum(OPTAX_PROB(z, y, axis) ** 2), argnum)(logits, probs)
-        np.testing.assert_allclose(g_ours, g_optax, rtol=1e-5, atol=1e-6)
+def test_integer_labels_match_optax_under_jit():
+    """Every case of CASES, in one program."""
+    got = every_integer_case(jaxsoftmax.softmax_cross_entropy_with_integer_labels)
+    for case, ours, expected in zip(CASES, got, optax_integer_results(), strict=True):
+        assert_integer_case_matches_optax(case, ours, expected)
+
+
+def test_probability_labels_match_optax_including_label_gradient():
+    """The first four cases of CASES: ours in one program, optax's in another."""
+    cases = CASES[:4]
+    problems = [problem(shape, axis)[::2] for shape, axis in cases]
+
+    def every_case(fn):
+        def value_and_gradients(logits, probs, axis):
+            grads = jax.grad(lambda z, y: jnp.sum(fn(z, y, axis) ** 2), (0, 1))(logits, probs)
+            return fn(logits, probs, axis), grads
+
+        return jax.jit(
+            lambda problems: [
+                value_and_gradients(logits, probs, axis)
+                for (logits, probs), (_, axis) in zip(problems, cases)
+            ]
+        )(problems)
+
+    got, want = every_case(jaxsoftmax.softmax_cross_entropy), every_case(OPTAX_PROB)
+    for case, (value, grads), (expected, expected_grads) in zip(cases, got, want, strict=True):
+        assert value.shape == expected.shape, case
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6, err_msg=str(case))
+        for argnum in (0, 1):
+            np.testing.assert_allclose(
+                grads[argnum],
+                expected_grads[argnum],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{case} argnum {argnum}",
+            )
 
 
 def test_axis_none_reduces_everything_like_optax():
     logits, _, probs = problem((3, 4), -1)
-    got = jaxsoftmax.softmax_cross_entropy(logits, probs, None)
-    np.testing.assert_allclose(got, OPTAX_PROB(logits, probs / 3, None) * 3, rtol=1e-6)
+    got = jax.jit(lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, None))(logits, probs)
+    expected = jax.jit(lambda z, y: OPTAX_PROB(z, y / 3, None) * 3)(logits, probs)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got.shape == ()
 
 
-@pytest.mark.parametrize("kind", ["per_example", "per_logit"])
-def test_where_matches_optax_on_rows_that_are_not_fully_masked(kind):
+def where_masks(labels):
+    """The per-example and the per-logit mask of the ``where`` tests, (6, 5) logits."""
+    per_logit = np.array(sample.bernoulli(4, 0.7, (6, 5)))
+    per_logit[np.arange(6), np.asarray(labels)] = True
+    return {"per_example": np.array([True, False, True, True, False, True]), "per_logit": per_logit}
+
+
+def test_where_matches_optax_on_rows_that_are_not_fully_masked():
+    """Both kinds of mask, both kinds of target: ours in one program, optax's in another."""
     logits, labels, probs = problem((6, 5), -1, seed=3)
-    if kind == "per_example":
-        where = jnp.array([True, False, True, True, False, True])
-    else:
-        where = sample.bernoulli(4, 0.7, (6, 5))
-        where = where.at[jnp.arange(6), labels].set(True)
-    got = jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=where)
-    np.testing.assert_allclose(got, OPTAX_INT(logits, labels, where=where), rtol=1e-6, atol=1e-6)
-    got = jaxsoftmax.softmax_cross_entropy(logits, probs, where=where)
-    np.testing.assert_allclose(got, OPTAX_PROB(logits, probs, where=where), rtol=1e-6, atol=1e-6)
+    masks = where_masks(labels)
+
+    def every_case(integer, probability):
+        return jax.jit(
+            lambda z, y, p, masks: {
+                kind: (integer(z, y, where=where), probability(z, p, where=where))
+                for kind, where in masks.items()
+            }
+        )(logits, labels, probs, masks)
+
+    got = every_case(
+        jaxsoftmax.softmax_cross_entropy_with_integer_labels, jaxsoftmax.softmax_cross_entropy
+    )
+    want = every_case(OPTAX_INT, OPTAX_PROB)
+    for kind in masks:
+        for target, ours, theirs in zip(("integer", "probability"), got[kind], want[kind]):
+            np.testing.assert_allclose(
+                ours, theirs, rtol=1e-6, atol=1e-6, err_msg=f"{kind} {target}"
+            )
 
 
-@pytest.mark.parametrize("kind", ["per_example", "per_logit"])
-def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan(kind):
+def fully_masked_results(integer, probability, logits, labels, probs):
+    """For both kinds of mask: each target kind's loss and logits' gradient, and the
+    probabilities' gradient."""
+    results = {}
+    for kind in ("per_example", "per_logit"):
+        where = jnp.array([True, False, True])
+        if kind == "per_logit":
+            where = jnp.broadcast_to(where[:, None], logits.shape)
+        total = lambda f, where=where: lambda z, y: jnp.sum(f(z, y, where=where))
+        for name, fn, targets in [
+            ("integer", integer, labels),
+            ("probability", probability, probs),
+        ]:
+            results[kind, name] = (
+                fn(logits, targets, where=where),
+                jax.grad(total(fn))(logits, targets),
+            )
+        results[kind, "label_gradient"] = jax.grad(total(probability), argnums=1)(logits, probs)
+    return results
+
+
+def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan():
     """As the module docstring says: on a fully masked row both libraries give a zero loss
     and a zero logits gradient; optax's gradient with respect to probability labels is NaN
-    there, ours is zero."""
+    there, ours is zero. Per-example and per-logit masks: ours in one program, optax's in
+    another."""
     logits, labels, probs = problem((3, 4), -1, seed=5)
-    where = jnp.array([True, False, True])
-    if kind == "per_logit":
-        where = jnp.broadcast_to(where[:, None], logits.shape)
-    total = lambda f: lambda z, y: jnp.sum(f(z, y, where=where))
-    for ours, theirs, targets in [
-        (jaxsoftmax.softmax_cross_entropy_with_integer_labels, OPTAX_INT, labels),
-        (jaxsoftmax.softmax_cross_entropy, OPTAX_PROB, probs),
-    ]:
-        loss = ours(logits, targets, where=where)
-        np.testing.assert_allclose(loss, theirs(logits, targets, where=where), rtol=1e-6)
-        assert loss[1] == 0.0
-        grad = jax.grad(total(ours))(logits, targets)
-        np.testing.assert_array_equal(grad[1], np.zeros(4))
-        assert np.all(np.isfinite(grad))
-        np.testing.assert_allclose(grad, jax.grad(total(theirs))(logits, targets), atol=1e-6)
-    label_grad = jax.grad(total(jaxsoftmax.softmax_cross_entropy), argnums=1)(logits, probs)
-    np.testing.assert_array_equal(label_grad[1], np.zeros(4))
-    assert np.all(np.isfinite(label_grad))
-    optax_label_grad = jax.grad(total(OPTAX_PROB), argnums=1)(logits, probs)
-    assert np.all(np.isnan(optax_label_grad[1]))
-    np.testing.assert_allclose(label_grad[0::2], optax_label_grad[0::2], rtol=1e-5)
+    got = jax.jit(
+        functools.partial(
+            fully_masked_results,
+            jaxsoftmax.softmax_cross_entropy_with_integer_labels,
+            jaxsoftmax.softmax_cross_entropy,
+        )
+    )(logits, labels, probs)
+    want = jax.jit(functools.partial(fully_masked_results, OPTAX_INT, OPTAX_PROB))(
+        logits, labels, probs
+    )
+    for kind in ("per_example", "per_logit"):
+        for name in ("integer", "probability"):
+            case = f"{kind} {name}"
+            (loss, grad), (their_loss, their_grad) = got[kind, name], want[kind, name]
+            np.testing.assert_allclose(loss, their_loss, rtol=1e-6, err_msg=case)
+            assert loss[1] == 0.0, case
+            np.testing.assert_array_equal(grad[1], np.zeros(4), err_msg=case)
+            assert np.all(np.isfinite(grad)), case
+            np.testing.assert_allclose(grad, their_grad, atol=1e-6, err_msg=case)
+        label_grad = np.asarray(got[kind, "label_gradient"])
+        np.testing.assert_array_equal(label_grad[1], np.zeros(4), err_msg=kind)
+        assert np.all(np.isfinite(label_grad)), kind
+        optax_label_grad = np.asarray(want[kind, "label_gradient"])
+        assert np.all(np.isnan(optax_label_grad[1])), kind
+        np.testing.assert_allclose(
+            label_grad[0::2], optax_label_grad[0::2], rtol=1e-5, err_msg=kind
+        )
 
 
-@pytest.mark.parametrize("shape,axis", [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))])
-def test_forward_mode_jvp_and_jacfwd_match_optax(shape, axis):
-    logits, labels, probs = problem(shape, axis, seed=6)
-    tangent = sample.normal(7, shape)
-    ours = lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels, axis)
-    theirs = lambda z: OPTAX_INT(z, labels, axis)
-    _, t_ours = jax.jvp(ours, (logits,), (tangent,))
-    _, t_theirs = jax.jvp(theirs, (logits,), (tangent,))
-    np.testing.assert_allclose(t_ours, t_theirs, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        jax.jacfwd(ours)(logits), jax.jacrev(theirs)(logits), rtol=1e-5, atol=1e-6
+FORWARD_CASES = [((4, 5), -1), ((2, 3, 4), 1), ((2, 3, 4), (1, 2))]
+
+
+def test_forward_mode_jvp_and_jacfwd_match_optax():
+    """Every case of FORWARD_CASES: ours (jvp, jacfwd) in one program, optax's (jvp,
+    jacrev) in another."""
+    problems = [
+        (*problem(shape, axis, seed=6), sample.normal(7, shape), sample.normal(8, shape))
+        for shape, axis in FORWARD_CASES
+    ]
+
+    def every_case(integer, probability, jacobian):
+        def one_case(logits, labels, probs, tangent, t_y, axis):
+            f = lambda z: integer(z, labels, axis)
+            return (
+                jax.jvp(f, (logits,), (tangent,))[1],
+                jacobian(f)(logits),
+                jax.jvp(lambda z, y: probability(z, y, axis), (logits, probs), (tangent, t_y))[1],
+            )
+
+        return jax.jit(
+            lambda problems: [
+                one_case(*args, axis) for args, (_, axis) in zip(problems, FORWARD_CASES)
+            ]
+        )(problems)
+
+    got = every_case(
+        jaxsoftmax.softmax_cross_entropy_with_integer_labels,
+        jaxsoftmax.softmax_cross_entropy,
+        jax.jacfwd,
     )
-    ours_p = lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, axis)
-    theirs_p = lambda z, y: OPTAX_PROB(z, y, axis)
-    t_y = sample.normal(8, shape)
-    np.testing.assert_allclose(
-        jax.jvp(ours_p, (logits, probs), (tangent, t_y))[1],
-        jax.jvp(theirs_p, (logits, probs), (tangent, t_y))[1],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    want = every_case(OPTAX_INT, OPTAX_PROB, jax.jacrev)
+    for case, ours, theirs in zip(FORWARD_CASES, got, want, strict=True):
+        for what, g, w in zip(("jvp", "jacobian", "probability jvp"), ours, theirs):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{case} {what}")
 
 
 def test_hessian_matches_softmax_jacobian():
     """d2L/dz2 = diag(s) - s s^T for each row: the softmax Jacobian of the seeds."""
     logits, labels, _ = problem((3, 4), -1, seed=9)
-    hess = jax.hessian(
-        lambda z: jnp.sum(jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels))
+    hess = jax.jit(
+        jax.hessian(
+            lambda z: jnp.sum(jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels))
+        )
     )(logits)
-    s = np.asarray(jax.nn.softmax(logits), np.float64)
+    hess = np.asarray(hess)
+    z = np.asarray(logits, np.float64)
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
     for n in range(3):
         expected = np.diag(s[n]) - np.outer(s[n], s[n])
         np.testing.assert_allclose(hess[n, :, n, :], expected, rtol=1e-5, atol=1e-6)
@@ -186,31 +298,38 @@ def test_hessian_matches_softmax_jacobian():
 def test_finite_differences_both_modes():
     with jax.enable_x64(True):
         logits, labels, probs = problem((3, 5), -1, seed=10)
-        logits, probs = logits.astype(jnp.float64), probs.astype(jnp.float64)
+        logits, probs = (jax.device_put(np.asarray(a, np.float64)) for a in (logits, probs))
         check_grads(
-            lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels),
+            jax.jit(lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels)),
             (logits,),
             order=2,
             modes=["fwd", "rev"],
         )
         check_grads(
-            jaxsoftmax.softmax_cross_entropy, (logits, probs), order=2, modes=["fwd", "rev"]
+            jax.jit(jaxsoftmax.softmax_cross_entropy),
+            (logits, probs),
+            order=2,
+            modes=["fwd", "rev"],
         )
 
 
 def test_vmap_over_logits_and_labels():
     logits, labels, probs = problem((5, 3, 4), -1, seed=11)
     f = jaxsoftmax.softmax_cross_entropy_with_integer_labels
-    np.testing.assert_allclose(jax.vmap(f)(logits, labels), f(logits, labels), rtol=1e-6)
-    np.testing.assert_allclose(
-        jax.vmap(jaxsoftmax.softmax_cross_entropy)(logits, probs),
-        OPTAX_PROB(logits, probs),
-        rtol=1e-6,
-    )
-    per_example_grads = jax.vmap(jax.grad(lambda z, y: jnp.sum(f(z, y))))(logits, labels)
-    np.testing.assert_allclose(
-        per_example_grads, jax.grad(lambda z: jnp.sum(f(z, labels)))(logits), rtol=1e-6
-    )
+
+    def ours(logits, labels, probs):
+        return (
+            jax.vmap(f)(logits, labels),
+            f(logits, labels),
+            jax.vmap(jaxsoftmax.softmax_cross_entropy)(logits, probs),
+            jax.vmap(jax.grad(lambda z, y: jnp.sum(f(z, y))))(logits, labels),
+            jax.grad(lambda z: jnp.sum(f(z, labels)))(logits),
+        )
+
+    mapped, whole, mapped_probs, per_example_grads, grads = jax.jit(ours)(logits, labels, probs)
+    np.testing.assert_allclose(mapped, whole, rtol=1e-6)
+    np.testing.assert_allclose(mapped_probs, jax.jit(OPTAX_PROB)(logits, probs), rtol=1e-6)
+    np.testing.assert_allclose(per_example_grads, grads, rtol=1e-6)
 
 
 HALF_TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-3}
@@ -223,49 +342,86 @@ def weighted_sum(per_example):
     return jnp.sum(per_example * jnp.resize(weights, per_example.shape))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_integer_dropin_keeps_half_precision_against_the_float32_computation(dtype):
+def test_integer_dropin_keeps_half_precision_against_the_float32_computation():
+    """bfloat16 and float16: ours in one program, optax's float32 references in another."""
     logits, labels, _ = problem((6, 4, 9), -1, seed=12)
-    logits = logits.astype(dtype)
-    ours = jaxsoftmax.softmax_cross_entropy_with_integer_labels
-    per = jax.jit(ours)(logits, labels)
-    grad = jax.jit(jax.grad(lambda z: weighted_sum(ours(z, labels))))(logits)
-    assert per.dtype == logits.dtype and grad.dtype == logits.dtype
-    upcast = logits.astype(jnp.float32)  # the same values, computed in float32 by optax
-    tolerance = HALF_TOLERANCE[dtype]
-    np.testing.assert_allclose(
-        np.asarray(per, np.float32), OPTAX_INT(upcast, labels), rtol=tolerance
-    )
-    expected = jax.grad(lambda z: weighted_sum(OPTAX_INT(z, labels)))(upcast)
-    np.testing.assert_allclose(
-        np.asarray(grad, np.float32), expected, rtol=tolerance, atol=tolerance * 1e-2
-    )
+    half = {dtype: logits.astype(dtype) for dtype in HALF_TOLERANCE}
+
+    def per_and_grad(fn):
+        return lambda z: (fn(z, labels), jax.grad(lambda z: weighted_sum(fn(z, labels)))(z))
+
+    ours = per_and_grad(jaxsoftmax.softmax_cross_entropy_with_integer_labels)
+    got = jax.jit(lambda half: {dtype: ours(z) for dtype, z in half.items()})(half)
+    # the same values, computed in float32 by optax
+    theirs = per_and_grad(OPTAX_INT)
+    want = jax.jit(
+        lambda half: {dtype: theirs(z.astype(jnp.float32)) for dtype, z in half.items()}
+    )(half)
+    for dtype, tolerance in HALF_TOLERANCE.items():
+        (per, grad), (expected_per, expected_grad) = got[dtype], want[dtype]
+        assert per.dtype == half[dtype].dtype and grad.dtype == half[dtype].dtype, dtype
+        np.testing.assert_allclose(
+            np.asarray(per, np.float32), expected_per, rtol=tolerance, err_msg=dtype
+        )
+        np.testing.assert_allclose(
+            np.asarray(grad, np.float32),
+            expected_grad,
+            rtol=tolerance,
+            atol=tolerance * 1e-2,
+            err_msg=dtype,
+        )
 
 
-@pytest.mark.parametrize("labels_dtype", ["same", "float32"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_probability_dropin_keeps_each_arguments_dtype_against_float32(dtype, labels_dtype):
+def test_probability_dropin_keeps_each_arguments_dtype_against_float32():
     """The loss and the logits' gradient in the logits' dtype, the labels' gradient in the
-    labels' dtype, each within one rounding of the float32 computation."""
+    labels' dtype, each within one rounding of the float32 computation. Half-precision
+    logits with labels of the same dtype or float32: ours in one program, optax's float32
+    references in another."""
     logits, _, probs = problem((6, 4, 9), -1, seed=13)
-    logits = logits.astype(dtype)
-    probs = probs.astype(dtype if labels_dtype == "same" else labels_dtype)
-    ours = jaxsoftmax.softmax_cross_entropy
-    per = jax.jit(ours)(logits, probs)
-    d_logits, d_labels = jax.jit(jax.grad(lambda z, y: weighted_sum(ours(z, y)), (0, 1)))(
-        logits, probs
-    )
-    assert per.dtype == logits.dtype and d_logits.dtype == logits.dtype
-    assert d_labels.dtype == probs.dtype
-    z32, y32 = logits.astype(jnp.float32), probs.astype(jnp.float32)
-    tolerance = HALF_TOLERANCE[dtype]
-    np.testing.assert_allclose(np.asarray(per, np.float32), OPTAX_PROB(z32, y32), rtol=tolerance)
-    expected = jax.grad(lambda z, y: weighted_sum(OPTAX_PROB(z, y)), (0, 1))(z32, y32)
-    # Float32 labels get a float32 gradient: computed from the same logits in float32, it
-    # matches optax's to float32 accuracy, with no half-precision rounding at all.
-    labels_tolerance = 1e-5 if probs.dtype == jnp.float32 else tolerance
-    for got, want, rtol in [
-        (d_logits, expected[0], tolerance),
-        (d_labels, expected[1], labels_tolerance),
-    ]:
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=rtol, atol=rtol * 1e-2)
+    cases = [(dtype, labels) for dtype in HALF_TOLERANCE for labels in ("same", "float32")]
+    inputs = {
+        (dtype, labels): (
+            logits.astype(dtype),
+            probs.astype(dtype if labels == "same" else labels),
+        )
+        for dtype, labels in cases
+    }
+
+    def per_and_grads(fn):
+        return lambda z, y: (
+            fn(z, y),
+            jax.grad(lambda z, y: weighted_sum(fn(z, y)), (0, 1))(z, y),
+        )
+
+    ours = per_and_grads(jaxsoftmax.softmax_cross_entropy)
+    got = jax.jit(lambda inputs: {case: ours(*args) for case, args in inputs.items()})(inputs)
+    theirs = per_and_grads(OPTAX_PROB)
+    want = jax.jit(
+        lambda inputs: {
+            case: theirs(z.astype(jnp.float32), y.astype(jnp.float32))
+            for case, (z, y) in inputs.items()
+        }
+    )(inputs)
+    for case in cases:
+        (z, y), (per, (d_logits, d_labels)) = inputs[case], got[case]
+        expected_per, expected = want[case]
+        assert per.dtype == z.dtype and d_logits.dtype == z.dtype, case
+        assert d_labels.dtype == y.dtype, case
+        tolerance = HALF_TOLERANCE[case[0]]
+        np.testing.assert_allclose(
+            np.asarray(per, np.float32), expected_per, rtol=tolerance, err_msg=str(case)
+        )
+        # Float32 labels get a float32 gradient: computed from the same logits in float32,
+        # it matches optax's to float32 accuracy, with no half-precision rounding at all.
+        labels_tolerance = 1e-5 if y.dtype == jnp.float32 else tolerance
+        for what, got_grad, want_grad, rtol in [
+            ("logits", d_logits, expected[0], tolerance),
+            ("labels", d_labels, expected[1], labels_tolerance),
+        ]:
+            np.testing.assert_allclose(
+                np.asarray(got_grad, np.float32),
+                want_grad,
+                rtol=rtol,
+                atol=rtol * 1e-2,
+                err_msg=f"{case} {what}",
+            )

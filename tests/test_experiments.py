@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,24 +59,132 @@ def run_script(name, *arguments, expect_success=True, environment=None):
     return completed
 
 
-def test_train_writes_its_outputs_and_resumes(tmp_path):
-    out = tmp_path / "run"
-    first = run_script(
+# The train.py runs that several tests read share one run each (module-scoped fixtures); their
+# tests run on one test worker (--dist loadgroup), so each such run happens once in the suite.
+SHARED_RUNS = pytest.mark.xdist_group("experiments_train_runs")
+# Likewise the tests that read the one child Python of the usage fixture.
+USAGE = pytest.mark.xdist_group("experiments_usage")
+
+FIRST_RUN = ["--num-examples", "30", "--hidden", "16,8", "--eval-every", "20"]
+FIRST_RUN += ["--checkpoint-every", "20"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """``(completed process, folder)``: train.py with its plots into ``folder/run``, its
+    persistent compilation cache on in ``folder/cache``, a folder of its own."""
+    folder = tmp_path_factory.mktemp("first-run")
+    completed = run_script(
         "train.py",
-        "--num-examples",
-        "30",
-        "--hidden",
-        "16,8",
-        "--steps",
-        "40",
-        "--eval-every",
-        "20",
-        "--checkpoint-every",
-        "20",
+        *FIRST_RUN,
+        *("--steps", "40"),
+        "--out",
+        str(folder / "run"),
+        environment={"XDG_CACHE_HOME": str(folder / "cache")},
+    )
+    return completed, folder
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run, tmp_path_factory):
+    """The first run's outputs (a copy) resumed by a second process to 60 steps, while readers
+    hold the first run's files open, with temporaries of a killed run left in the folder. It
+    runs with JAXSOFTMAX_NO_COMPILATION_CACHE=1 and a cache folder of its own, which must stay
+    empty (test_the_compilation_cache_can_be_turned_off)."""
+    folder = tmp_path_factory.mktemp("resumed-run")
+    out = folder / "run"
+    shutil.copytree(first_run[1] / "run", out)
+    readers = {name: open(out / name, newline="") for name in ("metrics.json", "history.csv")}
+    first_contents = {name: (out / name).read_bytes().decode() for name in readers}
+    for name in (".metrics-dead.tmp", ".history-dead.tmp", ".checkpoint-dead.tmp"):
+        (out / name).write_text("partial")
+    completed = run_script(
+        "train.py",
+        *FIRST_RUN,
+        *("--steps", "60"),
         "--out",
         str(out),
+        "--resume",
+        "--no-plots",
+        "--no-progress",
+        environment={
+            "XDG_CACHE_HOME": str(folder / "cache"),
+            "JAXSOFTMAX_NO_COMPILATION_CACHE": "1",
+        },
     )
-    assert "device: cpu" in first.stdout or "device:" in first.stdout
+    seen = {}
+    for name, reader in readers.items():
+        with reader:
+            seen[name] = reader.read()
+    return dict(completed=completed, out=out, folder=folder, first=first_contents, seen=seen)
+
+
+# Command lines that end in argparse (help, usage errors) before any work: one child Python runs
+# them all in turn, each script run as `python script.py flags` runs it (as __main__, with that
+# sys.argv, its folder first on sys.path, a fresh copy of os.environ), its exit status, stdout
+# and stderr recorded apart. A process each spent 3 s apiece importing JAX for the same answer.
+_USAGE_RUNNER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+
+calls, results_file, results = json.loads(sys.argv[1]), sys.argv[2], []
+for script, flags in calls:
+    environ, path = dict(os.environ), list(sys.path)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = [script, *flags]
+    sys.path.insert(0, os.path.dirname(script))
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+            code = code or 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.path[:] = path
+    results.append([code, stdout.getvalue(), stderr.getvalue()])
+with open(results_file, "w") as file:
+    json.dump(results, file)
+"""
+
+
+def run_usage_lines(command_lines, results_file):
+    """``[CompletedProcess]`` for ``command_lines`` of ``(script, *flags)``, all run by one
+    child Python (``_USAGE_RUNNER``, which writes them to ``results_file``) in the environment
+    run_script gives."""
+    calls = [(str(ROOT / "experiments" / script), list(flags)) for script, *flags in command_lines]
+    completed = subprocess.run(
+        [sys.executable, "-c", _USAGE_RUNNER, json.dumps(calls), str(results_file)],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "XDG_CACHE_HOME": CACHE_HOME,
+            "JAXSOFTMAX_NO_COMPILATION_CACHE": "0",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        },
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    results = json.loads(pathlib.Path(results_file).read_text())
+    return [
+        subprocess.CompletedProcess(line, code, stdout, stderr)
+        for line, (code, stdout, stderr) in zip(command_lines, results, strict=True)
+    ]
+
+
+@SHARED_RUNS
+def test_train_writes_its_outputs_and_resumes(first_run, resumed_run):
+    completed, folder = first_run
+    out = folder / "run"
+    assert "device: cpu" in completed.stdout or "device:" in completed.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for key in (
         "train_accuracy",
@@ -98,36 +207,11 @@ def test_train_writes_its_outputs_and_resumes(tmp_path):
 
     # a reader of the first run's files keeps reading them whole while the second run writes
     # (the new files are renamed into place); temporaries of a killed run are cleared
-    readers = {name: open(out / name, newline="") for name in ("metrics.json", "history.csv")}
-    first_contents = {name: (out / name).read_bytes().decode() for name in readers}
-    for name in (".metrics-dead.tmp", ".history-dead.tmp", ".checkpoint-dead.tmp"):
-        (out / name).write_text("partial")
-    run_script(
-        "train.py",
-        "--num-examples",
-        "30",
-        "--hidden",
-        "16,8",
-        "--steps",
-        "60",
-        "--eval-every",
-        "20",
-        "--checkpoint-every",
-        "20",
-        "--out",
-        str(out),
-        "--resume",
-        "--no-plots",
-        "--no-progress",
-    )
-    seen = {}
-    for name, reader in readers.items():
-        with reader:
-            seen[name] = reader.read()
-    assert seen == first_contents
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert resumed_run["seen"] == resumed_run["first"]
+    resumed = resumed_run["out"]
+    metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["steps"] == 60 and "resumed from step 40" in metrics["train_seconds_note"]
-    assert not list(out.glob(".*.tmp"))
+    assert not list(resumed.glob(".*.tmp"))
 
 
 def test_metrics_versions_name_the_package_version_when_not_installed(monkeypatch):
@@ -146,39 +230,38 @@ def test_metrics_versions_name_the_package_version_when_not_installed(monkeypatc
     assert jaxsoftmax._version() == f"{version}+source"
 
 
-def test_train_linear_classifier_on_four_features_draws_no_boundary(tmp_path):
+@pytest.fixture(scope="module")
+def iris_run(tmp_path_factory):
+    """train.py's linear classifier on iris into ``folder/run``, with --no-compilation-cache
+    and a cache folder of its own, ``folder/cache``, which must stay empty
+    (test_the_compilation_cache_can_be_turned_off)."""
+    folder = tmp_path_factory.mktemp("iris-run")
     run_script(
         "train.py",
-        "--dataset",
-        "iris",
-        "--standardize",
-        "--hidden",
-        "0",
-        "--steps",
-        "50",
-        "--eval-every",
-        "50",
-        "--checkpoint-every",
-        "50",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
+        *("--dataset", "iris", "--standardize", "--hidden", "0", "--steps", "50"),
+        *("--eval-every", "50", "--checkpoint-every", "50", "--no-progress"),
+        "--no-compilation-cache",
+        *("--out", str(folder / "run")),
+        environment={"XDG_CACHE_HOME": str(folder / "cache")},
     )
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    return folder
+
+
+@SHARED_RUNS
+def test_train_linear_classifier_on_four_features_draws_no_boundary(iris_run):
+    out = iris_run / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["hidden"] == [] and metrics["dataset"]["features"] == 4
-    assert (tmp_path / "loss.png").exists() and not (tmp_path / "decision_boundary.png").exists()
+    assert (out / "loss.png").exists() and not (out / "decision_boundary.png").exists()
 
 
-def test_train_rejects_bad_flags_naming_the_choices(tmp_path):
-    unknown = run_script(
-        "train.py", "--dataset", "mnist", "--out", str(tmp_path), expect_success=False
-    )
+@USAGE
+def test_train_rejects_bad_flags_naming_the_choices(usage):
+    unknown = usage("train.py", "--dataset", "mnist")
     assert unknown.returncode == 2
     assert "invalid choice: 'mnist'" in unknown.stderr
     assert "spiral" in unknown.stderr and "digits" in unknown.stderr
-    negative = run_script(
-        "train.py", "--hidden", "10,-3", "--out", str(tmp_path), expect_success=False
-    )
+    negative = usage("train.py", "--hidden", "10,-3")
     assert negative.returncode == 2 and "--hidden '10,-3'" in negative.stderr
 
 
@@ -310,7 +393,11 @@ def test_profile_fusions_reports_each_compiled_kernel_of_both_losses():
     assert set(report) == {"jaxsoftmax", "optax"}
     for loss, rows in report.items():
         fn = jax.jit(jax.value_and_grad(profile_fusions.LOSSES[loss]))
-        logits, labels = jnp.zeros((64, 50)), jnp.zeros((64,), jnp.int32)
+        # shapes only: the program is lowered and compiled, never run
+        logits, labels = (
+            jax.ShapeDtypeStruct((64, 50), jnp.float32),
+            jax.ShapeDtypeStruct((64,), jnp.int32),
+        )
         compiled = profile_fusions.entry_instructions(fn.lower(logits, labels).compile().as_text())
         assert rows and {row["name"] for row in rows} <= set(compiled)
         assert all(row["seconds"] > 0 for row in rows)
@@ -449,11 +536,41 @@ SCRIPTS = [
 COMPILING_SCRIPTS = ["train.py", "gradient_check.py", "per_example_grads.py", "data_parallel.py"]
 
 
+OTHER_BAD_NUMBERS = [
+    ("gradient_check.py", ["--eps", "0"], "argument --eps:"),
+    ("gradient_check.py", ["--json", "/no/such/folder/t.json"], "argument --json:"),
+    ("per_example_grads.py", ["--repeats", "0"], "argument --repeats:"),
+    ("data_parallel.py", ["--steps", "10,-1"], "argument --steps:"),
+    ("profile_fusions.py", ["--shape", "0", "10"], "argument --shape:"),
+    ("benchmark_sharded.py", ["--rows", "-1"], "argument --rows:"),
+]
+
+
+@pytest.fixture(scope="module")
+def usage(tmp_path_factory):
+    """``usage(script, *flags)``: the CompletedProcess of ``python script flags`` for the
+    command lines of the tests marked USAGE, all run by one child Python (run_usage_lines);
+    train.py's get ``--out`` a fresh folder, so a flag wrongly accepted trains nowhere else."""
+    folder = tmp_path_factory.mktemp("usage")
+    lines = [(script, "--help") for script in [*SCRIPTS, "benchmark.py"]]
+    lines += [(script, *flags) for script, flags, _ in OTHER_BAD_NUMBERS]
+    lines += [("benchmark.py", "--repeats", "0")]
+    lines += [("train.py", "--dataset", "mnist"), ("train.py", "--hidden", "10,-3")]
+    out = ("--out", str(folder / "out"))
+    ran = [
+        (*line, *out) if line[0] == "train.py" and line[1] != "--help" else line for line in lines
+    ]
+    results = dict(zip(lines, run_usage_lines(ran, folder / "results.json"), strict=True))
+    return lambda *line: results[line]
+
+
+@USAGE
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_flag_of_every_script_shows_its_default_in_help(script):
-    completed = run_script(script, "--help")
-    usage, _, _ = completed.stdout.partition("\n\n")
-    flags = set(re.findall(r"\[(--[\w-]+)", usage)) - {"--help"}
+def test_every_flag_of_every_script_shows_its_default_in_help(script, usage):
+    completed = usage(script, "--help")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    usage_text, _, _ = completed.stdout.partition("\n\n")
+    flags = set(re.findall(r"\[(--[\w-]+)", usage_text)) - {"--help"}
     assert flags and completed.stdout.count("(default:") == len(flags), completed.stdout
     # every flag has a description, not just the default: no option line ends at its default
     assert not re.search(r"^\s+--[\w-]+(?: [A-Z_ ]+)?\s+\(default:", completed.stdout, re.M)
@@ -462,19 +579,10 @@ def test_every_flag_of_every_script_shows_its_default_in_help(script):
         assert "--no-compilation-cache" in completed.stdout, completed.stdout
 
 
-@pytest.mark.parametrize(
-    "script, flags, named",
-    [
-        ("gradient_check.py", ["--eps", "0"], "argument --eps:"),
-        ("gradient_check.py", ["--json", "/no/such/folder/t.json"], "argument --json:"),
-        ("per_example_grads.py", ["--repeats", "0"], "argument --repeats:"),
-        ("data_parallel.py", ["--steps", "10,-1"], "argument --steps:"),
-        ("profile_fusions.py", ["--shape", "0", "10"], "argument --shape:"),
-        ("benchmark_sharded.py", ["--rows", "-1"], "argument --rows:"),
-    ],
-)
-def test_other_scripts_reject_bad_numbers_as_usage_errors(script, flags, named):
-    completed = run_script(script, *flags, expect_success=False)
+@USAGE
+@pytest.mark.parametrize("script, flags, named", OTHER_BAD_NUMBERS)
+def test_other_scripts_reject_bad_numbers_as_usage_errors(script, flags, named, usage):
+    completed = usage(script, *flags)
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert "Traceback" not in completed.stderr and named in completed.stderr
 
@@ -547,27 +655,33 @@ def cache_entries(cache_home):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+@SHARED_RUNS
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(first_run):
     """The first run of train.py fills the cache in $XDG_CACHE_HOME; a second run, into
     another --out, compiles nothing new: every program comes from the cache."""
-    small = ("--num-examples", "30", "--hidden", "8", "--steps", "20")
-    home = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    run_script("train.py", *small, "--out", str(tmp_path / "one"), environment=home)
-    first = cache_entries(tmp_path / "cache")
+    _, folder = first_run
+    first = cache_entries(folder / "cache")
     assert first, "the first run wrote no compiled program"
-    run_script("train.py", *small, "--out", str(tmp_path / "two"), environment=home)
-    assert cache_entries(tmp_path / "cache") == first
+    run_script(
+        "train.py",
+        *FIRST_RUN,
+        *("--steps", "40"),
+        *("--out", str(folder / "two")),
+        environment={"XDG_CACHE_HOME": str(folder / "cache")},
+    )
+    assert cache_entries(folder / "cache") == first
 
 
+@SHARED_RUNS
 @pytest.mark.parametrize("how", ["flag", "variable"])
-def test_the_compilation_cache_can_be_turned_off(tmp_path, how):
-    small = ("--num-examples", "30", "--hidden", "8", "--steps", "20")
-    environment = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    flags = ["--no-compilation-cache"] if how == "flag" else []
-    if how == "variable":
-        environment["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
-    run_script("train.py", *small, *flags, "--out", str(tmp_path / "run"), environment=environment)
-    assert cache_entries(tmp_path / "cache") == []
+def test_the_compilation_cache_can_be_turned_off(how, request):
+    """With the flag (the iris run) or the variable (the resumed run), a run that compiles
+    writes nothing into the cache folder it was given."""
+    if how == "flag":
+        folder = request.getfixturevalue("iris_run")
+    else:
+        folder = request.getfixturevalue("resumed_run")["folder"]
+    assert cache_entries(folder / "cache") == [], how
 
 
 def test_the_suite_never_turns_on_the_users_compilation_cache(tmp_path, monkeypatch):
@@ -590,9 +704,12 @@ def test_the_suite_never_turns_on_the_users_compilation_cache(tmp_path, monkeypa
     assert child.stdout.strip() == "1"
 
 
-def test_benchmark_flags_show_defaults_and_refuse_bad_repeats():
-    help_text = run_script("benchmark.py", "--help").stdout
+@USAGE
+def test_benchmark_flags_show_defaults_and_refuse_bad_repeats(usage):
+    shown = usage("benchmark.py", "--help")
+    help_text = shown.stdout
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     assert help_text.count("(default:") >= 5, help_text
-    refused = run_script("benchmark.py", "--repeats", "0", expect_success=False)
+    refused = usage("benchmark.py", "--repeats", "0")
     assert refused.returncode == 2
     assert "--repeats" in refused.stderr and "Traceback" not in refused.stderr

@@ -1,5 +1,6 @@
 """linear_cross_entropy against the naive composition (logits, then the core loss)."""
 
+import functools
 import math
 import re
 
@@ -45,13 +46,13 @@ def _inputs(dtype=jnp.float32, batch=(N,), d=D, v=V, seed=0):
     hidden = sample.normal(k[0], batch + (d,), dtype)
     classifier = sample.normal(k[1], (v, d), dtype, scale=3 / math.sqrt(d))
     bias = sample.normal(k[2], (v,), dtype)
-    labels = sample.integers(k[3], batch, 0, v)
-    labels = jnp.where(sample.bernoulli(k[4], 0.15, batch), -100, labels)
+    labels = np.asarray(sample.integers(k[3], batch, 0, v))
+    labels = np.where(np.asarray(sample.bernoulli(k[4], 0.15, batch)), -100, labels)
     extras = {
         "weights": sample.uniform(k[5], (v,), low=0.5, high=2.0),
         "where": sample.bernoulli(k[6], 0.8, batch),
     }
-    return hidden, classifier, bias, labels, extras
+    return hidden, classifier, bias, jnp.asarray(labels), extras
 
 
 def _resolve(options, extras, labels):
@@ -60,7 +61,7 @@ def _resolve(options, extras, labels):
         for name, value in options.items()
     }
     if "ignore_index" not in kw:  # -100 is only a label with ignore_index set
-        labels = jnp.where(labels < 0, 0, labels)
+        labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels))
     return kw, labels
 
 
@@ -81,147 +82,262 @@ def _value_and_grads(loss, hidden, classifier, bias):
     return (out,) + grads
 
 
+def _assert_cases_close(got, want, **tolerances):
+    """Each case of ``got`` (a dict: case -> arrays) against ``want`` (same keys, or a function
+    of the key), compared on its own; the failure lists every case that differs, by name."""
+    failures = []
+    for case, arrays in got.items():
+        expected = want(case) if callable(want) else want[case]
+        for g, w, what in zip(arrays, expected, OUTPUTS):
+            try:
+                np.testing.assert_allclose(g, w, **tolerances, err_msg=f"{case} {what}")
+            except AssertionError as error:
+                failures.append(str(error))
+    assert not failures, "\n".join(failures)
+
+
+OUTPUTS = ["loss", "d_hidden", "d_classifier", "d_bias"]
 METHODS = ["recompute", "forward"]
+# Option sets compared with the naive composition beside OPTIONS' (by the chunk sizes' test).
+REFERENCE_OPTIONS = {**OPTIONS, "smoothing_and_z_loss": dict(label_smoothing=0.1, z_loss=1e-3)}
 
 
-@pytest.mark.parametrize(
-    "name, jit, method",
-    [
-        (name, True, method)
-        for method in METHODS
-        for name in sorted(OPTIONS)
-        if not (method == "forward" and name == "none")  # scalar reductions only
-    ]
-    + [("everything", False, method) for method in METHODS],
-)
-def test_equals_naive_composition_float32(name, jit, method):
+@functools.cache
+def _naive_references(names, dtype=jnp.float32, v=V):
+    """``_value_and_grads`` of the naive composition for each option set of REFERENCE_OPTIONS
+    in ``names``, on ``_inputs(dtype, v=v)``: one jitted program for all of them."""
+    hidden, classifier, bias, labels, extras = _inputs(dtype, v=v)
+
+    def every(h, w, b):
+        results = {}
+        for name in names:
+            kw, y = _resolve(REFERENCE_OPTIONS[name], extras, labels)
+            results[name] = _value_and_grads(lambda h, w, b: _naive(h, w, b, y, **kw), h, w, b)
+        return results
+
+    return jax.jit(every)(hidden, classifier, bias)
+
+
+def _fused(name, extras, labels, **chunks):
+    kw, labels = _resolve(REFERENCE_OPTIONS[name], extras, labels)
+    return lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **chunks)
+
+
+FLOAT32_NAMES = tuple(sorted(OPTIONS))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_naive_composition_float32(method):
+    """Every option set of OPTIONS under jit, all in one program per method ("forward"
+    computes scalar reductions only), each compared on its own with the naive composition."""
     hidden, classifier, bias, labels, extras = _inputs()
-    kw, labels = _resolve(OPTIONS[name], extras, labels)
-    fused = lambda h, w, b: linear_cross_entropy(
-        h, w, labels, bias=b, **kw, **CHUNKS, method=method
-    )
-    naive = lambda h, w, b: _naive(h, w, b, labels, **kw)
-    run = jax.jit(_value_and_grads, static_argnums=0) if jit else _value_and_grads
-    got = run(fused, hidden, classifier, bias)
-    want = _value_and_grads(naive, hidden, classifier, bias)
-    for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6, err_msg=what)
+    names = [n for n in FLOAT32_NAMES if not (method == "forward" and n == "none")]
+
+    def every(h, w, b):
+        return {
+            name: _value_and_grads(_fused(name, extras, labels, **CHUNKS, method=method), h, w, b)
+            for name in names
+        }
+
+    got = jax.jit(every)(hidden, classifier, bias)
+    _assert_cases_close(got, _naive_references(FLOAT32_NAMES), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_naive_composition_float32_eager(method):
+    """Every option at once, called without jit."""
+    hidden, classifier, bias, labels, extras = _inputs()
+    fused = _fused("everything", extras, labels, **CHUNKS, method=method)
+    got = {"everything": _value_and_grads(fused, hidden, classifier, bias)}
+    _assert_cases_close(got, _naive_references(FLOAT32_NAMES), rtol=2e-5, atol=2e-6)
 
 
 # V = 23 in chunks of 5 ends with a ragged chunk (gradients added into a [V, d] buffer);
 # V = 24 in chunks of 6 is tiled exactly (the chunks' gradients stacked by the scan).
-@pytest.mark.parametrize("v, vocab_chunk", [(V, 5), (24, 6)])
-@pytest.mark.parametrize("name", ["plain", "everything"])
+BFLOAT16_TILINGS = [(V, 5), (24, 6)]
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_equals_naive_composition_bfloat16(name, v, vocab_chunk, method):
-    hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16, v=v)
-    kw, labels = _resolve(OPTIONS[name], extras, labels)
-    chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk, method=method)
-    got = _value_and_grads(
-        lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, **kw, **chunks),
-        hidden,
-        classifier,
-        bias,
-    )
+def test_equals_naive_composition_bfloat16(method):
+    """Both tilings of BFLOAT16_TILINGS with "plain" and "everything": one program per
+    method for the four cases, each compared on its own."""
+    got = {}
+    for v, vocab_chunk in BFLOAT16_TILINGS:
+        hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16, v=v)
+        chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk, method=method)
+
+        def both(h, w, b):
+            return {
+                (name, v, vocab_chunk): _value_and_grads(
+                    _fused(name, extras, labels, **chunks), h, w, b
+                )
+                for name in ("plain", "everything")
+            }
+
+        got.update(jax.jit(both)(hidden, classifier, bias))
+    assert all(g.dtype == jnp.bfloat16 for arrays in got.values() for g in arrays)
     # The reference: the naive composition on the same bf16 numbers, in float32.
-    want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw), hidden, classifier, bias)
-    assert [g.dtype for g in got] == [jnp.bfloat16] * 4
-    for g, w, what in zip(got, want, ["loss", "d_hidden", "d_classifier", "d_bias"]):
-        scale = float(jnp.max(jnp.abs(w)))
-        np.testing.assert_allclose(
-            g.astype(np.float32), w, rtol=2e-2, atol=1e-2 * scale, err_msg=what
-        )
+    failures = []
+    for (name, v, vocab_chunk), arrays in got.items():
+        want = _naive_references(("plain", "everything"), jnp.bfloat16, v)[name]
+        for g, w, what in zip(arrays, want, OUTPUTS):
+            scale = float(np.max(np.abs(w)))
+            try:
+                np.testing.assert_allclose(
+                    np.asarray(g).astype(np.float32),
+                    w,
+                    rtol=2e-2,
+                    atol=1e-2 * scale,
+                    err_msg=f"{name} V={v} vocab_chunk={vocab_chunk} {what}",
+                )
+            except AssertionError as error:
+                failures.append(str(error))
+    assert not failures, "\n".join(failures)
 
 
 def test_batch_axes_and_default_chunks():
     hidden, classifier, bias, labels, extras = _inputs(batch=(3, 13))
-    labels = jnp.where(labels < 0, 0, labels)
-    got = jax.jit(_value_and_grads, static_argnums=0)(
-        lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, reduction="none"),
-        hidden,
-        classifier,
-        bias,
-    )
-    want = _value_and_grads(
-        lambda h, w, b: _naive(h, w, b, labels, reduction="none"), hidden, classifier, bias
-    )
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+    labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels))
+
+    def both(h, w, b):
+        return {
+            "fused": _value_and_grads(
+                lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, reduction="none"),
+                h,
+                w,
+                b,
+            ),
+            "naive": _value_and_grads(
+                lambda h, w, b: _naive(h, w, b, labels, reduction="none"), h, w, b
+            ),
+        }
+
+    got = jax.jit(both)(hidden, classifier, bias)
+    _assert_cases_close({"fused": got["fused"]}, {"fused": got["naive"]}, rtol=2e-5, atol=2e-6)
+
+
+CHUNK_SIZES = [(1, 1), (37, 23), (64, 64), (36, 22)]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("chunks", [(1, 1), (37, 23), (64, 64), (36, 22)])
-def test_chunk_sizes_do_not_change_the_result(chunks, method):
-    hidden, classifier, bias, labels, _ = _inputs()
-    labels = jnp.where(labels < 0, 0, labels)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3)
-    got = _value_and_grads(
-        lambda h, w, b: linear_cross_entropy(
-            h, w, labels, bias=b, token_chunk=chunks[0], vocab_chunk=chunks[1], method=method, **kw
-        ),
-        hidden,
-        classifier,
-        bias,
-    )
-    want = _value_and_grads(lambda h, w, b: _naive(h, w, b, labels, **kw), hidden, classifier, bias)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+def test_chunk_sizes_do_not_change_the_result(method):
+    """Every (token_chunk, vocab_chunk) of CHUNK_SIZES: one program per method."""
+    hidden, classifier, bias, labels, extras = _inputs()
+
+    def every(h, w, b):
+        return {
+            chunks: _value_and_grads(
+                _fused(
+                    "smoothing_and_z_loss",
+                    extras,
+                    labels,
+                    token_chunk=chunks[0],
+                    vocab_chunk=chunks[1],
+                    method=method,
+                ),
+                h,
+                w,
+                b,
+            )
+            for chunks in CHUNK_SIZES
+        }
+
+    got = jax.jit(every)(hidden, classifier, bias)
+    want = _naive_references(("smoothing_and_z_loss",))["smoothing_and_z_loss"]
+    _assert_cases_close(got, lambda case: want, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_dense_kernel_layout(method):
-    hidden, classifier, bias, labels, _ = _inputs()
-    labels = jnp.where(labels < 0, 0, labels)
+def test_dense_kernel_layout():
+    """``classifier_layout="dv"`` with both methods, one program."""
+    hidden, classifier, _, labels, _ = _inputs()
+    labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels))
     kernel = classifier.T
-    loss = lambda h, k: linear_cross_entropy(
-        h, k, labels, classifier_layout="dv", method=method, **CHUNKS
-    )
-    value, (d_hidden, d_kernel) = jax.value_and_grad(loss, (0, 1))(hidden, kernel)
-    naive = lambda h, k: cross_entropy(h @ k, labels)
-    value_n, (d_hidden_n, d_kernel_n) = jax.value_and_grad(naive, (0, 1))(hidden, kernel)
-    assert d_kernel.shape == kernel.shape
-    np.testing.assert_allclose(value, value_n, rtol=2e-6)
-    np.testing.assert_allclose(d_hidden, d_hidden_n, rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(d_kernel, d_kernel_n, rtol=2e-5, atol=2e-6)
+
+    def every(h, k):
+        results = {
+            method: jax.value_and_grad(
+                lambda h, k: linear_cross_entropy(
+                    h, k, labels, classifier_layout="dv", method=method, **CHUNKS
+                ),
+                (0, 1),
+            )(h, k)
+            for method in METHODS
+        }
+        results["naive"] = jax.value_and_grad(lambda h, k: cross_entropy(h @ k, labels), (0, 1))(
+            h, k
+        )
+        return results
+
+    got = jax.jit(every)(hidden, kernel)
+    value_n, (d_hidden_n, d_kernel_n) = got["naive"]
+    for method in METHODS:
+        value, (d_hidden, d_kernel) = got[method]
+        assert d_kernel.shape == kernel.shape, method
+        np.testing.assert_allclose(value, value_n, rtol=2e-6, err_msg=method)
+        np.testing.assert_allclose(d_hidden, d_hidden_n, rtol=2e-5, atol=2e-6, err_msg=method)
+        np.testing.assert_allclose(d_kernel, d_kernel_n, rtol=2e-5, atol=2e-6, err_msg=method)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_without_bias_and_with_bfloat16_accumulation(method):
+def test_without_bias_and_with_bfloat16_accumulation():
+    """Both methods, float32 and bf16 accumulation, in one program."""
     hidden, classifier, _, labels, _ = _inputs(jnp.bfloat16)
-    labels = jnp.where(labels < 0, 0, labels)
-    loss = lambda h, w, dt: linear_cross_entropy(
-        h, w, labels, accumulation_dtype=dt, method=method, **CHUNKS
-    )
-    g32 = jax.grad(loss, 1)(hidden, classifier, jnp.float32)
-    g16 = jax.grad(loss, 1)(hidden, classifier, jnp.bfloat16)
-    assert g32.dtype == g16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(g16.astype(np.float32), g32.astype(np.float32), atol=2e-2)
+    labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels))
+
+    def every(h, w):
+        return {
+            (method, jnp.dtype(dt).name): jax.grad(
+                lambda h, w: linear_cross_entropy(
+                    h, w, labels, accumulation_dtype=dt, method=method, **CHUNKS
+                ),
+                1,
+            )(h, w)
+            for method in METHODS
+            for dt in (jnp.float32, jnp.bfloat16)
+        }
+
+    got = jax.jit(every)(hidden, classifier)
+    for method in METHODS:
+        g32, g16 = got[method, "float32"], got[method, "bfloat16"]
+        assert g32.dtype == g16.dtype == jnp.bfloat16, method
+        np.testing.assert_allclose(
+            np.asarray(g16).astype(np.float32),
+            np.asarray(g32).astype(np.float32),
+            atol=2e-2,
+            err_msg=method,
+        )
 
 
 def test_class_weights_get_a_zero_gradient_and_bad_labels_give_nan():
     hidden, classifier, _, labels, extras = _inputs()
-    labels = jnp.where(labels < 0, 0, labels).at[3].set(V)
+    labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels)).at[3].set(V)
     loss = lambda h, cw: linear_cross_entropy(
         h, classifier, labels, class_weights=cw, reduction="none", **CHUNKS
     )
-    out = loss(hidden, extras["weights"])
-    assert np.isnan(out[3]) and np.all(np.isfinite(np.delete(np.asarray(out), 3)))
-    d_hidden, d_weights = jax.grad(lambda h, cw: jnp.sum(loss(h, cw)[:3]), (0, 1))(
+    grad = jax.grad(lambda h, cw: jnp.sum(loss(h, cw)[:3]), (0, 1))
+    out, (d_hidden, d_weights) = jax.jit(lambda h, cw: (loss(h, cw), grad(h, cw)))(
         hidden, extras["weights"]
     )
+    assert np.isnan(out[3]) and np.all(np.isfinite(np.delete(np.asarray(out), 3)))
     assert np.all(d_weights == 0) and np.all(np.isfinite(d_hidden[:3]))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_example_ignored_gives_zero(method):
+def test_every_example_ignored_gives_zero():
+    """Both methods, one program."""
     hidden, classifier, _, _, _ = _inputs()
     labels = jnp.full((N,), -100)
-    value, grad = jax.value_and_grad(
-        lambda h: linear_cross_entropy(
-            h, classifier, labels, ignore_index=-100, method=method, **CHUNKS
-        )
-    )(hidden)
-    assert float(value) == 0.0 and np.all(grad == 0)
+
+    def every(h):
+        return {
+            method: jax.value_and_grad(
+                lambda h: linear_cross_entropy(
+                    h, classifier, labels, ignore_index=-100, method=method, **CHUNKS
+                )
+            )(h)
+            for method in METHODS
+        }
+
+    for method, (value, grad) in jax.jit(every)(hidden).items():
+        assert float(value) == 0.0 and np.all(grad == 0), method
 
 
 def _largest_intermediate(jaxpr):
@@ -242,7 +358,7 @@ def _largest_intermediate(jaxpr):
 def test_no_array_of_size_n_by_v_is_built(method, token_chunk):
     n, d, v = 64, 8, 96
     hidden, classifier, bias, labels, _ = _inputs(batch=(n,), d=d, v=v)
-    labels = jnp.where(labels < 0, 0, labels)
+    labels = jnp.asarray(np.where(np.asarray(labels) < 0, 0, labels))
     loss = lambda h, w, b: linear_cross_entropy(
         h,
         w,
@@ -271,6 +387,16 @@ def _temp_bytes(loss, n, d, v, dtype, layout="vd"):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@functools.cache
+def _naive_temp_bytes(n, d, v, dtype):
+    """The logits + loss path's temporary bytes, compiled once per shape and dtype."""
+    return _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
+
+
+# The memory tests share the naive path's compilations (_naive_temp_bytes): one worker.
+MEMORY_TESTS = pytest.mark.xdist_group("linear_cross_entropy_memory")
+
+
 def memory_bound(n, d, token_chunk, vocab_chunk):
     """Temporary bytes allowed: a few logit tiles plus the float32 accumulators.
 
@@ -283,6 +409,7 @@ def memory_bound(n, d, token_chunk, vocab_chunk):
     return 4 * tile + 2 * n * d * 4 + 2 * vocab_chunk * d * 4 + 2**20
 
 
+@MEMORY_TESTS
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 @pytest.mark.parametrize("vocab_chunk", [2048, 2500])  # ragged last chunk; 40 exact chunks
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -305,7 +432,7 @@ def test_compiled_temporary_memory_is_bounded_by_the_chunks(dtype, vocab_chunk, 
         layout,
     )
     bound = memory_bound(n, d, tc, vocab_chunk)
-    naive = _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
+    naive = _naive_temp_bytes(n, d, v, dtype)
     assert fused <= bound, (fused, bound)
     # The bound is far below the naive N x V path, and below one float32 classifier.
     assert naive > 2 * bound, (naive, bound)
@@ -322,6 +449,7 @@ def _forward_memory_bound(n, d, v, block, dtype):
     return bound
 
 
+@MEMORY_TESTS
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_method_temporary_memory_is_bounded_by_the_blocks(dtype, layout):
@@ -337,7 +465,7 @@ def test_forward_method_temporary_memory_is_bounded_by_the_blocks(dtype, layout)
         layout,
     )
     bound = _forward_memory_bound(n, d, v, block, dtype)
-    naive = _temp_bytes(lambda h, w, y: cross_entropy(h @ w.T, y), n, d, v, dtype)
+    naive = _naive_temp_bytes(n, d, v, dtype)
     assert fused <= bound, (fused, bound)
     assert naive > 2 * bound, (naive, bound)
 
@@ -380,26 +508,41 @@ def test_methods_agree_on_every_gradient_including_class_weights():
     hidden, classifier, bias, labels, extras = _inputs()
     kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, **CHUNKS)
 
-    def grads(method):
-        loss = lambda h, w, b, cw: linear_cross_entropy(
-            h, w, labels, bias=b, class_weights=cw, method=method, **kw
-        )
-        return jax.value_and_grad(loss, (0, 1, 2, 3))(hidden, classifier, bias, extras["weights"])
+    def grads(h, w, b, cw):
+        return {
+            method: jax.value_and_grad(
+                lambda h, w, b, cw: linear_cross_entropy(
+                    h, w, labels, bias=b, class_weights=cw, method=method, **kw
+                ),
+                (0, 1, 2, 3),
+            )(h, w, b, cw)
+            for method in METHODS
+        }
 
-    (v_f, g_f), (v_r, g_r) = grads("forward"), grads("recompute")
+    got = jax.jit(grads)(hidden, classifier, bias, extras["weights"])
+    (v_f, g_f), (v_r, g_r) = got["forward"], got["recompute"]
     np.testing.assert_allclose(v_f, v_r, rtol=1e-6)
-    for a, b in zip(g_f, g_r):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b, what in zip(g_f, g_r, ["hidden", "classifier", "bias", "class_weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=what)
 
 
 def test_forward_method_with_no_tokens():
+    """Both scalar reductions, one program."""
     _, classifier, _, _, _ = _inputs()
     hidden, labels = jnp.zeros((0, D)), jnp.zeros((0,), jnp.int32)
-    for reduction in ("mean", "sum"):
-        value, grad = jax.value_and_grad(
-            lambda w: linear_cross_entropy(hidden, w, labels, reduction=reduction, method="forward")
-        )(classifier)
-        assert float(value) == 0.0 and np.all(grad == 0)
+
+    def every(w):
+        return {
+            reduction: jax.value_and_grad(
+                lambda w: linear_cross_entropy(
+                    hidden, w, labels, reduction=reduction, method="forward"
+                )
+            )(w)
+            for reduction in ("mean", "sum")
+        }
+
+    for reduction, (value, grad) in jax.jit(every)(classifier).items():
+        assert float(value) == 0.0 and np.all(grad == 0), reduction
 
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu", "metal"])
@@ -456,13 +599,13 @@ def test_gemma_shape_temporary_memory_is_300_times_below_the_logits():
     fused = lambda h, w, y: linear_cross_entropy(h, w, y)
     naive = lambda h, w, y: cross_entropy(h @ w.T, y)
     budget = 4 * (2 * t * vc + 3 * vc * d + 3 * t * d) + 2**21
-    for dtype in (jnp.float32, jnp.bfloat16):
-        fused_bytes = _temp_bytes(fused, n, d, v, dtype)
+    fused_bytes = {
+        dtype: _temp_bytes(fused, n, d, v, dtype) for dtype in (jnp.float32, jnp.bfloat16)
+    }
+    for dtype, used in fused_bytes.items():
         widened = 0 if dtype == jnp.float32 else 4 * n * d
-        assert fused_bytes <= budget + widened, (dtype, fused_bytes, budget + widened)
-    assert _temp_bytes(naive, n, d, v, jnp.float32) >= 300 * _temp_bytes(
-        fused, n, d, v, jnp.float32
-    )
+        assert used <= budget + widened, (dtype, used, budget + widened)
+    assert _temp_bytes(naive, n, d, v, jnp.float32) >= 300 * fused_bytes[jnp.float32]
 
 
 @pytest.mark.parametrize(
@@ -514,31 +657,45 @@ def test_rule_class_block_matches_whole_row():
     labels = jnp.array([0, 4, 7, 10, 5])
     weights = sample.uniform(4, (11,), low=0.5, high=1.5)
     options = row_terms.RuleOptions(label_smoothing=0.2, z_loss=0.01, logit_softcap=4.0)
-    _, stats = row_terms.forward(logits, labels, None, weights, None, options)
-    g = jnp.arange(1.0, 6.0)
-    whole = row_terms.logits_gradient(logits, labels, None, weights, None, stats, g, options)
+    g = jnp.asarray(np.arange(1.0, 6.0, dtype=np.float32))
     block = row_terms.ClassBlock(4, 11, weights)
-    part = row_terms.logits_gradient(
-        logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
-    )
+
+    def whole_and_part(logits, labels, weights, g):
+        _, stats = row_terms.forward(logits, labels, None, weights, None, options)
+        whole = row_terms.logits_gradient(logits, labels, None, weights, None, stats, g, options)
+        part = row_terms.logits_gradient(
+            logits[:, 4:8], labels, None, weights[4:8], None, stats, g, options, block
+        )
+        return whole, part
+
+    whole, part = jax.jit(whole_and_part)(logits, labels, weights, g)
     np.testing.assert_allclose(part, whole[:, 4:8], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_vmap_gives_each_batch_its_own_cotangent(method):
+def test_vmap_gives_each_batch_its_own_cotangent():
     """Under ``vmap`` a scalar loss per batch element gets its own cotangent: the forward
-    method's stored gradients must be scaled per element, not by one number."""
+    method's stored gradients must be scaled per element, not by one number. Both methods
+    and the naive composition in one program."""
     hidden = sample.normal(7, (3, 10, 8))
     classifier = sample.normal(8, (13, 8))
     labels = sample.integers(9, (3, 10), 0, 13)
-    fused = lambda h, w, y: linear_cross_entropy(h, w, y, method=method, token_chunk=4)
-    naive = lambda h, w, y: cross_entropy(h @ w.T, y)
     weights = jnp.array([0.5, 2.0, -1.0])  # distinct cotangents per batch element
+    losses = {
+        method: functools.partial(linear_cross_entropy, method=method, token_chunk=4)
+        for method in METHODS
+    }
+    losses["naive"] = lambda h, w, y: cross_entropy(h @ w.T, y)
 
     def total(loss, h, w):
         return jnp.sum(weights * jax.vmap(loss, in_axes=(0, None, 0))(h, w, labels))
 
-    got = jax.grad(lambda h, w: total(fused, h, w), (0, 1))(hidden, classifier)
-    want = jax.grad(lambda h, w: total(naive, h, w), (0, 1))(hidden, classifier)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    def every(h, w):
+        return {
+            name: jax.grad(lambda h, w: total(loss, h, w), (0, 1))(h, w)
+            for name, loss in losses.items()
+        }
+
+    got = jax.jit(every)(hidden, classifier)
+    for method in METHODS:
+        for g, w, what in zip(got[method], got["naive"], ["hidden", "classifier"]):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{method} {what}")

@@ -24,21 +24,23 @@ B = np.linspace(-1.0, 0.7, N)  # and of the entropy
 
 
 def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
+    """Logits, integer labels and the cases' extras, built with NumPy (no program compiled)."""
     k = sample.split(seed, 6)
     z = sample.normal(k[0], (n, c), dtype, scale=3.0)
-    labels = sample.integers(k[1], (n,), 0, c, dtype=int)  # JAX default int: int64 under x64
-    labels = jnp.where(jnp.arange(n) % 2 == 0, jnp.argmax(z, -1), labels)  # some right
-    labels = labels.at[2].set(-100)  # ignored where ignore_index is set
-    class_mask = sample.bernoulli(k[2], 0.7, (n, c))
-    class_mask = class_mask.at[jnp.arange(n), jnp.clip(labels, 0)].set(True)
-    class_mask = class_mask.at[4].set(False)  # a row without classes
+    labels = np.asarray(sample.integers(k[1], (n,), 0, c, dtype=int))  # int64 under x64
+    z_np = np.asarray(z).astype(np.float64)
+    labels = np.where(np.arange(n) % 2 == 0, np.argmax(z_np, -1), labels)  # some right
+    labels[2] = -100  # ignored where ignore_index is set
+    class_mask = np.array(sample.bernoulli(k[2], 0.7, (n, c)))
+    class_mask[np.arange(n), np.clip(labels, 0, None)] = True
+    class_mask[4] = False  # a row without classes
     extras = {
         "rows": sample.bernoulli(k[3], 0.75, (n,)),
-        "classes": class_mask,
+        "classes": jnp.asarray(class_mask),
         "weights": sample.uniform(k[4], (c,), float, low=0.5, high=2.0),
         "probabilities": sample.probabilities(k[5], (n, c), float, scale=2.0),
     }
-    return z, labels, extras
+    return z, jnp.asarray(labels.astype(int)), extras
 
 
 CASES = {
@@ -56,7 +58,7 @@ def _case(name, extras, labels):
     targets = extras[kw.pop("targets")] if "targets" in kw else labels
     kw = {k: extras[v] if isinstance(v, str) and v in extras else v for k, v in kw.items()}
     if "ignore_index" not in kw and jnp.issubdtype(targets.dtype, jnp.integer):
-        targets = jnp.where(targets < 0, 0, targets)
+        targets = jnp.asarray(np.where(np.asarray(targets) < 0, 0, targets))
     return targets, kw
 
 
@@ -91,31 +93,41 @@ def _ours(z, targets, kw):
     return cross_entropy(z, targets, reduction="none", return_aux=True, **kw)[1]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_values_and_gradients_equal_the_references(name):
-    """Values against float64 NumPy; gradients through ``lse`` and ``entropy`` against
-    ``jax.grad`` of the naive composition (``jax.nn.log_softmax``)."""
+def test_values_and_gradients_equal_the_references():
+    """Every case of CASES, all in one program: values against float64 NumPy; gradients
+    through ``lse`` and ``entropy`` against ``jax.grad`` of the naive composition
+    (``jax.nn.log_softmax``). Each case checked on its own, named in the failure."""
     with jax.enable_x64(True):
         z, labels, extras = _logits_and_extras()
-        targets, kw = _case(name, extras, labels)
-        aux = _ours(z, targets, kw)
+        cases = {name: _case(name, extras, labels) for name in sorted(CASES)}
+
+        def every(z):
+            results = {}
+            for name, (targets, kw) in cases.items():
+
+                def ours(z):
+                    aux = cross_entropy(z, targets, reduction="none", return_aux=True, **kw)[1]
+                    return jnp.sum(jnp.asarray(A) * aux.lse + jnp.asarray(B) * aux.entropy)
+
+                def naive(z):
+                    lse, entropy = _naive_companions(z, targets, kw)
+                    return jnp.sum(jnp.asarray(A) * lse + jnp.asarray(B) * entropy)
+
+                results[name] = (_ours(z, targets, kw), jax.grad(ours)(z), jax.grad(naive)(z))
+            return results
+
+        got = jax.jit(every)(z)
+    for name, (targets, kw) in cases.items():
+        aux, got_grad, want_grad = got[name]
         want = reference.companions(np.asarray(z), np.asarray(targets), **_numpy_kw(kw))
-
-        def ours(z):
-            aux = cross_entropy(z, targets, reduction="none", return_aux=True, **kw)[1]
-            return jnp.sum(jnp.asarray(A) * aux.lse + jnp.asarray(B) * aux.entropy)
-
-        def naive(z):
-            lse, entropy = _naive_companions(z, targets, kw)
-            return jnp.sum(jnp.asarray(A) * lse + jnp.asarray(B) * entropy)
-
-        got_grad, want_grad = jax.grad(ours)(z), jax.grad(naive)(z)
-    assert isinstance(aux, LossAux) and aux.correct.dtype == jnp.bool_
-    for got, expected, field in zip(aux, want, LossAux._fields):
-        np.testing.assert_allclose(np.asarray(got, float), expected, atol=1e-12, err_msg=field)
-    assert 0 < np.asarray(aux.correct).sum() < N  # the check sees both answers
-    np.testing.assert_allclose(got_grad, want_grad, atol=1e-12)
-    assert np.abs(np.asarray(want_grad)).max() > 0.1
+        assert isinstance(aux, LossAux) and aux.correct.dtype == jnp.bool_, name
+        for value, expected, field in zip(aux, want, LossAux._fields):
+            np.testing.assert_allclose(
+                np.asarray(value, float), expected, atol=1e-12, err_msg=f"{name} {field}"
+            )
+        assert 0 < np.asarray(aux.correct).sum() < N, name  # the check sees both answers
+        np.testing.assert_allclose(got_grad, want_grad, atol=1e-12, err_msg=name)
+        assert np.abs(np.asarray(want_grad)).max() > 0.1, name
 
 
 def _numpy_kw(kw):
@@ -127,7 +139,7 @@ def test_loss_and_companion_cotangents_add_in_one_rule():
     """The loss, a z-loss built by the user on ``lse`` and an entropy bonus, together."""
     with jax.enable_x64(True):
         z, labels, _ = _logits_and_extras(seed=2)
-        labels = jnp.clip(labels, 0)
+        labels = jnp.asarray(np.clip(labels, 0, None))
 
         def ours(z):
             loss, aux = cross_entropy(z, labels, return_aux=True)
@@ -140,27 +152,35 @@ def test_loss_and_companion_cotangents_add_in_one_rule():
             lse = jax.nn.logsumexp(z, -1)
             return jnp.mean(nll) + 1e-2 * jnp.mean(lse**2) - 0.1 * jnp.mean(entropy)
 
-        np.testing.assert_allclose(jax.grad(ours)(z), jax.grad(naive)(z), atol=1e-13)
-        np.testing.assert_allclose(ours(z), naive(z), rtol=1e-13)
+        both = jax.jit(lambda z: [jax.value_and_grad(f)(z) for f in (ours, naive)])
+        (value, grad), (want_value, want_grad) = both(z)
+        np.testing.assert_allclose(grad, want_grad, atol=1e-13)
+        np.testing.assert_allclose(value, want_value, rtol=1e-13)
 
 
 def test_stable_at_extreme_logits():
-    z = jnp.array([[1e30, 0.0, -1e30], [3e4, 3e4, -jnp.inf]], jnp.float32)
-    aux = cross_entropy(z, jnp.array([0, 1]), reduction="none", return_aux=True)[1]
+    z = jnp.array([[1e30, 0.0, -1e30], [3e4, 3e4, -np.inf]], jnp.float32)
+    labels = jnp.array([0, 1])
+
+    def aux_and_grads(z):
+        aux = cross_entropy(z, labels, reduction="none", return_aux=True)[1]
+        entropy = lambda z: jnp.sum(cross_entropy(z, labels, return_aux=True)[1].entropy)
+        return aux, jax.grad(entropy)(z)
+
+    aux, grads = jax.jit(aux_and_grads)(z)
     np.testing.assert_allclose(aux.lse, [1e30, 3e4 + math.log(2)], rtol=1e-6)
     np.testing.assert_allclose(aux.entropy, [0.0, math.log(2)], atol=1e-6)
     assert aux.correct.tolist() == [True, False]  # a tie goes to the first class
-    grads = jax.grad(lambda z: jnp.sum(cross_entropy(z, jnp.array([0, 1]), return_aux=True)[1]
-                                       .entropy))(z)  # fmt: skip
     assert np.isfinite(np.asarray(grads)).all()
 
 
 def test_bf16_companions_are_float32():
     z, labels, _ = _logits_and_extras(dtype=jnp.bfloat16)
-    loss, aux = cross_entropy(z, jnp.clip(labels, 0), return_aux=True)
+    labels = np.clip(labels, 0, None)
+    loss, aux = jax.jit(lambda z, y: cross_entropy(z, y, return_aux=True))(z, jnp.asarray(labels))
     assert loss.dtype == jnp.bfloat16
     assert aux.lse.dtype == aux.entropy.dtype == aux.z_loss.dtype == jnp.float32
-    want = reference.companions(np.asarray(z, np.float32), np.asarray(jnp.clip(labels, 0)))
+    want = reference.companions(np.asarray(z).astype(np.float32), labels)
     np.testing.assert_allclose(aux.lse, want[0], rtol=1e-6)
 
 
@@ -185,12 +205,13 @@ def _fused_inputs(seed=3, n=37, d=6, v=23):
     hidden = sample.normal(k[0], (n, d))
     classifier = sample.normal(k[1], (v, d), scale=3 / math.sqrt(d))
     bias = sample.normal(k[2], (v,))
-    labels = sample.integers(k[3], (n,), 0, v).at[5].set(-100)
+    labels = np.array(sample.integers(k[3], (n,), 0, v))
+    labels[5] = -100
     extras = {
         "weights": sample.uniform(k[4], (v,), low=0.5, high=2.0),
         "rows": sample.bernoulli(k[5], 0.8, (n,)),
     }
-    return hidden, classifier, bias, labels, extras
+    return hidden, classifier, bias, jnp.asarray(labels), extras
 
 
 def _total(loss, aux):
@@ -204,53 +225,63 @@ def _total(loss, aux):
     )
 
 
-@pytest.mark.parametrize(
-    "name, layout, method",
-    [(name, layout, "recompute") for name in sorted(FUSED_OPTIONS) for layout in ("vd", "dv")]
-    + [(name, "vd", "forward") for name in ("everything", "sum")]
-    + [("plain", "dv", "forward")],
-)
-def test_fused_companions_equal_the_unfused_loss(name, layout, method):
+FUSED_CASES = {
+    "recompute": [(name, layout) for name in sorted(FUSED_OPTIONS) for layout in ("vd", "dv")],
+    "forward": [("everything", "vd"), ("sum", "vd"), ("plain", "dv")],
+}
+
+
+@pytest.mark.parametrize("method", sorted(FUSED_CASES))
+def test_fused_companions_equal_the_unfused_loss(method):
     """Ragged token and vocabulary chunks (37 rows by 8, 23 classes by 5), both methods: the
     forward method finds the companions on whole rows and their cotangents by one more
-    pass in the backward."""
+    pass in the backward. Every case of the method, fused and unfused, in one program;
+    each compared on its own."""
     hidden, classifier, bias, labels, extras = _fused_inputs()
-    kw = {k: extras.get(v, v) if isinstance(v, str) else v for k, v in FUSED_OPTIONS[name].items()}
-    if "ignore_index" not in kw:
-        labels = jnp.where(labels < 0, 0, labels)
-    w = classifier if layout == "vd" else classifier.T
 
-    @jax.jit
-    def fused(h, w, b):
-        out = linear_cross_entropy(
-            h, w, labels, bias=b, token_chunk=8, vocab_chunk=5, classifier_layout=layout,
-            return_aux=True, method=method, **kw,
-        )  # fmt: skip
-        return _total(*out), out[1]
+    def case(name, layout, h, w, b):
+        kw = {
+            k: extras.get(v, v) if isinstance(v, str) else v for k, v in FUSED_OPTIONS[name].items()
+        }
+        y = labels if "ignore_index" in kw else jnp.asarray(np.clip(labels, 0, None))
+        w = w if layout == "vd" else w.T
 
-    def unfused(h, w, b):
-        logits = h @ (w.T if layout == "vd" else w) + b[None, :]
-        out = cross_entropy(logits, labels, return_aux=True, **kw)
-        return _total(*out), out[1]
+        def fused(h, w, b):
+            out = linear_cross_entropy(
+                h, w, y, bias=b, token_chunk=8, vocab_chunk=5, classifier_layout=layout,
+                return_aux=True, method=method, **kw,
+            )  # fmt: skip
+            return _total(*out), out[1]
 
-    (value, aux), grads = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(hidden, w, bias)
-    (want, want_aux), want_grads = jax.value_and_grad(unfused, (0, 1, 2), has_aux=True)(
-        hidden, w, bias
-    )
-    np.testing.assert_allclose(value, want, rtol=2e-5)
-    for got, expected, field in zip(aux, want_aux, LossAux._fields):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-5,
-            atol=2e-5, err_msg=field,
-        )  # fmt: skip
-    for got, expected in zip(grads, want_grads):
-        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+        def unfused(h, w, b):
+            logits = h @ (w.T if layout == "vd" else w) + b[None, :]
+            out = cross_entropy(logits, y, return_aux=True, **kw)
+            return _total(*out), out[1]
+
+        return [jax.value_and_grad(f, (0, 1, 2), has_aux=True)(h, w, b) for f in (fused, unfused)]
+
+    every = lambda h, w, b: {c: case(*c, h, w, b) for c in FUSED_CASES[method]}
+    for (name, layout), (got, want) in jax.jit(every)(hidden, classifier, bias).items():
+        ((value, aux), grads), ((want_value, want_aux), want_grads) = got, want
+        np.testing.assert_allclose(value, want_value, rtol=2e-5, err_msg=f"{name} {layout}")
+        for g, expected, field in zip(aux, want_aux, LossAux._fields):
+            np.testing.assert_allclose(
+                np.asarray(g, np.float32), np.asarray(expected, np.float32), rtol=2e-5,
+                atol=2e-5, err_msg=f"{name} {layout} {field}",
+            )  # fmt: skip
+        for g, expected, what in zip(grads, want_grads, ("hidden", "classifier", "bias")):
+            np.testing.assert_allclose(
+                g, expected, rtol=2e-4, atol=2e-5, err_msg=f"{name} {layout} d_{what}"
+            )
 
 
 def test_fused_companions_have_the_batch_shape():
     hidden, classifier, _, labels, _ = _fused_inputs()
     loss, aux = linear_cross_entropy(
-        hidden.reshape(37, 1, 6), classifier, jnp.clip(labels, 0).reshape(37, 1), return_aux=True
+        hidden.reshape(37, 1, 6),
+        classifier,
+        jnp.asarray(np.clip(labels, 0, None).reshape(37, 1)),
+        return_aux=True,
     )
     assert loss.shape == () and all(a.shape == (37, 1) for a in aux)
 
@@ -259,12 +290,14 @@ def test_forward_method_skips_the_companions_pass_when_only_logging():
     """The loss's gradient alone (the companions logged, not differentiated) equals the
     loss without them, and the extra pass sits behind a conditional on the cotangents."""
     hidden, classifier, _, labels, _ = _fused_inputs()
-    labels = jnp.clip(labels, 0)
+    labels = jnp.asarray(np.clip(labels, 0, None))
     loss = lambda h, aux: linear_cross_entropy(
         h, classifier, labels, method="forward", return_aux=aux
     )
-    logged = jax.grad(lambda h: loss(h, True)[0])(hidden)
-    np.testing.assert_allclose(logged, jax.grad(lambda h: loss(h, False))(hidden), rtol=1e-6)
+    logged, alone = jax.jit(
+        lambda h: (jax.grad(lambda h: loss(h, True)[0])(h), jax.grad(lambda h: loss(h, False))(h))
+    )(hidden)
+    np.testing.assert_allclose(logged, alone, rtol=1e-6)
     program = str(jax.make_jaxpr(jax.grad(lambda h: loss(h, True)[0]))(hidden))
     assert program.count(" cond[") > str(
         jax.make_jaxpr(jax.grad(lambda h: loss(h, False)))(hidden)
@@ -276,7 +309,7 @@ def test_bad_return_aux_values_are_refused():
     with pytest.raises(TypeError, match="return_aux must be True or False; got str"):
         linear_cross_entropy(hidden, classifier, labels, return_aux="yes")
     with pytest.raises(TypeError, match="return_aux must be True or False; got int"):
-        cross_entropy(hidden, jnp.clip(labels, 0, 5), return_aux=1)
+        cross_entropy(hidden, jnp.asarray(np.clip(labels, 0, 5)), return_aux=1)
 
 
 def test_fused_companions_hold_no_more_memory_at_gemma_shape():

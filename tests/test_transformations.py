@@ -26,40 +26,62 @@ def problem(seed=0, shape=(6, 5)):
     return sample.normal(k1, shape, scale=2.0), sample.integers(k2, shape[:-1], 0, shape[-1])
 
 
-def test_jit_equals_eager_with_every_option():
-    logits, labels = problem()
-    for reduction in ("mean", "sum", "none"):
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def value_and_grad_per_reduction(logits, labels):
+    """Each reduction's value and the gradient of its sum, with every option."""
+    results = {}
+    for reduction in REDUCTIONS:
         f = functools.partial(cross_entropy, reduction=reduction, **OPTIONS)
-        np.testing.assert_allclose(jax.jit(f)(logits, labels), f(logits, labels), rtol=1e-6)
-        np.testing.assert_allclose(
-            jax.jit(jax.grad(lambda z: jnp.sum(f(z, labels))))(logits),
-            jax.grad(lambda z: jnp.sum(f(z, labels)))(logits),
-            rtol=1e-6,
-        )
+        results[reduction] = (f(logits, labels), jax.grad(lambda z: jnp.sum(f(z, labels)))(logits))
+    return results
+
+
+def test_jit_equals_eager_with_every_option():
+    """Eager calls (each reduction on its own) against one jitted program of all three."""
+    logits, labels = problem()
+    eager = value_and_grad_per_reduction(logits, labels)
+    jitted = jax.jit(value_and_grad_per_reduction)(logits, labels)
+    for reduction in REDUCTIONS:
+        for what, got, want in zip(("value", "gradient"), jitted[reduction], eager[reduction]):
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{reduction} {what}")
 
 
 def test_vmap_over_logits_and_targets_equals_the_batched_call():
+    """The vmapped calls and the batched ones, in one program."""
     logits, labels = problem(1, (4, 3, 5))
+    z = np.asarray(logits, np.float64)[::-1]
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
     f = functools.partial(cross_entropy, reduction="none", **OPTIONS)
-    np.testing.assert_allclose(jax.vmap(f)(logits, labels), f(logits, labels), rtol=1e-6)
     single = functools.partial(cross_entropy, reduction="sum", **OPTIONS)
-    per_example = jax.vmap(jax.grad(single))(logits, labels)
-    np.testing.assert_allclose(
-        per_example, jax.grad(lambda z: jnp.sum(f(z, labels)))(logits), rtol=1e-6
-    )
-    probs = jax.nn.softmax(logits[::-1])
-    np.testing.assert_allclose(
-        jax.vmap(functools.partial(cross_entropy, reduction="none"))(logits, probs),
-        cross_entropy(logits, probs, reduction="none"),
-        rtol=1e-6,
-    )
+    unreduced = functools.partial(cross_entropy, reduction="none")
+
+    def mapped_and_batched(logits, labels, probs):
+        return {
+            "labels": (jax.vmap(f)(logits, labels), f(logits, labels)),
+            "per-example gradients": (
+                jax.vmap(jax.grad(single))(logits, labels),
+                jax.grad(lambda z: jnp.sum(f(z, labels)))(logits),
+            ),
+            "probabilities": (jax.vmap(unreduced)(logits, probs), unreduced(logits, probs)),
+        }
+
+    for case, (mapped, batched) in jax.jit(mapped_and_batched)(logits, labels, probs).items():
+        np.testing.assert_allclose(mapped, batched, rtol=1e-6, err_msg=case)
 
 
 def test_vmap_over_targets_only():
     logits, labels = problem(2)
-    many_labels = jnp.stack([labels, (labels + 1) % 5])
-    out = jax.vmap(lambda y: cross_entropy(logits, y))(many_labels)
-    np.testing.assert_allclose(out, [cross_entropy(logits, y) for y in many_labels], rtol=1e-6)
+    many_labels = np.stack([labels, (np.asarray(labels) + 1) % 5])
+
+    def mapped_and_each(many_labels):
+        mapped = jax.vmap(lambda y: cross_entropy(logits, y))(many_labels)
+        return mapped, [cross_entropy(logits, y) for y in many_labels]
+
+    out, each = jax.jit(mapped_and_each)(many_labels)
+    np.testing.assert_allclose(out, each, rtol=1e-6)
 
 
 @pytest.mark.parametrize("options", [{}, OPTIONS], ids=["plain", "all_options"])
@@ -105,13 +127,25 @@ def test_cross_entropy_is_reverse_mode_only_and_the_dropins_do_forward_mode():
         jax.jacfwd(loss)(logits)
     dropin = lambda z: jnp.sum(softmax_cross_entropy_with_integer_labels(z, labels))
     tangent = sample.normal(9, logits.shape)
-    _, forward = jax.jvp(dropin, (logits,), (tangent,))
-    np.testing.assert_allclose(forward, jnp.vdot(jax.grad(loss)(logits), tangent), rtol=1e-5)
-    np.testing.assert_allclose(jax.jacfwd(dropin)(logits), jax.grad(loss)(logits), rtol=1e-6)
+
+    def derivatives(logits, tangent):  # all in one program
+        return {
+            "forward": jax.jvp(dropin, (logits,), (tangent,))[1],
+            "jacfwd": jax.jacfwd(dropin)(logits),
+            "grad": jax.grad(loss)(logits),
+            "hessian": jax.hessian(loss)(logits),
+            "dropin_hessian": jax.hessian(dropin)(logits),
+        }
+
+    d = {k: np.asarray(v) for k, v in jax.jit(derivatives)(logits, tangent).items()}
+    np.testing.assert_allclose(d["forward"], np.vdot(d["grad"], tangent), rtol=1e-5)
+    np.testing.assert_allclose(d["jacfwd"], d["grad"], rtol=1e-6)
     # Forward over reverse differentiates the rule itself: the softmax Jacobian per row.
-    hessian = jax.hessian(loss)(logits)
-    np.testing.assert_allclose(hessian, jax.hessian(dropin)(logits), rtol=1e-5, atol=1e-7)
-    s = np.asarray(jax.nn.softmax(logits), np.float64)
+    hessian = d["hessian"]
+    np.testing.assert_allclose(hessian, d["dropin_hessian"], rtol=1e-5, atol=1e-7)
+    z = np.asarray(logits, np.float64)
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
     np.testing.assert_allclose(hessian[1, :, 1, :], np.diag(s[1]) - np.outer(s[1], s[1]), atol=1e-6)
 
 
@@ -125,20 +159,26 @@ def test_inside_shard_map_and_pmap_without_global_shapes():
     def per_shard(z, y):
         return cross_entropy(z, y, reduction="none", **OPTIONS)
 
-    expected = cross_entropy(logits, labels, reduction="none", **OPTIONS)
-    np.testing.assert_allclose(jax.jit(per_shard)(logits, labels), expected, rtol=1e-6)
-    grad = jax.grad(lambda z: jnp.sum(per_shard(z, labels)))(logits)
-    np.testing.assert_allclose(
-        grad,
-        jax.grad(lambda z: jnp.sum(cross_entropy(z, labels, reduction="none", **OPTIONS)))(logits),
-        rtol=1e-6,
-    )
+    def sharded_and_whole(logits, labels):  # one program
+        whole = lambda z: cross_entropy(z, labels, reduction="none", **OPTIONS)
+        return {
+            "per-example losses": (per_shard(logits, labels), whole(logits)),
+            "gradient": (
+                jax.grad(lambda z: jnp.sum(per_shard(z, labels)))(logits),
+                jax.grad(lambda z: jnp.sum(whole(z)))(logits),
+            ),
+            "mean": cross_entropy(logits, labels, **OPTIONS),
+        }
+
+    results = jax.jit(sharded_and_whole)(logits, labels)
+    for case in ("per-example losses", "gradient"):
+        np.testing.assert_allclose(*results[case], rtol=1e-6, err_msg=case)
     pmapped = jax.pmap(lambda z, y: cross_entropy(z, y, **OPTIONS))
-    out = pmapped(logits[None], labels[None])
-    np.testing.assert_allclose(out[0], cross_entropy(logits, labels, **OPTIONS), rtol=1e-6)
+    out = pmapped(np.asarray(logits)[None], np.asarray(labels)[None])
+    np.testing.assert_allclose(out[0], results["mean"], rtol=1e-6)
 
 
 def test_unchecked_out_of_range_label_is_nan_not_a_plausible_number():
     logits, _ = problem(7, (3, 4))
-    value = jax.jit(cross_entropy)(logits, jnp.array([0, 4, 1]))
-    assert jnp.isnan(value)
+    value = jax.jit(cross_entropy)(logits, np.array([0, 4, 1], np.int32))
+    assert np.isnan(value)

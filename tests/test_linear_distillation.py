@@ -68,19 +68,31 @@ def _pair(options, token_chunk=4, vocab_chunk=5):
     return fused, unfused
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_fused_equals_unfused(case):
-    """Value and the six gradients (a random cotangent for ``"none"``), float64."""
-    options = CASES[case]
+def test_fused_equals_unfused():
+    """Value and the six gradients (a random cotangent for ``"none"``), float64: every case
+    of CASES, fused and unfused, in one program; each compared on its own."""
     with jax.enable_x64(True):
-        arrays = _models(layout=options.get("classifier_layout", "vd"))
-        fused, unfused = _pair(options)
-        value, fused_vjp = jax.vjp(jax.jit(fused), *arrays)
-        expected, unfused_vjp = jax.vjp(jax.jit(unfused), *arrays)
-        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)
-        cotangent = sample.normal(5, value.shape, value.dtype)
-        for got, want in zip(fused_vjp(cotangent), unfused_vjp(cotangent)):
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        inputs = {}
+        for case, options in CASES.items():
+            arrays = _models(layout=options.get("classifier_layout", "vd"))
+            shape = jax.eval_shape(_pair(options)[0], *arrays)
+            inputs[case] = (arrays, sample.normal(5, shape.shape, shape.dtype))
+
+        def every(inputs):
+            results = {}
+            for case, (arrays, cotangent) in inputs.items():
+                results[case] = []
+                for loss in _pair(CASES[case]):
+                    value, vjp = jax.vjp(loss, *arrays)
+                    results[case].append((value, vjp(cotangent)))
+            return results
+
+        results = jax.jit(every)(inputs)
+    for case, ((value, grads), (expected, want_grads)) in results.items():
+        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12, err_msg=case)
+        names = ("h_s", "w_s", "b_s", "h_t", "w_t", "b_t")
+        for got, want, name in zip(grads, want_grads, names):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"{case} {name}")
 
 
 def test_a_frozen_teacher_costs_no_gradient_products():
@@ -89,7 +101,8 @@ def test_a_frozen_teacher_costs_no_gradient_products():
     arrays = _models(jnp.float32)
     fused, unfused = _pair(dict(temperature=2.0))
     student_only = jax.jit(jax.grad(fused, (0, 1)))
-    for got, want in zip(student_only(*arrays), jax.grad(unfused, (0, 1))(*arrays)):
+    both = jax.jit(lambda *a: (jax.grad(fused, (0, 1))(*a), jax.grad(unfused, (0, 1))(*a)))
+    for got, want in zip(*both(*arrays)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     products = lambda f: f.lower(*arrays).as_text().count("stablehlo.dot_general")
     assert products(student_only) < products(jax.jit(jax.grad(fused, (0, 1, 3, 4))))
@@ -115,8 +128,10 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
         return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
     arrays = (h_s, w_s, h_t, w_t)
-    doubled = jax.grad(fused, (0, 1, 2, 3))(*arrays)
-    for got, want in zip(doubled, jax.grad(naive, (0, 1, 2, 3))(*arrays)):
+    doubled, want_grads = jax.jit(
+        lambda *a: (jax.grad(fused, (0, 1, 2, 3))(*a), jax.grad(naive, (0, 1, 2, 3))(*a))
+    )(*arrays)
+    for got, want in zip(doubled, want_grads):
         np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-6)
 
 
@@ -126,36 +141,59 @@ def test_small_divergence_between_large_logits_is_not_lost():
     ``A / s_b - lse(b) + lse(a)`` subtracts numbers near 2048, whose float32 spacing, 2.4e-4,
     is not small next to the KL)."""
     h_s, w_s, _, _, _, _ = _models(jnp.float32)
-    offset = jnp.full((V,), 2048.0, jnp.float32)
-    w_t = w_s + sample.normal(9, w_s.shape, jnp.float32, scale=0.1)
+    offset = jnp.asarray(np.full((V,), 2048.0, np.float32))
+    w_t = jnp.asarray(np.asarray(w_s) + np.asarray(sample.normal(9, w_s.shape, scale=0.1)))
     f64 = lambda x: np.asarray(x, np.float64)
-    for divergence in ("forward_kl", "reverse_kl"):
-        value = linear_distillation_loss(
-            h_s, w_s, h_s, w_t, divergence=divergence, student_bias=offset,
-            teacher_bias=offset, token_chunk=4, vocab_chunk=5,
-        )  # fmt: skip
+    divergences_ = ("forward_kl", "reverse_kl")
+
+    def both(h_s, w_s, w_t):
+        return {
+            divergence: linear_distillation_loss(
+                h_s,
+                w_s,
+                h_s,
+                w_t,
+                divergence=divergence,
+                student_bias=offset,
+                teacher_bias=offset,
+                token_chunk=4,
+                vocab_chunk=5,
+            )  # fmt: skip
+            for divergence in divergences_
+        }
+
+    values = jax.jit(both)(h_s, w_s, w_t)
+    for divergence in divergences_:
         expected = reference.distillation(
             f64(h_s) @ f64(w_s).T + 2048.0, f64(h_s) @ f64(w_t).T + 2048.0, divergence=divergence
         )
         assert 1e-4 < expected < 1e-1
-        np.testing.assert_allclose(value, expected, rtol=0.01)
+        np.testing.assert_allclose(values[divergence], expected, rtol=0.01, err_msg=divergence)
 
 
 def test_bfloat16_and_no_tokens():
     """bf16 inputs: computed in float32, the loss and gradients in bf16 close to the
     unfused loss's; no tokens: a mean of 0 and zero gradients."""
-    arrays = [x.astype(jnp.bfloat16) for x in _models(jnp.float32)]
+    arrays = [jnp.asarray(np.asarray(x).astype(jnp.bfloat16)) for x in _models(jnp.float32)]
+    empty = [jnp.asarray(np.asarray(x)[:0]) if x.shape[0] == N else x for x in _models(jnp.float32)]
     fused, unfused = _pair(dict(divergence="jsd", temperature=2.0))
-    value, grads = jax.value_and_grad(fused, (0, 1))(*arrays)
-    assert value.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    np.testing.assert_allclose(value.astype(jnp.float32), unfused(*arrays).astype(jnp.float32),
-                               rtol=1e-2)  # fmt: skip
-    for got, want in zip(grads, jax.grad(unfused, (0, 1))(*arrays)):
-        np.testing.assert_allclose(
-            got.astype(jnp.float32), want.astype(jnp.float32), rtol=5e-2, atol=2e-3
+
+    def every(arrays, empty):
+        return (
+            jax.value_and_grad(fused, (0, 1))(*arrays),
+            jax.value_and_grad(unfused, (0, 1))(*arrays),
+            jax.value_and_grad(fused, (0, 1))(*empty),
         )
-    empty = [x[:0] if x.shape[0] == N else x for x in _models(jnp.float32)]
-    value, grads = jax.value_and_grad(fused, (0, 1))(*empty)
+
+    (value, grads), (want, want_grads), empty_results = jax.device_get(
+        jax.jit(every)(arrays, empty)
+    )
+    assert value.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    f32 = lambda x: np.asarray(x).astype(np.float32)
+    np.testing.assert_allclose(f32(value), f32(want), rtol=1e-2)
+    for got, expected in zip(grads, want_grads):
+        np.testing.assert_allclose(f32(got), f32(expected), rtol=5e-2, atol=2e-3)
+    value, grads = empty_results
     assert value == 0 and not np.any(grads[1])
 
 

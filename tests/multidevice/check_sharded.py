@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import pathlib
 
 import jax
@@ -68,136 +69,161 @@ LAYOUTS = {
 
 
 def make_inputs(num_rows, num_classes, *, probabilities, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    logits = 3.0 * jax.random.normal(keys[0], (num_rows, num_classes), jnp.float32)
+    """NumPy arrays (``jax.random`` and ``.at[]`` would compile eager programs for every new
+    shape): logits, targets, class weights, a row mask and a class mask."""
+    rng = np.random.default_rng(seed)
+    logits = (3.0 * rng.standard_normal((num_rows, num_classes))).astype(np.float32)
     if probabilities:
-        targets = jax.nn.softmax(2.0 * jax.random.normal(keys[1], (num_rows, num_classes)))
+        z = 2.0 * rng.standard_normal((num_rows, num_classes))
+        p = np.exp(z - z.max(-1, keepdims=True))
+        targets = (p / p.sum(-1, keepdims=True)).astype(np.float32)
     else:
-        targets = jax.random.randint(keys[1], (num_rows,), 0, num_classes)
-        targets = targets.at[1].set(num_classes - 1)  # the last (possibly padded-shard) class
-    weights = jax.random.uniform(keys[2], (num_classes,), minval=0.2, maxval=2.0)
-    row_mask = jnp.arange(num_rows) % 4 != 2
-    class_mask = jax.random.uniform(keys[3], (num_rows, num_classes)) > 0.3
-    class_mask = class_mask.at[3].set(False)  # a row with no class left
+        targets = rng.integers(0, num_classes, num_rows).astype(np.int32)
+        targets[1] = num_classes - 1  # the last (possibly padded-shard) class
+    weights = rng.uniform(0.2, 2.0, num_classes).astype(np.float32)
+    row_mask = np.arange(num_rows) % 4 != 2
+    class_mask = rng.uniform(size=(num_rows, num_classes)) > 0.3
+    class_mask[3] = False  # a row with no class left
     return logits, targets, weights, row_mask, class_mask
 
 
-# name: (probabilities?, builder(weights, row_mask, class_mask, targets) -> (kwargs, targets))
 def _ignored(targets):
-    return targets.at[::5].set(-100)
+    targets = targets.copy()
+    targets[::5] = -100
+    return targets
 
 
-OPTIONS = {
-    "int_plain": (False, lambda w, r, c, t: ({}, t)),
-    "int_smoothing": (False, lambda w, r, c, t: (dict(label_smoothing=0.2), t)),
-    "int_weights": (False, lambda w, r, c, t: (dict(class_weights=w), t)),
-    "int_ignore_index": (False, lambda w, r, c, t: (dict(ignore_index=-100), _ignored(t))),
-    "int_row_mask": (False, lambda w, r, c, t: (dict(where=r), t)),
-    "int_class_mask": (False, lambda w, r, c, t: (dict(where=c, label_smoothing=0.1), t)),
-    "int_z_loss_softcap": (False, lambda w, r, c, t: (dict(z_loss=1e-2, logit_softcap=2.5), t)),
-    "int_everything": (
-        False,
-        lambda w, r, c, t: (
-            dict(
-                label_smoothing=0.15,
-                class_weights=w,
-                ignore_index=-100,
-                where=r,
-                z_loss=1e-2,
-                logit_softcap=4.0,
-            ),
-            _ignored(t),
-        ),
-    ),
-    "int_class_mask_weights": (
-        False,
-        lambda w, r, c, t: (dict(where=c, class_weights=w, label_smoothing=0.1, z_loss=1e-3), t),
-    ),
-    "prob_plain": (True, lambda w, r, c, t: ({}, t)),
-    "prob_smoothing_weights": (
-        True,
-        lambda w, r, c, t: (dict(label_smoothing=0.2, class_weights=w), t),
-    ),
-    "prob_class_mask_z_softcap": (
-        True,
-        lambda w, r, c, t: (dict(where=c, z_loss=1e-2, logit_softcap=3.0), t),
-    ),
-    "prob_row_mask": (True, lambda w, r, c, t: (dict(where=r), t)),
+# Each option's choices, and the vocabulary splits: (layout, number of classes), an even
+# split, an uneven one, and one where a whole shard holds only padding (13 classes over 8
+# shards: 2 per shard, the last shard none). Every case computes reduction="none" (its
+# per-row values feed the gradient with a different weight each) and one more reduction.
+FACTORS = {
+    "targets": ("int", "prob"),
+    "label_smoothing": (0.0, 0.15),
+    "class_weights": (False, True),
+    "ignore_index": (False, True),  # integer targets only
+    "where": (None, "row_mask", "class_mask"),
+    "z_loss": (0.0, 1e-2),
+    "logit_softcap": (None, 3.0),
+    "split": (("batch2_vocab4", 64), ("batch2_vocab4", 61), ("vocab8", 13)),
+    "reduction": ("mean", "sum"),
 }
-
-# (layout, number of classes): an even split, an uneven one, and one where a whole shard
-# holds only padding (13 classes over 8 shards: 2 per shard, the last shard none).
-SPLITS = [("batch2_vocab4", 64), ("batch2_vocab4", 61), ("vocab8", 13)]
-CASES = [
-    (option, layout, num_classes)
-    for option in OPTIONS
-    for layout, num_classes in SPLITS
-    # The all-padding shard only for the options that touch every class.
-    if num_classes != 13 or option in ("int_everything", "prob_smoothing_weights")
+# Every pair of choices of two factors meets in some case (a covering array of strength
+# 2; test_cases_cover_every_pair checks it), not every combination: 10 cases where the
+# product of the choices is 1728 (the earlier matrix, each option on its own and all at
+# once on each split, had 28). So every option is compared with one device on every split
+# and with every other option on and off. The first case is the plain loss.
+ROWS = [
+    (0, 0, 0, 0, 0, 0, 0, 1, 0),
+    (0, 0, 0, 1, 0, 0, 1, 0, 1),
+    (1, 1, 1, 0, 2, 1, 0, 0, 0),
+    (0, 1, 1, 0, 1, 0, 1, 2, 1),
+    (0, 0, 0, 1, 1, 1, 0, 1, 0),
+    (1, 0, 0, 0, 2, 0, 1, 1, 1),
+    (1, 0, 1, 0, 0, 1, 0, 2, 0),
+    (0, 1, 0, 1, 2, 1, 1, 2, 1),
+    (0, 1, 1, 1, 0, 0, 1, 1, 0),
+    (1, 0, 1, 0, 1, 0, 0, 0, 1),
 ]
+CASES = [dict(zip(FACTORS, (FACTORS[f][i] for f, i in zip(FACTORS, row)))) for row in ROWS]
+
+
+def case_id(case):
+    on = [case["targets"]]
+    on += [name for name in ("label_smoothing", "class_weights", "ignore_index") if case[name]]
+    on += [case["where"]] if case["where"] else []
+    on += [name for name in ("z_loss", "logit_softcap") if case[name]]
+    layout, num_classes = case["split"]
+    return "-".join([*on, layout, f"V{num_classes}", case["reduction"]])
+
+
+def test_cases_cover_every_pair():
+    """No compilation: CASES meets every pair of choices of every two factors (but integer
+    targets only for ignore_index)."""
+    names = list(FACTORS)
+    for i, j in itertools.combinations(range(len(names)), 2):
+        for a, b in itertools.product(range(len(FACTORS[names[i]])), range(len(FACTORS[names[j]]))):
+            if {names[i], names[j]} == {"targets", "ignore_index"} and a == b == 1:
+                assert not any(row[0] == 1 and row[3] == 1 for row in ROWS)
+                continue
+            assert any(row[i] == a and row[j] == b for row in ROWS), (names[i], a, names[j], b)
+
+
+def loss_arguments(case, num_rows=16, dtype=np.float32):
+    """(logits, targets, options) of one case, drawn with NumPy."""
+    layout, num_classes = case["split"]
+    probabilities = case["targets"] == "prob"
+    logits, targets, weights, row_mask, class_mask = make_inputs(
+        num_rows, num_classes, probabilities=probabilities
+    )
+    options = {}
+    for name in ("label_smoothing", "z_loss", "logit_softcap"):
+        if case[name]:
+            options[name] = case[name]
+    if case["class_weights"]:
+        options["class_weights"] = weights
+    if case["ignore_index"]:
+        options["ignore_index"] = -100
+        targets = _ignored(targets)
+    if case["where"]:
+        options["where"] = row_mask if case["where"] == "row_mask" else class_mask
+    logits = jnp.asarray(logits.astype(dtype))
+    targets = jnp.asarray(targets.astype(dtype) if probabilities else targets)
+    return logits, targets, options
+
+
+def mesh_axes(layout):
+    shape, names, class_axis, batch_axis = LAYOUTS[layout]
+    return dict(
+        mesh=auto_mesh(shape, names), class_axis_name=class_axis, batch_axis_name=batch_axis
+    )
+
+
+def run_cases(objectives, arguments):
+    """Every case's objective in ONE compiled program: its fixed cost of compilation is paid
+    once, not once per case. Each case keeps its own inputs, options and objective."""
+    every_case = jax.jit(lambda arguments: [f(*a) for f, a in zip(objectives, arguments)])
+    return every_case(arguments)
 
 
 @functools.cache
-def sharded_and_reference(layout, num_classes):
-    """Values of every reduction and gradients, sharded and on one device, for every option
-    CASES pairs with this layout and vocabulary: {option: ((values, grads), (ref_values,
-    ref_grads))}.
+def sharded_and_reference():
+    """``[((values, grads), (ref_values, ref_grads))]``, one per case of CASES: the values
+    of reduction "none" and the case's other reduction, and the gradients (logits, and
+    probability targets) of one objective that both reductions feed. The sharded losses of
+    every case are one program, the single-device ones another."""
+    cotangent = jnp.asarray(np.linspace(0.5, 1.5, 16, dtype=np.float32))
 
-    The sharded losses of all these options are one compiled program and the single-device
-    ones another (6 programs for the 28 cases, not 56): each program's fixed cost of
-    compilation is paid once per group instead of once per option."""
-    shape, names, class_axis, batch_axis = LAYOUTS[layout]
-    axes = dict(
-        mesh=auto_mesh(shape, names), class_axis_name=class_axis, batch_axis_name=batch_axis
-    )
-    cotangent = jnp.linspace(0.5, 1.5, 16)
+    def objective(loss_fn, reduction, z, t):
+        values = {
+            "none": loss_fn(z, t, reduction="none"),
+            reduction: loss_fn(z, t, reduction=reduction),
+        }
+        return values[reduction] + jnp.dot(values["none"], cotangent), values
 
-    def objective(loss_fn, with_sum, z, t):
-        # One gradient that every reduction feeds (each with a different weight). "sum" is
-        # "mean" times its denominator in the same code, so it is compiled in a few cases
-        # only, to keep the run short.
-        values = {"mean": loss_fn(z, t), "none": loss_fn(z, t, reduction="none")}
-        total = values["mean"] + jnp.dot(values["none"], cotangent)
-        if with_sum:
-            values["sum"] = loss_fn(z, t, reduction="sum")
-            total = total + 0.25 * values["sum"]
-        return total, values
-
-    chosen = [option for option, *split in CASES if split == [layout, num_classes]]
     arguments, sharded, single = [], [], []
-    for option in chosen:
-        probabilities, build = OPTIONS[option]
-        with_sum = option in ("int_everything", "prob_smoothing_weights", "int_class_mask")
-        logits, targets, weights, row_mask, class_mask = make_inputs(
-            16, num_classes, probabilities=probabilities
-        )
-        options, targets = build(weights, row_mask, class_mask, targets)
+    for case in CASES:
+        logits, targets, options = loss_arguments(case)
         arguments.append((logits, targets))
-        argnums = (0, 1) if probabilities else 0
-
-        def gradient_of(loss_fn, with_sum=with_sum, argnums=argnums):
-            objective_of_loss = functools.partial(objective, loss_fn, with_sum)
-            return jax.value_and_grad(objective_of_loss, argnums=argnums, has_aux=True)
-
-        sharded.append(gradient_of(functools.partial(sharded_cross_entropy, **axes, **options)))
-        single.append(gradient_of(functools.partial(cross_entropy, **options)))
-
-    results = []
-    for losses in (sharded, single):
-        every_option = jax.jit(
-            lambda arguments, losses=losses: [
-                value_and_grad(*args) for value_and_grad, args in zip(losses, arguments)
-            ]
-        )
-        results.append([(values, grads) for (_, values), grads in every_option(arguments)])
-    return {option: pair for option, pair in zip(chosen, zip(*results))}
+        argnums = (0, 1) if case["targets"] == "prob" else 0
+        for losses, loss_fn in (
+            (sharded, functools.partial(sharded_cross_entropy, **mesh_axes(case["split"][0]))),
+            (single, cross_entropy),
+        ):
+            total = functools.partial(
+                objective, functools.partial(loss_fn, **options), case["reduction"]
+            )
+            losses.append(jax.value_and_grad(total, argnums=argnums, has_aux=True))
+    results = [
+        [(values, grads) for (_, values), grads in run_cases(losses, arguments)]
+        for losses in (sharded, single)
+    ]
+    return list(zip(*results))
 
 
-@pytest.mark.parametrize(
-    "option, layout, num_classes", CASES, ids=[f"{o}-{l}-V{v}" for o, l, v in CASES]
-)
-def test_sharded_equals_single_device(option, layout, num_classes):
-    (values, grads), (ref_values, ref_grads) = sharded_and_reference(layout, num_classes)[option]
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[case_id(c) for c in CASES])
+def test_sharded_equals_single_device(index):
+    (values, grads), (ref_values, ref_grads) = sharded_and_reference()[index]
     assert values.keys() == ref_values.keys()
     for name in values:
         got, want = values[name], ref_values[name]
@@ -209,47 +235,38 @@ def test_sharded_equals_single_device(option, layout, num_classes):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
-BF16_OPTIONS = ["int_plain", "int_smoothing", "int_class_mask", "prob_plain"]
+# bf16 logits at V = 61 on the 2 x 4 mesh: plain, smoothing, a class mask, probabilities.
+BF16_CASES = {
+    name: dict(CASES[0], split=("batch2_vocab4", 61), reduction="mean", **changes)
+    for name, changes in {
+        "int_plain": {},
+        "int_smoothing": dict(label_smoothing=0.2),
+        "int_class_mask": dict(where="class_mask", label_smoothing=0.1),
+        "prob_plain": dict(targets="prob"),
+    }.items()
+}
 
 
 @functools.cache
 def bf16_sharded_and_reference():
     """{option: ((value, grads), (ref_value, ref_grads))} for bf16 logits (and bf16
-    probability targets) at V = 61 on the 2 x 4 mesh: as for sharded_and_reference, the
-    options' sharded losses are one program and their single-device ones another."""
-    axes = dict(
-        mesh=auto_mesh((2, 4), ("batch", "vocab")),
-        class_axis_name="vocab",
-        batch_axis_name="batch",
-    )
+    probability targets): as for sharded_and_reference, the cases' sharded losses are one
+    program and their single-device ones another."""
+    axes = mesh_axes("batch2_vocab4")
     arguments, sharded, single = [], [], []
-    for option in BF16_OPTIONS:
-        probabilities, build = OPTIONS[option]
-        logits, targets, weights, row_mask, class_mask = make_inputs(
-            16, 61, probabilities=probabilities
-        )
-        options, targets = build(weights, row_mask, class_mask, targets)
-        logits = logits.astype(jnp.bfloat16)
-        if probabilities:
-            targets = targets.astype(jnp.bfloat16)
+    for case in BF16_CASES.values():
+        logits, targets, options = loss_arguments(case, dtype=jnp.bfloat16)
         arguments.append((logits, targets))
-        argnums = (0, 1) if probabilities else 0
+        argnums = (0, 1) if case["targets"] == "prob" else 0
         loss_fn = functools.partial(sharded_cross_entropy, **axes, **options)
         sharded.append(jax.value_and_grad(loss_fn, argnums=argnums))
         loss_fn = functools.partial(cross_entropy, **options)
         single.append(jax.value_and_grad(loss_fn, argnums=argnums))
-    results = [
-        jax.jit(
-            lambda arguments, losses=losses: [
-                value_and_grad(*args) for value_and_grad, args in zip(losses, arguments)
-            ]
-        )(arguments)
-        for losses in (sharded, single)
-    ]
-    return dict(zip(BF16_OPTIONS, zip(*results)))
+    results = [run_cases(losses, arguments) for losses in (sharded, single)]
+    return dict(zip(BF16_CASES, zip(*results)))
 
 
-@pytest.mark.parametrize("option", BF16_OPTIONS)
+@pytest.mark.parametrize("option", BF16_CASES)
 def test_bf16_logits_sharded_equal_single_device(option):
     """bf16 logits (and bf16 probability targets): each shard reads its bf16 logits and label
     logit as they are and widens them to float32; the sharded loss and gradients equal the
@@ -292,8 +309,8 @@ def test_bad_labels_are_nan_like_one_device():
     """Labels past V, including those that land in the padding, give NaN; masked ones not."""
     mesh = auto_mesh((2, 4), ("batch", "vocab"))
     logits, labels, _, row_mask, _ = make_inputs(8, 61, probabilities=False)
-    labels = labels.at[0].set(61).at[2].set(63).at[4].set(64).at[5].set(-3).at[6].set(62)
-    row_mask = jnp.ones(8, bool).at[6].set(False)  # the bad label of row 6 is masked out
+    labels[[0, 2, 4, 5, 6]] = [61, 63, 64, -3, 62]
+    row_mask = np.arange(8) != 6  # the bad label of row 6 is masked out
     got = jax.jit(
         functools.partial(
             sharded_cross_entropy,
@@ -321,15 +338,17 @@ def test_checked_raises_on_labels_past_the_real_vocabulary():
     )
     np.testing.assert_allclose(loss_fn(logits, labels), cross_entropy(logits, labels), rtol=RTOL)
     with pytest.raises(Exception, match=r"found label 62 .* 0 <= label < 61"):
-        loss_fn(logits, labels.at[3].set(62))
+        bad = labels.copy()
+        bad[3] = 62
+        loss_fn(logits, bad)
 
 
 def test_explicit_mesh_and_several_leading_axes():
     """``jax.make_mesh`` (Explicit axes) and logits [N, T, V] with the batch split."""
     mesh = jax.make_mesh((2, 4), ("data", "model"))
-    keys = jax.random.split(jax.random.PRNGKey(3), 2)
-    logits = jax.random.normal(keys[0], (4, 3, 40))
-    labels = jax.random.randint(keys[1], (4, 3), 0, 40)
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.standard_normal((4, 3, 40)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 40, (4, 3)), jnp.int32)
     loss_fn = functools.partial(
         sharded_cross_entropy,
         mesh=mesh,
@@ -337,13 +356,15 @@ def test_explicit_mesh_and_several_leading_axes():
         batch_axis_name="data",
         label_smoothing=0.1,
     )
-    got, got_grad = jax.jit(jax.value_and_grad(loss_fn))(logits, labels)
+    # The value, gradient and per-row losses: one program.
+    (got, got_grad), rows = jax.jit(
+        lambda z, y: (jax.value_and_grad(loss_fn)(z, y), loss_fn(z, y, reduction="none"))
+    )(logits, labels)
     want, want_grad = jax.jit(
         jax.value_and_grad(functools.partial(cross_entropy, label_smoothing=0.1))
     )(logits, labels)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
-    rows = jax.jit(functools.partial(loss_fn, reduction="none"))(logits, labels)
     assert rows.shape == (4, 3)
     assert rows.sharding.spec[0] == "data"
     # Inputs already laid out on the explicit mesh, under jax.set_mesh (JAX's way to use
@@ -376,7 +397,11 @@ def test_argument_errors_name_the_fix():
         )
     with pytest.raises(ValueError, match="class_weights"):
         sharded_cross_entropy(
-            logits, labels, mesh=mesh, class_axis_name="vocab", class_weights=jnp.ones(15)
+            logits,
+            labels,
+            mesh=mesh,
+            class_axis_name="vocab",
+            class_weights=np.ones(15, np.float32),
         )
 
 
@@ -387,6 +412,8 @@ def test_axis_name_inside_shard_map_with_every_public_loss():
     mesh = auto_mesh((2, 4), ("batch", "vocab"))
     logits, labels, weights, _, _ = make_inputs(8, 32, probabilities=False)
     _, probs, *_ = make_inputs(8, 32, probabilities=True)
+    # JAX arrays (no program compiled): the jitted function below closes over them.
+    logits, labels, weights, probs = map(jnp.asarray, (logits, labels, weights, probs))
     shard = functools.partial(jax.shard_map, mesh=mesh, out_specs=P("batch"))
     rows, classes = P("batch"), P("batch", "vocab")
 
@@ -415,10 +442,9 @@ def test_axis_name_inside_shard_map_with_every_public_loss():
             z, y, class_weights=weights, label_smoothing=0.1, z_loss=1e-2, reduction="none"
         )
 
-    cotangent = jnp.linspace(-1.0, 2.0, 8)
-    tangent = jax.random.normal(jax.random.PRNGKey(7), logits.shape)
+    cotangent = jnp.asarray(np.linspace(-1.0, 2.0, 8, dtype=np.float32))
+    tangent = jnp.asarray(np.random.default_rng(7).standard_normal(logits.shape), jnp.float32)
 
-    @functools.partial(jax.jit, static_argnums=(0, 2, 3))
     def evaluate(fn, targets, argnums, forward_mode):
         loss, pullback = jax.vjp(fn, logits, targets)
         grads = pullback(cotangent)
@@ -427,17 +453,23 @@ def test_axis_name_inside_shard_map_with_every_public_loss():
             out.append(jax.jvp(lambda z: fn(z, targets), (logits,), (tangent,))[1])
         return out
 
-    cases = [
-        (lambda z, y: general(z, y, weights), general_single, labels, (0,), False),
-        (integer, softmax_cross_entropy_with_integer_labels, labels, (0,), True),
-        (soft, softmax_cross_entropy, probs, (0, 1), True),
-    ]
-    for sharded, single, targets, argnums, forward_mode in cases:
-        got = evaluate(sharded, targets, argnums, forward_mode)
-        want = evaluate(single, targets, argnums, forward_mode)
-        assert len(got) == len(want) == 1 + len(argnums) + forward_mode
+    cases = {
+        "cross_entropy": (lambda z, y: general(z, y, weights), general_single, labels, (0,), False),
+        "integer_labels": (integer, softmax_cross_entropy_with_integer_labels, labels, (0,), True),
+        "soft": (soft, softmax_cross_entropy, probs, (0, 1), True),
+    }
+    # Every case, sharded and on one device, in one compiled program.
+    results = jax.jit(
+        lambda: {
+            name: [evaluate(fn, targets, argnums, forward_mode) for fn in (sharded, single)]
+            for name, (sharded, single, targets, argnums, forward_mode) in cases.items()
+        }
+    )()
+    for name, (got, want) in results.items():
+        _, _, _, argnums, forward_mode = cases[name]
+        assert len(got) == len(want) == 1 + len(argnums) + forward_mode, name
         for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 # The compiled program: which collectives, on which shapes.
@@ -458,26 +490,22 @@ def compiled_collectives(options, *, grad=True, mesh_shape=(2, 4)):
 def _compiled_collectives(options, grad, mesh_shape):
     options = dict(options)
     mesh = auto_mesh(mesh_shape, ("batch", "vocab"))
-    batch = NamedSharding(mesh, P("batch"))
-    logits = jax.device_put(
-        jnp.zeros((N_ROWS, N_CLASSES)), NamedSharding(mesh, P("batch", "vocab"))
-    )
-    labels = jax.device_put(jnp.zeros((N_ROWS,), jnp.int32), batch)
+
+    def placed(shape, spec, dtype=jnp.float32):
+        # Shapes and shardings only: nothing is computed before the compilation.
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    logits = placed((N_ROWS, N_CLASSES), P("batch", "vocab"))
+    labels = placed((N_ROWS,), P("batch"), jnp.int32)
     if options.pop("probabilities", False):
-        labels = jax.device_put(
-            jnp.full((N_ROWS, N_CLASSES), 1.0 / N_CLASSES), NamedSharding(mesh, P("batch", "vocab"))
-        )
+        labels = placed((N_ROWS, N_CLASSES), P("batch", "vocab"))
     extra = {}
     if options.pop("weights", False):
-        extra["class_weights"] = jax.device_put(
-            jnp.ones((N_CLASSES,)), NamedSharding(mesh, P("vocab"))
-        )
+        extra["class_weights"] = placed((N_CLASSES,), P("vocab"))
     if options.pop("row_mask", False):
-        extra["where"] = jax.device_put(jnp.ones((N_ROWS,), bool), batch)
+        extra["where"] = placed((N_ROWS,), P("batch"), bool)
     if options.pop("class_mask", False):
-        extra["where"] = jax.device_put(
-            jnp.ones((N_ROWS, N_CLASSES), bool), NamedSharding(mesh, P("batch", "vocab"))
-        )
+        extra["where"] = placed((N_ROWS, N_CLASSES), P("batch", "vocab"), bool)
 
     def loss_fn(z, y, kw):
         return sharded_cross_entropy(
@@ -583,8 +611,8 @@ def test_hlo_check_catches_gathered_logits():
         z = jax.lax.all_gather(z, "vocab", axis=1, tiled=True)
         return cross_entropy(z, y, reduction="none")
 
-    logits = jnp.zeros((N_ROWS, N_CLASSES))
-    labels = jnp.zeros((N_ROWS,), jnp.int32)
+    logits = jax.ShapeDtypeStruct((N_ROWS, N_CLASSES), jnp.float32)
+    labels = jax.ShapeDtypeStruct((N_ROWS,), jnp.int32)
     found = hlo.collectives(jax.jit(gathered).lower(logits, labels).compile().as_text())
     assert ("all-gather", [("f32", (ROWS_LOCAL, N_CLASSES))]) in found
     with pytest.raises(AssertionError):
@@ -597,11 +625,14 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
     mesh = auto_mesh((4,), ("vocab",))
     logits, labels, weights, _, _ = make_inputs(6, 24, probabilities=False)
     _, probs, *_ = make_inputs(6, 24, probabilities=True)
+    logits, labels, probs = map(jnp.asarray, (logits, labels, probs))  # closed over below
     options = dict(label_smoothing=0.1, z_loss=1e-2, reduction="sum")
     single = functools.partial(cross_entropy, **options)
-    for targets, spec in ((labels, P()), (probs, P(None, "vocab"))):
-        argnums = (0,) if targets.dtype == jnp.int32 else (0, 1)
-        ref = jax.jit(jax.grad(single, argnums=argnums))(logits, targets)
+    cases = {"labels": (labels, P(), (0,)), "probabilities": (probs, P(None, "vocab"), (0, 1))}
+
+    def gradients(targets, spec, argnums):
+        """One device's gradients, and shard_map's with check_vma True and False."""
+        out = {"one_device": jax.grad(single, argnums=argnums)(logits, targets)}
         for check_vma in (True, False):
             loss = jax.shard_map(
                 functools.partial(cross_entropy, axis_name="vocab", **options),
@@ -610,20 +641,29 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
                 out_specs=P(),
                 check_vma=check_vma,
             )
-            got = jax.jit(jax.grad(loss, argnums=argnums))(logits, targets)
+            out[f"vma={check_vma}"] = jax.grad(loss, argnums=argnums)(logits, targets)
+        return out
+
+    # Both targets, one device and both shard_maps: one compiled program.
+    results = jax.jit(lambda: {name: gradients(*case) for name, case in cases.items()})()
+    for name, out in results.items():
+        ref = out["one_device"]
+        for variant in ("vma=True", "vma=False"):
+            got = out[variant]
+            assert len(got) == len(ref) == len(cases[name][2])
             for a, b in zip(got, ref):
-                np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"vma={check_vma}")
+                np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"{name} {variant}")
 
     # pmap: the classes split over the mapped axis, every device returns the same loss.
-    shards = logits.reshape(6, 4, 6).transpose(1, 0, 2)
+    shards = np.asarray(logits).reshape(6, 4, 6).transpose(1, 0, 2)  # NumPy: no program
     per_device = jax.pmap(
         functools.partial(cross_entropy, axis_name="vocab", **options),
         axis_name="vocab",
         in_axes=(0, None),
         devices=jax.devices()[:4],
     )
-    want = jax.grad(single)(logits, labels)
+    (want,) = results["labels"]["one_device"]
     for pick in (lambda out: out[0], jnp.mean):
         got = jax.grad(lambda s: pick(per_device(s, labels)))(shards)
-        got = got.transpose(1, 0, 2).reshape(6, 24)
+        got = np.asarray(got).transpose(1, 0, 2).reshape(6, 24)
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

@@ -13,6 +13,7 @@ two masked rows), and a minibatch of 20 splits evenly over 4 but not over 8 (pad
 
 from __future__ import annotations
 
+import functools
 import shutil
 
 import jax
@@ -30,7 +31,7 @@ MINIBATCH = {
     "learning_rate": 0.1,
     "batch_size": 20,
     "steps": 40,
-    "eval_every": 20,
+    "eval_every": 10,
     "checkpoint_every": 20,
 }
 # Measured: at most 5e-7 apart after 60 steps. Over thousands of steps the runs drift apart as
@@ -54,6 +55,13 @@ def train(options, devices, **keywords):
     return training.train(training.TrainConfig(**options, devices=devices), SPIRAL, **keywords)
 
 
+@functools.cache
+def plain_run(name, devices):
+    """A run without checkpoints, shared by the tests: the minibatch run on 8 devices is
+    both test_every_device_count_matches_one_device's and the resume test's whole run."""
+    return train({"full_batch": FULL_BATCH, "minibatch": MINIBATCH}[name], devices)
+
+
 def assert_same_run(got, expected, *, exact=False):
     for a, b in zip(
         jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected.params)
@@ -72,12 +80,12 @@ def assert_same_run(got, expected, *, exact=False):
         )
 
 
-@pytest.mark.parametrize("options", [FULL_BATCH, MINIBATCH], ids=["full_batch", "minibatch"])
-def test_every_device_count_matches_one_device(options):
-    one = train(options, 1)
+@pytest.mark.parametrize("name", ["full_batch", "minibatch"])
+def test_every_device_count_matches_one_device(name):
+    one = plain_run(name, 1)
     assert one.devices == 1
-    for devices in (3, None) if options is FULL_BATCH else (8,):
-        many = train(options, devices)
+    for devices in (3, None) if name == "full_batch" else (8,):
+        many = plain_run(name, devices)
         assert many.devices == (devices or 8)  # None: all local devices
         assert_same_run(many, one)
 
@@ -101,8 +109,8 @@ def test_the_compiled_step_splits_the_batch_and_all_reduces_the_gradients():
 
 
 def test_resume_is_bit_identical_on_8_devices_and_close_on_another_count(tmp_path):
-    options = {**MINIBATCH, "eval_every": 10}
-    whole = train(options, 8)
+    options = MINIBATCH
+    whole = plain_run("minibatch", 8)
 
     class Interrupt(Exception):
         pass

@@ -5,6 +5,8 @@ References: float64 NumPy from the definitions (tests/reference.py), ``jax.grad`
 ``kl_divergence`` and ``convex_kl_divergence``, and finite differences in both modes.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,25 +82,37 @@ def _logits(shape=(N, V), dtype=jnp.float64, scale=3.0, seed=0):
     return student, teacher
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_values_and_gradients_equal_the_references(case):
+def test_values_and_gradients_equal_the_references():
     """Value vs float64 NumPy and the naive composition; the student's and the teacher's
-    gradients (a random cotangent for ``"none"``) vs ``jax.grad`` of the naive composition."""
-    options = CASES[case]
+    gradients (a random cotangent for ``"none"``) vs ``jax.grad`` of the naive composition.
+    Every case of CASES, ours and naive, in one program; each compared on its own."""
     with jax.enable_x64(True):
         student, teacher = _logits()
-        jax_options = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x
-                       for k, x in options.items()}  # fmt: skip
-        ours = jax.jit(lambda s, t: distillation_loss(s, t, **jax_options))
-        theirs = jax.jit(lambda s, t: naive(s, t, **jax_options))
-        value, ours_vjp = jax.vjp(ours, student, teacher)
-        expected = reference.distillation(np.asarray(student), np.asarray(teacher), **options)
-        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)
-        naive_value, naive_vjp = jax.vjp(theirs, student, teacher)
-        np.testing.assert_allclose(value, naive_value, rtol=1e-12, atol=1e-12)
-        cotangent = sample.normal(3, value.shape, value.dtype)
-        for got, want in zip(ours_vjp(cotangent), naive_vjp(cotangent)):
-            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        cotangents = {}
+        for case, options in CASES.items():
+            shape = jax.eval_shape(
+                lambda s, t: distillation_loss(s, t, **options), student, teacher
+            )
+            cotangents[case] = sample.normal(3, shape.shape, shape.dtype)
+
+        def every(student, teacher, cotangents):
+            results = {}
+            for case, options in CASES.items():
+                jax_options = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x
+                               for k, x in options.items()}  # fmt: skip
+                results[case] = []
+                for loss in (distillation_loss, naive):
+                    value, vjp = jax.vjp(lambda s, t: loss(s, t, **jax_options), student, teacher)
+                    results[case].append((value, vjp(cotangents[case])))
+            return results
+
+        results = jax.jit(every)(student, teacher, cotangents)
+    for case, ((value, grads), (naive_value, naive_grads)) in results.items():
+        expected = reference.distillation(np.asarray(student), np.asarray(teacher), **CASES[case])
+        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12, err_msg=case)
+        np.testing.assert_allclose(value, naive_value, rtol=1e-12, atol=1e-12, err_msg=case)
+        for got, want, name in zip(grads, naive_grads, ("student", "teacher")):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"{case} {name}")
 
 
 def test_class_axis_and_batch_shape():
@@ -108,8 +122,9 @@ def test_class_axis_and_batch_shape():
         loss = lambda s, t: distillation_loss(s, t, divergence="jsd", axis=0, temperature=1.5)
         moved = lambda x: jnp.moveaxis(x, 0, -1).reshape(6, V)
         flat = lambda s, t: naive(moved(s), moved(t), divergence="jsd", temperature=1.5)
-        got = jax.jit(jax.value_and_grad(loss, (0, 1)))(student, teacher)
-        want = jax.jit(jax.value_and_grad(flat, (0, 1)))(student, teacher)
+        got, want = jax.jit(
+            lambda s, t: [jax.value_and_grad(f, (0, 1))(s, t) for f in (loss, flat)]
+        )(student, teacher)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
@@ -122,14 +137,25 @@ def test_forward_kl_equals_optax():
     ours = lambda s: distillation_loss(s, teacher, temperature=t)
     # convex_kl_divergence is named generalized_kl_divergence since optax 0.2.6.
     generalized = getattr(optax.losses, "generalized_kl_divergence", None)
-    for kl in (optax.losses.kl_divergence, generalized or optax.losses.convex_kl_divergence):
-        theirs = lambda s: (
-            t**2 * jnp.mean(kl(jax.nn.log_softmax(s / t), jax.nn.softmax(teacher / t)))
-        )
-        np.testing.assert_allclose(ours(student), theirs(student), rtol=1e-5)
-        np.testing.assert_allclose(
-            jax.grad(ours)(student), jax.grad(theirs)(student), rtol=1e-4, atol=1e-6
-        )
+    kls = {
+        "kl": optax.losses.kl_divergence,
+        "convex": generalized or optax.losses.convex_kl_divergence,
+    }
+
+    def every(student):
+        results = {"ours": jax.value_and_grad(ours)(student)}
+        for name, kl in kls.items():
+            theirs = lambda s: (
+                t**2 * jnp.mean(kl(jax.nn.log_softmax(s / t), jax.nn.softmax(teacher / t)))
+            )
+            results[name] = jax.value_and_grad(theirs)(student)
+        return results
+
+    results = jax.jit(every)(student)
+    value, grad = results["ours"]
+    for name in kls:
+        np.testing.assert_allclose(value, results[name][0], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(grad, results[name][1], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
@@ -138,14 +164,15 @@ def test_finite_differences_in_forward_and_reverse_mode(divergence):
     both logits, with the hard term; and ``jacfwd`` equals ``jacrev``."""
     with jax.enable_x64(True):
         student, teacher = _logits(scale=1.5)
-        labels = jnp.asarray(LABELS).clip(0)
+        labels = jnp.asarray(LABELS.clip(0))
         loss = lambda s, t: distillation_loss(
             s, t, divergence=divergence, temperature=1.5, labels=labels, hard_weight=0.5,
             beta=0.3 if divergence == "jsd" else 0.5,
         )  # fmt: skip
-        check_grads(loss, (student, teacher), order=1, modes=("fwd", "rev"))
-        forward = jax.jacfwd(loss, (0, 1))(student, teacher)
-        backward = jax.jacrev(loss, (0, 1))(student, teacher)
+        check_grads(jax.jit(loss), (student, teacher), order=1, modes=("fwd", "rev"))
+        forward, backward = jax.jit(
+            lambda s, t: (jax.jacfwd(loss, (0, 1))(s, t), jax.jacrev(loss, (0, 1))(s, t))
+        )(student, teacher)
         for a, b in zip(forward, backward):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
@@ -155,32 +182,41 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
     differentiates the forward computation instead (the test fails if the rule is bypassed)."""
     student, teacher = _logits((3, 5), jnp.float32, seed=7)  # a shape no other test compiles
     loss = lambda s, t: distillation_loss(s, t, divergence="reverse_kl")
-    plain = jax.grad(naive, (0, 1))(student, teacher, divergence="reverse_kl")
+    plain = jax.jit(lambda s, t: jax.grad(naive, (0, 1))(s, t, divergence="reverse_kl"))(
+        student, teacher
+    )
     rule = divergences.logits_gradients
 
     def doubled(*args, **kwargs):
         return tuple(None if g is None else 2 * g for g in rule(*args, **kwargs))
 
     monkeypatch.setattr(divergences, "logits_gradients", doubled)
-    for got, want in zip(jax.grad(loss, (0, 1))(student, teacher), plain):
+    grads, tangent = jax.jit(  # traced here, under the patch
+        lambda s, t: (
+            jax.grad(loss, (0, 1))(s, t),
+            jax.jvp(loss, (s, t), (jnp.ones_like(s), t))[1],
+        )
+    )(student, teacher)
+    for got, want in zip(grads, plain):
         np.testing.assert_allclose(got, 2 * want, rtol=1e-5, atol=1e-7)
-    tangent = jax.jvp(loss, (student, teacher), (jnp.ones_like(student), teacher))[1]
-    expected = jnp.sum(plain[0]) + jnp.sum(plain[1] * teacher)
+    plain = [np.asarray(g, np.float64) for g in plain]
+    expected = np.sum(plain[0]) + np.sum(plain[1] * np.asarray(teacher))
     np.testing.assert_allclose(tangent, 2 * expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
 def test_residuals_are_the_logits_and_numbers_per_row(divergence):
     """What reverse mode keeps for the backward: the two ``[N, V]`` logits and ``[N, 1]``
-    statistics, no third ``[N, V]`` array (the naive composition keeps more)."""
+    statistics, no third ``[N, V]`` array (the naive composition keeps more). The
+    residuals' shapes, traced (``jax.eval_shape``): the same arrays an eager ``jax.vjp``
+    keeps, without compiling a program."""
     student, teacher = _logits(dtype=jnp.float32)
     beta = 0.3 if divergence == "jsd" else 0.5
     loss = lambda s, t: distillation_loss(s, t, divergence=divergence, beta=beta)
-    _, backward = jax.vjp(loss, student, teacher)
-    large = lambda f: [x.shape for x in jax.tree.leaves(f) if x.size > N]
-    assert large(backward) == [(N, V), (N, V)]
-    _, naive_backward = jax.vjp(lambda s, t: naive(s, t, divergence=divergence, beta=beta),
-                                student, teacher)  # fmt: skip
+    residuals = lambda f: jax.eval_shape(lambda s, t: jax.vjp(f, s, t)[1], student, teacher)
+    large = lambda f: [x.shape for x in jax.tree.leaves(f) if math.prod(x.shape) > N]
+    assert large(residuals(loss)) == [(N, V), (N, V)]
+    naive_backward = residuals(lambda s, t: naive(s, t, divergence=divergence, beta=beta))
     assert len(large(naive_backward)) > 2
 
 
@@ -198,18 +234,18 @@ def _every_divergence(vocab_mask=None):
 def test_extreme_and_infinite_logits():
     """Logits near 1e30 in float32 and ``-inf`` on classes both models leave out: the loss
     and gradients are finite and equal the float64 references (masked classes: gradient 0)."""
-    student, teacher = _logits(dtype=jnp.float32)
-    huge_s, huge_t = 1e30 * student, 1e30 * teacher + 1e29
+    student, teacher = (np.asarray(x) for x in _logits(dtype=jnp.float32))
+    huge_s, huge_t = 1e30 * student, 1e30 * teacher + np.float32(1e29)
     values, grads = _every_divergence()(huge_s, huge_t)
     for i, divergence in enumerate(divergences.DIVERGENCES):
         expected = reference.distillation(huge_s, huge_t, divergence=divergence)
         np.testing.assert_allclose(values[i], expected, rtol=1e-5)
     assert all(np.all(np.isfinite(g)) for g in grads)
-    mask = jnp.array([1, 1, 0, 1, 1, 1, 0], bool)
-    inf_s = jnp.where(mask[None, :], student, -jnp.inf)
-    inf_t = jnp.where(mask[None, :], teacher, -jnp.inf)
+    mask = np.array([1, 1, 0, 1, 1, 1, 0], bool)
+    inf_s = np.where(mask[None, :], student, -np.inf).astype(np.float32)
+    inf_t = np.where(mask[None, :], teacher, -np.inf).astype(np.float32)
     values, grads = _every_divergence()(inf_s, inf_t)
-    masked_values, masked_grads = _every_divergence(mask)(student, teacher)
+    masked_values, masked_grads = _every_divergence(jnp.asarray(mask))(student, teacher)
     np.testing.assert_allclose(values, masked_values, rtol=1e-6)
     for got, want in zip(grads, masked_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -219,19 +255,29 @@ def test_extreme_and_infinite_logits():
 def test_bfloat16_is_computed_in_float32():
     """bf16 logits: the loss equals the float32 loss of the same values, rounded once to
     bf16, and the gradients come back in bf16 close to the float32 ones."""
-    student, teacher = (x.astype(jnp.bfloat16) for x in _logits(dtype=jnp.float32))
-    wide = [x.astype(jnp.float32) for x in (student, teacher)]
+    student, teacher = (
+        jnp.asarray(np.asarray(x).astype(jnp.bfloat16)) for x in _logits(dtype=jnp.float32)
+    )
+    wide = [jnp.asarray(np.asarray(x).astype(np.float32)) for x in (student, teacher)]
     loss = lambda s, t: distillation_loss(s, t, divergence="jsd", temperature=2.0)
-    value = loss(student, teacher)
+
+    def every(student, teacher, wide):
+        return dict(
+            narrow=jax.value_and_grad(loss, (0, 1))(student, teacher),
+            wide=jax.value_and_grad(loss, (0, 1))(*wide),
+            # A bf16 teacher for a float32 student: computed in float32, the student's dtype out.
+            mixed=distillation_loss(wide[0], teacher, divergence="jsd", temperature=2.0),
+        )
+
+    results = jax.device_get(jax.jit(every)(student, teacher, wide))
+    (value, grads), (wide_value, wide_grads) = results["narrow"], results["wide"]
     assert value.dtype == jnp.bfloat16
-    assert value == loss(*wide).astype(jnp.bfloat16)
-    grads = jax.grad(loss, (0, 1))(student, teacher)
-    for got, want in zip(grads, jax.grad(loss, (0, 1))(*wide)):
+    assert value == wide_value.astype(jnp.bfloat16)
+    for got, want in zip(grads, wide_grads):
         assert got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=1e-4)
-    # A bf16 teacher for a float32 student: computed in float32, the student's dtype out.
-    mixed = distillation_loss(wide[0], teacher, divergence="jsd", temperature=2.0)
-    assert mixed.dtype == jnp.float32 and mixed == loss(*wide)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-2, atol=1e-4)
+    mixed = results["mixed"]
+    assert mixed.dtype == jnp.float32 and mixed == wide_value
 
 
 def test_a_frozen_teacher_gets_no_gradient_computation():
@@ -287,16 +333,16 @@ def test_checked_mode_raises_on_a_bad_label():
     student, teacher = _logits(dtype=jnp.float32)
     bad = jnp.array([0, 3, V, 2, 2, 1])
     options = dict(labels=bad, hard_weight=0.5, reduction="none")
-    assert np.isnan(distillation_loss(student, teacher, **options)[2])
+    assert np.isnan(np.asarray(distillation_loss(student, teacher, **options))[2])
     with pytest.raises(ValueError, match=r"found label 7 at position \[2\]"):
         distillation_loss(student, teacher, checked=True, **options)
-    mask = jnp.arange(V) != 3
+    mask = jnp.asarray(np.arange(V) != 3)
     with pytest.raises(ValueError, match="vocab_mask keeps"):
-        distillation_loss(student, teacher, labels=bad.at[2].set(1), hard_weight=0.5,
+        distillation_loss(student, teacher, labels=jnp.array([0, 3, 1, 2, 2, 1]), hard_weight=0.5,
                           vocab_mask=mask, checked=True)  # fmt: skip
     loss = jax.jit(functools.partial(distillation_loss, hard_weight=0.5, checked=True))
     with pytest.raises(checkify.JaxRuntimeError, match="found label 7"):
         checked(loss)(student, teacher, labels=bad)
-    h, w = student, jnp.eye(V, dtype=jnp.float32)  # the fused loss of the same logits
+    h, w = student, jnp.asarray(np.eye(V, dtype=np.float32))  # the fused loss of the same logits
     with pytest.raises(ValueError, match="found label 7"):
         linear_distillation_loss(h, w, teacher, w, checked=True, **options)

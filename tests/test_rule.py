@@ -51,26 +51,28 @@ def test_invariant_to_adding_a_constant_to_a_row(problem, shift):
 
 
 # Jitted: run eagerly, each example dispatched and compiled the gradient's operations one by
-# one for its shape, three times the compile of the whole program.
+# one for its shape, three times the compile of the whole program. Both gradients in one
+# program: the smoothing is static, so each example compiles one anyway.
 @functools.partial(jax.jit, static_argnames="smoothing")
-def smoothed_label_gradient(logits, labels, smoothing):
-    return jax.grad(lambda z: cross_entropy(z, labels, label_smoothing=smoothing))(logits)
-
-
-@jax.jit
-def reversed_softmax_target_gradient(logits):
+def normalized_target_gradients(logits, labels, smoothing):
+    """The gradient for smoothed integer labels, and for probability targets (a softmax of
+    the rows in reverse order)."""
+    smoothed = jax.grad(lambda z: cross_entropy(z, labels, label_smoothing=smoothing))(logits)
     probs = jax.nn.softmax(logits[::-1])
-    return jax.grad(lambda z: jnp.sum(softmax_cross_entropy(z, probs)))(logits)
+    return smoothed, jax.grad(lambda z: jnp.sum(softmax_cross_entropy(z, probs)))(logits)
 
 
 @SETTINGS
 @given(logits_and_labels(), st.floats(0.0, 1.0, width=32))
 def test_gradient_rows_sum_to_zero_for_normalized_targets(problem, smoothing):
     logits, labels = problem
-    grad = smoothed_label_gradient(logits, labels, smoothing=float(smoothing))
-    np.testing.assert_allclose(np.sum(grad, axis=-1), 0.0, atol=1e-6)
-    grad = reversed_softmax_target_gradient(logits)
-    np.testing.assert_allclose(np.sum(grad, axis=-1), 0.0, atol=1e-5)
+    smoothed, probabilities = normalized_target_gradients(
+        logits, labels, smoothing=float(smoothing)
+    )
+    np.testing.assert_allclose(np.sum(smoothed, axis=-1), 0.0, atol=1e-6, err_msg="smoothed")
+    np.testing.assert_allclose(
+        np.sum(probabilities, axis=-1), 0.0, atol=1e-5, err_msg="probability targets"
+    )
 
 
 @SETTINGS
@@ -83,7 +85,7 @@ def test_equivariant_under_permuting_classes(problem, rng):
     value, grad = value_and_grad_sum(logits, labels)
     value_p, grad_p = value_and_grad_sum(logits[:, permutation], inverse[labels].astype(np.int32))
     np.testing.assert_allclose(value_p, value, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grad_p, grad[:, permutation], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad_p, np.asarray(grad)[:, permutation], rtol=1e-5, atol=1e-6)
 
 
 @SETTINGS
@@ -126,7 +128,7 @@ def count_rule_calls(patch_rule):
 def rule_problem(kind):
     logits = sample.normal(0, (7, 5))
     if kind == "labels":
-        return logits, jnp.arange(7) % 5
+        return logits, np.arange(7, dtype=np.int32) % 5
     return logits, sample.probabilities(1, (7, 5))
 
 
@@ -150,12 +152,12 @@ def test_gradient_runs_through_the_derived_rule(patch_rule, case):
     calls = count_rule_calls(patch_rule)
     jax.block_until_ready(loss(logits, targets))
     assert calls == {"gradient_expression": 0, "probabilities_gradient": 0}, "forward only"
-    jax.grad(loss)(logits, targets)
+    jax.jit(jax.grad(loss))(logits, targets)
     assert calls["gradient_expression"] >= 1, "jax.grad bypassed the custom rule"
     if kind == "probabilities":
         calls.update(gradient_expression=0, probabilities_gradient=0)
         jax.clear_caches()
-        jax.grad(loss, argnums=1)(logits, targets)
+        jax.jit(jax.grad(loss, argnums=1))(logits, targets)
         assert calls["probabilities_gradient"] >= 1, "the label gradient bypassed the rule"
 
 
@@ -176,12 +178,12 @@ def test_a_wrong_rule_would_be_caught(patch_rule, case):
     loss, kind = RULE_CASES[case]
     logits, targets = rule_problem(kind)
     argnums = (0, 1) if kind == "probabilities" else (0,)
-    good = jax.grad(loss, argnums)(logits, targets)
+    good = jax.jit(jax.grad(loss, argnums))(logits, targets)
     names = ["gradient_expression", "probabilities_gradient"][: len(argnums)]
     for sabotaged, name in enumerate(names):
         original = getattr(row_terms, name)
         patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
-        bad = jax.grad(loss, argnums)(logits, targets)
+        bad = jax.jit(jax.grad(loss, argnums))(logits, targets)
         patch_rule(name, original)
         for argnum in range(len(argnums)):
             changed = not np.allclose(good[argnum], bad[argnum])
@@ -237,11 +239,11 @@ def test_compiled_gradient_uses_less_temporary_memory_than_autodiff_of_naive():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_is_computed_in_float32_and_keeps_its_dtype(dtype):
     logits = sample.normal(3, (32, 50), dtype, scale=4.0)
-    labels = jnp.arange(32) % 50
+    labels = np.arange(32, dtype=np.int32) % 50
     value, grad = jax.jit(jax.value_and_grad(cross_entropy))(logits, labels)
     assert value.dtype == dtype and grad.dtype == dtype
-    upcast = logits.astype(jnp.float32)
-    value32, grad32 = jax.value_and_grad(cross_entropy)(upcast, labels)
+    upcast = np.asarray(logits, np.float32)
+    value32, grad32 = jax.jit(jax.value_and_grad(cross_entropy))(upcast, labels)
     # Rounding only at the end: within one half-precision ulp of the f32 computation.
     np.testing.assert_allclose(np.float32(value), value32, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(grad, np.float32), grad32, rtol=1e-2, atol=1e-5)
@@ -288,17 +290,25 @@ def test_huge_logits_are_finite_and_exact_where_naive_fails(loss, kind):
     labels = np.array([0, 1, 1])
     targets, y = extreme_targets(kind, labels, smoothed(labels, 3))
     f = PER_ROW_LOSSES[loss]
-    per, grad = jax.jit(jax.vmap(jax.value_and_grad(f)))(logits, targets)
+
+    def per_row_and_whole(z, targets):  # one program
+        per, grad = jax.vmap(jax.value_and_grad(f))(z, targets)
+        return per, grad, jax.grad(lambda z: jnp.sum(f(z, targets)))(z)
+
+    per, grad, whole_grad = jax.jit(per_row_and_whole)(logits, targets)
     expected, expected_grad = reference.loss_and_gradient(logits, y)
     if kind != "distribution":  # the reference itself, against the values by hand
         big = np.float64(np.float32(1e30))
         np.testing.assert_allclose(expected, [0.0, np.log(2.0), big - 5.0], rtol=1e-15)
     np.testing.assert_allclose(per, expected, rtol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(jax.grad(lambda z: jnp.sum(f(z, targets)))(logits), grad)
+    np.testing.assert_allclose(whole_grad, grad)
     naive = lambda z: -jnp.sum(y * jnp.log(jax.nn.softmax(z)), -1)
-    assert not np.all(np.isfinite(naive(logits))) or not np.allclose(naive(logits), expected)
-    assert not np.all(np.isfinite(jax.grad(lambda z: jnp.sum(naive(z)))(logits)))
+    naive_value, naive_grad = jax.jit(
+        lambda z: (naive(z), jax.grad(lambda z: jnp.sum(naive(z)))(z))
+    )(logits)
+    assert not np.all(np.isfinite(naive_value)) or not np.allclose(naive_value, expected)
+    assert not np.all(np.isfinite(naive_grad))
 
 
 @pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
@@ -308,15 +318,19 @@ def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
     distribution = np.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]], np.float32)
     targets, y = extreme_targets(kind, labels, distribution)
     f = PER_ROW_LOSSES[loss]
-    per = f(logits, targets)
-    grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(logits)
+
+    def per_gradient_and_mean(z, targets):  # one program
+        grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(z)
+        mean = cross_entropy(z, targets) if loss == "cross_entropy" else None
+        return f(z, targets), grad, mean
+
+    per, grad, value = jax.jit(per_gradient_and_mean)(logits, targets)
     assert np.all(np.isfinite(per)) and np.all(np.isfinite(grad))
     expected, expected_grad = reference.loss_and_gradient(logits, y)
     np.testing.assert_allclose(per, expected, rtol=1e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
     assert grad[0, 1] == 0.0 and grad[0, 3] == 0.0 and grad[1, 2] == 0.0
     if loss == "cross_entropy":  # the mean, against PyTorch's semantics in float64
-        value = cross_entropy(logits, targets)
         np.testing.assert_allclose(value, reference.cross_entropy(logits, targets), rtol=1e-6)
 
 
@@ -329,10 +343,21 @@ def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind
     logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
     labels = np.array([0, 1, 1])
     targets, y = extreme_targets(kind, labels, one_hot(labels, 3))
-    f = lambda z: cross_entropy(z, targets, z_loss=beta, reduction="none")
-    per = f(logits)
-    assert np.all(per == np.inf) and cross_entropy(logits, targets, z_loss=beta) == np.inf
-    grad = jax.grad(lambda z: jnp.sum(f(z)))(logits)
+    f = lambda z, targets: cross_entropy(z, targets, z_loss=beta, reduction="none")
+    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0], [3e21, 0.0, -1.0]], np.float32)
+    near_labels = np.array([0, 0, 0])
+    near_targets, _ = extreme_targets(kind, near_labels, one_hot(near_labels, 3))
+
+    def float32_results(logits, targets, near, near_targets):  # one program
+        return (
+            f(logits, targets),
+            cross_entropy(logits, targets, z_loss=beta),
+            jax.grad(lambda z: jnp.sum(f(z, targets)))(logits),
+            f(near, near_targets),
+        )
+
+    per, mean, grad, values = jax.jit(float32_results)(logits, targets, near, near_targets)
+    assert np.all(per == np.inf) and mean == np.inf
     assert np.all(np.isfinite(grad))
     # float64: d/dz [ce + beta lse^2] = softmax (1 + 2 beta lse) - y, with lse = max z here.
     _, ce_grad = reference.loss_and_gradient(logits, y)
@@ -344,10 +369,6 @@ def test_z_loss_at_huge_logits_gives_an_infinite_loss_and_a_finite_gradient(kind
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
     # The threshold is beta * lse^2 itself, not lse^2: 4e34 at lse = 2e19 fits in float32
     # (lse^2 = 4e38 would not), 9e38 at lse = 3e21 does not.
-    near = np.array([[1e19, 0.0, -1.0], [2e19, 0.0, -1.0], [3e21, 0.0, -1.0]], np.float32)
-    near_labels = np.array([0, 0, 0])
-    near_targets, _ = extreme_targets(kind, near_labels, one_hot(near_labels, 3))
-    values = cross_entropy(near, near_targets, z_loss=beta, reduction="none")
     expected_near = beta * near[:2, 0].astype(np.float64) ** 2
     np.testing.assert_allclose(values[:2], expected_near, rtol=1e-6)
     assert values[2] == np.inf

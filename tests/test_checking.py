@@ -3,7 +3,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import sample
@@ -14,9 +13,22 @@ import jaxsoftmax.losses.cross_entropy
 from jaxsoftmax import cross_entropy
 from jaxsoftmax import softmax_cross_entropy_with_integer_labels as integer_loss
 
+# JAX arrays, made from NumPy ones with device_put: an eager jnp.array or .at[].set compiles a
+# program at import.
 LOGITS = sample.normal(5, (2, 3, 4), scale=2.0)
-LABELS = jnp.array([[0, 1, 2], [3, 9, 1]])  # 9 is out of range, at position [1 1]
-GOOD = LABELS.at[1, 1].set(2)
+FIRST_LOGITS = jax.device_put(np.asarray(LOGITS)[0])  # LOGITS[0], without a slicing program
+_LABELS = np.array([[0, 1, 2], [3, 9, 1]], np.int32)  # 9 is out of range, at position [1 1]
+LABELS = jax.device_put(_LABELS)
+
+
+def with_label(labels, position, value):
+    """``labels.at[position].set(value)``, edited in NumPy."""
+    edited = np.array(labels)
+    edited[position] = value
+    return jax.device_put(edited)
+
+
+GOOD = with_label(_LABELS, (1, 1), 2)
 CHECKED_CE = functools.partial(cross_entropy, checked=True)
 CHECKED_INT = functools.partial(integer_loss, checked=True)
 LOSSES = [(CHECKED_CE, "targets"), (CHECKED_INT, "labels")]
@@ -57,13 +69,13 @@ def test_eager_check_skips_ignored_and_masked_examples_and_passes_good_labels():
     np.testing.assert_allclose(
         CHECKED_CE(LOGITS, LABELS, ignore_index=9), cross_entropy(LOGITS, LABELS, ignore_index=9)
     )
-    rows = jnp.array([[True, True, True], [True, False, True]])
+    rows = jax.device_put(np.array([[True, True, True], [True, False, True]]))
     np.testing.assert_allclose(
         CHECKED_INT(LOGITS, LABELS, where=rows), integer_loss(LOGITS, LABELS, where=rows)
     )
     np.testing.assert_allclose(CHECKED_CE(LOGITS, GOOD), cross_entropy(LOGITS, GOOD))
     with pytest.raises(ValueError, match=r"found label -1 at position \[0 2\]"):
-        CHECKED_CE(LOGITS, GOOD.at[0, 2].set(-1))
+        CHECKED_CE(LOGITS, with_label(GOOD, (0, 2), -1))
 
 
 @pytest.mark.parametrize("loss,name", LOSSES, ids=IDS)
@@ -110,13 +122,15 @@ def test_throw_false_returns_the_error_and_can_be_jitted():
 
 
 def test_checked_skips_ignored_labels_under_jit():
-    labels = jnp.array([0, -100, 2])
+    labels = jax.device_put(np.array([0, -100, 2], np.int32))
     f = jaxsoftmax.checked(jax.jit(functools.partial(CHECKED_CE, ignore_index=-100)))
     np.testing.assert_allclose(
-        f(LOGITS[0], labels), cross_entropy(LOGITS[0], labels, ignore_index=-100), rtol=1e-6
+        f(FIRST_LOGITS, labels),
+        cross_entropy(FIRST_LOGITS, labels, ignore_index=-100),
+        rtol=1e-6,
     )
     with pytest.raises(checkify.JaxRuntimeError, match=r"label -100 at position \[1\]"):
-        jaxsoftmax.checked(jax.jit(functools.partial(CHECKED_INT)))(LOGITS[0], labels)
+        jaxsoftmax.checked(jax.jit(functools.partial(CHECKED_INT)))(FIRST_LOGITS, labels)
 
 
 def test_a_jitted_function_traced_under_checked_keeps_its_check_as_documented():

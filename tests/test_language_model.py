@@ -131,8 +131,8 @@ def reference_statistics(logits, labels, z_loss):
     lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     log_p = logits - lse[..., None]
     labels = np.asarray(labels)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(logits, jnp.float32), jnp.asarray(labels)
+    cross_entropy = jax.jit(optax.softmax_cross_entropy_with_integer_labels)(
+        np.asarray(logits, np.float32), labels
     )
     return {
         "loss": float(np.mean(cross_entropy)),
@@ -150,10 +150,14 @@ def test_naive_and_fused_training_agree_step_by_step(corpus, standard_promotion)
         tokens = lm_training.place_tokens(functions["mesh"], corpus.train_tokens)
         state = functions["init"]()
         if loss == "naive":  # the first batch's statistics against an independent reference
-            starts = lm_training.window_starts(config, tokens.shape[0], jnp.asarray(0))
-            windows = lm_training.gather_windows(tokens, starts, config.seq_len + 1)
-            logits = transformer.logits(state.params, windows[:, :-1], num_heads=2)
-            expected = reference_statistics(logits, windows[:, 1:], config.z_loss)
+
+            @jax.jit  # one program, not one per operation
+            def first_batch(params, tokens, config=config):
+                starts = lm_training.window_starts(config, tokens.shape[0], jnp.asarray(0))
+                windows = lm_training.gather_windows(tokens, starts, config.seq_len + 1)
+                return transformer.logits(params, windows[:, :-1], num_heads=2), windows[:, 1:]
+
+            expected = reference_statistics(*first_batch(state.params, tokens), config.z_loss)
         step = lm_training.compile_step(functions, state, tokens)
         for _ in range(3):
             state, step_metrics = step(state, tokens)
@@ -165,16 +169,15 @@ def test_naive_and_fused_training_agree_step_by_step(corpus, standard_promotion)
         for name in lm_training.METRICS:
             assert float(fused[name]) == pytest.approx(float(naive[name]), rel=1e-5, abs=1e-6)
     assert int(states["fused"].step) == int(states["naive"].step) == 3
-    moved = jax.tree.map(
-        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+    initial = jax.jit(  # one program, not one per parameter and operation
+        lambda key: transformer.init(
+            key, vocab_size=corpus.vocab_size, d_model=16, num_layers=1, max_len=16
+        )
+    )(jax.random.fold_in(jax.random.key(TINY.seed), 0))
+    moved = jax.tree.map(  # in NumPy: no program per parameter shape
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
         states["naive"].params,
-        transformer.init(
-            jax.random.fold_in(jax.random.key(TINY.seed), 0),
-            vocab_size=corpus.vocab_size,
-            d_model=16,
-            num_layers=1,
-            max_len=16,
-        ),
+        initial,
     )
     assert min(jax.tree.leaves(moved)) > 0  # every parameter trained
     # The key bias's gradient is 0 in exact arithmetic (softmax ignores a constant added to
@@ -196,11 +199,14 @@ def test_naive_and_fused_training_agree_step_by_step(corpus, standard_promotion)
 
 
 def test_the_causal_mask_hides_later_tokens():
-    params = transformer.init(jax.random.key(0), vocab_size=20, d_model=8, num_layers=2, max_len=6)
-    tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
-    changed = tokens.at[0, 4].set(7)
+    params = jax.jit(  # one program, not one per parameter and operation
+        lambda key: transformer.init(key, vocab_size=20, d_model=8, num_layers=2, max_len=6)
+    )(jax.random.key(0))
+    tokens = np.array([[1, 2, 3, 4, 5, 6]], np.int32)
+    changed = tokens.copy()
+    changed[0, 4] = 7
     hidden_states = jax.jit(transformer.hidden_states, static_argnames="num_heads")
-    one, two = (hidden_states(params, t, num_heads=2) for t in (tokens, changed))
+    one, two = (np.asarray(hidden_states(params, t, num_heads=2)) for t in (tokens, changed))
     np.testing.assert_array_equal(one[0, :4], two[0, :4])
     assert not np.allclose(one[0, 4:], two[0, 4:])
 

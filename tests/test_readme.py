@@ -1,6 +1,7 @@
 """The README's Python examples run as written, each on its own, and give what they claim."""
 
 import functools
+import json
 import pathlib
 import re
 import subprocess
@@ -48,35 +49,75 @@ def test_fused_example_runs_and_equals_logits_then_loss():
     np.testing.assert_allclose(namespace["d_embedding"], gradients[1], rtol=1e-5, atol=1e-7)
 
 
+# Runs README blocks in one child Python, each as a reader pastes it into a fresh interpreter
+# would: in a namespace of its own (a block that forgets an import, or uses a name another block
+# defined, fails), its stdout and its error recorded apart. A child per block spent 3 s apiece
+# starting Python and JAX. What one fresh Python gives a block and a shared one does not is
+# JAX's global state untouched by earlier blocks: the runner fails a block that changes
+# jax.config, so no block runs differently for the ones before it.
+_BLOCK_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+import jax
+
+results = []
+for block in json.loads(sys.stdin.read()):
+    stdout, config = io.StringIO(), dict(jax.config.values)
+    with contextlib.redirect_stdout(stdout):
+        try:
+            exec(compile(block, "<README block>", "exec"), {"__name__": "__main__"})
+            changed = sorted(k for k, v in jax.config.values.items() if config.get(k) != v)
+            error = f"changed JAX's global configuration: {changed}" if changed else None
+        except BaseException:
+            error = traceback.format_exc()
+    results.append([stdout.getvalue(), error])
+print(json.dumps(results))
+"""
+
+
 @functools.cache
-def run_alone(block: str, devices: int = 1) -> str:
-    """Runs one README block as its own script in a fresh Python, as a reader pastes it; once
-    per block and device count in a test process (the mesh block's one-device run serves
-    two tests, which run on one worker: xdist_group "readme_mesh_block")."""
-    env = child_process.environment(devices)
+def run_alone(blocks: tuple[str, ...], devices: int = 1) -> list[tuple[str, str | None]]:
+    """``(stdout, error or None)`` of each of ``blocks`` run on ``devices`` CPU devices by one
+    child Python (``_BLOCK_RUNNER``); once per blocks and device count in a test process (the
+    tests that read a run share one worker: xdist_group "readme_blocks")."""
     result = subprocess.run(
-        [sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _BLOCK_RUNNER],
+        input=json.dumps(blocks),
+        env=child_process.environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return [tuple(r) for r in json.loads(result.stdout.splitlines()[-1])]
 
 
-MESH_BLOCK = pytest.mark.xdist_group("readme_mesh_block")
+def printed_alone(index: int, devices: int = 1) -> str:
+    """What README block ``index`` printed run alone (with the others' one-device run), failing
+    with the block's number and its traceback if it raised."""
+    blocks = tuple(python_blocks())
+    if devices == 1:
+        printed, error = run_alone(blocks)[index]
+    else:
+        ((printed, error),) = run_alone(blocks[index : index + 1], devices)
+    assert error is None, f"README block {index} on {devices} device(s):\n{error[-3000:]}"
+    return printed
 
 
-@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=MESH_BLOCK), 3, 4])
+BLOCKS = pytest.mark.xdist_group("readme_blocks")
+
+
+@BLOCKS
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_every_block_runs_alone_and_prints_what_it_computes(index):
-    blocks = python_blocks()
-    assert len(blocks) == 5, "a new README block: add it here"
-    printed = run_alone(blocks[index])
-    assert re.match(r"loss \d+\.\d{4}", printed), printed
+    assert len(python_blocks()) == 5, "a new README block: add it here"
+    printed = printed_alone(index)
+    assert re.match(r"loss \d+\.\d{4}", printed), f"README block {index}: {printed}"
 
 
-@MESH_BLOCK
+@BLOCKS
 def test_mesh_example_on_eight_devices_equals_one_device():
     """The mesh block on a (2, 4) mesh of virtual devices gives one device's loss."""
-    block = python_blocks()[2]
-    one, eight = run_alone(block), run_alone(block, devices=8)
+    one, eight = printed_alone(2), printed_alone(2, devices=8)
     assert "{'data': 1, 'model': 1}" in one and "{'data': 2, 'model': 4}" in eight, eight
     loss = lambda printed: float(re.match(r"loss (\S+)", printed).group(1))
     assert loss(one) == loss(eight)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 
+import child_process
 import jax
 import jax.numpy as jnp
 import pytest
@@ -38,19 +39,20 @@ def load_script(name):
 CACHE_HOME = tempfile.mkdtemp(prefix="jaxsoftmax-tests-cache-")
 
 
+def script_environment(**extra: str) -> dict[str, str]:
+    """A script's environment: child_process.environment's (the CPU platform, so JAX does not
+    spend start-up probing for others; the repository on PYTHONPATH) with the scripts' cache
+    on, in CACHE_HOME, and ``extra`` variables over those."""
+    cache = {"XDG_CACHE_HOME": CACHE_HOME, "JAXSOFTMAX_NO_COMPILATION_CACHE": "0"}
+    return child_process.environment(**{**cache, **extra})
+
+
 def run_script(name, *arguments, expect_success=True, environment=None):
-    environment = {
-        **os.environ,
-        "XDG_CACHE_HOME": CACHE_HOME,
-        "JAXSOFTMAX_NO_COMPILATION_CACHE": "0",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        **(environment or {}),
-    }
     completed = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / name), *arguments],
         capture_output=True,
         text=True,
-        env=environment,
+        env=script_environment(**(environment or {})),
         timeout=300,
         check=False,
     )
@@ -163,12 +165,7 @@ def run_usage_lines(command_lines, results_file):
         [sys.executable, "-c", _USAGE_RUNNER, json.dumps(calls), str(results_file)],
         capture_output=True,
         text=True,
-        env={
-            **os.environ,
-            "XDG_CACHE_HOME": CACHE_HOME,
-            "JAXSOFTMAX_NO_COMPILATION_CACHE": "0",
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        },
+        env=script_environment(),
         timeout=300,
         check=False,
     )

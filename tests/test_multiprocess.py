@@ -7,8 +7,9 @@ devices (a child process) and with 1 device (this process). Every child runs und
 limit, and the launcher kills what is left of a run when a process fails.
 
 The runs share a compilation cache of their own (a temporary folder), so a program that one
-run compiled, the next loads: the killed run and its resumption reuse the training programs of
-the first run, whose parameters they must reproduce exactly.
+run compiled, the next loads. The first run ends with the killed run of ``experiments/train.py``
+(in its own processes, which reuse their training programs) and the last run resumes it: both
+must reproduce the parameters of the first run's uninterrupted training exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -119,14 +121,45 @@ def test_two_processes_train_and_compute_the_losses_as_one_process_and_one_devic
     assert train.config_from_arguments(train.parse_arguments(TRAIN_FLAGS)) == (
         training.TrainConfig(**checks.TRAINING["minibatch"])
     )
-    # 2 processes x 4 devices: the sharded losses against one device (inside), then training.
-    completed, _ = launch(["--", CHECKS, "--out", str(two)], cache)
-    assert completed.returncode == 0, report(completed)
+    # 2 processes x 4 devices: the sharded losses against one device (inside), then training,
+    # then (in the same processes: two fewer to start and join) the same minibatch run as
+    # experiments/train.py, whose process 1 is killed after step 30 (the checkpoint of step 20
+    # is on disk); the run then waits for it in an all-reduce. With --grace 60, the launcher
+    # leaves process 0 to stop on its own: JAX's heartbeat, at --peer-timeout 5, must end it.
+    out = tmp_path / "train"
+    killed_flags = ["--kill-process", "1", "--kill-after-step", "30", *TRAIN_FLAGS]
+    killed, seconds = launch(
+        [
+            "--grace",
+            "60",
+            "--",
+            CHECKS,
+            "--out",
+            str(two),
+            "--peer-timeout",
+            "5",
+            f"--then-train-until-killed={shlex.join([*killed_flags, '--out', str(out)])}",
+        ],
+        cache,
+    )
     for process in (0, 1):
-        assert f"[{process}] process {process}: 4 loss checks passed" in completed.stdout
+        assert f"[{process}] process {process}: 4 loss checks passed" in killed.stdout, report(
+            killed
+        )
+        trained = f"[{process}] process {process}: trained full_batch, minibatch"
+        assert trained in killed.stdout, report(killed)
         if sys.platform == "linux":  # every socket it listens on is on the loopback
-            assert f"[{process}] process {process}: listening on 127.0.0.1:" in completed.stdout
-    assert "launch.py: all 2 processes finished (status 0)" in completed.stderr
+            assert f"[{process}] process {process}: listening on 127.0.0.1:" in killed.stdout
+    assert killed.returncode == 128 + 9, report(killed)
+    failure = re.search(r"process 1 was killed by SIGKILL after ([\d.]+) s", killed.stderr)
+    assert failure, report(killed)
+    ended = re.search(r"every process had ended ([\d.]+) s later", killed.stderr)
+    assert ended and float(ended.group(1)) < BOUND, report(killed)
+    assert "killing process" not in killed.stderr, report(killed)  # it stopped by itself
+    assert "[0] " in killed.stderr and "another task died" in killed.stderr, report(killed)
+    with np.load(out / training.CHECKPOINT_FILENAME) as stored:
+        assert int(stored["step"]) == 20
+    print(f"killed run: {seconds:.1f} s; process 0 ended {ended.group(1)} s after process 1")
     # 1 process x 8 devices: the same training.
     single = subprocess.run(
         [sys.executable, CHECKS, "--out", str(eight)],
@@ -162,45 +195,12 @@ def test_two_processes_train_and_compute_the_losses_as_one_process_and_one_devic
                 err_msg=f"{case}: {key}, 2 processes against 1 device",
             )
 
-    # The same minibatch run as experiments/train.py, whose process 1 is killed after step 30
-    # (the checkpoint of step 20 is on disk); the run then waits for it in an all-reduce.
-    # With --grace 60, the launcher leaves process 0 to stop on its own: JAX's heartbeat,
-    # at --peer-timeout 5, must end it.
-    out = tmp_path / "train"
-    killed, seconds = launch(
-        [
-            "--grace",
-            "60",
-            "--",
-            "tests/multiprocess/train_until_killed.py",
-            "--kill-process",
-            "1",
-            "--kill-after-step",
-            "30",
-            *TRAIN_FLAGS,
-            "--peer-timeout",
-            "5",
-            "--out",
-            str(out),
-        ],
-        cache,
-    )
-    assert killed.returncode == 128 + 9, report(killed)
-    failure = re.search(r"process 1 was killed by SIGKILL after ([\d.]+) s", killed.stderr)
-    assert failure, report(killed)
-    ended = re.search(r"every process had ended ([\d.]+) s later", killed.stderr)
-    assert ended and float(ended.group(1)) < BOUND, report(killed)
-    assert "killing process" not in killed.stderr, report(killed)  # it stopped by itself
-    assert "[0] " in killed.stderr and "another task died" in killed.stderr, report(killed)
-    with np.load(out / training.CHECKPOINT_FILENAME) as stored:
-        assert int(stored["step"]) == 20
-    print(f"killed run: {seconds:.1f} s; process 0 ended {ended.group(1)} s after process 1")
-
     resumed, _ = launch(
         ["--", "experiments/train.py", *TRAIN_FLAGS, "--out", str(out), "--resume"], cache
     )
     assert resumed.returncode == 0, report(resumed)
     assert "[0] resuming from step 20 of" in resumed.stdout, report(resumed)
+    assert "launch.py: all 2 processes finished (status 0)" in resumed.stderr, report(resumed)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["devices"] == 8 and metrics["processes"] == 2 and metrics["steps"] == 40
     uninterrupted = parameters(two / "minibatch.npz")

@@ -13,7 +13,9 @@ In a run of several processes it first checks ``sharded_cross_entropy`` and
 against one device: values and gradients (each process compares the gradient blocks it holds);
 a mismatch fails the process. Then, in every run, it trains the
 spiral case of ``TRAINING`` with ``jaxsoftmax.train`` and process 0 writes the final
-parameters and history to ``OUT/<case>.npz``, which the test compares across runs.
+parameters and history to ``OUT/<case>.npz``, which the test compares across runs. With
+``--then-train-until-killed FLAGS`` it goes on to ``tests/multiprocess/train_until_killed.py``
+(``experiments/train.py``, one of whose processes kills itself) in the same processes.
 """
 
 from __future__ import annotations
@@ -87,25 +89,27 @@ def check_losses() -> int:
         "z_loss": 1e-3,
     }
 
-    def value_and_grads(function, labels, *arrays):
-        """``function(labels, *arrays)`` and its gradients in ``arrays``, compiled as one
-        program (a global array may be an argument of a compiled function, not a constant)."""
-        argnums = tuple(range(1, len(arrays) + 1))
-        return jax.jit(jax.value_and_grad(function, argnums=argnums))(labels, *arrays)
+    def value_and_grads(plain, fused, labels, logits, hidden, classifier, bias):
+        """Both losses and their gradients in their arrays (not the labels), compiled as one
+        program (a global array may be an argument of a compiled function, not a constant):
+        a dict of (value, gradients) by the sharded loss's name."""
 
-    def on_one_device(function, *arrays):
-        device = jax.local_devices()[0]  # this process's: no other process takes part
-        return value_and_grads(function, *jax.device_put((labels, *arrays), device))
+        def both(y, z, h, w, b):
+            return {
+                "sharded_cross_entropy": jax.value_and_grad(plain, argnums=(1,))(y, z),
+                "sharded_linear_cross_entropy": jax.value_and_grad(fused, argnums=(1, 2, 3))(
+                    y, h, w, b
+                ),
+            }
 
-    expected = {
-        "sharded_cross_entropy": on_one_device(lambda y, z: cross_entropy(z, y, **options), logits),
-        "sharded_linear_cross_entropy": on_one_device(
-            lambda y, h, w, b: linear_cross_entropy(h, w, y, bias=b, **options),
-            hidden,
-            classifier,
-            bias,
-        ),
-    }
+        return jax.jit(both)(labels, logits, hidden, classifier, bias)
+
+    device = jax.local_devices()[0]  # this process's: no other process takes part
+    expected = value_and_grads(
+        lambda y, z: cross_entropy(z, y, **options),
+        lambda y, h, w, b: linear_cross_entropy(h, w, y, bias=b, **options),
+        *jax.device_put((labels, logits, hidden, classifier, bias), device),
+    )
     checks = 0
     for layout, mesh in layouts.items():
         explicit = mesh.axis_types[0] == AxisType.Explicit
@@ -119,20 +123,15 @@ def check_losses() -> int:
         h, w, b = place(hidden, "batch", None), place(classifier, vocab, None), place(bias, vocab)
         axes = {"mesh": mesh, "class_axis_name": "vocab", "batch_axis_name": "batch"}
         with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
-            got = {
-                "sharded_cross_entropy": value_and_grads(
-                    lambda y, z: sharded_cross_entropy(z, y, **axes, **options), y, z
-                ),
-                "sharded_linear_cross_entropy": value_and_grads(
-                    lambda y, h, w, b: sharded_linear_cross_entropy(
-                        h, w, y, bias=b, **axes, **options
-                    ),
-                    y,
-                    h,
-                    w,
-                    b,
-                ),
-            }
+            got = value_and_grads(
+                lambda y, z: sharded_cross_entropy(z, y, **axes, **options),
+                lambda y, h, w, b: sharded_linear_cross_entropy(h, w, y, bias=b, **axes, **options),
+                y,
+                z,
+                h,
+                w,
+                b,
+            )
         for loss, (value, grads) in got.items():
             value_1, grads_1 = expected[loss]
             what = f"{loss}, {layout}"
@@ -205,6 +204,13 @@ def train_cases(out: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for OUT/<case>.npz")
+    parser.add_argument(
+        "--then-train-until-killed",
+        metavar="FLAGS",
+        help="then run tests/multiprocess/train_until_killed.py FLAGS in these processes, "
+        "already joined (FLAGS: its flags and train.py's, without the process flags; "
+        "the heartbeat's --peer-timeout is this script's)",
+    )
     processes.add_flags(parser)
     arguments = parser.parse_args()
     several = processes.initialize(parser, arguments)
@@ -222,6 +228,15 @@ def main() -> int:
             print(f"process {jax.process_index()}: listening on {', '.join(addresses)}", flush=True)
     train_cases(arguments.out)
     print(f"process {jax.process_index()}: trained {', '.join(TRAINING)}", flush=True)
+    if arguments.then_train_until_killed:
+        # The killed run of tests/test_multiprocess.py in the processes this run started: a
+        # launch of its own would start and join two more Python processes to do the same.
+        import shlex
+
+        import train_until_killed  # this script's folder is on sys.path
+
+        sys.argv = [train_until_killed.__file__, *shlex.split(arguments.then_train_until_killed)]
+        return train_until_killed.main()
     return 0
 
 

@@ -2,10 +2,13 @@
 
 Run by ``tests/test_sharded.py`` in the same child pytest as ``check_sharded.py`` (see
 there for running it by hand). Every result of ``sharded_linear_cross_entropy`` is compared
-with the single-device ``linear_cross_entropy`` (values of every reduction, gradients for
-the hidden states, the classifier and the bias), and the compiled programs' collectives are
-read from their HLO. ``sharded_linear_distillation_loss`` is compared with
-``linear_distillation_loss`` the same way, for both models' gradients.
+with the single-device loss's float64 NumPy reference (tests/reference.py, which the
+single-device ``linear_cross_entropy`` is itself tested against; values of every reduction,
+gradients for the hidden states, the classifier and the bias, those by central differences
+through the logits), and the compiled programs' collectives are read from their HLO.
+``sharded_linear_distillation_loss`` is compared with the reference of
+``linear_distillation_loss`` the same way, for both models' gradients. References in NumPy:
+the one-device programs cost as much compilation as the sharded ones did.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax import (
     linear_cross_entropy,
-    linear_distillation_loss,
     sharded_linear_cross_entropy,
     sharded_linear_distillation_loss,
 )
@@ -37,6 +39,9 @@ _spec = importlib.util.spec_from_file_location(
 )
 hlo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hlo)
+_spec = importlib.util.spec_from_file_location("reference", _ROOT / "tests" / "reference.py")
+reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference)
 
 ATOL = RTOL = 2e-5
 N, D = 16, 8
@@ -81,8 +86,10 @@ def numpy_inputs(num_classes, layout="vd", seed=0):
 
 
 def make_inputs(num_classes, layout="vd", seed=0):
-    """numpy_inputs as JAX arrays (no program compiled)."""
-    return tuple(map(jnp.asarray, numpy_inputs(num_classes, layout, seed)))
+    """numpy_inputs. NumPy, not JAX arrays: a JAX array on one device that a program or
+    ``device_put`` splits over the mesh, or that a program closes over, compiles programs
+    of its own (slicing, staging) for each shape; NumPy arrays are copied over as they are."""
+    return numpy_inputs(num_classes, layout, seed)
 
 
 def some_right(hidden, classifier, bias, labels):
@@ -94,7 +101,7 @@ def some_right(hidden, classifier, bias, labels):
 def _ignored(labels):
     labels = np.array(labels)  # NumPy: .at[] would compile a program for each shape
     labels[::5] = -100
-    return jnp.asarray(labels)
+    return labels
 
 
 # name: builder(weights, where, labels) -> (options, labels)
@@ -138,7 +145,7 @@ def value_and_grad_of(loss_fn, labels, reduction):
     """Value and gradients (hidden states, classifier, bias) of one objective that both
     reductions ("none" and ``reduction``) feed, each row with its own weight; the
     reductions' values as its aux."""
-    cotangent = jnp.asarray(np.linspace(0.5, 1.5, N, dtype=np.float32))
+    cotangent = np.linspace(0.5, 1.5, N, dtype=np.float32)
 
     def objective(h, w, b):
         values = {
@@ -150,31 +157,82 @@ def value_and_grad_of(loss_fn, labels, reduction):
     return jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
 
 
-@functools.cache
-def values_and_grads(sharded):
-    """``{case: (values, grads)}`` of the sharded loss for every case of CASES (each on its
-    mesh), or of the single-device loss for every case.
+def rowwise_gradient(per_row, z, step=1e-5):
+    """``d per_row(z)[r] / d z[r, c]`` by central differences in float64 (error ~1e-10).
+    Each row's value depends on its own row of ``z`` only, so one step of class ``c`` in
+    every row at once gives column ``c`` of every row's gradient."""
+    z = np.asarray(z, np.float64)
+    grad = np.empty_like(z)
+    for c in range(z.shape[-1]):
+        up, down = z.copy(), z.copy()
+        up[:, c] += step
+        down[:, c] -= step
+        grad[:, c] = (per_row(up) - per_row(down)) / (2 * step)
+    return grad
 
-    Each is one compiled program (2 in all, not 14): the cases' programs are small, and
-    compiling each alone paid compilation's fixed cost 14 times. Each case keeps its own
-    inputs, options and objective inside the program, and is compared on its own."""
+
+def through_the_head(g, hidden, classifier, layout="vd"):
+    """Gradients of hidden states, classifier (its layout) and bias from ``g``, the float64
+    gradient with respect to the logits ``h W^T + b``."""
+    h, w = np.asarray(hidden, np.float64), np.asarray(classifier, np.float64)
+    w = w.T if layout == "dv" else w
+    grad_w = g.T @ h
+    return g @ w, grad_w.T if layout == "dv" else grad_w, g.sum(0)
+
+
+def head_logits(hidden, classifier, bias, layout="vd"):
+    """``h W^T + b`` in float64."""
+    w = np.asarray(classifier, np.float64)
+    w = w.T if layout == "dv" else w
+    b = 0.0 if bias is None else np.asarray(bias, np.float64)
+    return np.asarray(hidden, np.float64) @ w.T + b
+
+
+def reference_values_and_grads(case):
+    """The float64 NumPy reference (tests/reference.py, the documented semantics) of one
+    case: the values of both reductions and the gradients of the same objective as
+    value_and_grad_of's, through the logits ``h W^T + b`` (no program compiled: the
+    one-device loss, itself tested against this reference, compiled as much as the sharded
+    cases did)."""
+    option, _, num_classes, layout, reduction = case
+    hidden, classifier, bias, labels, weights, where = numpy_inputs(num_classes, layout)
+    options, labels = OPTIONS[option](weights, where, labels)
+
+    def loss(logits, name):
+        return np.asarray(reference.cross_entropy(logits, labels, reduction=name, **options))
+
+    logits = head_logits(hidden, classifier, bias, layout)
+    values = {name: loss(logits, name) for name in (reduction, "none")}
+    # "mean" divides by a sum of row weights that no logit moves: row r's share of the
+    # objective is none[r] (scale + cotangent[r]).
+    scale = values[reduction] / values["none"].sum() if reduction == "mean" else 1.0
+    cotangent = np.linspace(0.5, 1.5, N, dtype=np.float32).astype(np.float64)
+    g = rowwise_gradient(lambda z: loss(z, "none") * (scale + cotangent), logits)
+    return values, through_the_head(g, hidden, classifier, layout)
+
+
+@functools.cache
+def sharded_values_and_grads():
+    """``{case: (values, grads)}`` of the sharded loss for every case of CASES (each on its
+    mesh).
+
+    One compiled program (not 7): the cases' programs are small, and compiling each alone
+    paid compilation's fixed cost 7 times. Each case keeps its own inputs, options and
+    objective inside the program, and is compared on its own."""
     objectives, arguments = [], []
     for option, case_mesh, num_classes, layout, reduction in CASES:
         hidden, classifier, bias, labels, weights, where = make_inputs(num_classes, layout)
         options, labels = OPTIONS[option](weights, where, labels)
         options = dict(options, classifier_layout=layout)
-        if not sharded:  # the plain one-device loss (its default chunks) as the reference
-            loss_fn = functools.partial(linear_cross_entropy, **options)
-        else:
-            shape, names, class_axis, batch_axis = MESHES[case_mesh]
-            loss_fn = functools.partial(
-                sharded_linear_cross_entropy,
-                mesh=auto_mesh(shape, names),
-                class_axis_name=class_axis,
-                batch_axis_name=batch_axis,
-                **options,
-                **CHUNKS,
-            )
+        shape, names, class_axis, batch_axis = MESHES[case_mesh]
+        loss_fn = functools.partial(
+            sharded_linear_cross_entropy,
+            mesh=auto_mesh(shape, names),
+            class_axis_name=class_axis,
+            batch_axis_name=batch_axis,
+            **options,
+            **CHUNKS,
+        )
         objectives.append(value_and_grad_of(loss_fn, labels, reduction))
         arguments.append((hidden, classifier, bias))
     every_case = jax.jit(lambda arguments: [f(*a) for f, a in zip(objectives, arguments)])
@@ -185,8 +243,8 @@ def values_and_grads(sharded):
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, case)) for case in CASES])
 def test_sharded_equals_single_device(case):
-    values, grads = values_and_grads(True)[case]
-    ref_values, ref_grads = values_and_grads(False)[case]
+    values, grads = sharded_values_and_grads()[case]
+    ref_values, ref_grads = reference_values_and_grads(case)
     assert values.keys() == ref_values.keys()
     for name in ref_values:
         assert values[name].shape == ref_values[name].shape, name
@@ -270,14 +328,14 @@ def test_gradients_land_sharded_like_their_inputs(layout):
         value, grads = jax.jit(
             jax.value_and_grad(lambda h, w, b, y: loss_fn(h, w, y, bias=b), argnums=(0, 1, 2))
         )(*placed)
-    want, want_grads = jax.jit(  # jitted: eagerly, each primitive compiles on its own
-        jax.value_and_grad(
-            lambda h, w, b: linear_cross_entropy(
-                h, w, labels, bias=b, classifier_layout=layout, label_smoothing=0.1
-            ),
-            argnums=(0, 1, 2),
-        )
-    )(hidden, classifier, bias)
+    # The float64 reference (tests/reference.py), its gradient by central differences.
+    logits, y = head_logits(hidden, classifier, bias, layout), np.asarray(labels)
+    want = reference.cross_entropy(logits, y, label_smoothing=0.1)
+    g = rowwise_gradient(
+        lambda z: reference.cross_entropy(z, y, label_smoothing=0.1, reduction="none") / N,
+        logits,
+    )
+    want_grads = through_the_head(g, hidden, classifier, layout)
     np.testing.assert_allclose(value, want, rtol=RTOL)
     for got, ref, spec in zip(grads, want_grads, (P("data", None), w_spec, P("model"))):
         np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
@@ -287,7 +345,8 @@ def test_gradients_land_sharded_like_their_inputs(layout):
 def test_cotangent_without_vma_typing():
     """``shard_map(check_vma=False)`` hands each shard a share of the cotangent (summed by
     ``core.varying_axes.whole_cotangent``) and adds the hidden states' partial gradients itself; with
-    ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient."""
+    ``check_vma=True`` the loss's backward adds them. Both give the one-device gradient
+    (its float64 reference)."""
     mesh = auto_mesh((4,), ("vocab",))
     hidden, classifier, _, labels, weights, _ = make_inputs(24)
     options = dict(
@@ -302,16 +361,24 @@ def test_cotangent_without_vma_typing():
         return jnp.sum(loss)
 
     def gradients(h, w):
-        """One device's gradients, and shard_map's with check_vma True and False."""
-        out = [jax.grad(functools.partial(linear_cross_entropy, labels=labels, **options), (0, 1))]
+        """shard_map's gradients with check_vma True and False."""
+        out = []
         for check_vma in (True, False):
             loss = jax.shard_map(
                 local, mesh=mesh, in_specs=(P(), P("vocab")), out_specs=P(), check_vma=check_vma
             )
-            out.append(jax.grad(loss, argnums=(0, 1)))
-        return [grad(h, w) for grad in out]
+            out.append(jax.grad(loss, argnums=(0, 1))(h, w))
+        return out
 
-    want, *by_vma = jax.jit(gradients)(hidden, classifier)  # one program
+    by_vma = jax.jit(gradients)(hidden, classifier)  # one program
+    # One device's: the float64 reference, its gradient by central differences.
+    ref = dict(options, class_weights=np.asarray(weights), reduction="none")
+    del ref["token_chunk"], ref["vocab_chunk"]
+    y = np.asarray(labels)
+    g = rowwise_gradient(
+        lambda z: reference.cross_entropy(z, y, **ref), head_logits(hidden, classifier, None)
+    )
+    want = through_the_head(g, hidden, classifier)[:2]
     for check_vma, got in zip((True, False), by_vma):
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"vma={check_vma}")
@@ -470,13 +537,37 @@ def _companions_total(loss, aux):
     return loss + jnp.sum(rows * aux.lse) - jnp.sum(rows[::-1] * aux.entropy) + jnp.sum(aux.z_loss)
 
 
+COMPANIONS = ("lse", "z_loss", "correct", "entropy")
+
+
+def reference_companions(logits, labels, options, reduction="mean"):
+    """The float64 reference (tests/reference.py) of ``_companions_total`` and the
+    companions, and the total's gradient with respect to the logits (by central
+    differences: every term is a sum over rows of its own row's value)."""
+    rows = np.linspace(0.5, 1.5, len(labels), dtype=np.float32).astype(np.float64)
+    kw = {k: v for k, v in options.items() if k not in ("label_smoothing",)}
+
+    def per_row(z, scale):
+        lse, z_loss, _, entropy = reference.companions(z, labels, **kw)
+        loss = reference.cross_entropy(z, labels, reduction="none", **options)
+        return loss * scale + rows * lse - rows[::-1] * entropy + z_loss
+
+    loss = reference.cross_entropy(logits, labels, reduction=reduction, **options)
+    none = reference.cross_entropy(logits, labels, reduction="none", **options)
+    scale = loss / none.sum() if reduction == "mean" else 1.0
+    total = per_row(logits, scale).sum() - (none * scale).sum() + loss
+    aux = dict(zip(COMPANIONS, reference.companions(logits, labels, **kw)))
+    return total, aux, rowwise_gradient(lambda z: per_row(z, scale), logits)
+
+
 def assert_same_companions(value, aux, want, want_aux):
-    """The total and every companion equal one device's; some predictions right, some not."""
+    """The total and every companion equal the reference's; some predictions right, some
+    not."""
     np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL)
-    for got, expected, field in zip(aux, want_aux, want_aux._fields):
+    for field in COMPANIONS:
         np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=RTOL,
-            atol=ATOL, err_msg=field,
+            np.asarray(getattr(aux, field), np.float32), np.asarray(want_aux[field], np.float32),
+            rtol=RTOL, atol=ATOL, err_msg=field,
         )  # fmt: skip
     assert 0 < int(np.sum(aux.correct)) < N
 
@@ -484,7 +575,8 @@ def assert_same_companions(value, aux, want, want_aux):
 @pytest.mark.parametrize("mesh_name, num_classes", [("batch2_vocab4", 23), ("vocab8", 40)])
 def test_companions_equal_one_device(mesh_name, num_classes):
     """``return_aux=True`` on a vocabulary split over 4 or 8 shards (23 classes: padded),
-    ragged chunks: the companions and the gradients through them equal one device.
+    ragged chunks: the companions and the gradients through them equal the float64
+    reference of the one-device loss (tests/reference.py).
 
     Known JAX 0.10 issue (not 0.12): a process that first differentiates through
     ``sharded_linear_cross_entropy(..., return_aux=True)`` on an 8-device mesh and then
@@ -495,9 +587,6 @@ def test_companions_equal_one_device(mesh_name, num_classes):
     mesh = auto_mesh(shape, names)
     hidden, classifier, bias, labels, weights, where = numpy_inputs(num_classes, seed=4)
     _, labels = some_right(hidden, classifier, bias, labels)
-    hidden, classifier, bias, labels, weights = map(
-        jnp.asarray, (hidden, classifier, bias, labels, weights)
-    )
     options = dict(z_loss=1e-2, logit_softcap=3.0, class_weights=weights, where=where)
 
     def sharded(h, w, b):
@@ -507,33 +596,25 @@ def test_companions_equal_one_device(mesh_name, num_classes):
         )  # fmt: skip
         return _companions_total(*out), out[1]
 
-    def one_device(h, w, b):
-        out = linear_cross_entropy(h, w, labels, bias=b, return_aux=True, **options)
-        return _companions_total(*out), out[1]
-
-    args = (hidden, classifier, bias)
-    # jitted (run op by op, each gradient compiled every primitive on its own), both in one
-    # program
-    ((value, aux), grads), ((want, want_aux), want_grads) = jax.jit(
-        lambda *a: [
-            jax.value_and_grad(f, (0, 1, 2), has_aux=True)(*a) for f in (sharded, one_device)
-        ]
-    )(*args)
+    (value, aux), grads = jax.jit(jax.value_and_grad(sharded, (0, 1, 2), has_aux=True))(
+        hidden, classifier, bias
+    )
+    want, want_aux, g = reference_companions(head_logits(hidden, classifier, bias), labels, options)
     assert_same_companions(value, aux, want, want_aux)
-    for got, expected in zip(grads, want_grads):
-        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    for name, got, expected in zip(("hidden", "classifier", "bias"), grads,
+                                   through_the_head(g, hidden, classifier)):  # fmt: skip
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 def test_sharded_cross_entropy_companions_equal_one_device():
     """The same for the logits' loss, with a per-logit mask, on 2 x 4 devices."""
-    from jaxsoftmax import cross_entropy, sharded_cross_entropy
+    from jaxsoftmax import sharded_cross_entropy
 
     mesh = auto_mesh((2, 4), ("batch", "vocab"))
     hidden, classifier, bias, labels, _, _ = numpy_inputs(23, seed=5)
     logits, labels = some_right(hidden, classifier, bias, labels)
     class_mask = (np.arange(23)[None, :] + np.arange(N)[:, None]) % 5 != 1
     class_mask[np.arange(N), labels] = True
-    logits, labels, class_mask = map(jnp.asarray, (logits, labels, class_mask))
     options = dict(z_loss=1e-2, where=class_mask, label_smoothing=0.1)
 
     def sharded(z):
@@ -543,13 +624,8 @@ def test_sharded_cross_entropy_companions_equal_one_device():
         )  # fmt: skip
         return _companions_total(*out), out[1]
 
-    def one_device(z):
-        out = cross_entropy(z, labels, return_aux=True, **options)
-        return _companions_total(*out), out[1]
-
-    ((value, aux), grad), ((want, want_aux), want_grad) = jax.jit(  # one program
-        lambda z: [jax.value_and_grad(f, has_aux=True)(z) for f in (sharded, one_device)]
-    )(logits)
+    (value, aux), grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(logits)
+    want, want_aux, want_grad = reference_companions(logits, labels, options)
     assert_same_companions(value, aux, want, want_aux)
     np.testing.assert_allclose(grad, want_grad, rtol=RTOL, atol=ATOL)
 
@@ -557,9 +633,10 @@ def test_sharded_cross_entropy_companions_equal_one_device():
 @pytest.mark.parametrize("mesh_name, num_classes", [("batch2_vocab4", 23)])
 def test_vocab_mask_equals_one_device(mesh_name, num_classes):
     """A vocabulary with holes and a padded end, split unevenly (23 classes over 4 shards):
-    both sharded losses equal one device, with label smoothing (whose mass the mask keeps
+    both sharded losses equal the float64 reference of one device (a vocabulary mask is
+    the same class mask on every row), with label smoothing (whose mass the mask keeps
     off the missing classes) and the companions."""
-    from jaxsoftmax import cross_entropy, sharded_cross_entropy
+    from jaxsoftmax import sharded_cross_entropy
 
     shape, names, class_axis, batch_axis = MESHES[mesh_name]
     mesh = auto_mesh(shape, names)
@@ -567,36 +644,36 @@ def test_vocab_mask_equals_one_device(mesh_name, num_classes):
     mask = (np.arange(num_classes) % 5 != 3) & (np.arange(num_classes) < num_classes - 4)
     labels = np.where(mask[labels], labels, 0).astype(np.int32)
     logits = hidden @ classifier.T + bias[None, :]
-    hidden, classifier, bias, labels, weights, mask, logits = map(
-        jnp.asarray, (hidden, classifier, bias, labels, weights, mask, logits)
-    )
     options = dict(vocab_mask=mask, label_smoothing=0.1, class_weights=weights, z_loss=1e-3)
     on_mesh = dict(mesh=mesh, class_axis_name=class_axis, batch_axis_name=batch_axis)
 
-    def fused(h, w, b, split):
-        loss = sharded_linear_cross_entropy if split else linear_cross_entropy
-        kw = dict(on_mesh, **CHUNKS) if split else {}
-        return _companions_total(*loss(h, w, labels, bias=b, return_aux=True, **options, **kw))
+    def fused(h, w, b):
+        return _companions_total(*sharded_linear_cross_entropy(
+            h, w, labels, bias=b, return_aux=True, **options, **on_mesh, **CHUNKS
+        ))  # fmt: skip
 
-    def logits_loss(z, split):
-        loss = sharded_cross_entropy if split else cross_entropy
-        kw = on_mesh if split else {}
-        return _companions_total(*loss(z, labels, return_aux=True, **options, **kw))
+    def logits_loss(z):
+        return _companions_total(
+            *sharded_cross_entropy(z, labels, return_aux=True, **options, **on_mesh)
+        )
 
-    args = (hidden, classifier, bias)
-    # Both losses, split and on one device: one program.
+    # Both sharded losses: one program.
     results = jax.jit(
         lambda args, z: {
-            "fused": [
-                jax.value_and_grad(fused, (0, 1, 2))(*args, split) for split in (True, False)
-            ],
-            "logits": [jax.value_and_grad(logits_loss)(z, split) for split in (True, False)],
+            "fused": jax.value_and_grad(fused, (0, 1, 2))(*args),
+            "logits": jax.value_and_grad(logits_loss)(z),
         }
-    )(args, logits)
-    for name, (got, want) in results.items():
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
-    assert np.all(np.asarray(results["fused"][0][1][1])[~np.asarray(mask)] == 0)
+    )((hidden, classifier, bias), logits)
+    ref_options = dict(options, where=np.broadcast_to(mask, (N, num_classes)))
+    del ref_options["vocab_mask"]
+    for name, z in (("fused", head_logits(hidden, classifier, bias)), ("logits", logits)):
+        want, _, g = reference_companions(z, labels, ref_options)
+        want_grads = through_the_head(g, hidden, classifier) if name == "fused" else g
+        got_value, got_grads = results[name]
+        np.testing.assert_allclose(got_value, want, rtol=RTOL, atol=ATOL, err_msg=name)
+        for got, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(got, w, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert np.all(np.asarray(results["fused"][1][1])[~mask] == 0)
 
 
 # name: (mesh, V, options): each divergence, uneven vocabularies (23 over 4 shards, 13 over 8:
@@ -616,7 +693,8 @@ DISTILLATION_CASES = {
 
 @pytest.mark.parametrize("case", DISTILLATION_CASES)
 def test_distillation_equals_one_device(case):
-    """``sharded_linear_distillation_loss`` against the single-device fused loss: the value
+    """``sharded_linear_distillation_loss`` against the float64 reference of the one-device
+    loss (tests/reference.py): the value
     (one reduction per case, the three among the cases) and the gradients of both models' hidden states, classifiers and
     biases (those come back split like their inputs)."""
     mesh_name, num_classes, options = DISTILLATION_CASES[case]
@@ -629,8 +707,8 @@ def test_distillation_equals_one_device(case):
     labels, where = student[3], student[5]
     mask = np.arange(num_classes) % 7 != 5
     if options.pop("vocab_mask", False):
-        options["vocab_mask"] = jnp.asarray(mask)
-        labels = jnp.asarray(np.where(mask[np.asarray(labels)], labels, 0).astype(np.int32))
+        options["vocab_mask"] = mask
+        labels = np.where(mask[labels], labels, 0).astype(np.int32)
     if options.get("ignore_index") is not None:
         labels = _ignored(labels)
     if options.pop("where", False):
@@ -638,26 +716,42 @@ def test_distillation_equals_one_device(case):
     with_bias = options.pop("bias", False)
     on_mesh = dict(mesh=mesh, class_axis_name=class_axis, batch_axis_name=batch_axis)
 
-    def objective_of(split):
-        def objective(h_s, w_s, b_s, h_t, w_t, b_t):
-            loss = sharded_linear_distillation_loss if split else linear_distillation_loss
-            kw = dict(on_mesh, **CHUNKS) if split else {}
-            value = loss(
-                h_s, w_s, h_t, w_t, labels=labels, student_bias=b_s if with_bias else None,
-                teacher_bias=b_t if with_bias else None, **options, **kw,
-            )  # fmt: skip
-            if value.ndim:  # per token: a cotangent that differs from row to row
-                return jnp.dot(value, jnp.linspace(0.5, 1.5, N)), value
-            return value, value
-
-        return jax.value_and_grad(objective, range(6), has_aux=True)
+    def objective(h_s, w_s, b_s, h_t, w_t, b_t):
+        value = sharded_linear_distillation_loss(
+            h_s, w_s, h_t, w_t, labels=labels, student_bias=b_s if with_bias else None,
+            teacher_bias=b_t if with_bias else None, **options, **on_mesh, **CHUNKS,
+        )  # fmt: skip
+        if value.ndim:  # per token: a cotangent that differs from row to row
+            return jnp.dot(value, jnp.linspace(0.5, 1.5, N)), value
+        return value, value
 
     args = (*student[:3], *teacher[:3])
-    got, want = jax.jit(  # sharded and one device: one program
-        lambda *a: [objective_of(split)(*a) for split in (True, False)]
-    )(*args)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+    (_, value), grads = jax.jit(jax.value_and_grad(objective, range(6), has_aux=True))(*args)
+
+    # The float64 reference (tests/reference.py) and its gradients with respect to both
+    # models' logits by central differences (each row's loss reads its own rows only).
+    ref = {k: v for k, v in options.items() if k not in ("bias", "classifier_layout")}
+    ref.update(labels=np.asarray(labels), reduction="none")
+    if "vocab_mask" in ref:
+        ref["vocab_mask"] = np.asarray(ref["vocab_mask"])
+    reduction = options.get("reduction", "mean")
+    z_s, z_t = (head_logits(*model[:2], model[2] if with_bias else None, layout)
+                for model in (student, teacher))  # fmt: skip
+    none = reference.distillation(z_s, z_t, **ref)
+    want = reference.distillation(z_s, z_t, **dict(ref, reduction=reduction))
+    if reduction == "none":
+        scale = np.linspace(0.5, 1.5, N, dtype=np.float32).astype(np.float64)
+    else:
+        scale = want / none.sum() if reduction == "mean" else 1.0
+    g_s = rowwise_gradient(lambda z: reference.distillation(z, z_t, **ref) * scale, z_s)
+    g_t = rowwise_gradient(lambda z: reference.distillation(z_s, z, **ref) * scale, z_t)
+    want_grads = [*through_the_head(g_s, *student[:2], layout),
+                  *through_the_head(g_t, *teacher[:2], layout)]  # fmt: skip
+    np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg="value")
+    for name, got, w in zip(("h_s", "w_s", "b_s", "h_t", "w_t", "b_t"), grads, want_grads):
+        if not with_bias and name.startswith("b"):
+            w = np.zeros_like(w)  # the bias is not used
+        np.testing.assert_allclose(got, w, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
 def test_distillation_collectives_move_per_row_numbers():

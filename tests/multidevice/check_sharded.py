@@ -7,9 +7,12 @@ Not collected by the default test run (the name does not start with ``test_``): 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m pytest -q -p no:cacheprovider tests/multidevice/check_sharded.py
 
-Every sharded result is compared with the single-device ``cross_entropy`` (value and
-gradients, every option, even and uneven vocabularies), and the compiled programs'
-collectives are read from their HLO.
+Every sharded result is compared with the single-device loss (value and gradients, every
+option, even and uneven vocabularies): mostly its float64 NumPy reference
+(tests/reference.py, which the single-device ``cross_entropy`` is itself tested against;
+gradients by central differences), which costs no compilation where the one-device
+programs cost as much as the sharded ones. The compiled programs' collectives are read
+from their HLO.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ _spec = importlib.util.spec_from_file_location(
 )
 hlo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hlo)
+_spec = importlib.util.spec_from_file_location("reference", _ROOT / "tests" / "reference.py")
+reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference)
 
 ATOL = RTOL = 2e-5
 
@@ -167,9 +173,46 @@ def loss_arguments(case, num_rows=16, dtype=np.float32):
         targets = _ignored(targets)
     if case["where"]:
         options["where"] = row_mask if case["where"] == "row_mask" else class_mask
-    logits = jnp.asarray(logits.astype(dtype))
-    targets = jnp.asarray(targets.astype(dtype) if probabilities else targets)
+    # NumPy: a JAX array that a program splits over the mesh compiles slicing programs.
+    logits = logits.astype(dtype)
+    targets = targets.astype(dtype) if probabilities else targets
     return logits, targets, options
+
+
+def rowwise_gradient(per_row, x, step=1e-5):
+    """``d per_row(x)[r] / d x[r, c]`` by central differences in float64 (error ~1e-10).
+    Each row's value depends on its own row of ``x`` only, so one step of class ``c`` in
+    every row at once gives column ``c`` of every row's gradient."""
+    x = np.asarray(x, np.float64)
+    grad = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        up, down = x.copy(), x.copy()
+        up[:, c] += step
+        down[:, c] -= step
+        grad[:, c] = (per_row(up) - per_row(down)) / (2 * step)
+    return grad
+
+
+def reference_values_and_grads(case, logits, targets, options, cotangent):
+    """The float64 NumPy reference (tests/reference.py, the documented semantics, which the
+    single-device ``cross_entropy`` is itself tested against) of one case: the values of
+    "none" and the case's reduction, and the gradients (logits, and probability targets)
+    of ``reduction + none . cotangent``, by central differences."""
+    reduction = case["reduction"]
+
+    def loss(z, t, name):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a row without classes: 0
+            return np.asarray(reference.cross_entropy(z, t, reduction=name, **options))
+
+    values = {name: loss(logits, targets, name) for name in ("none", reduction)}
+    # "mean" divides by a sum of row weights that no logit moves: row r's share of the
+    # objective is none[r] (scale + cotangent[r]).
+    scale = values[reduction] / values["none"].sum() if reduction == "mean" else 1.0
+    weight = scale + np.asarray(cotangent, np.float64)
+    grads = rowwise_gradient(lambda z: loss(z, targets, "none") * weight, logits)
+    if case["targets"] == "prob":
+        grads = (grads, rowwise_gradient(lambda t: loss(logits, t, "none") * weight, targets))
+    return values, grads
 
 
 def mesh_axes(layout):
@@ -191,8 +234,9 @@ def sharded_and_reference():
     """``[((values, grads), (ref_values, ref_grads))]``, one per case of CASES: the values
     of reduction "none" and the case's other reduction, and the gradients (logits, and
     probability targets) of one objective that both reductions feed. The sharded losses of
-    every case are one program, the single-device ones another."""
-    cotangent = jnp.asarray(np.linspace(0.5, 1.5, 16, dtype=np.float32))
+    every case are one program; the references are NumPy (the single-device losses cost
+    as much compilation as the sharded ones)."""
+    cotangent = np.linspace(0.5, 1.5, 16, dtype=np.float32)
 
     def objective(loss_fn, reduction, z, t):
         values = {
@@ -201,24 +245,19 @@ def sharded_and_reference():
         }
         return values[reduction] + jnp.dot(values["none"], cotangent), values
 
-    arguments, sharded, single = [], [], []
+    arguments, sharded, references = [], [], []
     for case in CASES:
         logits, targets, options = loss_arguments(case)
         arguments.append((logits, targets))
         argnums = (0, 1) if case["targets"] == "prob" else 0
-        for losses, loss_fn in (
-            (sharded, functools.partial(sharded_cross_entropy, **mesh_axes(case["split"][0]))),
-            (single, cross_entropy),
-        ):
-            total = functools.partial(
-                objective, functools.partial(loss_fn, **options), case["reduction"]
-            )
-            losses.append(jax.value_and_grad(total, argnums=argnums, has_aux=True))
-    results = [
-        [(values, grads) for (_, values), grads in run_cases(losses, arguments)]
-        for losses in (sharded, single)
-    ]
-    return list(zip(*results))
+        loss_fn = functools.partial(sharded_cross_entropy, **mesh_axes(case["split"][0]))
+        total = functools.partial(
+            objective, functools.partial(loss_fn, **options), case["reduction"]
+        )
+        sharded.append(jax.value_and_grad(total, argnums=argnums, has_aux=True))
+        references.append(reference_values_and_grads(case, logits, targets, options, cotangent))
+    results = [(values, grads) for (_, values), grads in run_cases(sharded, arguments)]
+    return list(zip(results, references))
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[case_id(c) for c in CASES])
@@ -250,36 +289,35 @@ BF16_CASES = {
 @functools.cache
 def bf16_sharded_and_reference():
     """{option: ((value, grads), (ref_value, ref_grads))} for bf16 logits (and bf16
-    probability targets): as for sharded_and_reference, the cases' sharded losses are one
-    program and their single-device ones another."""
+    probability targets): the cases' sharded losses are one program, their references the
+    float64 NumPy ones of the bf16 inputs (as for sharded_and_reference)."""
     axes = mesh_axes("batch2_vocab4")
-    arguments, sharded, single = [], [], []
+    arguments, sharded, references = [], [], []
     for case in BF16_CASES.values():
         logits, targets, options = loss_arguments(case, dtype=jnp.bfloat16)
         arguments.append((logits, targets))
         argnums = (0, 1) if case["targets"] == "prob" else 0
         loss_fn = functools.partial(sharded_cross_entropy, **axes, **options)
         sharded.append(jax.value_and_grad(loss_fn, argnums=argnums))
-        loss_fn = functools.partial(cross_entropy, **options)
-        single.append(jax.value_and_grad(loss_fn, argnums=argnums))
-    results = [run_cases(losses, arguments) for losses in (sharded, single)]
-    return dict(zip(BF16_CASES, zip(*results)))
+        values, grads = reference_values_and_grads(
+            dict(case, reduction="mean"), logits, targets, options, np.zeros(len(logits))
+        )
+        references.append((values["mean"], grads))
+    return dict(zip(BF16_CASES, zip(run_cases(sharded, arguments), references)))
 
 
 @pytest.mark.parametrize("option", BF16_CASES)
 def test_bf16_logits_sharded_equal_single_device(option):
     """bf16 logits (and bf16 probability targets): each shard reads its bf16 logits and label
     logit as they are and widens them to float32; the sharded loss and gradients equal the
-    single-device ones up to the final rounding to bf16 (the partial sums add up in another
-    order)."""
+    single-device ones (the float64 reference of the bf16 inputs) up to the final rounding
+    to bf16 (and float32 sums)."""
     (value, grads), (ref_value, ref_grads) = bf16_sharded_and_reference()[option]
-    assert value.dtype == ref_value.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.float32(value), np.float32(ref_value), rtol=1e-2)
+    assert value.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(value), ref_value, rtol=1e-2)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        assert got.dtype == want.dtype == jnp.bfloat16
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-4
-        )
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-4)
 
 
 def test_label_smoothing_spreads_over_the_global_classes():
@@ -336,7 +374,9 @@ def test_checked_raises_on_labels_past_the_real_vocabulary():
             )
         )
     )
-    np.testing.assert_allclose(loss_fn(logits, labels), cross_entropy(logits, labels), rtol=RTOL)
+    np.testing.assert_allclose(
+        loss_fn(logits, labels), reference.cross_entropy(logits, labels), rtol=RTOL
+    )
     with pytest.raises(Exception, match=r"found label 62 .* 0 <= label < 61"):
         bad = labels.copy()
         bad[3] = 62
@@ -347,8 +387,9 @@ def test_explicit_mesh_and_several_leading_axes():
     """``jax.make_mesh`` (Explicit axes) and logits [N, T, V] with the batch split."""
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     rng = np.random.default_rng(3)
-    logits = jnp.asarray(rng.standard_normal((4, 3, 40)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 40, (4, 3)), jnp.int32)
+    # NumPy: JAX arrays on one device that a program splits compile slicing programs.
+    logits = rng.standard_normal((4, 3, 40)).astype(np.float32)
+    labels = rng.integers(0, 40, (4, 3)).astype(np.int32)
     loss_fn = functools.partial(
         sharded_cross_entropy,
         mesh=mesh,
@@ -360,9 +401,12 @@ def test_explicit_mesh_and_several_leading_axes():
     (got, got_grad), rows = jax.jit(
         lambda z, y: (jax.value_and_grad(loss_fn)(z, y), loss_fn(z, y, reduction="none"))
     )(logits, labels)
-    want, want_grad = jax.jit(
-        jax.value_and_grad(functools.partial(cross_entropy, label_smoothing=0.1))
-    )(logits, labels)
+    # The float64 reference (tests/reference.py), its gradient by central differences.
+    z, y = logits.reshape(12, 40), labels.reshape(12)
+    want = reference.cross_entropy(z, y, label_smoothing=0.1)
+    want_grad = rowwise_gradient(
+        lambda z: reference.cross_entropy(z, y, label_smoothing=0.1, reduction="none") / 12, z
+    ).reshape(logits.shape)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
     assert rows.shape == (4, 3)
@@ -663,7 +707,11 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
         devices=jax.devices()[:4],
     )
     (want,) = results["labels"]["one_device"]
-    for pick in (lambda out: out[0], jnp.mean):
-        got = jax.grad(lambda s: pick(per_device(s, labels)))(shards)
+    picks = {"first device": lambda out: out[0], "mean": jnp.mean}
+    # Both picks in one program (eagerly, the gradient's every operation compiled alone).
+    by_pick = jax.jit(
+        lambda s: {n: jax.grad(lambda s: p(per_device(s, labels)))(s) for n, p in picks.items()}
+    )(shards)
+    for name, got in by_pick.items():
         got = np.asarray(got).transpose(1, 0, 2).reshape(6, 24)
-        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)

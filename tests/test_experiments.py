@@ -348,25 +348,43 @@ def test_train_stops_on_a_non_finite_loss(tmp_path):
     assert (tmp_path / "checkpoint.npz").exists()
 
 
-def test_gradient_check_passes_and_reports_every_parameter(tmp_path):
-    (tmp_path / "table.json").write_text("old table")
-    with open(tmp_path / "table.json") as reader:  # the new table is renamed into place
-        completed = run_script("gradient_check.py", "--json", str(tmp_path / "table.json"))
-        assert reader.read() == "old table"
+GRADIENT_CHECK = pytest.mark.xdist_group("experiments_gradient_check")
+
+
+@pytest.fixture(scope="module")
+def gradient_checks(tmp_path_factory):
+    """gradient_check.py's passing run, its table written over a file a reader holds open, and
+    a failing run, both by one child Python (run_usage_lines), each a fresh run of the script
+    (both turn on float64 as they start); a child each spent 3 s more starting Python and JAX."""
+    folder = tmp_path_factory.mktemp("gradient-check")
+    table = folder / "table.json"
+    table.write_text("old table")
+    with open(table) as reader:  # the new table is renamed into place
+        # a finite-difference step of 1e-1 has a truncation error far above the 1e-8 tolerance
+        lines = [("gradient_check.py", "--json", str(table))]
+        lines += [("gradient_check.py", "--eps", "1e-1", "--network", "000")]
+        passed, failed = run_usage_lines(lines, folder / "results.json")
+        read = reader.read()
+    return dict(passed=passed, failed=failed, table=table, read=read)
+
+
+@GRADIENT_CHECK
+def test_gradient_check_passes_and_reports_every_parameter(gradient_checks):
+    completed = gradient_checks["passed"]
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert gradient_checks["read"] == "old table"
     assert "all 20 comparisons within tolerance" in completed.stdout
-    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    rows = json.loads(gradient_checks["table"].read_text())["rows"]
     assert {(row["network"][:8], row["parameter"]) for row in rows} == {
         (seed, p) for seed in ("seed 000", "seed 002") for p in ("W1", "b1", "W2", "b2")
     }
     assert all(row["ok"] for row in rows)
 
 
-def test_gradient_check_fails_when_a_tolerance_is_exceeded():
-    # a finite-difference step of 1e-1 has a truncation error far above the 1e-8 tolerance
-    completed = run_script(
-        "gradient_check.py", "--eps", "1e-1", "--network", "000", expect_success=False
-    )
-    assert completed.returncode == 1 and "exceed their tolerance" in completed.stderr
+@GRADIENT_CHECK
+def test_gradient_check_fails_when_a_tolerance_is_exceeded(gradient_checks):
+    completed = gradient_checks["failed"]
+    assert completed.returncode == 1 and "exceed their tolerance" in completed.stderr, completed
 
 
 def test_per_example_grads_agree_with_the_loop():

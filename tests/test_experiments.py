@@ -323,29 +323,32 @@ def test_the_default_checkpoint_interval_follows_eval_every():
         assert (config.eval_every, config.checkpoint_every) == (int(eval_every), checkpoint_every)
 
 
-def test_train_stops_on_a_non_finite_loss(tmp_path):
-    stopped = run_script(
-        "train.py",
-        "--num-examples",
-        "20",
-        "--hidden",
-        "8",
-        "--l2",
-        "3",
-        "--steps",
-        "400",
-        "--eval-every",
-        "10",
-        "--checkpoint-every",
-        "20",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-        expect_success=False,
-    )
-    assert stopped.returncode == 2
+ONE_CHILD_RUNS = pytest.mark.xdist_group("experiments_one_child_runs")
+
+
+@pytest.fixture(scope="module")
+def one_child_runs(tmp_path_factory):
+    """``(folder, {name: CompletedProcess})``: per_example_grads.py on iris, then train.py
+    diverging (into ``folder/diverged``), each a fresh run of its script by one child Python
+    (run_usage_lines; neither changes JAX's configuration); a child each spent 3 s more
+    starting Python and JAX."""
+    folder = tmp_path_factory.mktemp("one-child-runs")
+    per_example = ("per_example_grads.py", "--dataset", "iris", "--batch-size", "8")
+    per_example += ("--hidden", "8", "--repeats", "1")
+    diverging = ("train.py", "--num-examples", "20", "--hidden", "8", "--l2", "3")
+    diverging += ("--steps", "400", "--eval-every", "10", "--checkpoint-every", "20")
+    diverging += ("--out", str(folder / "diverged"), "--no-progress")
+    per_example_run, diverged = run_usage_lines([per_example, diverging], folder / "results.json")
+    return folder, dict(per_example=per_example_run, diverged=diverged)
+
+
+@ONE_CHILD_RUNS
+def test_train_stops_on_a_non_finite_loss(one_child_runs):
+    folder, runs = one_child_runs
+    stopped = runs["diverged"]
+    assert stopped.returncode == 2, stopped
     assert "non-finite" in stopped.stderr and "last good checkpoint" in stopped.stderr
-    assert (tmp_path / "checkpoint.npz").exists()
+    assert (folder / "diverged" / "checkpoint.npz").exists()
 
 
 GRADIENT_CHECK = pytest.mark.xdist_group("experiments_gradient_check")
@@ -387,18 +390,10 @@ def test_gradient_check_fails_when_a_tolerance_is_exceeded(gradient_checks):
     assert completed.returncode == 1 and "exceed their tolerance" in completed.stderr, completed
 
 
-def test_per_example_grads_agree_with_the_loop():
-    completed = run_script(
-        "per_example_grads.py",
-        "--dataset",
-        "iris",
-        "--batch-size",
-        "8",
-        "--hidden",
-        "8",
-        "--repeats",
-        "1",
-    )
+@ONE_CHILD_RUNS
+def test_per_example_grads_agree_with_the_loop(one_child_runs):
+    completed = one_child_runs[1]["per_example"]
+    assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "max |vmap - loop|" in completed.stdout and "speed-up" in completed.stdout
 
 

@@ -170,12 +170,19 @@ def test_value_and_gradients_equal_one_device(types, vocabulary, batch, mode, se
     context = jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext()
     want = one_device(vocabulary)[:2]
     inputs = problem(vocabulary)
+    (plain, plain_args), (fused, fused_args) = sharded_losses(mesh, batch, vocabulary, inputs)
     with context:
-        for (fn, args), expected in zip(sharded_losses(mesh, batch, vocabulary, inputs), want):
-            fn = jax.jit(fn) if mode == "jit" else fn
-            got = fn(*args)
-            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+        if mode == "jit":  # both losses in one program, as a training step might hold them
+            both = jax.jit(lambda z, h, w: (plain(z), fused(h, w)))
+            got = both(*plain_args, *fused_args)
+        else:
+            got = plain(*plain_args), fused(*fused_args)
+    for loss, result, expected in zip(("plain", "fused"), got, want):
+        leaves = jax.tree.leaves(result), jax.tree.leaves(expected)
+        for i, (g, w) in enumerate(zip(*leaves)):
+            np.testing.assert_allclose(
+                np.asarray(g), w, rtol=RTOL, atol=ATOL, err_msg=f"{loss} loss, leaf {i}"
+            )
 
 
 def test_the_readme_mesh_example_trains():

@@ -179,20 +179,6 @@ def loss_arguments(case, num_rows=16, dtype=np.float32):
     return logits, targets, options
 
 
-def rowwise_gradient(per_row, x, step=1e-5):
-    """``d per_row(x)[r] / d x[r, c]`` by central differences in float64 (error ~1e-10).
-    Each row's value depends on its own row of ``x`` only, so one step of class ``c`` in
-    every row at once gives column ``c`` of every row's gradient."""
-    x = np.asarray(x, np.float64)
-    grad = np.empty_like(x)
-    for c in range(x.shape[-1]):
-        up, down = x.copy(), x.copy()
-        up[:, c] += step
-        down[:, c] -= step
-        grad[:, c] = (per_row(up) - per_row(down)) / (2 * step)
-    return grad
-
-
 def reference_values_and_grads(case, logits, targets, options, cotangent):
     """The float64 NumPy reference (tests/reference.py, the documented semantics, which the
     single-device ``cross_entropy`` is itself tested against) of one case: the values of
@@ -209,9 +195,12 @@ def reference_values_and_grads(case, logits, targets, options, cotangent):
     # objective is none[r] (scale + cotangent[r]).
     scale = values[reduction] / values["none"].sum() if reduction == "mean" else 1.0
     weight = scale + np.asarray(cotangent, np.float64)
-    grads = rowwise_gradient(lambda z: loss(z, targets, "none") * weight, logits)
+    grads = reference.rowwise_gradient(lambda z: loss(z, targets, "none") * weight, logits)
     if case["targets"] == "prob":
-        grads = (grads, rowwise_gradient(lambda t: loss(logits, t, "none") * weight, targets))
+        grads = (
+            grads,
+            reference.rowwise_gradient(lambda t: loss(logits, t, "none") * weight, targets),
+        )
     return values, grads
 
 
@@ -404,7 +393,7 @@ def test_explicit_mesh_and_several_leading_axes():
     # The float64 reference (tests/reference.py), its gradient by central differences.
     z, y = logits.reshape(12, 40), labels.reshape(12)
     want = reference.cross_entropy(z, y, label_smoothing=0.1)
-    want_grad = rowwise_gradient(
+    want_grad = reference.rowwise_gradient(
         lambda z: reference.cross_entropy(z, y, label_smoothing=0.1, reduction="none") / 12, z
     ).reshape(logits.shape)
     np.testing.assert_allclose(got, want, rtol=RTOL)

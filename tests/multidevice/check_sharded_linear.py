@@ -157,20 +157,6 @@ def value_and_grad_of(loss_fn, labels, reduction):
     return jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
 
 
-def rowwise_gradient(per_row, z, step=1e-5):
-    """``d per_row(z)[r] / d z[r, c]`` by central differences in float64 (error ~1e-10).
-    Each row's value depends on its own row of ``z`` only, so one step of class ``c`` in
-    every row at once gives column ``c`` of every row's gradient."""
-    z = np.asarray(z, np.float64)
-    grad = np.empty_like(z)
-    for c in range(z.shape[-1]):
-        up, down = z.copy(), z.copy()
-        up[:, c] += step
-        down[:, c] -= step
-        grad[:, c] = (per_row(up) - per_row(down)) / (2 * step)
-    return grad
-
-
 def through_the_head(g, hidden, classifier, layout="vd"):
     """Gradients of hidden states, classifier (its layout) and bias from ``g``, the float64
     gradient with respect to the logits ``h W^T + b``."""
@@ -207,7 +193,7 @@ def reference_values_and_grads(case):
     # objective is none[r] (scale + cotangent[r]).
     scale = values[reduction] / values["none"].sum() if reduction == "mean" else 1.0
     cotangent = np.linspace(0.5, 1.5, N, dtype=np.float32).astype(np.float64)
-    g = rowwise_gradient(lambda z: loss(z, "none") * (scale + cotangent), logits)
+    g = reference.rowwise_gradient(lambda z: loss(z, "none") * (scale + cotangent), logits)
     return values, through_the_head(g, hidden, classifier, layout)
 
 
@@ -331,7 +317,7 @@ def test_gradients_land_sharded_like_their_inputs(layout):
     # The float64 reference (tests/reference.py), its gradient by central differences.
     logits, y = head_logits(hidden, classifier, bias, layout), np.asarray(labels)
     want = reference.cross_entropy(logits, y, label_smoothing=0.1)
-    g = rowwise_gradient(
+    g = reference.rowwise_gradient(
         lambda z: reference.cross_entropy(z, y, label_smoothing=0.1, reduction="none") / N,
         logits,
     )
@@ -375,7 +361,7 @@ def test_cotangent_without_vma_typing():
     ref = dict(options, class_weights=np.asarray(weights), reduction="none")
     del ref["token_chunk"], ref["vocab_chunk"]
     y = np.asarray(labels)
-    g = rowwise_gradient(
+    g = reference.rowwise_gradient(
         lambda z: reference.cross_entropy(z, y, **ref), head_logits(hidden, classifier, None)
     )
     want = through_the_head(g, hidden, classifier)[:2]
@@ -557,7 +543,7 @@ def reference_companions(logits, labels, options, reduction="mean"):
     scale = loss / none.sum() if reduction == "mean" else 1.0
     total = per_row(logits, scale).sum() - (none * scale).sum() + loss
     aux = dict(zip(COMPANIONS, reference.companions(logits, labels, **kw)))
-    return total, aux, rowwise_gradient(lambda z: per_row(z, scale), logits)
+    return total, aux, reference.rowwise_gradient(lambda z: per_row(z, scale), logits)
 
 
 def assert_same_companions(value, aux, want, want_aux):
@@ -743,8 +729,8 @@ def test_distillation_equals_one_device(case):
         scale = np.linspace(0.5, 1.5, N, dtype=np.float32).astype(np.float64)
     else:
         scale = want / none.sum() if reduction == "mean" else 1.0
-    g_s = rowwise_gradient(lambda z: reference.distillation(z, z_t, **ref) * scale, z_s)
-    g_t = rowwise_gradient(lambda z: reference.distillation(z_s, z, **ref) * scale, z_t)
+    g_s = reference.rowwise_gradient(lambda z: reference.distillation(z, z_t, **ref) * scale, z_s)
+    g_t = reference.rowwise_gradient(lambda z: reference.distillation(z_s, z, **ref) * scale, z_t)
     want_grads = [*through_the_head(g_s, *student[:2], layout),
                   *through_the_head(g_t, *teacher[:2], layout)]  # fmt: skip
     np.testing.assert_allclose(value, want, rtol=RTOL, atol=ATOL, err_msg="value")

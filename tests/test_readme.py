@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import child_process
 import jax
@@ -14,15 +15,17 @@ import numpy as np
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+# The tests that read the one-device run of the blocks (run_alone) share a worker.
+BLOCKS = pytest.mark.xdist_group("readme_blocks")
 
 
 def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
 
 
+@BLOCKS
 def test_usage_example_runs_and_its_comments_hold():
-    namespace = {}
-    exec(python_blocks()[0], namespace)
+    namespace = arrays_alone(0)
     logits, labels = namespace["logits"], namespace["labels"]
 
     @jax.jit  # the reference in one program, not one per operation
@@ -36,9 +39,9 @@ def test_usage_example_runs_and_its_comments_hold():
     assert namespace["per_example"].shape == (2,)
 
 
+@BLOCKS
 def test_fused_example_runs_and_equals_logits_then_loss():
-    namespace = {}
-    exec(python_blocks()[1], namespace)
+    namespace = arrays_alone(1)
     hidden, embedding = namespace["hidden"], namespace["embedding"]
     import jaxsoftmax
 
@@ -59,51 +62,80 @@ _BLOCK_RUNNER = r"""
 import contextlib, io, json, sys, traceback
 import jax
 
+import numpy as np
+
 results = []
-for block in json.loads(sys.stdin.read()):
+for index, block in enumerate(json.loads(sys.stdin.read())):
     stdout, config = io.StringIO(), dict(jax.config.values)
+    namespace = {"__name__": "__main__"}
     with contextlib.redirect_stdout(stdout):
         try:
-            exec(compile(block, "<README block>", "exec"), {"__name__": "__main__"})
+            exec(compile(block, "<README block>", "exec"), namespace)
             changed = sorted(k for k, v in jax.config.values.items() if config.get(k) != v)
             error = f"changed JAX's global configuration: {changed}" if changed else None
         except BaseException:
             error = traceback.format_exc()
+    arrays = {}  # the block's arrays, for the tests that check what it computed
+    for name, value in namespace.items():
+        leaves = jax.tree_util.tree_flatten_with_path(value)[0]
+        if name.startswith("_") or not leaves:
+            continue
+        if all(isinstance(x, jax.Array) for _, x in leaves):
+            with contextlib.suppress(TypeError, ValueError):  # PRNG keys are no numbers
+                kept = {name + jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+                arrays.update(kept)
+    np.savez(f"{sys.argv[1]}/{index}.npz", **arrays)
     results.append([stdout.getvalue(), error])
 print(json.dumps(results))
 """
 
 
 @functools.cache
-def run_alone(blocks: tuple[str, ...], devices: int = 1) -> list[tuple[str, str | None]]:
-    """``(stdout, error or None)`` of each of ``blocks`` run on ``devices`` CPU devices by one
-    child Python (``_BLOCK_RUNNER``); once per blocks and device count in a test process (the
-    tests that read a run share one worker: xdist_group "readme_blocks")."""
-    result = subprocess.run(
-        [sys.executable, "-c", _BLOCK_RUNNER],
-        input=json.dumps(blocks),
-        env=child_process.environment(devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [tuple(r) for r in json.loads(result.stdout.splitlines()[-1])]
+def run_alone(blocks: tuple[str, ...], devices: int = 1) -> list[tuple[str, str | None, dict]]:
+    """``(stdout, error or None, arrays)`` of each of ``blocks`` run on ``devices`` CPU devices
+    by one child Python (``_BLOCK_RUNNER``); ``arrays`` holds the arrays the block left in its
+    namespace (``name``, ``name.field`` or ``name[i]`` for named tuples and tuples), as NumPy
+    arrays. Once per blocks and device count in a test process (the tests that read a run
+    share one worker: xdist_group "readme_blocks")."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run(
+            [sys.executable, "-c", _BLOCK_RUNNER, folder],
+            input=json.dumps(blocks),
+            env=child_process.environment(devices),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs = json.loads(result.stdout.splitlines()[-1])
+        arrays = []
+        for index in range(len(runs)):
+            with np.load(pathlib.Path(folder) / f"{index}.npz") as saved:
+                arrays.append(dict(saved))
+    return [(printed, error, kept) for (printed, error), kept in zip(runs, arrays)]
 
 
 def printed_alone(index: int, devices: int = 1) -> str:
     """What README block ``index`` printed run alone (with the others' one-device run), failing
     with the block's number and its traceback if it raised."""
+    return _run(index, devices)[0]
+
+
+def arrays_alone(index: int) -> dict[str, np.ndarray]:
+    """The arrays README block ``index`` computed, run alone by the one-device run (the blocks
+    run there, as a reader runs them, and not again in this process: a block run here compiled
+    a program per operation, some 20 programs a block)."""
+    return _run(index, 1)[1]
+
+
+def _run(index, devices):
     blocks = tuple(python_blocks())
     if devices == 1:
-        printed, error = run_alone(blocks)[index]
+        printed, error, arrays = run_alone(blocks)[index]
     else:
-        ((printed, error),) = run_alone(blocks[index : index + 1], devices)
+        ((printed, error, arrays),) = run_alone(blocks[index : index + 1], devices)
     assert error is None, f"README block {index} on {devices} device(s):\n{error[-3000:]}"
-    return printed
-
-
-BLOCKS = pytest.mark.xdist_group("readme_blocks")
+    return printed, arrays
 
 
 @BLOCKS
@@ -132,12 +164,13 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert command in ci, f"{command!r} is not a line of .ci/run"
 
 
+@BLOCKS
 def test_aux_example_equals_the_logits_composition():
     """The companions of README's fourth block against their definitions on the logits."""
-    namespace = {}
-    exec(python_blocks()[3], namespace)
-    hidden, embedding, aux = namespace["hidden"], namespace["embedding"], namespace["aux"]
-    assert np.all(np.asarray(namespace["grads"][1])[1000:] == 0)  # no gradient to the padding
+    namespace = arrays_alone(3)
+    hidden, embedding = namespace["hidden"], namespace["embedding"]
+    aux = {field: namespace[f"aux.{field}"] for field in ("lse", "entropy", "z_loss", "correct")}
+    assert np.all(namespace["grads[1]"][1000:] == 0)  # no gradient to the padding
 
     @jax.jit  # the definitions in one program, not one per operation
     def definitions(hidden, embedding):
@@ -149,17 +182,17 @@ def test_aux_example_equals_the_logits_composition():
         return lse, entropy, 1e-4 * lse**2, jnp.argmax(logits, -1) == jnp.arange(8)
 
     lse, entropy, z_loss, correct = definitions(hidden, embedding)
-    np.testing.assert_allclose(aux.lse, lse, rtol=1e-5)
-    np.testing.assert_allclose(aux.entropy, entropy, atol=1e-4)
-    np.testing.assert_allclose(aux.z_loss, z_loss, rtol=1e-5)
-    np.testing.assert_array_equal(aux.correct, correct)
+    np.testing.assert_allclose(aux["lse"], lse, rtol=1e-5)
+    np.testing.assert_allclose(aux["entropy"], entropy, atol=1e-4)
+    np.testing.assert_allclose(aux["z_loss"], z_loss, rtol=1e-5)
+    np.testing.assert_array_equal(aux["correct"], correct)
 
 
+@BLOCKS
 def test_distillation_example_equals_the_naive_composition():
     """The fifth block's fused loss and student gradients against ``T^2 KL(q || p)`` + half
     the cross-entropy, written with ``jax.nn.log_softmax`` and differentiated by JAX."""
-    namespace = {}
-    exec(python_blocks()[4], namespace)
+    namespace = arrays_alone(4)
     h_t, w_t = namespace["teacher_hidden"], namespace["teacher_embedding"]
     labels = namespace["labels"]
 
@@ -174,5 +207,5 @@ def test_distillation_example_equals_the_naive_composition():
     expected, gradients = jax.jit(jax.value_and_grad(naive, argnums=(0, 1)))(*arguments)
     np.testing.assert_allclose(namespace["loss"], expected, rtol=1e-5)
     np.testing.assert_allclose(namespace["from_logits"], expected, rtol=1e-5)
-    for got, want in zip(namespace["grads"], gradients):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    for i, want in enumerate(gradients):
+        np.testing.assert_allclose(namespace[f"grads[{i}]"], want, rtol=1e-4, atol=1e-6)

@@ -3,8 +3,11 @@
 References: float64 NumPy from the definitions (tests/reference.py), ``jax.grad`` and
 ``jax.jvp`` of the naive compositions written with ``jax.nn.log_softmax``, optax's
 ``kl_divergence`` and ``convex_kl_divergence``, and finite differences in both modes.
+Where a test compiles several functions, they share one program (each case checked on its
+own): compiling, not running, is almost all of this file's time.
 """
 
+import functools
 import math
 
 import jax
@@ -14,7 +17,6 @@ import optax
 import pytest
 import reference
 import sample
-from jax.test_util import check_grads
 
 from jaxsoftmax import distillation_loss
 from jaxsoftmax.core import divergences
@@ -158,23 +160,62 @@ def test_forward_kl_equals_optax():
         np.testing.assert_allclose(grad, results[name][1], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
-def test_finite_differences_in_forward_and_reverse_mode(divergence):
-    """``jax.jvp`` and ``jax.vjp`` of the loss against finite differences (float64), for
-    both logits, with the hard term; and ``jacfwd`` equals ``jacrev``."""
+# jax.test_util.check_grads' step and its float64 tolerance (atol and rtol)
+STEP, TOLERANCE = 1e-4, 1e-5
+
+
+@functools.cache
+def _differentiated():
+    """For every divergence, in one program (float64, with the hard term): the loss, its
+    ``jax.jvp`` along a random tangent of both logits, its ``jax.vjp`` of a random cotangent,
+    the loss one step either side along the tangent, and ``jacfwd`` and ``jacrev``. The
+    tangent and cotangent are check_grads' own draws (``RandomState(0)``)."""
     with jax.enable_x64(True):
         student, teacher = _logits(scale=1.5)
         labels = jnp.asarray(LABELS.clip(0))
-        loss = lambda s, t: distillation_loss(
-            s, t, divergence=divergence, temperature=1.5, labels=labels, hard_weight=0.5,
-            beta=0.3 if divergence == "jsd" else 0.5,
-        )  # fmt: skip
-        check_grads(jax.jit(loss), (student, teacher), order=1, modes=("fwd", "rev"))
-        forward, backward = jax.jit(
-            lambda s, t: (jax.jacfwd(loss, (0, 1))(s, t), jax.jacrev(loss, (0, 1))(s, t))
-        )(student, teacher)
-        for a, b in zip(forward, backward):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+        rng = np.random.RandomState(0)
+        tangent = tuple(rng.randn(*x.shape) for x in (student, teacher))
+        cotangent = rng.randn()
+
+        def every(s, t):
+            results = {}
+            for divergence in divergences.DIVERGENCES:
+                loss = lambda s, t, d=divergence: distillation_loss(
+                    s, t, divergence=d, temperature=1.5, labels=labels, hard_weight=0.5,
+                    beta=0.3 if d == "jsd" else 0.5,
+                )  # fmt: skip
+                value, vjp = jax.vjp(loss, s, t)
+                steps = [
+                    loss(s + k * STEP * tangent[0], t + k * STEP * tangent[1]) for k in (1, -1)
+                ]
+                results[divergence] = dict(
+                    value=value, jvp=jax.jvp(loss, (s, t), tangent), vjp=vjp(cotangent),
+                    steps=steps, jacfwd=jax.jacfwd(loss, (0, 1))(s, t),
+                    jacrev=jax.jacrev(loss, (0, 1))(s, t),
+                )  # fmt: skip
+            return results
+
+        return jax.device_get(jax.jit(every)(student, teacher)), tangent, cotangent
+
+
+@pytest.mark.xdist_group("distillation_finite_differences")  # one worker compiles them all
+@pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
+def test_finite_differences_in_forward_and_reverse_mode(divergence):
+    """``jax.jvp`` and ``jax.vjp`` of the loss against finite differences (float64), for
+    both logits, with the hard term, as ``jax.test_util.check_grads(order=1)`` checks them;
+    and ``jacfwd`` equals ``jacrev``. (The three divergences share one program.)"""
+    results, tangent, cotangent = _differentiated()
+    got = results[divergence]
+    plus, minus = got["steps"]
+    numerical = (plus - minus) * (0.5 / STEP)  # along the tangent
+    close = functools.partial(np.testing.assert_allclose, atol=TOLERANCE, rtol=TOLERANCE)
+    value, jvp = got["jvp"]
+    close(value, got["value"], err_msg=f"{divergence}: JVP primal")
+    close(jvp, numerical, err_msg=f"{divergence}: JVP tangent")
+    projected = sum(np.vdot(t, g) for t, g in zip(tangent, got["vjp"]))
+    close(projected, numerical * cotangent, err_msg=f"{divergence}: VJP cotangent projection")
+    for a, b, name in zip(got["jacfwd"], got["jacrev"], ("student", "teacher")):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, err_msg=f"{divergence} {name}")
 
 
 def test_gradients_run_through_the_derived_rule(monkeypatch):
@@ -182,21 +223,22 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
     differentiates the forward computation instead (the test fails if the rule is bypassed)."""
     student, teacher = _logits((3, 5), jnp.float32, seed=7)  # a shape no other test compiles
     loss = lambda s, t: distillation_loss(s, t, divergence="reverse_kl")
-    plain = jax.jit(lambda s, t: jax.grad(naive, (0, 1))(s, t, divergence="reverse_kl"))(
-        student, teacher
-    )
     rule = divergences.logits_gradients
 
     def doubled(*args, **kwargs):
         return tuple(None if g is None else 2 * g for g in rule(*args, **kwargs))
 
     monkeypatch.setattr(divergences, "logits_gradients", doubled)
-    grads, tangent = jax.jit(  # traced here, under the patch
-        lambda s, t: (
-            jax.grad(loss, (0, 1))(s, t),
-            jax.jvp(loss, (s, t), (jnp.ones_like(s), t))[1],
-        )
-    )(student, teacher)
+    # traced here, under the patch, which the naive composition never calls
+    grads, tangent, plain = jax.device_get(
+        jax.jit(
+            lambda s, t: (
+                jax.grad(loss, (0, 1))(s, t),
+                jax.jvp(loss, (s, t), (jnp.ones_like(s), t))[1],
+                jax.grad(naive, (0, 1))(s, t, divergence="reverse_kl"),
+            )
+        )(student, teacher)
+    )
     for got, want in zip(grads, plain):
         np.testing.assert_allclose(got, 2 * want, rtol=1e-5, atol=1e-7)
     plain = [np.asarray(g, np.float64) for g in plain]
@@ -220,36 +262,46 @@ def test_residuals_are_the_logits_and_numbers_per_row(divergence):
     assert len(large(naive_backward)) > 2
 
 
-def _every_divergence(vocab_mask=None):
-    """One compiled function: the three divergences' losses and their Jacobians (the
-    gradients of each loss for both logits)."""
+def _every_divergence(s, t, vocab_mask=None):
+    """The three divergences' losses and their Jacobians (the gradients of each loss for
+    both logits)."""
 
     def losses(s, t):
         return jnp.stack([distillation_loss(s, t, divergence=d, vocab_mask=vocab_mask)
                           for d in divergences.DIVERGENCES])  # fmt: skip
 
-    return jax.jit(lambda s, t: (losses(s, t), jax.jacrev(losses, (0, 1))(s, t)))
+    return losses(s, t), jax.jacrev(losses, (0, 1))(s, t)
 
 
 def test_extreme_and_infinite_logits():
     """Logits near 1e30 in float32 and ``-inf`` on classes both models leave out: the loss
-    and gradients are finite and equal the float64 references (masked classes: gradient 0)."""
+    and gradients are finite and equal the float64 references (masked classes: gradient 0).
+    The three inputs in one program."""
     student, teacher = (np.asarray(x) for x in _logits(dtype=jnp.float32))
     huge_s, huge_t = 1e30 * student, 1e30 * teacher + np.float32(1e29)
-    values, grads = _every_divergence()(huge_s, huge_t)
-    for i, divergence in enumerate(divergences.DIVERGENCES):
-        expected = reference.distillation(huge_s, huge_t, divergence=divergence)
-        np.testing.assert_allclose(values[i], expected, rtol=1e-5)
-    assert all(np.all(np.isfinite(g)) for g in grads)
     mask = np.array([1, 1, 0, 1, 1, 1, 0], bool)
     inf_s = np.where(mask[None, :], student, -np.inf).astype(np.float32)
     inf_t = np.where(mask[None, :], teacher, -np.inf).astype(np.float32)
-    values, grads = _every_divergence()(inf_s, inf_t)
-    masked_values, masked_grads = _every_divergence(jnp.asarray(mask))(student, teacher)
+    results = jax.device_get(
+        jax.jit(
+            lambda *a: {
+                "huge": _every_divergence(a[0], a[1]),
+                "inf": _every_divergence(a[2], a[3]),
+                "masked": _every_divergence(a[4], a[5], vocab_mask=jnp.asarray(mask)),
+            }
+        )(huge_s, huge_t, inf_s, inf_t, student, teacher)
+    )
+    values, grads = results["huge"]
+    for i, divergence in enumerate(divergences.DIVERGENCES):
+        expected = reference.distillation(huge_s, huge_t, divergence=divergence)
+        np.testing.assert_allclose(values[i], expected, rtol=1e-5, err_msg=divergence)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    values, grads = results["inf"]
+    masked_values, masked_grads = results["masked"]
     np.testing.assert_allclose(values, masked_values, rtol=1e-6)
     for got, want in zip(grads, masked_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-        assert np.all(np.asarray(got)[..., ~np.asarray(mask)] == 0)
+        assert np.all(np.asarray(got)[..., ~mask] == 0)
 
 
 def test_bfloat16_is_computed_in_float32():
@@ -303,10 +355,10 @@ BAD_CALLS = [
     (lambda s, t: distillation_loss(s, t, hard_weight=1.0), ValueError, "labels is None"),
     (lambda s, t: distillation_loss(s, t, hard_weight=-1.0), ValueError, "hard_weight"),
     (lambda s, t: distillation_loss(s, t, ignore_index=-100), ValueError, "labels is None"),
-    (lambda s, t: distillation_loss(s, t, labels=jnp.zeros((N, V), jnp.int32), hard_weight=1.0),
+    (lambda s, t: distillation_loss(s, t, labels=np.zeros((N, V), np.int32), hard_weight=1.0),
      ValueError, "labels"),
-    (lambda s, t: distillation_loss(s, t, where=jnp.ones((N, V), bool)), ValueError, "vocab_mask"),
-    (lambda s, t: distillation_loss(s, t, vocab_mask=jnp.ones((V + 1,), bool)), ValueError,
+    (lambda s, t: distillation_loss(s, t, where=np.ones((N, V), bool)), ValueError, "vocab_mask"),
+    (lambda s, t: distillation_loss(s, t, vocab_mask=np.ones((V + 1,), bool)), ValueError,
      "vocab_mask"),
     (lambda s, t: distillation_loss(s, t, axis=(0, 1)), TypeError, "one int"),
     (lambda s, t: distillation_loss(s, t, reduction="avg"), ValueError, "reduction"),
@@ -315,7 +367,7 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("call, error, words", BAD_CALLS)
 def test_bad_input_raises_a_clear_error(call, error, words):
-    student, teacher = _logits(dtype=jnp.float32)
+    student, teacher = (np.asarray(x) for x in _logits(dtype=jnp.float32))  # NumPy: no programs
     with pytest.raises(error, match=words):
         call(student, teacher)
 
@@ -324,8 +376,6 @@ def test_checked_mode_raises_on_a_bad_label():
     """Unchecked, a label out of range makes its example NaN; ``checked=True`` raises, now
     for labels known in Python and through ``jaxsoftmax.checked`` under ``jit``; labels on
     a masked class count as bad; the fused loss checks the same way."""
-    import functools
-
     from jax.experimental import checkify
 
     from jaxsoftmax import checked, linear_distillation_loss

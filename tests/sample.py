@@ -48,3 +48,37 @@ def split(seed, num):
     a helper that draws several arrays from one ``seed`` gives each draw its own. (Not
     ``(seed, i)``: NumPy seeds ``(seed, 0)`` as it seeds ``seed``.)"""
     return np.random.SeedSequence(seed).spawn(num)
+
+
+# NumPy arrays, the same values as the functions above. Those return ``jnp.asarray`` of a
+# NumPy array, which eagerly compiles one small program (``jit(stage)``) for each new shape
+# and dtype, about 0.2 s of CPU each; these compile nothing. Pass them to a jitted function as
+# they are (its arguments), or through ``jax.device_put`` where a test needs a ``jax.Array``
+# (an eager call): that compiles nothing either.
+
+
+def numpy_normal(seed, shape, dtype=np.float32, *, scale=1.0):
+    """:func:`normal` as a NumPy array."""
+    return (scale * _generator(seed).standard_normal(shape)).astype(dtype)
+
+
+def numpy_uniform(seed, shape, dtype=np.float32, *, low=0.0, high=1.0):
+    """:func:`uniform` as a NumPy array."""
+    return _generator(seed).uniform(low, high, shape).astype(dtype)
+
+
+def numpy_integers(seed, shape, low, high, dtype=np.int32):
+    """:func:`integers` as a NumPy array."""
+    return _generator(seed).integers(low, high, shape).astype(dtype)
+
+
+def numpy_bernoulli(seed, probability, shape):
+    """:func:`bernoulli` as a NumPy array."""
+    return _generator(seed).uniform(size=shape) < probability
+
+
+def numpy_probabilities(seed, shape, dtype=np.float32, *, scale=1.0, axis=-1):
+    """:func:`probabilities` as a NumPy array."""
+    z = scale * _generator(seed).standard_normal(shape)
+    p = np.exp(z - z.max(axis=axis, keepdims=True))
+    return (p / p.sum(axis=axis, keepdims=True)).astype(dtype)

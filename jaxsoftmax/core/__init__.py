@@ -15,6 +15,8 @@ program is lowered for it. Modules, read in this order:
   softmaxes and both logits' gradients (section 9).
 * :mod:`~jaxsoftmax.core.cpu_programs`: the equal programs for XLA's CPU backend, chosen by
   ``jax.lax.platform_dependent``; :func:`plain_path_only` turns them off (tests, benchmarks).
+* :mod:`~jaxsoftmax.core.tpu_programs`: what the fused loss's float32 chunks become on XLA's
+  TPU backend; :mod:`~jaxsoftmax.core.chunks` chooses the chunk slice per platform.
 * :mod:`~jaxsoftmax.core.varying_axes`: how ``shard_map`` types the values the rules return.
 """
 

@@ -28,7 +28,8 @@ The workarounds, all for XLA:CPU (checked with jaxlib 0.10.2):
    per row, does not. Pinned by ``test_compiled_loss_and_gradient_compute_one_exponential_
    per_logit``. Can go when XLA:CPU vectorizes the compare-and-select into the loop that
    computes the exponential.
-3. *Narrow-float chunks of the fused loss* (:func:`slice_chunk`): XLA:CPU has no bf16/f16
+3. *Narrow-float chunks of the fused loss* (:func:`narrow_chunk_in_a_cond`, chosen by
+   :func:`jaxsoftmax.core.chunks.slice_chunk`): XLA:CPU has no bf16/f16
    dynamic slice. It slices a float32 conversion of the whole classifier and hoists that
    conversion out of the chunk loops, a float32 copy (``4 V d`` bytes, 2.2 GiB at Gemma 2's
    shape; the fused loss's temporary memory there goes from 150 MiB to 2.4 GiB without it).
@@ -75,9 +76,16 @@ def per_platform(plain, fast, **keywords):
     """
     plain = functools.partial(plain, **keywords) if keywords else plain
     fast = functools.partial(fast, **keywords) if keywords else fast
-    if not _fast_paths_on:
+    return per_platforms(plain, cpu=fast)
+
+
+def per_platforms(plain, **programs):
+    """``plain``, or the program named for the platform it is lowered for (``cpu=``,
+    ``tpu=``: ``jax.lax.platform_dependent``'s keywords); ``plain`` alone without any, or
+    within :func:`plain_path_only`."""
+    if not _fast_paths_on or not programs:
         return plain
-    return lambda *args: lax.platform_dependent(*args, cpu=fast, default=plain)
+    return lambda *args: lax.platform_dependent(*args, default=plain, **programs)
 
 
 def _is_widened(logits) -> bool:
@@ -229,18 +237,18 @@ def _set_at_label(values, index, owned, label_values):
     return set_one(values, columns, label_values[..., 0])
 
 
-def slice_chunk(x, start, size, axis=0):
-    """``x[start : start + size]`` along ``axis``; on the CPU, never converting all of ``x``.
+def narrow_chunk_in_a_cond(take, x):
+    """``take`` (a chunk slicer ``(x, start) -> chunk``) for XLA:CPU where ``x`` is bf16 or
+    float16, else None: never converting all of ``x`` (workaround 3).
 
     Inside a ``lax.cond`` XLA:CPU keeps the float32 conversion next to the slice and fuses
-    it there: only the chunk is converted (workaround 3). The predicate is always true
-    (chunk starts are never negative); the other branch only gives the conditional two.
+    it there: only the chunk is converted. The predicate is always true (chunk starts are
+    never negative); the other branch only gives the conditional two.
     """
-    take = functools.partial(lax.dynamic_slice_in_dim, slice_size=size, axis=axis)
     if not _is_widened(x):
-        return take(x, start)
+        return None
 
     def in_a_cond(x, start):
         return lax.cond(start >= 0, lambda x: take(x, start), lambda x: take(x, 0), x)
 
-    return per_platform(take, in_a_cond)(x, start)
+    return in_a_cond

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.core import companion_terms, cpu_programs, row_terms
-from jaxsoftmax.core.cpu_programs import slice_chunk
+from jaxsoftmax.core.chunks import slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.plan import TilePlan

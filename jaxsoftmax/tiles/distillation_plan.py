@@ -27,7 +27,7 @@ from jax import lax
 
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.core import divergences, row_terms
-from jaxsoftmax.core.cpu_programs import slice_chunk
+from jaxsoftmax.core.chunks import slice_chunk
 from jaxsoftmax.tiles import plan as tile_plan
 
 

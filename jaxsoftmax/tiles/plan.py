@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.core import row_terms
-from jaxsoftmax.core.cpu_programs import slice_chunk
+from jaxsoftmax.core.chunks import slice_chunk
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""What a TPU gets of the fused losses: float32 chunks rounded inside the loops.
+
+``jaxsoftmax/core/tpu_programs.py`` keeps XLA:TPU from hoisting a bf16 copy of the whole
+classifier out of the chunk loops. No TPU is needed to see it: ``jax.export`` lowers a program
+for ``"tpu"`` on this machine (no compilation), and the exported program is what a TPU
+compiles. The rounding itself is checked against ml_dtypes' float32 -> bfloat16 conversion.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax import export
+
+from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
+from jaxsoftmax.core import tpu_programs
+
+# Several chunks on every axis, whatever the platform's tile sizes: only lowered, never run.
+N, D, V = 4096, 8, 65536
+
+
+def _fused(layout):
+    def loss(hidden, classifier, labels):
+        return linear_cross_entropy(
+            hidden, classifier, labels, classifier_layout=layout, method="recompute"
+        )
+
+    return loss
+
+
+def _distillation(hidden, classifier, labels):
+    # the teacher is the student's own head, frozen: its chunks are sliced all the same
+    teacher = (jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(classifier))
+    return linear_distillation_loss(hidden, classifier, *teacher, labels=labels)
+
+
+# name: (loss of (hidden, classifier, labels), the classifier's layout)
+LOSSES = {
+    "vd": (_fused("vd"), "vd"),
+    "dv": (_fused("dv"), "dv"),
+    "distillation": (_distillation, "vd"),
+}
+
+
+@functools.cache
+def rounded_shapes(name, dtype, platform, precision=None):
+    """The operand shapes of the bf16-precision roundings in the exported program of
+    ``value_and_grad`` of ``LOSSES[name]`` with respect to hidden and classifier."""
+    loss, layout = LOSSES[name]
+    hidden = jax.ShapeDtypeStruct((N, D), dtype)
+    classifier = jax.ShapeDtypeStruct((D, V) if layout == "dv" else (V, D), dtype)
+    labels = jax.ShapeDtypeStruct((N,), jnp.int32)
+    program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    with jax.default_matmul_precision(precision):
+        exported = export.export(program, platforms=[platform])(hidden, classifier, labels)
+    text = exported.mlir_module()
+    return re.findall(r"stablehlo\.reduce_precision .*format = e8m7 : tensor<(\w+)>", text)
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_float32_chunks_are_rounded_inside_the_loops_only_for_the_tpu(layout):
+    shapes = rounded_shapes(layout, jnp.float32, "tpu")
+    assert shapes, "the TPU program rounds no chunk: it would hold a bf16 copy of the classifier"
+    whole = {f"{N}x{D}xf32", f"{D}x{V}xf32", f"{V}x{D}xf32"}
+    assert not set(shapes) & whole, f"a whole array is rounded, not its chunks: {shapes}"
+    for shape in shapes:  # chunks of the hidden states ([T, d]) or the classifier
+        rows, columns = (int(n) for n in shape.removesuffix("xf32").split("x"))
+        assert D in (rows, columns) and rows * columns < V * D, shape
+    # Not for the CPU or a GPU, not for bf16 (the product takes it as it is), and not where
+    # the user asks for float32 products.
+    assert rounded_shapes(layout, jnp.float32, "cpu") == []
+    assert rounded_shapes(layout, jnp.float32, "cuda") == []
+    assert rounded_shapes(layout, jnp.bfloat16, "tpu") == []
+    assert rounded_shapes(layout, jnp.float32, "tpu", precision="float32") == []
+
+
+def test_the_fused_distillation_rounds_its_chunks_on_the_tpu():
+    assert rounded_shapes("distillation", jnp.float32, "tpu")
+    assert rounded_shapes("distillation", jnp.float32, "cuda") == []
+
+
+def test_the_rounding_is_the_float32_to_bfloat16_conversion():
+    """Round to nearest, ties to even, as a product at the default precision rounds its
+    operands, for ordinary, tied, huge, tiny, subnormal and non-finite values."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    values = np.concatenate(
+        [
+            bits.view(np.float32),  # every exponent, NaN and infinities among them
+            np.float32([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, 1e-40, -0.0]),
+            np.float32([np.inf, -np.inf, np.nan, 0.0]),
+        ]
+    ).reshape(-1, 2)
+    take = functools.partial(jax.lax.dynamic_slice_in_dim, slice_size=values.shape[0] - 1)
+    rounded = jax.jit(tpu_programs.rounded_like_the_product(take))(values, 1)
+    with np.errstate(invalid="ignore"):  # NaN stays NaN
+        expected = values[1:].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(rounded), expected)
+    assert rounded.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "precision, rounds",
+    [(None, True), ("default", True), ("bfloat16", True), ("float32", False), ("highest", False)],
+)
+def test_only_products_at_one_bfloat16_pass_are_rounded(precision, rounds):
+    with jax.default_matmul_precision(precision):
+        assert tpu_programs.products_round_to_bfloat16(jnp.float32) is rounds
+        assert tpu_programs.products_round_to_bfloat16(jnp.bfloat16) is False

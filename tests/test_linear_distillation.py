@@ -128,9 +128,11 @@ def test_gradients_run_through_the_derived_rule(monkeypatch):
         return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
     arrays = (h_s, w_s, h_t, w_t)
-    doubled, want_grads = jax.jit(
-        lambda *a: (jax.grad(fused, (0, 1, 2, 3))(*a), jax.grad(naive, (0, 1, 2, 3))(*a))
-    )(*arrays)
+    doubled, want_grads = jax.device_get(
+        jax.jit(lambda *a: (jax.grad(fused, (0, 1, 2, 3))(*a), jax.grad(naive, (0, 1, 2, 3))(*a)))(
+            *arrays
+        )
+    )
     for got, want in zip(doubled, want_grads):
         np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-6)
 
@@ -238,7 +240,8 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("change, error, words", BAD_CALLS)
 def test_bad_input_raises_a_clear_error(change, error, words):
-    h_s, w_s, _, h_t, w_t, _ = _models(jnp.float32)
+    # NumPy arrays: the changes below (slices, casts) compile no programs
+    h_s, w_s, _, h_t, w_t, _ = (np.asarray(x) for x in _models(jnp.float32))
     arguments = dict(student_hidden=h_s, student_classifier=w_s, teacher_hidden=h_t,
                      teacher_classifier=w_t)  # fmt: skip
     for name, value in change.items():

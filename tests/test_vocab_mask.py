@@ -22,11 +22,15 @@ N, C = 11, 13
 MASK = np.array([c % 4 != 1 and c < 11 for c in range(C)])  # holes and a padded end
 
 
+# Arrays made here from NumPy ones with jax.device_put: jnp.asarray compiles a copying program
+# for each new shape and dtype.
+
+
 def _inputs(seed=0, n=N, c=C):
     k = sample.split(seed, 4)
     z = sample.normal(k[0], (n, c), scale=3.0)
     labels = np.asarray(sample.integers(k[1], (n,), 0, c))
-    labels = jnp.asarray(np.where(MASK[labels], labels, 0))  # labels on existing classes
+    labels = jax.device_put(np.where(MASK[labels], labels, 0))  # labels on existing classes
     probabilities = sample.probabilities(k[2], (n, c))
     weights = sample.uniform(k[3], (c,), low=0.5, high=2.0)
     return z, labels, probabilities, weights
@@ -51,7 +55,7 @@ def test_equals_minus_infinity_on_the_masked_logits():
     case compared on its own."""
     z, labels, probabilities, weights = _inputs()
     y = np.where(MASK, np.asarray(probabilities), 0.0)
-    targets = {"labels": labels, "probabilities": jnp.asarray(y / y.sum(-1, keepdims=True))}
+    targets = {"labels": labels, "probabilities": jax.device_put(y / y.sum(-1, keepdims=True))}
     cases = [(name, kind) for name in sorted(OPTIONS) for kind in targets]
 
     def case(z, name, kind):
@@ -95,7 +99,7 @@ def test_a_label_on_a_masked_class_is_a_bad_label():
     labels[3] = 1  # class 1 is masked
     without = labels.copy()
     without[3] = -100
-    labels, without = jnp.asarray(labels), jnp.asarray(without)
+    labels, without = jax.device_put(labels), jax.device_put(without)
     per_row = jax.vmap(jax.value_and_grad(lambda z, y: cross_entropy(z, y, vocab_mask=MASK)))
     (losses, grads), ignored = jax.device_get(
         jax.jit(
@@ -130,7 +134,7 @@ def test_bad_masks_are_refused_before_any_computation(mask, message):
     for loss in (
         lambda: cross_entropy(z, labels, vocab_mask=mask),
         lambda: linear_cross_entropy(
-            z, jnp.asarray(np.eye(C, dtype=np.float32)), labels, vocab_mask=mask
+            z, jax.device_put(np.eye(C, dtype=np.float32)), labels, vocab_mask=mask
         ),
     ):
         with pytest.raises(ValueError, match="vocab_mask must be a boolean array .*" + message):
@@ -150,10 +154,10 @@ def test_fused_equals_the_unfused_loss_and_padding_rows_get_no_gradient():
     classifier = sample.normal(4, (v, d), scale=3 / math.sqrt(d))
     bias = sample.normal(5, (v,))
     labels = np.asarray(sample.integers(6, (n,), 0, v))
-    labels = jnp.asarray(np.where(mask[labels], labels, 0))
-    weights = jnp.asarray(np.linspace(0.5, 2.0, v, dtype=np.float32))
+    labels = jax.device_put(np.where(mask[labels], labels, 0))
+    weights = jax.device_put(np.linspace(0.5, 2.0, v, dtype=np.float32))
     kw = dict(label_smoothing=0.1, class_weights=weights, z_loss=1e-3)
-    mask = jnp.asarray(mask)
+    mask = jax.device_put(mask)
 
     def fused(h, w, b, method):
         return linear_cross_entropy(
@@ -193,7 +197,7 @@ def test_fused_companions_and_bad_labels_with_a_mask():
     mask = np.arange(v) < 15
     hidden, classifier = sample.normal(4, (n, d)), np.array(sample.normal(5, (v, d)))
     classifier[17] = np.asarray(hidden)[0] * 10  # the largest logit, on a masked class
-    classifier = jnp.asarray(classifier)
+    classifier = jax.device_put(classifier)
     labels = np.array(sample.integers(6, (n,), 0, 15))
     labels[5] = 16
 
@@ -224,10 +228,10 @@ def test_fused_loss_skips_tiles_of_masked_classes():
     """With a mask, each tile's work sits in a conditional on it holding a class (forward
     and backward), beside the conditionals that choose each backend's program."""
     hidden, classifier = (
-        jnp.asarray(np.ones((8, 4), np.float32)),
-        jnp.asarray(np.ones((20, 4), np.float32)),
+        jax.device_put(np.ones((8, 4), np.float32)),
+        jax.device_put(np.ones((20, 4), np.float32)),
     )
-    labels, mask = jnp.asarray(np.zeros(8, np.int32)), jnp.asarray(np.arange(20) < 12)
+    labels, mask = jax.device_put(np.zeros(8, np.int32)), jax.device_put(np.arange(20) < 12)
 
     def conditionals(**kw):
         fn = jax.value_and_grad(

@@ -36,12 +36,15 @@ def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
     class_mask[4] = False  # a row without classes
     extras = {
         "rows": sample.bernoulli(k[3], 0.75, (n,)),
-        "classes": jnp.asarray(class_mask),
+        "classes": jax.device_put(class_mask),
         "weights": sample.uniform(k[4], (c,), float, low=0.5, high=2.0),
         "probabilities": sample.probabilities(k[5], (n, c), float, scale=2.0),
     }
-    return z, jnp.asarray(labels.astype(int)), extras
+    return z, jax.device_put(labels.astype(int)), extras
 
+
+# Arrays made here from NumPy ones with jax.device_put: jnp.asarray compiles a copying program
+# for each new shape and dtype.
 
 CASES = {
     "plain": {},
@@ -58,7 +61,7 @@ def _case(name, extras, labels):
     targets = extras[kw.pop("targets")] if "targets" in kw else labels
     kw = {k: extras[v] if isinstance(v, str) and v in extras else v for k, v in kw.items()}
     if "ignore_index" not in kw and jnp.issubdtype(targets.dtype, jnp.integer):
-        targets = jnp.asarray(np.where(np.asarray(targets) < 0, 0, targets))
+        targets = jax.device_put(np.where(np.asarray(targets) < 0, 0, targets))
     return targets, kw
 
 
@@ -139,7 +142,7 @@ def test_loss_and_companion_cotangents_add_in_one_rule():
     """The loss, a z-loss built by the user on ``lse`` and an entropy bonus, together."""
     with jax.enable_x64(True):
         z, labels, _ = _logits_and_extras(seed=2)
-        labels = jnp.asarray(np.clip(labels, 0, None))
+        labels = jax.device_put(np.clip(labels, 0, None))
 
         def ours(z):
             loss, aux = cross_entropy(z, labels, return_aux=True)
@@ -159,8 +162,8 @@ def test_loss_and_companion_cotangents_add_in_one_rule():
 
 
 def test_stable_at_extreme_logits():
-    z = jnp.array([[1e30, 0.0, -1e30], [3e4, 3e4, -np.inf]], jnp.float32)
-    labels = jnp.array([0, 1])
+    z = jax.device_put(np.array([[1e30, 0.0, -1e30], [3e4, 3e4, -np.inf]], np.float32))
+    labels = jax.device_put(np.array([0, 1], np.int32))
 
     def aux_and_grads(z):
         aux = cross_entropy(z, labels, reduction="none", return_aux=True)[1]
@@ -177,7 +180,9 @@ def test_stable_at_extreme_logits():
 def test_bf16_companions_are_float32():
     z, labels, _ = _logits_and_extras(dtype=jnp.bfloat16)
     labels = np.clip(labels, 0, None)
-    loss, aux = jax.jit(lambda z, y: cross_entropy(z, y, return_aux=True))(z, jnp.asarray(labels))
+    loss, aux = jax.jit(lambda z, y: cross_entropy(z, y, return_aux=True))(
+        z, jax.device_put(labels)
+    )
     assert loss.dtype == jnp.bfloat16
     assert aux.lse.dtype == aux.entropy.dtype == aux.z_loss.dtype == jnp.float32
     want = reference.companions(np.asarray(z).astype(np.float32), labels)
@@ -211,7 +216,7 @@ def _fused_inputs(seed=3, n=37, d=6, v=23):
         "weights": sample.uniform(k[4], (v,), low=0.5, high=2.0),
         "rows": sample.bernoulli(k[5], 0.8, (n,)),
     }
-    return hidden, classifier, bias, jnp.asarray(labels), extras
+    return hidden, classifier, bias, jax.device_put(labels), extras
 
 
 def _total(loss, aux):
@@ -278,9 +283,9 @@ def test_fused_companions_equal_the_unfused_loss(method):
 def test_fused_companions_have_the_batch_shape():
     hidden, classifier, _, labels, _ = _fused_inputs()
     loss, aux = linear_cross_entropy(
-        hidden.reshape(37, 1, 6),
+        np.asarray(hidden).reshape(37, 1, 6),
         classifier,
-        jnp.asarray(np.clip(labels, 0, None).reshape(37, 1)),
+        jax.device_put(np.clip(labels, 0, None).reshape(37, 1)),
         return_aux=True,
     )
     assert loss.shape == () and all(a.shape == (37, 1) for a in aux)
@@ -290,7 +295,7 @@ def test_forward_method_skips_the_companions_pass_when_only_logging():
     """The loss's gradient alone (the companions logged, not differentiated) equals the
     loss without them, and the extra pass sits behind a conditional on the cotangents."""
     hidden, classifier, _, labels, _ = _fused_inputs()
-    labels = jnp.asarray(np.clip(labels, 0, None))
+    labels = jax.device_put(np.clip(labels, 0, None))
     loss = lambda h, aux: linear_cross_entropy(
         h, classifier, labels, method="forward", return_aux=aux
     )
@@ -309,7 +314,7 @@ def test_bad_return_aux_values_are_refused():
     with pytest.raises(TypeError, match="return_aux must be True or False; got str"):
         linear_cross_entropy(hidden, classifier, labels, return_aux="yes")
     with pytest.raises(TypeError, match="return_aux must be True or False; got int"):
-        cross_entropy(hidden, jnp.asarray(np.clip(labels, 0, 5)), return_aux=1)
+        cross_entropy(hidden, jax.device_put(np.clip(labels, 0, 5)), return_aux=1)
 
 
 def test_fused_companions_hold_no_more_memory_at_gemma_shape():

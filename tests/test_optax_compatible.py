@@ -25,14 +25,15 @@ CASES = [
 
 
 def problem(shape, axis, seed=0):
+    """NumPy logits, labels and probabilities (no program compiled to draw them)."""
     k1, k2, k3 = sample.split(seed, 3)
-    logits = sample.normal(k1, shape, scale=2.0)
+    logits = sample.numpy_normal(k1, shape, scale=2.0)
     axes = (axis,) if isinstance(axis, int) else axis
     axes = tuple(a % len(shape) for a in axes)
     batch = tuple(s for i, s in enumerate(shape) if i not in axes)
     num_classes = int(np.prod([shape[a] for a in axes]))
-    labels = sample.integers(k2, batch, 0, num_classes)
-    probs = sample.probabilities(k3, shape, axis=axes)
+    labels = sample.numpy_integers(k2, batch, 0, num_classes)
+    probs = sample.numpy_probabilities(k3, shape, axis=axes)
     return logits, labels, probs
 
 
@@ -96,9 +97,14 @@ def assert_integer_case_matches_optax(case, got, expected):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6, err_msg=str(case))
 
 
-@pytest.mark.parametrize("shape,axis", CASES)
+# The cases also called eagerly (each eager call compiles programs of its own): one int
+# axis and tuple axes. Under jit, every case of CASES.
+EAGER_CASES = [((4, 5), -1), ((2, 3, 4, 5), (3, 1))]
+
+
+@pytest.mark.parametrize("shape,axis", EAGER_CASES)
 def test_integer_labels_match_optax_eagerly(shape, axis):
-    logits, labels, _ = problem(shape, axis)
+    logits, labels = jax.device_put(problem(shape, axis)[:2])  # as users call it: jax.Arrays
     got = integer_value_and_gradient(
         jaxsoftmax.softmax_cross_entropy_with_integer_labels, logits, labels, axis
     )
@@ -146,16 +152,20 @@ def test_probability_labels_match_optax_including_label_gradient():
 
 def test_axis_none_reduces_everything_like_optax():
     logits, _, probs = problem((3, 4), -1)
-    got = jax.jit(lambda z, y: jaxsoftmax.softmax_cross_entropy(z, y, None))(logits, probs)
-    expected = jax.jit(lambda z, y: OPTAX_PROB(z, y / 3, None) * 3)(logits, probs)
+    got, expected = jax.jit(
+        lambda z, y: (
+            jaxsoftmax.softmax_cross_entropy(z, y, None),
+            OPTAX_PROB(z, y / 3, None) * 3,
+        )
+    )(logits, probs)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got.shape == ()
 
 
 def where_masks(labels):
     """The per-example and the per-logit mask of the ``where`` tests, (6, 5) logits."""
-    per_logit = np.array(sample.bernoulli(4, 0.7, (6, 5)))
-    per_logit[np.arange(6), np.asarray(labels)] = True
+    per_logit = sample.numpy_bernoulli(4, 0.7, (6, 5))
+    per_logit[np.arange(6), labels] = True
     return {"per_example": np.array([True, False, True, True, False, True]), "per_logit": per_logit}
 
 
@@ -220,6 +230,7 @@ def test_fully_masked_rows_give_zero_gradients_where_optax_label_gradient_is_nan
     want = jax.jit(functools.partial(fully_masked_results, OPTAX_INT, OPTAX_PROB))(
         logits, labels, probs
     )
+    got, want = jax.tree.map(np.asarray, (got, want))
     for kind in ("per_example", "per_logit"):
         for name in ("integer", "probability"):
             case = f"{kind} {name}"
@@ -246,7 +257,11 @@ def test_forward_mode_jvp_and_jacfwd_match_optax():
     """Every case of FORWARD_CASES: ours (jvp, jacfwd) in one program, optax's (jvp,
     jacrev) in another."""
     problems = [
-        (*problem(shape, axis, seed=6), sample.normal(7, shape), sample.normal(8, shape))
+        (
+            *problem(shape, axis, seed=6),
+            sample.numpy_normal(7, shape),
+            sample.numpy_normal(8, shape),
+        )
         for shape, axis in FORWARD_CASES
     ]
 
@@ -298,7 +313,7 @@ def test_hessian_matches_softmax_jacobian():
 def test_finite_differences_both_modes():
     with jax.enable_x64(True):
         logits, labels, probs = problem((3, 5), -1, seed=10)
-        logits, probs = (jax.device_put(np.asarray(a, np.float64)) for a in (logits, probs))
+        logits, probs = (a.astype(np.float64) for a in (logits, probs))
         check_grads(
             jax.jit(lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels)),
             (logits,),
@@ -326,9 +341,14 @@ def test_vmap_over_logits_and_labels():
             jax.grad(lambda z: jnp.sum(f(z, labels)))(logits),
         )
 
-    mapped, whole, mapped_probs, per_example_grads, grads = jax.jit(ours)(logits, labels, probs)
+    def ours_and_optax(logits, labels, probs):
+        return ours(logits, labels, probs), OPTAX_PROB(logits, probs)
+
+    (mapped, whole, mapped_probs, per_example_grads, grads), optax_probs = jax.jit(ours_and_optax)(
+        logits, labels, probs
+    )
     np.testing.assert_allclose(mapped, whole, rtol=1e-6)
-    np.testing.assert_allclose(mapped_probs, jax.jit(OPTAX_PROB)(logits, probs), rtol=1e-6)
+    np.testing.assert_allclose(mapped_probs, optax_probs, rtol=1e-6)
     np.testing.assert_allclose(per_example_grads, grads, rtol=1e-6)
 
 

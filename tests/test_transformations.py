@@ -14,7 +14,7 @@ from jaxsoftmax import cross_entropy, softmax_cross_entropy_with_integer_labels
 
 OPTIONS = dict(
     label_smoothing=0.1,
-    class_weights=jnp.array([1.0, 2.0, 0.5, 1.0, 3.0]),
+    class_weights=np.array([1.0, 2.0, 0.5, 1.0, 3.0], np.float32),
     z_loss=1e-3,
     logit_softcap=4.0,
     ignore_index=3,
@@ -22,8 +22,10 @@ OPTIONS = dict(
 
 
 def problem(seed=0, shape=(6, 5)):
+    """NumPy logits and labels (no program compiled to draw them: tests/sample.py)."""
     k1, k2 = sample.split(seed, 2)
-    return sample.normal(k1, shape, scale=2.0), sample.integers(k2, shape[:-1], 0, shape[-1])
+    logits = sample.numpy_normal(k1, shape, scale=2.0)
+    return logits, sample.numpy_integers(k2, shape[:-1], 0, shape[-1])
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -40,7 +42,7 @@ def value_and_grad_per_reduction(logits, labels):
 
 def test_jit_equals_eager_with_every_option():
     """Eager calls (each reduction on its own) against one jitted program of all three."""
-    logits, labels = problem()
+    logits, labels = jax.device_put(problem())  # as users call it: jax.Arrays
     eager = value_and_grad_per_reduction(logits, labels)
     jitted = jax.jit(value_and_grad_per_reduction)(logits, labels)
     for reduction in REDUCTIONS:
@@ -51,7 +53,7 @@ def test_jit_equals_eager_with_every_option():
 def test_vmap_over_logits_and_targets_equals_the_batched_call():
     """The vmapped calls and the batched ones, in one program."""
     logits, labels = problem(1, (4, 3, 5))
-    z = np.asarray(logits, np.float64)[::-1]
+    z = logits.astype(np.float64)[::-1]
     probs = np.exp(z - z.max(-1, keepdims=True))
     probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
     f = functools.partial(cross_entropy, reduction="none", **OPTIONS)
@@ -74,7 +76,7 @@ def test_vmap_over_logits_and_targets_equals_the_batched_call():
 
 def test_vmap_over_targets_only():
     logits, labels = problem(2)
-    many_labels = np.stack([labels, (np.asarray(labels) + 1) % 5])
+    many_labels = np.stack([labels, (labels + 1) % 5])
 
     def mapped_and_each(many_labels):
         mapped = jax.vmap(lambda y: cross_entropy(logits, y))(many_labels)
@@ -89,10 +91,10 @@ def test_grad_of_grad_matches_autodiff_of_the_formula(options):
     """Reverse over reverse: the rule's own expression is differentiated again."""
     with jax.enable_x64(True):
         logits, labels = problem(3)
-        logits = logits.astype(jnp.float64)
+        logits = logits.astype(np.float64)
         opts = dict(options)
         if "class_weights" in opts:
-            opts["class_weights"] = opts["class_weights"].astype(jnp.float64)
+            opts["class_weights"] = np.asarray(opts["class_weights"], np.float64)
         f = functools.partial(cross_entropy, targets=labels, **opts)
         hessian = jax.jit(jax.jacrev(jax.grad(f)))(logits)
 
@@ -121,12 +123,13 @@ def test_cross_entropy_is_reverse_mode_only_and_the_dropins_do_forward_mode():
     forward mode through the same rule."""
     logits, labels = problem(8, (3, 5))
     loss = lambda z: cross_entropy(z, labels, reduction="sum")
+    logits = jax.device_put(logits)  # as users call it: a jax.Array
     with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
-        jax.jvp(loss, (logits,), (jnp.ones_like(logits),))
+        jax.jvp(loss, (logits,), (np.ones_like(logits),))
     with pytest.raises(TypeError, match="forward-mode autodiff .* custom_vjp"):
         jax.jacfwd(loss)(logits)
     dropin = lambda z: jnp.sum(softmax_cross_entropy_with_integer_labels(z, labels))
-    tangent = sample.normal(9, logits.shape)
+    tangent = sample.numpy_normal(9, logits.shape)
 
     def derivatives(logits, tangent):  # all in one program
         return {
@@ -174,8 +177,8 @@ def test_inside_shard_map_and_pmap_without_global_shapes():
     for case in ("per-example losses", "gradient"):
         np.testing.assert_allclose(*results[case], rtol=1e-6, err_msg=case)
     pmapped = jax.pmap(lambda z, y: cross_entropy(z, y, **OPTIONS))
-    out = pmapped(np.asarray(logits)[None], np.asarray(labels)[None])
-    np.testing.assert_allclose(out[0], results["mean"], rtol=1e-6)
+    out = pmapped(logits[None], labels[None])
+    np.testing.assert_allclose(np.asarray(out)[0], results["mean"], rtol=1e-6)
 
 
 def test_unchecked_out_of_range_label_is_nan_not_a_plausible_number():

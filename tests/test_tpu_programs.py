@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import reference
 from jax import export
 
 from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
@@ -81,6 +82,57 @@ def test_float32_chunks_are_rounded_inside_the_loops_only_for_the_tpu(layout):
 def test_the_fused_distillation_rounds_its_chunks_on_the_tpu():
     assert rounded_shapes("distillation", jnp.float32, "tpu")
     assert rounded_shapes("distillation", jnp.float32, "cuda") == []
+
+
+def run_the_tpu_program_here(loss, *args):
+    """``value_and_grad(loss)`` (hidden and classifier) lowered for a TPU at the default matmul
+    precision, run on the CPU: the TPU's program has nothing but XLA operations this CPU runs
+    too, and the CPU multiplies in float32."""
+    program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    anywhere = [export.DisabledSafetyCheck.platform()]
+    shapes = [jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype) for a in args]
+    with jax.default_matmul_precision(None):  # users' default (tests/conftest.py sets float32)
+        exported = export.export(program, platforms=["tpu"], disabled_checks=anywhere)(*shapes)
+    return exported.call(*args)
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_the_tpu_program_multiplies_rounded_operands_and_sums_unrounded(layout):
+    """Its loss and gradients are those of the bf16-rounded hidden states and classifier
+    (what a TPU's one-pass product multiplies), in float32: the sums of the gradients are
+    not rounded. 72 classes in chunks of 16: the last chunk overlaps the one before, so the
+    classifier's gradient is read back and added to."""
+    rng = np.random.default_rng(1)
+    n, d, v = 24, 8, 72
+    hidden = rng.normal(size=(n, d)).astype(np.float32)
+    classifier = rng.normal(size=(v, d)).astype(np.float32)
+    labels = rng.integers(0, v, n).astype(np.int32)
+
+    def loss(h, w, y):
+        return linear_cross_entropy(
+            h, w, y, classifier_layout=layout, token_chunk=8, vocab_chunk=16, method="recompute"
+        )
+
+    w = classifier if layout == "vd" else classifier.T
+    value, (d_hidden, d_w) = run_the_tpu_program_here(loss, hidden, w, labels)
+    d_classifier = np.asarray(d_w) if layout == "vd" else np.asarray(d_w).T
+
+    def expected(h, k):  # float64 from the inputs as given
+        h, k = np.float64(h), np.float64(k)
+        per_row, d_logits = reference.loss_and_gradient(h @ k.T, np.eye(v)[labels])
+        return per_row.mean(), d_logits @ k / n, d_logits.T @ h / n
+
+    with np.errstate(invalid="ignore"):
+        bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    rounded, unrounded = expected(bf16(hidden), bf16(classifier)), expected(hidden, classifier)
+    for name, got, want, other in zip(
+        ("loss", "hidden's gradient", "classifier's gradient"),
+        (value, d_hidden, d_classifier),
+        rounded,
+        unrounded,
+    ):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6, err_msg=name)
+        assert np.max(np.abs(want - other)) > 1e-4, f"{name}: the inputs were not rounded"
 
 
 def test_the_rounding_is_the_float32_to_bfloat16_conversion():

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.core import companion_terms, cpu_programs, row_terms
-from jaxsoftmax.core.chunks import slice_chunk
+from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.plan import TilePlan
@@ -108,7 +108,7 @@ def token_step(plan, rule, chunk, rows, hidden, dtypes, compute_dtype, inner, j)
     below ``eps``, no label)."""
     _, token_start = tile_plan.chunk_starts(hidden.shape[0], plan.token_chunk)
     t0 = token_start(j)
-    hidden_t = slice_chunk(hidden, t0, plan.token_chunk)
+    hidden_t = operand_chunk(hidden, t0, plan.token_chunk)
     grad, scale = tile_gradient(plan, rule, chunk, rows, hidden_t, t0, j, compute_dtype)
     keep = lambda inner: products(plan, chunk, inner, t0, hidden_t, grad, dtypes)
     if plan.gradient_filter is None:
@@ -141,7 +141,7 @@ def vocabulary_chunk(classifier, bias, class_weights, shard, vocab_mask, plan, i
 def add_chunk(total, chunk_gradient, v0, width, axis):
     """``total`` with ``chunk_gradient`` added at classes ``[v0, v0 + width)``."""
     block = (
-        tile_plan.classifier_chunk(total, v0, width, "vd" if axis == 0 else "dv")
+        slice_chunk(total, v0, width, axis)  # a sum: never rounded
         if total.ndim == 2
         else lax.dynamic_slice_in_dim(total, v0, width)
     )

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.core import row_terms
-from jaxsoftmax.core.chunks import slice_chunk
+from jaxsoftmax.core.chunks import operand_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.plan import TilePlan
@@ -213,7 +213,7 @@ def forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mas
     def token_step(outputs, j):
         t0 = token_start(j)
         rows = token_chunk_statistics(
-            sweep, slice_chunk(hidden, t0, tc), lax.dynamic_slice_in_dim(labels, t0, tc),
+            sweep, operand_chunk(hidden, t0, tc), lax.dynamic_slice_in_dim(labels, t0, tc),
             varying(initial_statistics(tc, dtype, plan.companions)),
         )  # fmt: skip
         # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.

@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.core import divergences, row_terms
-from jaxsoftmax.core.chunks import slice_chunk
+from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.distillation_plan import (
@@ -121,12 +121,12 @@ def _add_chunk(plan: DistillationPlan, v0, model, whole, chunk):
     vc = plan.vocab_chunk
     _, d_classifier, d_bias = whole
     d_hidden, d_classifier_c, d_bias_c = chunk
+    axis = 0 if plan.layout == "vd" else 1
     d_classifier = lax.dynamic_update_slice_in_dim(
         d_classifier,
-        tile_plan.classifier_chunk(d_classifier, v0, vc, plan.layout)
-        + d_classifier_c.astype(model.classifier.dtype),
+        slice_chunk(d_classifier, v0, vc, axis) + d_classifier_c.astype(model.classifier.dtype),
         v0,
-        0 if plan.layout == "vd" else 1,
+        axis,
     )
     if d_bias is not None:
         d_bias = lax.dynamic_update_slice_in_dim(
@@ -148,7 +148,7 @@ def _token_step(grid: TileGrid, rows: _Rows, v0, fresh, block, wanted, models, i
     z_s, z_t = tile_pair(grid, t0, v0)
     grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
     grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
-    hidden_tiles = [slice_chunk(m.hidden, t0, tc) for m in models]
+    hidden_tiles = [operand_chunk(m.hidden, t0, tc) for m in models]
     return [
         products(acc, grad, h_t, m, v0, t0, grid.plan)
         for acc, grad, h_t, m in zip(inner, grads, hidden_tiles, models)

@@ -27,7 +27,7 @@ from jax import lax
 
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.core import divergences, row_terms
-from jaxsoftmax.core.chunks import slice_chunk
+from jaxsoftmax.core.chunks import operand_chunk
 from jaxsoftmax.tiles import plan as tile_plan
 
 
@@ -105,7 +105,7 @@ def _tile_logits(grid: TileGrid, model: LinearHead, t0, v0):
     tc, vc = plan.token_chunk, plan.vocab_chunk
     bias = None if model.bias is None else lax.dynamic_slice_in_dim(model.bias, v0, vc)
     classifier = tile_plan.classifier_chunk(model.classifier, v0, vc, plan.layout)
-    return tile_plan.tile_logits(slice_chunk(model.hidden, t0, tc), classifier, bias,
+    return tile_plan.tile_logits(operand_chunk(model.hidden, t0, tc), classifier, bias,
                                  plan.layout, grid.dtype)  # fmt: skip
 
 

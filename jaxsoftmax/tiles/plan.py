@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsoftmax.core import row_terms
-from jaxsoftmax.core.chunks import slice_chunk
+from jaxsoftmax.core.chunks import operand_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,8 @@ def chunk_starts(total: int, chunk: int):
 
 
 def classifier_chunk(classifier, start, width, layout):
-    return slice_chunk(classifier, start, width, axis=0 if layout == "vd" else 1)
+    """The classifier's chunk of classes ``[start, start + width)``, a products' operand."""
+    return operand_chunk(classifier, start, width, axis=0 if layout == "vd" else 1)
 
 
 def tile_logits(hidden_t, classifier_c, bias_c, layout, dtype):

@@ -470,39 +470,61 @@ def test_axis_name_inside_shard_map_with_every_public_loss():
     def soft(z, y):
         return softmax_cross_entropy(z, y, axis_name="vocab")
 
-    def general_single(z, y):
-        return cross_entropy(
-            z, y, class_weights=weights, label_smoothing=0.1, z_loss=1e-2, reduction="none"
-        )
-
-    cotangent = jnp.asarray(np.linspace(-1.0, 2.0, 8, dtype=np.float32))
-    tangent = jnp.asarray(np.random.default_rng(7).standard_normal(logits.shape), jnp.float32)
+    cotangent = np.linspace(-1.0, 2.0, 8, dtype=np.float32)
+    tangent = np.random.default_rng(7).standard_normal(logits.shape).astype(np.float32)
 
     def evaluate(fn, targets, argnums, forward_mode):
         loss, pullback = jax.vjp(fn, logits, targets)
-        grads = pullback(cotangent)
+        grads = pullback(jnp.asarray(cotangent))
         out = [loss] + [grads[i] for i in argnums]
         if forward_mode:  # the drop-ins' custom_jvp, under shard_map too
-            out.append(jax.jvp(lambda z: fn(z, targets), (logits,), (tangent,))[1])
+            out.append(jax.jvp(lambda z: fn(z, targets), (logits,), (jnp.asarray(tangent),))[1])
         return out
 
+    def reference_of(options, targets, argnums, forward_mode):
+        """One device's: the float64 NumPy reference (tests/reference.py) of the per-row
+        losses, the pullback of ``cotangent`` and the pushforward of ``tangent`` by central
+        differences (row r's loss reads row r only), as ``evaluate`` returns them."""
+        z, t = np.asarray(logits, np.float64), np.asarray(targets)
+
+        def rows(z, t):
+            return reference.cross_entropy(z, t, reduction="none", **options)
+
+        c = np.asarray(cotangent, np.float64)
+        out = [rows(z, t), reference.rowwise_gradient(lambda z: rows(z, t) * c, z)]
+        if 1 in argnums:
+            out.append(reference.rowwise_gradient(lambda t: rows(z, t) * c, t))
+        if forward_mode:
+            ones = reference.rowwise_gradient(lambda z: rows(z, t), z)
+            out.append(np.sum(ones * tangent, axis=-1))
+        return out
+
+    general_options = dict(class_weights=np.asarray(weights), label_smoothing=0.1, z_loss=1e-2)
     cases = {
-        "cross_entropy": (lambda z, y: general(z, y, weights), general_single, labels, (0,), False),
-        "integer_labels": (integer, softmax_cross_entropy_with_integer_labels, labels, (0,), True),
-        "soft": (soft, softmax_cross_entropy, probs, (0, 1), True),
+        "cross_entropy": (
+            lambda z, y: general(z, y, weights),
+            general_options,
+            labels,
+            (0,),
+            False,
+        ),
+        "integer_labels": (integer, {}, labels, (0,), True),
+        "soft": (soft, {}, probs, (0, 1), True),
     }
-    # Every case, sharded and on one device, in one compiled program.
+    # Every case, sharded, in one compiled program; one device's in NumPy (float64).
     results = jax.jit(
         lambda: {
-            name: [evaluate(fn, targets, argnums, forward_mode) for fn in (sharded, single)]
-            for name, (sharded, single, targets, argnums, forward_mode) in cases.items()
+            name: evaluate(sharded, targets, argnums, forward_mode)
+            for name, (sharded, _, targets, argnums, forward_mode) in cases.items()
         }
     )()
-    for name, (got, want) in results.items():
-        _, _, _, argnums, forward_mode = cases[name]
+    for name, got in results.items():
+        _, options, targets, argnums, forward_mode = cases[name]
+        want = reference_of(options, targets, argnums, forward_mode)
         assert len(got) == len(want) == 1 + len(argnums) + forward_mode, name
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
+        for what, a, b in zip(("value", "grad z", "grad targets" if 1 in argnums else "jvp", "jvp"),
+                              got, want):  # fmt: skip
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"{name} {what}")
 
 
 # The compiled program: which collectives, on which shapes.
@@ -660,12 +682,11 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
     _, probs, *_ = make_inputs(6, 24, probabilities=True)
     logits, labels, probs = map(jnp.asarray, (logits, labels, probs))  # closed over below
     options = dict(label_smoothing=0.1, z_loss=1e-2, reduction="sum")
-    single = functools.partial(cross_entropy, **options)
     cases = {"labels": (labels, P(), (0,)), "probabilities": (probs, P(None, "vocab"), (0, 1))}
 
     def gradients(targets, spec, argnums):
-        """One device's gradients, and shard_map's with check_vma True and False."""
-        out = {"one_device": jax.grad(single, argnums=argnums)(logits, targets)}
+        """shard_map's gradients with check_vma True and False."""
+        out = {}
         for check_vma in (True, False):
             loss = jax.shard_map(
                 functools.partial(cross_entropy, axis_name="vocab", **options),
@@ -677,10 +698,21 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
             out[f"vma={check_vma}"] = jax.grad(loss, argnums=argnums)(logits, targets)
         return out
 
-    # Both targets, one device and both shard_maps: one compiled program.
+    def one_device(targets, spec, argnums):
+        """The float64 NumPy reference's gradients (tests/reference.py; central differences:
+        the "sum" of rows that each read their own row only)."""
+        z, t = np.asarray(logits, np.float64), np.asarray(targets)
+        ref = dict(options, reduction="none")
+        rows = lambda z, t: reference.cross_entropy(z, t, **ref)
+        grads = [reference.rowwise_gradient(lambda z: rows(z, t), z)]
+        if 1 in argnums:
+            grads.append(reference.rowwise_gradient(lambda t: rows(z, t), t))
+        return grads
+
+    # Both targets and both shard_maps: one compiled program; one device's in NumPy.
     results = jax.jit(lambda: {name: gradients(*case) for name, case in cases.items()})()
     for name, out in results.items():
-        ref = out["one_device"]
+        ref = one_device(*cases[name])
         for variant in ("vma=True", "vma=False"):
             got = out[variant]
             assert len(got) == len(ref) == len(cases[name][2])
@@ -695,7 +727,7 @@ def test_gradient_without_vma_typing_pmap_and_check_vma_false():
         in_axes=(0, None),
         devices=jax.devices()[:4],
     )
-    (want,) = results["labels"]["one_device"]
+    (want,) = one_device(*cases["labels"])
     picks = {"first device": lambda out: out[0], "mean": jnp.mean}
     # Both picks in one program (eagerly, the gradient's every operation compiled alone).
     by_pick = jax.jit(

@@ -26,25 +26,25 @@ B = np.linspace(-1.0, 0.7, N)  # and of the entropy
 def _logits_and_extras(seed=0, n=N, c=C, dtype=jnp.float64):
     """Logits, integer labels and the cases' extras, built with NumPy (no program compiled)."""
     k = sample.split(seed, 6)
-    z = sample.normal(k[0], (n, c), dtype, scale=3.0)
-    labels = np.asarray(sample.integers(k[1], (n,), 0, c, dtype=int))  # int64 under x64
+    z = sample.numpy_normal(k[0], (n, c), dtype, scale=3.0)
+    labels = sample.numpy_integers(k[1], (n,), 0, c, dtype=int)  # int64 under x64
     z_np = np.asarray(z).astype(np.float64)
     labels = np.where(np.arange(n) % 2 == 0, np.argmax(z_np, -1), labels)  # some right
     labels[2] = -100  # ignored where ignore_index is set
-    class_mask = np.array(sample.bernoulli(k[2], 0.7, (n, c)))
+    class_mask = sample.numpy_bernoulli(k[2], 0.7, (n, c))
     class_mask[np.arange(n), np.clip(labels, 0, None)] = True
     class_mask[4] = False  # a row without classes
     extras = {
-        "rows": sample.bernoulli(k[3], 0.75, (n,)),
-        "classes": jax.device_put(class_mask),
-        "weights": sample.uniform(k[4], (c,), float, low=0.5, high=2.0),
-        "probabilities": sample.probabilities(k[5], (n, c), float, scale=2.0),
+        "rows": sample.numpy_bernoulli(k[3], 0.75, (n,)),
+        "classes": class_mask,
+        "weights": sample.numpy_uniform(k[4], (c,), float, low=0.5, high=2.0),
+        "probabilities": sample.numpy_probabilities(k[5], (n, c), float, scale=2.0),
     }
     return z, jax.device_put(labels.astype(int)), extras
 
 
-# Arrays made here from NumPy ones with jax.device_put: jnp.asarray compiles a copying program
-# for each new shape and dtype.
+# Inputs are NumPy arrays (sample.numpy_*), passed to jitted functions as they are or through
+# jax.device_put: jnp.asarray compiles a copying program for each new shape and dtype.
 
 CASES = {
     "plain": {},
@@ -207,14 +207,14 @@ FUSED_OPTIONS = {
 
 def _fused_inputs(seed=3, n=37, d=6, v=23):
     k = sample.split(seed, 6)
-    hidden = sample.normal(k[0], (n, d))
-    classifier = sample.normal(k[1], (v, d), scale=3 / math.sqrt(d))
-    bias = sample.normal(k[2], (v,))
-    labels = np.array(sample.integers(k[3], (n,), 0, v))
+    hidden = sample.numpy_normal(k[0], (n, d))
+    classifier = sample.numpy_normal(k[1], (v, d), scale=3 / math.sqrt(d))
+    bias = sample.numpy_normal(k[2], (v,))
+    labels = sample.numpy_integers(k[3], (n,), 0, v)
     labels[5] = -100
     extras = {
-        "weights": sample.uniform(k[4], (v,), low=0.5, high=2.0),
-        "rows": sample.bernoulli(k[5], 0.8, (n,)),
+        "weights": sample.numpy_uniform(k[4], (v,), low=0.5, high=2.0),
+        "rows": sample.numpy_bernoulli(k[5], 0.8, (n,)),
     }
     return hidden, classifier, bias, jax.device_put(labels), extras
 

@@ -22,17 +22,17 @@ N, C = 11, 13
 MASK = np.array([c % 4 != 1 and c < 11 for c in range(C)])  # holes and a padded end
 
 
-# Arrays made here from NumPy ones with jax.device_put: jnp.asarray compiles a copying program
-# for each new shape and dtype.
+# Inputs are NumPy arrays (sample.numpy_*), passed to jitted functions as they are or through
+# jax.device_put: jnp.asarray compiles a copying program for each new shape and dtype.
 
 
 def _inputs(seed=0, n=N, c=C):
     k = sample.split(seed, 4)
-    z = sample.normal(k[0], (n, c), scale=3.0)
-    labels = np.asarray(sample.integers(k[1], (n,), 0, c))
+    z = sample.numpy_normal(k[0], (n, c), scale=3.0)
+    labels = sample.numpy_integers(k[1], (n,), 0, c)
     labels = jax.device_put(np.where(MASK[labels], labels, 0))  # labels on existing classes
-    probabilities = sample.probabilities(k[2], (n, c))
-    weights = sample.uniform(k[3], (c,), low=0.5, high=2.0)
+    probabilities = sample.numpy_probabilities(k[2], (n, c))
+    weights = sample.numpy_uniform(k[3], (c,), low=0.5, high=2.0)
     return z, labels, probabilities, weights
 
 
@@ -150,10 +150,10 @@ def test_fused_equals_the_unfused_loss_and_padding_rows_get_no_gradient():
     methods and the unfused loss in one program."""
     n, d, v = 37, 6, 23
     mask = (np.arange(v) % 4 != 1) & (np.arange(v) < 18)
-    hidden = sample.normal(3, (n, d))
-    classifier = sample.normal(4, (v, d), scale=3 / math.sqrt(d))
-    bias = sample.normal(5, (v,))
-    labels = np.asarray(sample.integers(6, (n,), 0, v))
+    hidden = sample.numpy_normal(3, (n, d))
+    classifier = sample.numpy_normal(4, (v, d), scale=3 / math.sqrt(d))
+    bias = sample.numpy_normal(5, (v,))
+    labels = sample.numpy_integers(6, (n,), 0, v)
     labels = jax.device_put(np.where(mask[labels], labels, 0))
     weights = jax.device_put(np.linspace(0.5, 2.0, v, dtype=np.float32))
     kw = dict(label_smoothing=0.1, class_weights=weights, z_loss=1e-3)
@@ -195,10 +195,10 @@ METHODS = ["recompute", "forward"]
 def test_fused_companions_and_bad_labels_with_a_mask():
     n, d, v = 16, 4, 20
     mask = np.arange(v) < 15
-    hidden, classifier = sample.normal(4, (n, d)), np.array(sample.normal(5, (v, d)))
+    hidden, classifier = sample.numpy_normal(4, (n, d)), sample.numpy_normal(5, (v, d))
     classifier[17] = np.asarray(hidden)[0] * 10  # the largest logit, on a masked class
     classifier = jax.device_put(classifier)
-    labels = np.array(sample.integers(6, (n,), 0, 15))
+    labels = sample.numpy_integers(6, (n,), 0, 15)
     labels[5] = 16
 
     def both(hidden, classifier):

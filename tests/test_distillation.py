@@ -78,9 +78,10 @@ CASES = {
 
 
 def _logits(shape=(N, V), dtype=jnp.float64, scale=3.0, seed=0):
+    """NumPy arrays (jnp.asarray would compile a copying program per shape and dtype)."""
     keys = sample.split(seed, 2)
-    student = sample.normal(keys[0], shape, dtype, scale=scale)
-    teacher = sample.normal(keys[1], shape, dtype, scale=scale)
+    student = sample.numpy_normal(keys[0], shape, dtype, scale=scale)
+    teacher = sample.numpy_normal(keys[1], shape, dtype, scale=scale)
     return student, teacher
 
 
@@ -95,7 +96,7 @@ def test_values_and_gradients_equal_the_references():
             shape = jax.eval_shape(
                 lambda s, t: distillation_loss(s, t, **options), student, teacher
             )
-            cotangents[case] = sample.normal(3, shape.shape, shape.dtype)
+            cotangents[case] = sample.numpy_normal(3, shape.shape, shape.dtype)
 
         def every(student, teacher, cotangents):
             results = {}
@@ -172,7 +173,7 @@ def _differentiated():
     tangent and cotangent are check_grads' own draws (``RandomState(0)``)."""
     with jax.enable_x64(True):
         student, teacher = _logits(scale=1.5)
-        labels = jnp.asarray(LABELS.clip(0))
+        labels = LABELS.clip(0)
         rng = np.random.RandomState(0)
         tangent = tuple(rng.randn(*x.shape) for x in (student, teacher))
         cotangent = rng.randn()
@@ -307,10 +308,8 @@ def test_extreme_and_infinite_logits():
 def test_bfloat16_is_computed_in_float32():
     """bf16 logits: the loss equals the float32 loss of the same values, rounded once to
     bf16, and the gradients come back in bf16 close to the float32 ones."""
-    student, teacher = (
-        jnp.asarray(np.asarray(x).astype(jnp.bfloat16)) for x in _logits(dtype=jnp.float32)
-    )
-    wide = [jnp.asarray(np.asarray(x).astype(np.float32)) for x in (student, teacher)]
+    student, teacher = (x.astype(jnp.bfloat16) for x in _logits(dtype=jnp.float32))
+    wide = [x.astype(np.float32) for x in (student, teacher)]
     loss = lambda s, t: distillation_loss(s, t, divergence="jsd", temperature=2.0)
 
     def every(student, teacher, wide):
@@ -381,18 +380,18 @@ def test_checked_mode_raises_on_a_bad_label():
     from jaxsoftmax import checked, linear_distillation_loss
 
     student, teacher = _logits(dtype=jnp.float32)
-    bad = jnp.array([0, 3, V, 2, 2, 1])
+    bad = jax.device_put(np.array([0, 3, V, 2, 2, 1], np.int32))
     options = dict(labels=bad, hard_weight=0.5, reduction="none")
     assert np.isnan(np.asarray(distillation_loss(student, teacher, **options))[2])
     with pytest.raises(ValueError, match=r"found label 7 at position \[2\]"):
         distillation_loss(student, teacher, checked=True, **options)
-    mask = jnp.asarray(np.arange(V) != 3)
+    mask = jax.device_put(np.arange(V) != 3)
     with pytest.raises(ValueError, match="vocab_mask keeps"):
-        distillation_loss(student, teacher, labels=jnp.array([0, 3, 1, 2, 2, 1]), hard_weight=0.5,
+        distillation_loss(student, teacher, labels=np.array([0, 3, 1, 2, 2, 1], np.int32), hard_weight=0.5,
                           vocab_mask=mask, checked=True)  # fmt: skip
     loss = jax.jit(functools.partial(distillation_loss, hard_weight=0.5, checked=True))
     with pytest.raises(checkify.JaxRuntimeError, match="found label 7"):
         checked(loss)(student, teacher, labels=bad)
-    h, w = student, jnp.asarray(np.eye(V, dtype=np.float32))  # the fused loss of the same logits
+    h, w = student, np.eye(V, dtype=np.float32)  # the fused loss of the same logits
     with pytest.raises(ValueError, match="found label 7"):
         linear_distillation_loss(h, w, teacher, w, checked=True, **options)

@@ -35,8 +35,9 @@ CASES = {
 
 
 def _models(dtype=jnp.float64, layout="vd", scale=1.0, seed=0):
+    """NumPy arrays (jnp.asarray would compile a copying program per shape and dtype)."""
     keys = sample.split(seed, 6)
-    normal = lambda k, shape: sample.normal(k, shape, dtype, scale=scale)
+    normal = lambda k, shape: sample.numpy_normal(k, shape, dtype, scale=scale)
     classifier = lambda k, d: normal(k, (V, d) if layout == "vd" else (d, V))
     return (
         normal(keys[0], (N, D_S)), classifier(keys[1], D_S), normal(keys[2], (V,)),
@@ -47,7 +48,7 @@ def _models(dtype=jnp.float64, layout="vd", scale=1.0, seed=0):
 def _pair(options, token_chunk=4, vocab_chunk=5):
     """The fused loss and the unfused loss of the same options, as functions of the six
     arrays (biases ignored without ``bias=True``)."""
-    options = {k: jnp.asarray(x) if isinstance(x, np.ndarray) else x for k, x in options.items()}
+    options = dict(options)  # NumPy arrays stay NumPy: constants of the programs that use them
     bias = options.pop("bias", False)
     layout = options.get("classifier_layout", "vd")
     logits_options = {k: x for k, x in options.items() if k != "classifier_layout"}
@@ -76,7 +77,7 @@ def test_fused_equals_unfused():
         for case, options in CASES.items():
             arrays = _models(layout=options.get("classifier_layout", "vd"))
             shape = jax.eval_shape(_pair(options)[0], *arrays)
-            inputs[case] = (arrays, sample.normal(5, shape.shape, shape.dtype))
+            inputs[case] = (arrays, sample.numpy_normal(5, shape.shape, shape.dtype))
 
         def every(inputs):
             results = {}
@@ -143,8 +144,8 @@ def test_small_divergence_between_large_logits_is_not_lost():
     ``A / s_b - lse(b) + lse(a)`` subtracts numbers near 2048, whose float32 spacing, 2.4e-4,
     is not small next to the KL)."""
     h_s, w_s, _, _, _, _ = _models(jnp.float32)
-    offset = jnp.asarray(np.full((V,), 2048.0, np.float32))
-    w_t = jnp.asarray(np.asarray(w_s) + np.asarray(sample.normal(9, w_s.shape, scale=0.1)))
+    offset = np.full((V,), 2048.0, np.float32)
+    w_t = w_s + sample.numpy_normal(9, w_s.shape, scale=0.1)
     f64 = lambda x: np.asarray(x, np.float64)
     divergences_ = ("forward_kl", "reverse_kl")
 
@@ -176,8 +177,8 @@ def test_small_divergence_between_large_logits_is_not_lost():
 def test_bfloat16_and_no_tokens():
     """bf16 inputs: computed in float32, the loss and gradients in bf16 close to the
     unfused loss's; no tokens: a mean of 0 and zero gradients."""
-    arrays = [jnp.asarray(np.asarray(x).astype(jnp.bfloat16)) for x in _models(jnp.float32)]
-    empty = [jnp.asarray(np.asarray(x)[:0]) if x.shape[0] == N else x for x in _models(jnp.float32)]
+    arrays = [x.astype(jnp.bfloat16) for x in _models(jnp.float32)]
+    empty = [x[:0] if x.shape[0] == N else x for x in _models(jnp.float32)]
     fused, unfused = _pair(dict(divergence="jsd", temperature=2.0))
 
     def every(arrays, empty):

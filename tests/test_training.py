@@ -1,6 +1,8 @@
 """jaxsoftmax.training: reaching the target, determinism, resume, checkpoints, non-finite stops."""
 
+import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -47,35 +49,68 @@ def test_other_optimizers_with_minibatches_learn(optimizer, learning_rate):
     assert [row["step"] for row in result.history] == [0, 200, 400]
 
 
-def test_same_seed_same_parameters_bit_for_bit():
-    config = training.TrainConfig(
-        hidden=(16,),
-        optimizer="momentum",
-        learning_rate=0.1,
-        batch_size=20,
-        steps=60,
-        eval_every=20,
-        checkpoint_every=20,
-    )
-    first, second = training.train(config, SPIRAL), training.train(config, SPIRAL)
+# One configuration, trained once per module (reference_run), for the tests of determinism,
+# resume, refused resume and stale temporaries: every call of train compiles its run of steps
+# and its evaluation anew, so each run the tests share is about three programs fewer. Minibatches
+# of 32 of SPIRAL's 150 rows, reshuffled each epoch: a resumed run must choose the same ones.
+REFERENCE = training.TrainConfig(
+    hidden=(16,),
+    optimizer="momentum",
+    learning_rate=0.1,
+    batch_size=32,
+    steps=80,
+    eval_every=10,
+    checkpoint_every=20,
+)
+# the tests that read the reference run: on one test worker, which trains it once
+REFERENCE_RUN = pytest.mark.xdist_group("training_reference_run")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """``(result, checkpoint_dir)``: REFERENCE trained uninterrupted, its checkpoint in a folder
+    that the tests only read."""
+    checkpoint_dir = str(tmp_path_factory.mktemp("reference") / "whole")
+    return training.train(REFERENCE, SPIRAL, checkpoint_dir=checkpoint_dir), checkpoint_dir
+
+
+@REFERENCE_RUN
+def test_same_seed_same_parameters_bit_for_bit(reference_run):
+    first = reference_run[0]
+    second = training.train(REFERENCE, SPIRAL)  # no checkpoints this time: they change nothing
     assert_params_identical(first.params, second.params)
     assert first.history == second.history
-    other = training.train(training.TrainConfig(**{**config.__dict__, "seed": 1}), SPIRAL)
+    other = training.train(training.TrainConfig(**{**REFERENCE.__dict__, "seed": 1}), SPIRAL)
     assert not np.array_equal(other.params[0]["W"], first.params[0]["W"])
 
 
-@pytest.mark.parametrize("scheme", ["normal", "he", "glorot"])
+@functools.cache
+def reference_initial_params():
+    """``mlp.init`` from ``fold_in(key(3), 0)`` for each scheme, as NumPy arrays: the three in
+    one program (one draw, scaled three ways), where eager calls would compile one program per
+    operation and shape."""
+
+    def draws():
+        key = jax.random.fold_in(jax.random.key(3), 0)
+        return {scheme: mlp.init(key, [4, 7, 5, 3], scheme=scheme) for scheme in INIT_SCHEMES}
+
+    return jax.tree_util.tree_map(np.asarray, jax.jit(draws)())
+
+
+INIT_SCHEMES = ("normal", "he", "glorot")
+
+
+@pytest.mark.parametrize("scheme", INIT_SCHEMES)
 def test_the_initial_state_is_mlp_init_from_the_seed_and_the_optimizer_init(scheme):
-    # init_state compiles its draws as one unoptimized program; the eager mlp.init is the
+    # init_state compiles its draws as a program of their own, unoptimized; mlp.init is the
     # reference (the same draws, up to the last bit of the normal's transform).
     config = training.TrainConfig(hidden=(7, 5), init_scheme=scheme, optimizer="adam", seed=3)
     state, optimizer = training.init_state(config, 4, 3)
-    eager = jax.tree_util.tree_map(
-        np.asarray,
-        mlp.init(jax.random.fold_in(jax.random.key(3), 0), [4, 7, 5, 3], scheme=scheme),
-    )
-    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(eager)
-    for got, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(eager)):
+    reference = reference_initial_params()[scheme]
+    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(reference)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference)
+    ):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-9)
     for got, want in zip(
@@ -93,7 +128,7 @@ def test_the_initial_state_is_mlp_init_from_the_seed_and_the_optimizer_init(sche
 def test_the_initial_state_can_be_traced_by_jit_and_eval_shape():
     # Its own draw compiles with compiler options, which JAX accepts on top-level programs
     # only; inside a trace the draw must join the caller's program instead of raising.
-    config = training.TrainConfig(hidden=(7,), seed=2)
+    config = training.TrainConfig(hidden=(7, 5), seed=2)  # init_state's program of the test above
     direct, _ = training.init_state(config, 4, 3)
     shapes = jax.eval_shape(lambda: training.init_state(config, 4, 3)[0])
     assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes) == jax.tree_util.tree_map(
@@ -108,7 +143,9 @@ def test_the_initial_state_can_be_traced_by_jit_and_eval_shape():
 
 def test_each_epoch_visits_every_example_once():
     config = training.TrainConfig(batch_size=30, seed=4)
-    rows = [np.asarray(training.batch_indices(config, 150, step)) for step in range(10)]
+    # the ten steps' rows in one program (eagerly, each operation would compile its own)
+    rows = jax.jit(lambda: [training.batch_indices(config, 150, step) for step in range(10)])()
+    rows = [np.asarray(r) for r in rows]
     first_epoch, second_epoch = np.concatenate(rows[:5]), np.concatenate(rows[5:])
     assert sorted(first_epoch.tolist()) == list(range(150))
     assert sorted(second_epoch.tolist()) == list(range(150))
@@ -120,51 +157,43 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_is_bit_identical(tmp_path):
-    config = training.TrainConfig(
-        hidden=(16,),
-        optimizer="momentum",
-        learning_rate=0.1,
-        batch_size=32,
-        steps=80,
-        eval_every=10,
-        checkpoint_every=20,
-    )
-    uninterrupted = training.train(config, SPIRAL, checkpoint_dir=str(tmp_path / "whole"))
+@REFERENCE_RUN
+def test_resume_after_an_interruption_is_bit_identical(tmp_path, reference_run):
+    uninterrupted = reference_run[0]
 
     def crash_at_step_50(row, steps_in_run):
         if row["step"] == 50:
             raise _Interrupt  # after the checkpoint of step 40, before the one of step 60
 
     with pytest.raises(_Interrupt):
-        training.train(
-            config, SPIRAL, checkpoint_dir=str(tmp_path / "cut"), on_run_end=crash_at_step_50
-        )
-    resumed = training.train(config, SPIRAL, checkpoint_dir=str(tmp_path / "cut"), resume=True)
+        training.train(REFERENCE, SPIRAL, checkpoint_dir=str(tmp_path), on_run_end=crash_at_step_50)
+    resumed = training.train(REFERENCE, SPIRAL, checkpoint_dir=str(tmp_path), resume=True)
     assert resumed.resumed_from == 40
     assert_params_identical(resumed.params, uninterrupted.params)
     assert resumed.history == uninterrupted.history
 
 
-def test_resume_extends_a_finished_run_identically(tmp_path):
-    short = training.TrainConfig(hidden=(8,), steps=40, eval_every=20, checkpoint_every=20)
+@REFERENCE_RUN
+def test_resume_extends_a_finished_run_identically(tmp_path, reference_run):
+    longer = reference_run[0]  # REFERENCE's 80 steps in one run
+    short = training.TrainConfig(**{**REFERENCE.__dict__, "steps": 40})
     training.train(short, SPIRAL, checkpoint_dir=str(tmp_path))
-    longer = training.TrainConfig(**{**short.__dict__, "steps": 100})
-    extended = training.train(longer, SPIRAL, checkpoint_dir=str(tmp_path), resume=True)
-    assert extended.resumed_from == 40 and extended.steps == 100
-    assert_params_identical(extended.params, training.train(longer, SPIRAL).params)
+    extended = training.train(REFERENCE, SPIRAL, checkpoint_dir=str(tmp_path), resume=True)
+    assert extended.resumed_from == 40 and extended.steps == 80
+    assert_params_identical(extended.params, longer.params)
+    assert extended.history == longer.history
 
 
-def test_resume_refuses_another_configuration(tmp_path):
-    config = training.TrainConfig(hidden=(8,), steps=20, eval_every=10, checkpoint_every=10)
-    training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
-    other = training.TrainConfig(**{**config.__dict__, "learning_rate": 0.5})
-    with pytest.raises(ValueError, match=r"different configuration.*learning_rate.*\(1.0, 0.5\)"):
-        training.train(other, SPIRAL, checkpoint_dir=str(tmp_path), resume=True)
+@REFERENCE_RUN
+def test_resume_refuses_another_configuration(reference_run):
+    other = training.TrainConfig(**{**REFERENCE.__dict__, "learning_rate": 0.5})
+    with pytest.raises(ValueError, match=r"different configuration.*learning_rate.*\(0.1, 0.5\)"):
+        training.train(other, SPIRAL, checkpoint_dir=reference_run[1], resume=True)
 
 
+@REFERENCE_RUN  # REFERENCE's initial state: the reference run's program
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    config = training.TrainConfig(hidden=(8,), steps=20, eval_every=10, checkpoint_every=10)
+    config = REFERENCE
     state, _ = training.init_state(config, SPIRAL.num_features, SPIRAL.num_classes)
     path = str(tmp_path / training.CHECKPOINT_FILENAME)
     training.save_checkpoint(path, state, [{"step": 0}], config, SPIRAL)
@@ -184,7 +213,10 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     assert int(loaded.step) == 0 and history == [{"step": 0}]
 
 
-def test_write_atomically_replaces_the_file_and_a_run_removes_stale_temporaries(tmp_path):
+@REFERENCE_RUN
+def test_write_atomically_replaces_the_file_and_a_run_removes_stale_temporaries(
+    tmp_path, reference_run
+):
     path = tmp_path / "metrics.json"
     training.write_atomically(str(path), "old")
     with open(path) as reader:  # opened before the rewrite: keeps the complete old file
@@ -198,16 +230,22 @@ def test_write_atomically_replaces_the_file_and_a_run_removes_stale_temporaries(
         (tmp_path / name).write_bytes(b"partial")
     removed = training.remove_stale_temporaries(str(path))
     assert [os.path.basename(p) for p in removed] == [".metrics-x.tmp"]
-    config = training.TrainConfig(hidden=(8,), steps=10, eval_every=10, checkpoint_every=10)
-    training.train(config, SPIRAL, checkpoint_dir=str(tmp_path))
+    # a run resumed where a killed one left its checkpoint (here, a finished run's: nothing is
+    # left to compile or train) removes the checkpoint's temporaries first
+    checkpoint = os.path.join(reference_run[1], training.CHECKPOINT_FILENAME)
+    shutil.copy(checkpoint, tmp_path / training.CHECKPOINT_FILENAME)
+    (tmp_path / ".checkpoint-again.tmp").write_bytes(b"partial")
+    result = training.train(REFERENCE, SPIRAL, checkpoint_dir=str(tmp_path), resume=True)
+    assert result.resumed_from == 80
     assert sorted(os.listdir(tmp_path)) == [training.CHECKPOINT_FILENAME, "metrics.json"]
 
 
+@REFERENCE_RUN  # REFERENCE's sizes: the reference run's initial parameters' program
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr * l2 = 3 > 2: plain gradient descent multiplies the weights by -2 each step, so the
     # penalty overflows float32 after about 60 steps, long after the checkpoint of step 20.
     config = training.TrainConfig(
-        hidden=(8,), l2=3.0, steps=400, eval_every=10, checkpoint_every=20
+        hidden=(16,), l2=3.0, steps=400, eval_every=10, checkpoint_every=20
     )
     with pytest.raises(
         training.NonFiniteLossError, match=r"non-finite at step \d+.*last good checkpoint, step \d+"
@@ -238,11 +276,12 @@ def sgd_with_an_overflowing_statistic(config):
     return optax.GradientTransformation(init, update)
 
 
+@REFERENCE_RUN  # REFERENCE's sizes: the reference run's initial parameters' program
 def test_a_non_finite_optimizer_state_stops_the_run_and_is_never_checkpointed(
     tmp_path, monkeypatch
 ):
     monkeypatch.setattr(training.state, "make_optimizer", sgd_with_an_overflowing_statistic)
-    config = training.TrainConfig(hidden=(8,), steps=40, eval_every=5, checkpoint_every=5)
+    config = training.TrainConfig(hidden=(16,), steps=40, eval_every=5, checkpoint_every=5)
     with pytest.raises(
         training.NonFiniteLossError,
         match=r"optimizer state became non-finite between steps 5 and 10; "

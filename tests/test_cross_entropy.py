@@ -44,17 +44,30 @@ SHAPES_AND_AXES = [
 ]
 
 
-def naive_composition(logits, targets, axes):
-    """-sum(y * log(softmax(z))) over the class axes, averaged over examples, in the logits'
-    own layout: integer labels (row-major flat indices into the class axes, in the order
-    given) become a one-hot over those axes, moved into place."""
+def numpy_naive_composition(logits, targets, axes):
+    """-sum(y * log(softmax(z))) over the class axes, averaged over examples, and its gradient
+    (the logits', and the targets' for probabilities), in float64 NumPy: the class axes moved
+    last in the order given and flattened (integer labels are row-major flat indices into
+    them), each row's loss and gradient from tests/reference.py, moved back into place."""
     axes = tuple(a % logits.ndim for a in axes)
-    y = targets
-    if jnp.issubdtype(targets.dtype, jnp.integer):
-        sizes = tuple(logits.shape[a] for a in axes)
-        y = jax.nn.one_hot(targets, math.prod(sizes), dtype=logits.dtype)
-        y = jnp.moveaxis(y.reshape(targets.shape + sizes), range(targets.ndim, logits.ndim), axes)
-    return -jnp.mean(jnp.sum(y * jnp.log(jax.nn.softmax(logits, axis=axes)), axis=axes))
+    last = tuple(range(logits.ndim - len(axes), logits.ndim))
+    z = np.moveaxis(np.asarray(logits, np.float64), axes, last)
+    batch_shape, classes_shape = z.shape[: -len(axes)], z.shape[-len(axes) :]
+    z = z.reshape(-1, math.prod(classes_shape))
+    integer = np.issubdtype(targets.dtype, np.integer)
+    if integer:
+        y = np.eye(z.shape[-1])[targets.reshape(-1)]
+    else:
+        y = np.moveaxis(np.asarray(targets, np.float64), axes, last).reshape(z.shape)
+    loss, grad = reference.loss_and_gradient(z, y)
+    n = z.shape[0]
+
+    def in_place(rows):
+        return np.moveaxis((rows / n).reshape(batch_shape + classes_shape), last, axes)
+
+    if integer:
+        return loss.mean(), in_place(grad)
+    return loss.mean(), (in_place(grad), in_place(-reference.log_softmax(z)[0]))
 
 
 TUPLE_AXES = [
@@ -65,10 +78,10 @@ TUPLE_AXES = [
     ((4, 6), 0),
 ]
 
-# Every case compared with the naive composition: (shape, axis, kind). "single_axis" is
-# one class axis against naive_loss; "labels" and "probabilities" are tuple axes (or an
-# int) against naive_composition, the latter with the targets' gradient too. Integer labels
-# over an int axis of SHAPES_AND_AXES are its "single_axis" case already.
+# Every case compared with the naive composition (in float64 NumPy): (shape, axis, kind).
+# "single_axis" is one class axis, "labels" and "probabilities" are tuple axes (or an int),
+# the latter with the targets' gradient too. Integer labels over an int axis of
+# SHAPES_AND_AXES are its "single_axis" case already.
 NAIVE_CASES = [(shape, axis, "single_axis") for shape, axis in SHAPES_AND_AXES] + [
     (shape, axis, kind)
     for shape, axis in TUPLE_AXES
@@ -87,12 +100,14 @@ EAGER_CASES = [
 
 
 def naive_case(shape, axis, kind):
-    """``(ours, naive, logits, targets, argnums)`` of one case of NAIVE_CASES."""
+    """``(ours, naive, logits, targets, argnums)`` of one case of NAIVE_CASES, ``naive``
+    the NumPy value and gradients."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    naive = functools.partial(numpy_naive_composition, axes=axes)
     if kind == "single_axis":
         logits, labels = random_problem(0, shape, axis)
         ours = functools.partial(cross_entropy, axis=axis)
-        return ours, functools.partial(naive_loss, axis=axis), logits, labels, 0
-    axes = (axis,) if isinstance(axis, int) else axis
+        return ours, naive, logits, labels, 0
     logits = sample.numpy_normal(21, shape, scale=3.0)
     if kind == "labels":
         batch = tuple(s for i, s in enumerate(shape) if i not in {a % len(shape) for a in axes})
@@ -101,20 +116,18 @@ def naive_case(shape, axis, kind):
     else:
         targets, argnums = sample.numpy_probabilities(22, shape, axis=axes), (0, 1)
     ours = functools.partial(cross_entropy, axis=axis)
-    naive = functools.partial(naive_composition, axes=axes)
     return ours, naive, logits, targets, argnums
 
 
-def every_naive_case(which):
-    """``jax.value_and_grad`` of ``which`` ("ours" or "naive") for every case of NAIVE_CASES,
-    all in one jitted program (one compilation instead of one per case)."""
+def every_case_of_ours():
+    """``jax.value_and_grad`` of ours for every case of NAIVE_CASES, all in one jitted program
+    (one compilation instead of one per case)."""
     cases = [naive_case(*case) for case in NAIVE_CASES]
-    index = {"ours": 0, "naive": 1}[which]
 
     def all_cases(inputs):
         return [
-            jax.value_and_grad(case[index], case[4])(logits, targets)
-            for case, (logits, targets) in zip(cases, inputs)
+            jax.value_and_grad(ours, argnums)(logits, targets)
+            for (ours, _, _, _, argnums), (logits, targets) in zip(cases, inputs)
         ]
 
     return jax.jit(all_cases)([(case[2], case[3]) for case in cases])
@@ -122,7 +135,12 @@ def every_naive_case(which):
 
 @functools.cache
 def naive_results():
-    return every_naive_case("naive")
+    """The naive composition's value and gradients of every case of NAIVE_CASES."""
+    results = []
+    for case in NAIVE_CASES:
+        _, naive, logits, targets, _ = naive_case(*case)
+        results.append(naive(logits, targets))
+    return results
 
 
 def assert_matches_naive(case, value, grad, expected_value, expected_grad):
@@ -144,9 +162,7 @@ def test_eager_value_and_gradient_match_naive_composition(shape, axis, kind):
 
 def test_jitted_value_and_gradient_match_naive_composition():
     """Under jit, every case of NAIVE_CASES (one program for all of them)."""
-    for case, got, expected in zip(
-        NAIVE_CASES, every_naive_case("ours"), naive_results(), strict=True
-    ):
+    for case, got, expected in zip(NAIVE_CASES, every_case_of_ours(), naive_results(), strict=True):
         assert_matches_naive(case, *got, *expected)
 
 

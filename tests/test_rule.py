@@ -193,31 +193,34 @@ def test_jaxpr_contains_the_custom_vjp_call():
     assert "custom_jvp_call" in str(jaxpr)
 
 
-@pytest.mark.parametrize("case", RULE_CASES)
-def test_a_wrong_rule_would_be_caught(patch_rule, case):
+def test_a_wrong_rule_would_be_caught(patch_rule):
     """Sanity check of the test design: sabotaging one of the rule's gradient functions
-    changes exactly the gradient it computes."""
-    loss, kind = RULE_CASES[case]
-    logits, targets = rule_problem(kind)
-    argnums = (0, 1) if kind == "probabilities" else (0,)
-    names = ["gradient_expression", "probabilities_gradient"][: len(argnums)]
+    changes exactly the gradient it computes. Every case of RULE_CASES in one program: the
+    patches act while it is traced."""
+    problems = {kind: rule_problem(kind) for kind in ("labels", "probabilities")}
+    argnums = {"labels": (0,), "probabilities": (0, 1)}
+    names = ["gradient_expression", "probabilities_gradient"]
 
-    def good_and_sabotaged(logits, targets):  # one program: the patches act while tracing
-        good = jax.grad(loss, argnums)(logits, targets)
-        bad = {}
-        for name in names:
-            original = getattr(row_terms, name)
-            patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
-            bad[name] = jax.grad(loss, argnums)(logits, targets)
-            patch_rule(name, original)
-        return good, bad
+    def good_and_sabotaged(problems):
+        results = {}
+        for case, (loss, kind) in RULE_CASES.items():
+            grad = jax.grad(loss, argnums[kind])
+            results[case, "good"] = grad(*problems[kind])
+            for name in names[: len(argnums[kind])]:
+                original = getattr(row_terms, name)
+                patch_rule(name, lambda *a, _original=original, **k: 2 * _original(*a, **k))
+                results[case, name] = grad(*problems[kind])
+                patch_rule(name, original)
+        return results
 
-    good, bads = jax.jit(good_and_sabotaged)(logits, targets)
-    for sabotaged, name in enumerate(names):
-        bad = bads[name]
-        for argnum in range(len(argnums)):
-            changed = not np.allclose(good[argnum], bad[argnum])
-            assert changed == (argnum == sabotaged), (name, argnum)
+    results = jax.jit(good_and_sabotaged)(problems)
+    for case, (_, kind) in RULE_CASES.items():
+        good = results[case, "good"]
+        for sabotaged, name in enumerate(names[: len(argnums[kind])]):
+            bad = results[case, name]
+            for argnum in range(len(argnums[kind])):
+                changed = not np.allclose(good[argnum], bad[argnum])
+                assert changed == (argnum == sabotaged), (case, name, argnum)
 
 
 def residual_arrays(fn, logits):
@@ -319,23 +322,39 @@ def extreme_targets(kind, labels, distribution):
     return jnp.asarray(targets[kind]), y
 
 
+HUGE_LOGITS = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
+HUGE_LABELS = np.array([0, 1, 1])
+
+
+@functools.cache
+def huge_logits_results():
+    """Every case of EXTREME_CASES on HUGE_LOGITS, and the naive loss for each kind of
+    target: one program, shared by the cases' tests."""
+    every_targets = {
+        c: extreme_targets(c[1], HUGE_LABELS, smoothed(HUGE_LABELS, 3)) for c in EXTREME_CASES
+    }
+
+    def every(z, targets):
+        results = {}
+        for (loss, kind), t in targets.items():
+            f = PER_ROW_LOSSES[loss]
+            per, grad = jax.vmap(jax.value_and_grad(f))(z, t)
+            whole_grad = jax.grad(lambda z: jnp.sum(f(z, t)))(z)
+            y = every_targets[loss, kind][1]
+            naive = lambda z: -jnp.sum(y * jnp.log(jax.nn.softmax(z)), -1)
+            naive_grad = jax.grad(lambda z: jnp.sum(naive(z)))(z)
+            results[loss, kind] = per, grad, whole_grad, naive(z), naive_grad
+        return results
+
+    targets = {case: np.asarray(t) for case, (t, _) in every_targets.items()}
+    return jax.device_get(jax.jit(every)(HUGE_LOGITS, targets))
+
+
 @pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
 def test_huge_logits_are_finite_and_exact_where_naive_fails(loss, kind):
-    logits = np.array([[1e30, -1e30, 0.0], [1e30, 1e30, -1e30], [-1e30, 5.0, 1e30]], np.float32)
-    labels = np.array([0, 1, 1])
-    targets, y = extreme_targets(kind, labels, smoothed(labels, 3))
-    f = PER_ROW_LOSSES[loss]
-
-    naive = lambda z: -jnp.sum(y * jnp.log(jax.nn.softmax(z)), -1)
-
-    def per_row_and_whole(z, targets):  # one program, with the naive loss
-        per, grad = jax.vmap(jax.value_and_grad(f))(z, targets)
-        whole_grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(z)
-        return per, grad, whole_grad, naive(z), jax.grad(lambda z: jnp.sum(naive(z)))(z)
-
-    per, grad, whole_grad, naive_value, naive_grad = jax.device_get(
-        jax.jit(per_row_and_whole)(logits, targets)
-    )
+    logits, labels = HUGE_LOGITS, HUGE_LABELS
+    _, y = extreme_targets(kind, labels, smoothed(labels, 3))
+    per, grad, whole_grad, naive_value, naive_grad = huge_logits_results()[loss, kind]
     expected, expected_grad = reference.loss_and_gradient(logits, y)
     if kind != "distribution":  # the reference itself, against the values by hand
         big = np.float64(np.float32(1e30))
@@ -347,20 +366,37 @@ def test_huge_logits_are_finite_and_exact_where_naive_fails(loss, kind):
     assert not np.all(np.isfinite(naive_grad))
 
 
+MINUS_INF_LOGITS = np.array([[0.0, -np.inf, 1.0, -np.inf], [2.0, 0.5, -np.inf, -1.0]], np.float32)
+MINUS_INF_LABELS = np.array([2, 0])
+MINUS_INF_DISTRIBUTION = np.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]], np.float32)
+
+
+@functools.cache
+def minus_inf_results():
+    """Every case of EXTREME_CASES on MINUS_INF_LOGITS: per-row losses, the gradient and (for
+    cross_entropy) the mean, in one program shared by the cases' tests."""
+
+    def every(z, targets):
+        results = {}
+        for (loss, kind), t in targets.items():
+            f = PER_ROW_LOSSES[loss]
+            grad = jax.grad(lambda z: jnp.sum(f(z, t)))(z)
+            mean = cross_entropy(z, t) if loss == "cross_entropy" else None
+            results[loss, kind] = f(z, t), grad, mean
+        return results
+
+    targets = {
+        (loss, kind): np.asarray(extreme_targets(kind, MINUS_INF_LABELS, MINUS_INF_DISTRIBUTION)[0])
+        for loss, kind in EXTREME_CASES
+    }
+    return jax.device_get(jax.jit(every)(MINUS_INF_LOGITS, targets))
+
+
 @pytest.mark.parametrize("loss,kind", EXTREME_CASES, ids=["-".join(c) for c in EXTREME_CASES])
 def test_minus_inf_logits_on_classes_without_target_mass_are_finite(loss, kind):
-    logits = np.array([[0.0, -np.inf, 1.0, -np.inf], [2.0, 0.5, -np.inf, -1.0]], np.float32)
-    labels = np.array([2, 0])
-    distribution = np.array([[0.5, 0.0, 0.5, 0.0], [0.2, 0.8, 0.0, 0.0]], np.float32)
-    targets, y = extreme_targets(kind, labels, distribution)
-    f = PER_ROW_LOSSES[loss]
-
-    def per_gradient_and_mean(z, targets):  # one program
-        grad = jax.grad(lambda z: jnp.sum(f(z, targets)))(z)
-        mean = cross_entropy(z, targets) if loss == "cross_entropy" else None
-        return f(z, targets), grad, mean
-
-    per, grad, value = jax.device_get(jax.jit(per_gradient_and_mean)(logits, targets))
+    logits = MINUS_INF_LOGITS
+    targets, y = extreme_targets(kind, MINUS_INF_LABELS, MINUS_INF_DISTRIBUTION)
+    per, grad, value = minus_inf_results()[loss, kind]
     assert np.all(np.isfinite(per)) and np.all(np.isfinite(grad))
     expected, expected_grad = reference.loss_and_gradient(logits, y)
     np.testing.assert_allclose(per, expected, rtol=1e-6)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import reference
 import sample
-from jax.test_util import check_grads
 
 from jaxsoftmax import cross_entropy
 
@@ -215,6 +214,8 @@ def test_float64_values_and_gradient_against_numpy():
 
 
 def test_finite_differences_reverse_mode():
+    """Reverse mode to the second order against finite differences, as
+    ``jax.test_util.check_grads`` checks it (its checks' evaluations in one program)."""
     with jax.enable_x64(True):
         logits, labels = random_problem(5, (4, 6), dtype=np.float64)
         w = np.linspace(0.5, 2.0, 6)
@@ -226,15 +227,15 @@ def test_finite_differences_reverse_mode():
             z_loss=1e-2,
             logit_softcap=5.0,
         )
-        check_grads(jax.jit(lambda z: f(z)), (logits,), order=2, modes=["rev"])
+        reference.check_grads_in_one_program(lambda z: f(z), (logits,), order=2, modes=["rev"])
 
 
 def test_finite_differences_with_probability_targets_both_arguments():
     with jax.enable_x64(True):
         logits, _ = random_problem(6, (3, 5), dtype=np.float64)
         probs = sample.numpy_probabilities(7, (3, 5), np.float64)
-        check_grads(
-            jax.jit(lambda z, y: cross_entropy(z, y, label_smoothing=0.2)),
+        reference.check_grads_in_one_program(
+            lambda z, y: cross_entropy(z, y, label_smoothing=0.2),
             (logits, probs),
             order=1,
             modes=["rev"],

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 import sample
-from jax.test_util import check_jvp, check_vjp
 
 import jaxsoftmax
 
@@ -310,77 +310,19 @@ def test_hessian_matches_softmax_jacobian():
         np.testing.assert_array_equal(hess[n, :, other, :], 0.0)
 
 
-def check_grads_in_one_program(f, args, order, modes):
-    """The checks of ``jax.test_util.check_grads(f, args, order, modes)`` (its directions,
-    steps and tolerances: its own ``check_jvp`` and ``check_vjp``), with every evaluation
-    they make in one jitted program.
-
-    ``check_grads`` evaluates ``jax.jit(f)`` under a new transformation for each check (the
-    jvp, the vjp, the jvp of the vjp, ...), each a program of its own: 13 for order 2 and
-    both modes. Here a first pass runs the checks answering each evaluation with zeros of
-    its shape and records it; one program computes every recorded evaluation; a second pass
-    runs the checks again, answered with those results (the checks draw the same directions
-    from the same seeds, so they ask for the same evaluations: asserted)."""
-    calls, results, answered = [], [], [0]
-
-    def evaluate(fn, *fn_args):
-        if not results:  # recording
-            calls.append((fn, fn_args))
-            shapes = jax.eval_shape(fn, *fn_args)
-            return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-        jax.tree.map(np.testing.assert_array_equal, fn_args, calls[answered[0]][1])
-        answered[0] += 1
-        return results[answered[0] - 1]
-
-    def run_checks(h, h_args, order, err_msg=""):
-        value = lambda *a: evaluate(h, *a)
-        if "fwd" in modes:
-            fwd_msg = f"JVP of {err_msg}" if err_msg else "JVP"
-            jvp = functools.partial(jax.jvp, h)
-            check_jvp(value, lambda a, t: evaluate(jvp, a, t), h_args, err_msg=fwd_msg)
-            if order > 1:
-                run_checks(jvp, (h_args, h_args), order - 1, fwd_msg)
-        if "rev" in modes:
-            rev_msg = f"VJP of {err_msg}" if err_msg else "VJP"
-            primal = lambda *a: jax.vjp(h, *a)[0]
-            pullback = lambda a, ct: jax.vjp(h, *a)[1](ct)
-            check_vjp(
-                value,
-                lambda *a: (evaluate(primal, *a), lambda ct: evaluate(pullback, a, ct)),
-                h_args,
-                err_msg=rev_msg,
-            )
-            if order > 1:
-
-                def h_vjp(*a):
-                    out, vjp_fn = jax.vjp(h, *a)
-                    return vjp_fn(out)
-
-                run_checks(h_vjp, h_args, order - 1, rev_msg)
-
-    run_checks(f, tuple(args), order)  # recording: zeros pass every check
-    results.extend(
-        jax.jit(lambda every_args: [fn(*a) for (fn, _), a in zip(calls, every_args, strict=True)])(
-            [a for _, a in calls]
-        )
-    )
-    run_checks(f, tuple(args), order)
-    assert answered[0] == len(calls)
-
-
 def test_finite_differences_both_modes():
     """Forward and reverse mode to the second order against finite differences, as
     ``jax.test_util.check_grads`` checks them (each function's checks in one program)."""
     with jax.enable_x64(True):
         logits, labels, probs = problem((3, 5), -1, seed=10)
         logits, probs = (a.astype(np.float64) for a in (logits, probs))
-        check_grads_in_one_program(
+        reference.check_grads_in_one_program(
             lambda z: jaxsoftmax.softmax_cross_entropy_with_integer_labels(z, labels),
             (logits,),
             order=2,
             modes=["fwd", "rev"],
         )
-        check_grads_in_one_program(
+        reference.check_grads_in_one_program(
             jaxsoftmax.softmax_cross_entropy, (logits, probs), order=2, modes=["fwd", "rev"]
         )
 

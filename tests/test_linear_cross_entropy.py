@@ -128,28 +128,21 @@ FLOAT32_NAMES = tuple(sorted(OPTIONS))
 REFERENCE_NAMES = tuple(sorted(REFERENCE_OPTIONS))
 
 
-def test_equals_naive_composition_float32():
-    """Every option set of OPTIONS under jit with both methods, all in one program ("forward"
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_naive_composition_float32(method):
+    """Every option set of OPTIONS under jit, all in one program per method ("forward"
     computes scalar reductions only), each compared on its own with the naive composition."""
     hidden, classifier, bias, labels, extras = _inputs()
-    cases = [
-        (method, name)
-        for method in METHODS
-        for name in FLOAT32_NAMES
-        if not (method == "forward" and name == "none")
-    ]
+    names = [n for n in FLOAT32_NAMES if not (method == "forward" and n == "none")]
 
     def every(h, w, b):
         return {
-            (method, name): _value_and_grads(
-                _fused(name, extras, labels, **CHUNKS, method=method), h, w, b
-            )
-            for method, name in cases
+            name: _value_and_grads(_fused(name, extras, labels, **CHUNKS, method=method), h, w, b)
+            for name in names
         }
 
     got = jax.jit(every)(hidden, classifier, bias)
-    want = _naive_references(REFERENCE_NAMES)
-    _assert_cases_close(got, lambda case: want[case[1]], rtol=2e-5, atol=2e-6)
+    _assert_cases_close(got, _naive_references(REFERENCE_NAMES), rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -170,27 +163,28 @@ def test_equals_naive_composition_float32_eager(method):
 BFLOAT16_TILINGS = [(V, 5), (24, 6)]
 
 
-def test_equals_naive_composition_bfloat16():
-    """Both tilings of BFLOAT16_TILINGS with "plain" and "everything", both methods: one
-    program for the eight cases, each compared on its own."""
-    problems = {v: _inputs(jnp.bfloat16, v=v) for v, _ in BFLOAT16_TILINGS}
+@pytest.mark.parametrize("method", METHODS)
+def test_equals_naive_composition_bfloat16(method):
+    """Both tilings of BFLOAT16_TILINGS with "plain" and "everything": one program per
+    method for the four cases, each compared on its own."""
+    got = {}
+    for v, vocab_chunk in BFLOAT16_TILINGS:
+        hidden, classifier, bias, labels, extras = _inputs(jnp.bfloat16, v=v)
+        chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk, method=method)
 
-    def every(arrays):
-        got = {}
-        for v, vocab_chunk in BFLOAT16_TILINGS:
-            _, _, _, labels, extras = problems[v]
-            for method in METHODS:
-                chunks = dict(token_chunk=8, vocab_chunk=vocab_chunk, method=method)
-                for name in ("plain", "everything"):
-                    loss = _fused(name, extras, labels, **chunks)
-                    got[name, v, vocab_chunk, method] = _value_and_grads(loss, *arrays[v])
-        return got
+        def both(h, w, b):
+            return {
+                (name, v, vocab_chunk): _value_and_grads(
+                    _fused(name, extras, labels, **chunks), h, w, b
+                )
+                for name in ("plain", "everything")
+            }
 
-    got = jax.jit(every)({v: problem[:3] for v, problem in problems.items()})
+        got.update(jax.jit(both)(hidden, classifier, bias))
     assert all(g.dtype == jnp.bfloat16 for arrays in got.values() for g in arrays)
     # The reference: the naive composition on the same bf16 numbers, in float32.
     failures = []
-    for (name, v, vocab_chunk, method), arrays in got.items():
+    for (name, v, vocab_chunk), arrays in got.items():
         want = _naive_references(("plain", "everything"), jnp.bfloat16, v)[name]
         for g, w, what in zip(arrays, want, OUTPUTS):
             scale = float(np.max(np.abs(w)))
@@ -200,7 +194,7 @@ def test_equals_naive_composition_bfloat16():
                     w,
                     rtol=2e-2,
                     atol=1e-2 * scale,
-                    err_msg=f"{name} V={v} vocab_chunk={vocab_chunk} {method} {what}",
+                    err_msg=f"{name} V={v} vocab_chunk={vocab_chunk} {what}",
                 )
             except AssertionError as error:
                 failures.append(str(error))
@@ -231,13 +225,14 @@ def test_batch_axes_and_default_chunks():
 CHUNK_SIZES = [(1, 1), (37, 23), (64, 64), (36, 22)]
 
 
-def test_chunk_sizes_do_not_change_the_result():
-    """Every (token_chunk, vocab_chunk) of CHUNK_SIZES with both methods: one program."""
+@pytest.mark.parametrize("method", METHODS)
+def test_chunk_sizes_do_not_change_the_result(method):
+    """Every (token_chunk, vocab_chunk) of CHUNK_SIZES: one program per method."""
     hidden, classifier, bias, labels, extras = _inputs()
 
     def every(h, w, b):
         return {
-            (method, chunks): _value_and_grads(
+            chunks: _value_and_grads(
                 _fused(
                     "smoothing_and_z_loss",
                     extras,
@@ -250,7 +245,6 @@ def test_chunk_sizes_do_not_change_the_result():
                 w,
                 b,
             )
-            for method in METHODS
             for chunks in CHUNK_SIZES
         }
 

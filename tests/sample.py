@@ -2,12 +2,15 @@
 
 ``jax.random`` compiles a program for every shape and dtype it draws (threefry and the
 normal's inverse error function: about half a second each on the 2-core CPU), and the tests
-draw a few hundred different shapes: drawing with NumPy compiles nothing. Each function
-takes a ``seed`` and gives the same array for the same arguments, on every machine.
+draw a few hundred different shapes: drawing with NumPy compiles nothing, and neither does
+``jax.device_put`` of the result (``jnp.asarray`` would compile a small copying program per
+shape and dtype). Each function takes a ``seed`` and gives the same array for the same
+arguments, on every machine.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,29 +21,29 @@ def _generator(seed):
 
 def normal(seed, shape, dtype=jnp.float32, *, scale=1.0):
     """``scale * N(0, 1)`` of ``shape``, drawn in float64 and rounded once to ``dtype``."""
-    return jnp.asarray((scale * _generator(seed).standard_normal(shape)).astype(dtype))
+    return jax.device_put((scale * _generator(seed).standard_normal(shape)).astype(dtype))
 
 
 def uniform(seed, shape, dtype=jnp.float32, *, low=0.0, high=1.0):
     """Uniform on ``[low, high)``."""
-    return jnp.asarray(_generator(seed).uniform(low, high, shape).astype(dtype))
+    return jax.device_put(_generator(seed).uniform(low, high, shape).astype(dtype))
 
 
 def integers(seed, shape, low, high, dtype=jnp.int32):
     """Integers uniform on ``[low, high)``."""
-    return jnp.asarray(_generator(seed).integers(low, high, shape).astype(dtype))
+    return jax.device_put(_generator(seed).integers(low, high, shape).astype(dtype))
 
 
 def bernoulli(seed, probability, shape):
     """Booleans, each true with ``probability``."""
-    return jnp.asarray(_generator(seed).uniform(size=shape) < probability)
+    return jax.device_put(_generator(seed).uniform(size=shape) < probability)
 
 
 def probabilities(seed, shape, dtype=jnp.float32, *, scale=1.0, axis=-1):
     """Rows of a softmax of ``scale * N(0, 1)`` along ``axis``: positive, summing to 1."""
     z = scale * _generator(seed).standard_normal(shape)
     p = np.exp(z - z.max(axis=axis, keepdims=True))
-    return jnp.asarray((p / p.sum(axis=axis, keepdims=True)).astype(dtype))
+    return jax.device_put((p / p.sum(axis=axis, keepdims=True)).astype(dtype))
 
 
 def split(seed, num):
@@ -50,11 +53,9 @@ def split(seed, num):
     return np.random.SeedSequence(seed).spawn(num)
 
 
-# NumPy arrays, the same values as the functions above. Those return ``jnp.asarray`` of a
-# NumPy array, which eagerly compiles one small program (``jit(stage)``) for each new shape
-# and dtype, about 0.2 s of CPU each; these compile nothing. Pass them to a jitted function as
-# they are (its arguments), or through ``jax.device_put`` where a test needs a ``jax.Array``
-# (an eager call): that compiles nothing either.
+# NumPy arrays, the same values as the functions above (which put them on the device). Pass
+# them to a jitted function as they are (its arguments), or through ``jax.device_put`` where a
+# test needs a ``jax.Array`` (an eager call): neither compiles anything.
 
 
 def numpy_normal(seed, shape, dtype=np.float32, *, scale=1.0):

@@ -4,7 +4,7 @@ JAX fixes its device count when it starts, so the checks on 8 virtual CPU device
 (``tests/multidevice/check_sharded.py`` and ``check_sharded_linear.py``: values and
 gradients against one device for every option, uneven vocabularies, the compiled
 program's collectives; ``check_mesh_types.py``: every kind of mesh, eagerly and under
-``jit``, with and without ``jax.set_mesh``) run in a child
+``jit``, with and without ``jax.set_mesh``) run in one child
 pytest with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps
 its single device. A failure prints the child's report.
 """
@@ -43,28 +43,16 @@ def _run(command, *, devices, timeout, environment=()):
     return result
 
 
-def _compilation_cache(folder):
-    """JAX's persistent compilation cache in ``folder``, for every program however quick."""
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(folder),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+CHECKS = ["check_sharded.py", "check_sharded_linear.py", "check_mesh_types.py"]
 
 
 @pytest.mark.longest
-@pytest.mark.parametrize(
-    "checks", ["check_sharded.py", "check_sharded_linear.py", "check_mesh_types.py"]
-)
-def test_eight_device_checks_pass(checks, tmp_path):
-    # The child loads tests/conftest.py too, so it is as strict as this run. One child per
-    # file, so that the two test workers can run them side by side.
-    # check_mesh_types.py compiles one program many times over: a loss traced with and
-    # without jax.set_mesh, or called eagerly (jitted anew at each call), lowers to the same
-    # program in several cases. A cache of its own, empty at the start, loads the repeats
-    # (its child: 73 s -> 38 s). The other two compile a new program in almost every case,
-    # where writing the cache only costs time (check_sharded_linear.py: 48 s -> 66 s).
-    cache = _compilation_cache(tmp_path / "cache") if checks == "check_mesh_types.py" else {}
+def test_eight_device_checks_pass():
+    # The child loads tests/conftest.py too, so it is as strict as this run, and shares its
+    # compilation cache: check_mesh_types.py compiles one program many times over (a loss
+    # traced with and without jax.set_mesh, or called eagerly, jitted anew at each call,
+    # lowers to the same program in several cases), and the repeats are loaded from it. The
+    # three files in one child: two fewer processes to start (each about 3 s of CPU).
     result = _run(
         [
             sys.executable,
@@ -75,11 +63,10 @@ def test_eight_device_checks_pass(checks, tmp_path):
             "0",  # one process: the parent already runs its workers on these cores
             "-p",
             "no:cacheprovider",
-            f"tests/multidevice/{checks}",
+            *(f"tests/multidevice/{checks}" for checks in CHECKS),
         ],
         devices=8,
         timeout=900,
-        environment=cache,
     )
     report = result.stdout[-20000:] + result.stderr[-5000:]
     assert result.returncode == 0, f"8-device checks failed:\n{report}"

@@ -1,8 +1,8 @@
 """The sharded losses and the training on a mesh that spans processes, checked from inside.
 
 Not collected by pytest: ``tests/test_multiprocess.py`` runs it as 2 processes x 4 virtual
-CPU devices through ``experiments/launch.py``, which appends the process flags, and as
-1 process x 8 devices without them. By hand::
+CPU devices through ``experiments/launch.py``, which appends the process flags (it also runs
+as 1 process x 8 devices without them). By hand::
 
     python experiments/launch.py --processes 2 --devices-per-process 4 -- \\
         tests/multiprocess/check_processes.py --out /tmp/two

@@ -3,6 +3,7 @@ data-parallel over a mesh, through the shared run loop (:func:`jaxsoftmax.traini
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsoftmax.data import Dataset
+from jaxsoftmax.training import state as train_state
 from jaxsoftmax.training.batches import is_full_batch, process_minibatches, shard_full_batch
 from jaxsoftmax.training.checkpoints import check_step_within, prepare_checkpoint
 from jaxsoftmax.training.config import TrainConfig, TrainResult
@@ -75,9 +77,9 @@ def train(
     mesh = make_mesh(config.devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     train_split, test_split, steps_data = place_splits(config, dataset, mesh)
-    state, optimizer = init_state(config, dataset.num_features, dataset.num_classes)
+    state, _ = init_state(config, dataset.num_features, dataset.num_classes)
     state = jax.device_put(state, replicated)
-    run_steps = make_runner(config, dataset, optimizer, mesh, steps_data)
+    run_steps = make_runner(config, dataset, mesh, steps_data)
     history_row = make_history_row(config, train_split, test_split)
     checkpoint_path = prepare_checkpoint(checkpoint_dir, writes=jax.process_index() == 0)
     if jax.process_count() > 1 and resume and checkpoint_path is not None:
@@ -148,14 +150,34 @@ def place_splits(config: TrainConfig, dataset: Dataset, mesh: Mesh) -> tuple[Spl
     return train_split, test_split, train_split
 
 
+# The compiled functions of a configuration on a mesh, made once per process: a run resumed,
+# repeated or evaluated again in the same process (a notebook, a test, a sweep that returns to
+# a setting) reuses their programs instead of tracing and compiling them again. Keyed on the
+# whole frozen config and the function that makes its optimizer (init_state's); a few
+# configurations at most are kept.
+@functools.lru_cache(maxsize=8)
+def _compiled_run_of_steps(config: TrainConfig, mesh: Mesh, make_optimizer):
+    return make_run_of_steps(config, make_optimizer(config), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_run_of_batches(config: TrainConfig, mesh: Mesh, make_optimizer):
+    return make_run_of_batches(config, make_optimizer(config), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_evaluate(config: TrainConfig):
+    return make_evaluate(config)
+
+
 def make_runner(
-    config: TrainConfig, dataset: Dataset, optimizer, mesh: Mesh, steps_data: Split
+    config: TrainConfig, dataset: Dataset, mesh: Mesh, steps_data: Split
 ) -> Callable[[TrainState, int], tuple[TrainState, np.ndarray]]:
     """``(state, num_steps) -> (state, losses)``, the losses on the host: the compiled run of
     steps over ``steps_data``, or, for minibatches with several processes, the run over each
     run's batches as every process places its own rows of them."""
     if jax.process_count() == 1 or is_full_batch(config, len(dataset.y_train)):
-        run_of_steps = make_run_of_steps(config, optimizer, mesh)
+        run_of_steps = _compiled_run_of_steps(config, mesh, train_state.make_optimizer)
         x_steps, y_steps, where = steps_data
 
         def run(state: TrainState, num_steps: int):
@@ -163,7 +185,7 @@ def make_runner(
             return state, np.asarray(losses)
 
         return run
-    run_of_batches = make_run_of_batches(config, optimizer, mesh)
+    run_of_batches = _compiled_run_of_batches(config, mesh, train_state.make_optimizer)
 
     def run_batches(state: TrainState, num_steps: int):
         batches = process_minibatches(
@@ -180,7 +202,7 @@ def make_history_row(
 ) -> Callable[[TrainState, Any], dict[str, Any]]:
     """``(state, batch_loss) -> row``: the step, the mean objective of the run's batches
     (``None`` before the first step), and the loss and accuracy on both splits."""
-    evaluate = make_evaluate(config)
+    evaluate = _compiled_evaluate(config)
 
     def history_row(state: TrainState, batch_loss) -> dict[str, Any]:
         on_train = evaluate(state.params, *train_split)

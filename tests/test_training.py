@@ -50,8 +50,9 @@ def test_other_optimizers_with_minibatches_learn(optimizer, learning_rate):
 
 
 # One configuration, trained once per module (reference_run), for the tests of determinism,
-# resume, refused resume and stale temporaries: every call of train compiles its run of steps
-# and its evaluation anew, so each run the tests share is about three programs fewer. Minibatches
+# resume, refused resume and stale temporaries: each run the tests share is one run fewer to
+# train (train() keeps the compiled functions of a configuration it has seen; any other field,
+# a seed or a length, makes another configuration). Minibatches
 # of 32 of SPIRAL's 150 rows, reshuffled each epoch: a resumed run must choose the same ones.
 REFERENCE = training.TrainConfig(
     hidden=(16,),

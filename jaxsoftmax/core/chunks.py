@@ -2,7 +2,8 @@
 
 ``x[start : start + size]`` along ``axis``, a ``lax.dynamic_slice``: the plain program, what a
 GPU gets. Two backends hoist a conversion of the whole array out of the chunk loops unless
-the slice is written for them, so :func:`slice_chunk` and :func:`operand_chunk` choose, when the program is lowered:
+the slice is written for them, so :func:`slice_chunk` and :func:`operand_chunk` choose, when
+the program is lowered:
 
 * the CPU, for bf16 and float16 arrays: the slice inside a ``lax.cond``
   (:func:`jaxsoftmax.core.cpu_programs.narrow_chunk_in_a_cond`, workaround 3 there);

@@ -8,8 +8,8 @@ before a data movement reads fewer bytes) and then out of the chunk loops (it no
 depends on the step). Without this module a TPU program of the fused loss in float32 holds a
 bf16 copy of the whole classifier, and of the whole hidden states, for the whole loss:
 1,161 MiB of temporary memory at Gemma 2's shape (N 8192, d 2304, V 256000), 0.5 MiB with it
-(libtpu 0.0.42.1, JAX 0.10.2, TPU v5e; compiled for a topology without devices, as
-``experiments/tpu_memory.py`` does).
+(libtpu 0.0.42.1, JAX 0.10.2, TPU v5e; compiled ahead of time for a topology without
+devices, ``jax.experimental.topologies.get_topology_desc``).
 
 The workaround (:func:`rounded_like_the_product`): round the sliced chunk to bfloat16's
 precision in float32 (``lax.reduce_precision`` to 8 exponent and 7 mantissa bits, the
@@ -20,10 +20,11 @@ are the ones the TPU computed before. It applies only to float32 chunks under th
 matmul precision: with ``jax.default_matmul_precision("float32")`` (or ``"highest"``) the
 TPU multiplies in float32 and nothing is rounded.
 
-Chosen when the program is lowered (:func:`jaxsoftmax.core.chunks.slice_chunk`, with
+Chosen when the program is lowered (:func:`jaxsoftmax.core.chunks.operand_chunk`, with
 ``jax.lax.platform_dependent``): a program lowered for a GPU or the CPU never contains it.
-Pinned by ``test_float32_chunks_are_rounded_inside_the_loops_only_for_the_tpu``
-(tests/test_tpu_programs.py), which reads the exported TPU program. Can go when XLA:TPU keeps
+Pinned by ``test_float32_chunks_are_rounded_inside_the_loops_only_for_the_tpu`` (which reads
+the exported TPU program) and ``test_the_tpu_program_multiplies_rounded_operands_and_sums_
+unrounded`` (which runs it on the CPU), in tests/test_tpu_programs.py. Can go when XLA:TPU keeps
 a narrowing conversion of a loop-variant slice inside its loop.
 """
 

@@ -20,7 +20,7 @@ os.environ["JAXSOFTMAX_NO_COMPILATION_CACHE"] = "1"
 # the ones users get; only the CPU's machine code is less optimised, and no test times it.
 # Child processes inherit the flag.
 # LLVM also splits each program into parts compiled by threads of its own, which on two cores
-# shared by three test workers only adds work (the optimized HLO is the same either way;
+# shared by two test workers only adds work (the optimized HLO is the same either way;
 # test_optax_compatible.py: 33 -> 31 s of CPU time with one part).
 for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_parallel_codegen_split_count=1"):
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):

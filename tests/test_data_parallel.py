@@ -1,10 +1,8 @@
-"""Data-parallel training: the 8-device checks in a subprocess, the script end to end.
+"""Data-parallel training: the script end to end.
 
-JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
-(``tests/multidevice/check_data_parallel.py``: every device count against one device, the
-compiled step's all-reduce, resume) run in a child pytest with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps its single device.
-A failure prints the child's report.
+The checks on 8 virtual CPU devices (``tests/multidevice/check_data_parallel.py``: every
+device count against one device, the compiled step's all-reduce, resume) run in the child
+pytest of ``tests/test_eight_devices.py``.
 """
 
 import json
@@ -27,27 +25,6 @@ def run_with_devices(command, devices):
     return subprocess.run(
         command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600, check=False
     )
-
-
-@pytest.mark.longest
-def test_eight_device_checks_pass():
-    completed = run_with_devices(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-n",
-            "0",  # one process: the parent already runs its workers on these cores
-            "-p",
-            "no:cacheprovider",
-            "tests/multidevice/check_data_parallel.py",
-        ],
-        devices=8,
-    )
-    report = completed.stdout[-20000:] + completed.stderr[-5000:]
-    assert completed.returncode == 0, f"the 8-device checks failed:\n{report}"
-    assert " passed" in completed.stdout and "failed" not in completed.stdout, report
 
 
 def test_train_script_on_8_devices_matches_one_device(tmp_path):

@@ -1,12 +1,8 @@
-"""The vocabulary-parallel losses: 8-device checks in a subprocess, 1-device checks here.
+"""The vocabulary-parallel losses on one device, and their benchmark script.
 
-JAX fixes its device count when it starts, so the checks on 8 virtual CPU devices
-(``tests/multidevice/check_sharded.py`` and ``check_sharded_linear.py``: values and
-gradients against one device for every option, uneven vocabularies, the compiled
-program's collectives; ``check_mesh_types.py``: every kind of mesh, eagerly and under
-``jit``, with and without ``jax.set_mesh``) run in one child
-pytest with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; this process keeps
-its single device. A failure prints the child's report.
+The checks on 8 virtual CPU devices (``tests/multidevice/check_sharded.py``,
+``check_sharded_linear.py`` and ``check_mesh_types.py``) run in the child pytest of
+``tests/test_eight_devices.py``.
 """
 
 from __future__ import annotations
@@ -41,36 +37,6 @@ def _run(command, *, devices, timeout, environment=()):
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     return result
-
-
-CHECKS = ["check_sharded.py", "check_sharded_linear.py", "check_mesh_types.py"]
-
-
-@pytest.mark.longest
-def test_eight_device_checks_pass():
-    # The child loads tests/conftest.py too, so it is as strict as this run, and shares its
-    # compilation cache: check_mesh_types.py compiles one program many times over (a loss
-    # traced with and without jax.set_mesh, or called eagerly, jitted anew at each call,
-    # lowers to the same program in several cases), and the repeats are loaded from it. The
-    # three files in one child: two fewer processes to start (each about 3 s of CPU).
-    result = _run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-n",
-            "0",  # one process: the parent already runs its workers on these cores
-            "-p",
-            "no:cacheprovider",
-            *(f"tests/multidevice/{checks}" for checks in CHECKS),
-        ],
-        devices=8,
-        timeout=900,
-    )
-    report = result.stdout[-20000:] + result.stderr[-5000:]
-    assert result.returncode == 0, f"8-device checks failed:\n{report}"
-    assert " passed" in result.stdout and "failed" not in result.stdout, report
 
 
 def test_benchmark_runs_on_a_tiny_config(tmp_path):

@@ -1,7 +1,7 @@
 """Data-parallel training on 8 virtual CPU devices equals training on one.
 
 Not collected by the default test run (the name does not start with ``test_``): JAX fixes its
-device count when it starts, so ``tests/test_data_parallel.py`` runs this file with pytest in a
+device count when it starts, so ``tests/test_eight_devices.py`` runs this file with pytest in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. To run it by hand::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -44,7 +44,7 @@ def eight_strict_devices(tmp_path_factory):
     if jax.device_count() != 8:
         pytest.fail(
             f"these checks need 8 devices; got {jax.device_count()}. Run them with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_data_parallel.py "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_eight_devices.py "
             "does)."
         )
     # Each train() builds its step, evaluation and initialisation anew, and JAX compiles

@@ -2,7 +2,7 @@
 ``jax.set_mesh``: value and gradients equal to one device.
 
 Not collected by the default test run (the name does not start with ``test_``): run by
-``tests/test_sharded.py`` in a child process with 8 virtual CPU devices (JAX fixes
+``tests/test_eight_devices.py`` in a child process with 8 virtual CPU devices (JAX fixes
 its device count at start-up); run it by hand with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/multidevice/check_mesh_types.py``.
 
@@ -41,7 +41,7 @@ def eight_devices():
     if jax.device_count() != 8:
         pytest.fail(
             f"these checks need 8 devices; got {jax.device_count()}. Run them with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharded.py does)."
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_eight_devices.py does)."
         )
 
 

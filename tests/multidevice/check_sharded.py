@@ -2,7 +2,7 @@
 
 Not collected by the default test run (the name does not start with ``test_``): it needs
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX starts, so
-``tests/test_sharded.py`` runs it with pytest in a subprocess. To run it by hand::
+``tests/test_eight_devices.py`` runs it with pytest in a subprocess. To run it by hand::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python -m pytest -q -p no:cacheprovider tests/multidevice/check_sharded.py
@@ -57,7 +57,7 @@ def eight_devices():
     if jax.device_count() != 8:
         pytest.fail(
             f"these checks need 8 devices; got {jax.device_count()}. Run them with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharded.py "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_eight_devices.py "
             "does)."
         )
 

@@ -1,6 +1,6 @@
 """The fused linear losses with vocabulary-split classifiers, on 8 virtual CPU devices.
 
-Run by ``tests/test_sharded.py`` in the same child pytest as ``check_sharded.py`` (see
+Run by ``tests/test_eight_devices.py`` in the same child pytest as ``check_sharded.py`` (see
 there for running it by hand). Every result of ``sharded_linear_cross_entropy`` is compared
 with the single-device loss's float64 NumPy reference (tests/reference.py, which the
 single-device ``linear_cross_entropy`` is itself tested against; values of every reduction,

@@ -30,7 +30,14 @@ From these, :func:`default_chunks` takes ``T = min(N, T_max)`` and for ``Vc`` th
 divisor of ``V`` between ``Vc_max / 2`` and ``Vc_max`` (so the chunks tile the vocabulary
 exactly and the classifier's gradient is assembled from them without updates in place),
 or ``Vc_max`` when ``V`` has none (the last chunk then overlaps the one before, see
-:mod:`jaxsoftmax.tiles.cross_entropy`), or ``V`` itself when it is smaller.
+:mod:`jaxsoftmax.tiles.cross_entropy`), or ``V`` itself when it is smaller. On a TPU the
+divisor must also be a multiple of 128 (:data:`LANES`): a TPU lays out an array's last
+dimension in tiles of 128 lanes, and a chunk that cuts those tiles makes XLA:TPU keep the
+classifier's gradient in a layout of its own and copy it at the end. At Llama 3's shape
+(N 16384, d 4096, V 128256 = 128 x 1002) the divisor 1002 cost 2,004 MiB of temporary memory
+in float32 (a ``[d, V]`` copy, or the stacked ``[V, d]`` chunks not laid in the output);
+768 = 6 x 128 costs 0.6 MiB (compiled for TPU v5e, libtpu 0.0.42.1;
+``experiments/tpu_memory.py``, ``tests/tpu/check_compiled_memory.py``).
 
 The backend is chosen when the program is lowered (:func:`on_each_platform`, through
 ``jax.lax.platform_dependent``), not from the machine that traces it: a program exported
@@ -52,6 +59,9 @@ TILES = {
     "rocm": (1024, 2048),
     "tpu": (1024, 1024),
 }
+# A backend's vocabulary chunk is a multiple of this when it divides V (see the module's
+# docstring): the TPU's lane width. Elsewhere any divisor.
+LANES = {"tpu": 128}
 DEFAULT_PLATFORM = "cpu"  # what other backends get
 
 
@@ -64,6 +74,8 @@ def default_chunks(num_tokens: int, num_classes: int, platform: str = DEFAULT_PL
     (1024, 1024)
     >>> default_chunks(8192, 128256, "cuda")  # Llama 3: 128256 = 64 * 2004
     (1024, 2004)
+    >>> default_chunks(16384, 128256, "tpu")  # 1002 divides it too, but cuts the TPU's lanes
+    (1024, 768)
     >>> default_chunks(100, 700)
     (100, 700)
     """
@@ -71,7 +83,10 @@ def default_chunks(num_tokens: int, num_classes: int, platform: str = DEFAULT_PL
     vocab_chunk = max(1, min(num_classes, max_classes))
     if num_classes > max_classes:
         divisors = range(max_classes, max_classes // 2 - 1, -1)
-        vocab_chunk = next((c for c in divisors if num_classes % c == 0), max_classes)
+        lanes = LANES.get(platform, 1)
+        vocab_chunk = next(
+            (c for c in divisors if num_classes % c == 0 and c % lanes == 0), max_classes
+        )
     return max(1, min(num_tokens, max_tokens)), vocab_chunk
 
 

@@ -22,8 +22,10 @@ bound*, with the TPU's tile ``T x Vc`` of ``jaxsoftmax/tiles/sizes.py``)::
                           narrower (in float32 the sum is the output's own buffer)
     + 1 MiB               per-row statistics, loop state
 
-(for the distillation losses, twice the tiles and the student's chunk: two models' logits).
-A program meets it within 1.25x, and holds no buffer of the classifier's size.
+(for the distillation losses, twice the tiles: two models' logits). For small classifiers
+``method="auto"`` computes the gradients in the forward, whose bound is five ``[T, V]``
+float32 blocks, the float32 ``[V, d]`` gradient and ``2 N d`` float32. A program meets its
+bound within 1.25x, and (by recompute) copies neither the classifier nor the logits.
 
     python experiments/tpu_memory.py            # writes benchmarks/results/tpu-compiled/
     python experiments/tpu_memory.py --quick    # small shapes, writes runs/tpu-memory-quick/
@@ -55,7 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # the benchmarks' helpers: resuming, writing the results
 
 import jaxsoftmax
-from jaxsoftmax.tiles import sizes
+from jaxsoftmax.tiles import auto_method, sizes
+from jaxsoftmax.tiles.forward_gradient import default_block
 
 try:  # tokamax needs Python >= 3.12
     import tokamax
@@ -229,42 +232,63 @@ def compile_program(loss, argnums, args):
 _INSTRUCTION = re.compile(
     r"^\s*(ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{[^}]*\})? ([\w\-]+)\("
 )
-_BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, f64=8)
 _MOVES = ("copy", "convert", "transpose")
 
 
-def large_buffers(hlo: str, at_least: int) -> list[str]:
+def large_buffers(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
     """The optimized program's copies, conversions and transposes (alone or fused, by XLA's
-    names for them) that make an array of ``at_least`` bytes or more, as
-    ``"name dtype[shape]"``: a second classifier, logits or gradient beside the first."""
+    names for them) whose result has one of ``shapes`` (the classifier's and the logits', per
+    chip), as ``"name dtype[shape]"``: a second classifier or logits array beside the first."""
     found = []
     for line in hlo.splitlines():
         match = _INSTRUCTION.match(line)
-        if not match or match[1] or match[3] not in _BYTES:
+        if not match or match[1]:
             continue
         name, dtype, dims, opcode = match[2], match[3], match[4], match[5]
         moves = opcode in _MOVES or (opcode == "fusion" and name.startswith(_MOVES))
-        size = _BYTES[dtype] * int(np.prod([int(x) for x in dims.split(",") if x]))
-        if moves and size >= at_least:
+        if moves and tuple(int(x) for x in dims.split(",") if x) in shapes:
             found.append(f"{name} {dtype}[{dims}]")
     return found
 
 
-def fused_bound(loss: str, shape, dtype, grads: str, chips: dict) -> int:
-    """The bytes the fused loss's tiles and float32 sums need per chip (the module docstring)."""
+def local_shape(shape, chips: dict) -> tuple[int, int, int]:
+    """``(N, d, V)`` of one chip: tokens over the mesh's "batch" axis, classes over "vocab"."""
     n, d, v = shape
-    n, v = n // chips.get("batch", 1), -(-v // chips.get("vocab", 1))
+    return n // chips.get("batch", 1), d, -(-v // chips.get("vocab", 1))
+
+
+def large_shapes(loss, shape, chips: dict) -> set[tuple[int, ...]]:
+    """The classifier's shapes (both layouts) and the logits' on one chip."""
+    n, d, v = local_shape(shape, chips)
+    return {(v, d), (d, v), (n, v)} if "linear" in loss else {(n, v)}
+
+
+def fused_method(loss, shape, chips: dict) -> str:
+    """What ``method="auto"`` picks for the fused cross-entropy (the distillation losses have
+    only the recompute method)."""
+    _, d, v = local_shape(shape, chips)
+    return "recompute" if "distillation" in loss else auto_method(v, d, "mean")
+
+
+def fused_bound(loss: str, shape, dtype, grads: str, chips: dict) -> int:
+    """The bytes the fused loss's tiles and float32 sums need per chip (the module docstring);
+    for ``method="forward"`` (small classifiers) five ``[T, V]`` float32 blocks, the float32
+    ``[V, d]`` gradient and the float32 ``dh``, as docs/linear-cross-entropy.md gives it."""
+    n, d, v = local_shape(shape, chips)
+    narrow = jnp.dtype(dtype) != jnp.float32
+    if fused_method(loss, shape, chips) == "forward":
+        return 5 * default_block(n, v) * v * 4 + v * d * 4 + 2 * n * d * 4 + MiB
     tokens, classes = sizes.default_chunks(n, v, "tpu")
     models = 2 if "distillation" in loss else 1
     bound = models * 4 * tokens * classes * 4 + MiB
     if grads == "both":
         bound += 2 * classes * d * 4
-    if jnp.dtype(dtype) != jnp.float32:
+    if narrow:
         bound += n * d * 4
     return bound
 
 
-def measure(program, at_least: int) -> dict:
+def measure(program, shapes: set[tuple[int, ...]]) -> dict:
     start = time.perf_counter()
     compiled = compile_program(*program)
     memory = compiled.memory_analysis()
@@ -272,7 +296,7 @@ def measure(program, at_least: int) -> dict:
         temp_mib=memory.temp_size_in_bytes / MiB,
         argument_mib=memory.argument_size_in_bytes / MiB,
         output_mib=memory.output_size_in_bytes / MiB,
-        large_buffers=large_buffers(compiled.as_text(), at_least),
+        large_buffers=large_buffers(compiled.as_text(), shapes),
         compile_seconds=round(time.perf_counter() - start, 1),
     )
 
@@ -301,21 +325,12 @@ def programs_for(loss, topology, shape, dtype, layout, grads) -> tuple[dict, dic
     return logits_programs(loss, shape, dtype, place, mesh), chips
 
 
-def large_buffer_bytes(loss, shape, dtype, chips: dict) -> int:
-    """What :func:`large_buffers` reports per chip: the classifier in bf16 (a bf16 copy of a
-    float32 one is that size) or the logits, whichever is smaller."""
-    n, d, v = shape
-    logits = n * v * jnp.dtype(dtype).itemsize
-    smallest = min(v * d * 2, logits) if "linear" in loss else logits
-    return smallest // (chips.get("batch", 1) * chips.get("vocab", 1))
-
-
 def case_rows(loss, topology, shape_name, shape, dtype, layout, grads) -> list[dict]:
     """One row per competitor for one program of ``loss``."""
     sharded = loss.startswith("sharded")
     programs, chips = programs_for(loss, topology, shape, dtype, layout, grads)
     n, d, v = shape
-    at_least = large_buffer_bytes(loss, shape, dtype, chips)
+    shapes = large_shapes(loss, shape, chips)
     linear = "linear" in loss
     rows = []
     for competitor, program in programs.items():
@@ -330,9 +345,10 @@ def case_rows(loss, topology, shape_name, shape, dtype, layout, grads) -> list[d
             layout=layout if linear else None,
             gradients=grads if linear else "logits",
             competitor=competitor,
-            **measure(program, at_least),
+            **measure(program, shapes),
         )
         if competitor == "jaxsoftmax" and linear:
+            row["method"] = fused_method(loss, shape, chips)
             bound = fused_bound(loss, shape, dtype, grads, chips)
             row["bound_mib"] = bound / MiB
             row["within_bound"] = row["temp_mib"] * MiB <= 1.25 * bound
@@ -381,7 +397,9 @@ def write_markdown(path, meta, rows) -> None:
         f"{meta['libtpu']}); nothing ran. `{meta['command']}`. Temporary MiB of "
         "`value_and_grad` of the mean loss (per chip on the mesh); bound: the fused loss's "
         "tiles and float32 sums (experiments/tpu_memory.py); large: the optimized program's "
-        "copies, conversions and transposes as large as the classifier in bf16 or the logits.",
+        "copies, conversions and transposes of the classifier's or the logits' shape (with "
+        '`method="forward"`, chosen for small classifiers, the float32 `[V, d]` gradient is '
+        "one by design).",
         "",
     ]
     keys = lambda r: (r["topology"], r["loss"], r["shape"], r["dtype"], r["layout"], r["gradients"])
@@ -394,13 +412,14 @@ def write_markdown(path, meta, rows) -> None:
         ours = found.get("jaxsoftmax", {})
         cells = [*(str(k) if k is not None else "" for k in key)]
         cells += [f"{found[c]['temp_mib']:,.1f}" if c in found else "" for c in competitors]
+        cells.append(ours.get("method", ""))
         cells.append(f"{ours['bound_mib']:,.1f}" if "bound_mib" in ours else "")
         cells.append({True: "yes", False: "**no**"}.get(ours.get("within_bound"), ""))
         cells.append("; ".join(ours.get("large_buffers", [])) or "none")
         table.append(cells)
     columns = ["topology", "loss", "shape", "dtype", "layout", "gradients", *competitors]
     lines += harness.markdown_table(
-        [*columns, "bound", "within 1.25x", "large buffers (jaxsoftmax)"], table
+        [*columns, "method", "bound", "within 1.25x", "copies (jaxsoftmax)"], table
     )
     from jaxsoftmax import training
 

@@ -10,7 +10,8 @@ test command, in the same environment with ``jax[tpu]`` added::
 Each check compiles ``value_and_grad`` of a fused loss for one chip of TPU v5e (or the v5e 2x4
 mesh), through ``experiments/tpu_memory.py``'s programs, and asserts the TPU compiler's
 temporary bytes against the bound of the tiles and float32 sums (its docstring), and that the
-optimized program copies, converts or transposes nothing as large as the classifier. Before
+optimized program copies, converts or transposes nothing of the classifier's or the logits'
+shape. Before
 ``jaxsoftmax/core/tpu_programs.py`` (Gemma 2 in float32: a bf16 copy of the whole classifier,
 1,161 MiB) and the TPU's lane-aligned vocabulary chunk in ``jaxsoftmax/tiles/sizes.py``
 (Llama 3: a ``[d, V]`` copy, 2,004 MiB in float32, 1,258 MiB in bf16) these checks failed.
@@ -42,8 +43,7 @@ CEILINGS |= {("llama", "float32"): 400, ("llama", "bfloat16"): 400}
 def compiled(loss, shape, dtype, layout, grads):
     """``tpu_memory.measure`` of jaxsoftmax's program, and the bound, on TPU v5e."""
     programs, chips = tpu_memory.programs_for(loss, "v5e", shape, jnp.dtype(dtype), layout, grads)
-    at_least = tpu_memory.large_buffer_bytes(loss, shape, jnp.dtype(dtype), chips)
-    found = tpu_memory.measure(programs["jaxsoftmax"], at_least)
+    found = tpu_memory.measure(programs["jaxsoftmax"], tpu_memory.large_shapes(loss, shape, chips))
     return found, tpu_memory.fused_bound(loss, shape, jnp.dtype(dtype), grads, chips)
 
 
@@ -86,6 +86,6 @@ def test_the_large_buffer_check_finds_the_logits_path_s_float32_logits():
     programs, chips = tpu_memory.programs_for(
         "linear_cross_entropy", "v5e", shape, jnp.bfloat16, "vd", "both"
     )
-    at_least = tpu_memory.large_buffer_bytes("linear_cross_entropy", shape, jnp.bfloat16, chips)
-    found = tpu_memory.measure(programs["logits + optax"], at_least)
+    shapes = tpu_memory.large_shapes("linear_cross_entropy", shape, chips)
+    found = tpu_memory.measure(programs["logits + optax"], shapes)
     assert found["large_buffers"], found

@@ -8,7 +8,7 @@ compiled for a single chip of TPU v5e and v6e, and the sharded losses for a v5e 
 the logits then optax's loss (and tokamax's chunked XLA loss where tokamax installs, Python >=
 3.12). For each it records the temporary bytes of the TPU compiler's own buffer assignment
 (``memory_analysis().temp_size_in_bytes``; arguments and outputs not counted), per chip on
-the mesh, and the optimized program's buffers as large as the classifier or the logits.
+the mesh, and the optimized program's copies of the classifier's or the logits' shape.
 
 Only memory and the program are real this way. Nothing runs, and XLA's cost analysis counts
 a loop's body once, so no time is reported.
@@ -33,7 +33,8 @@ bound within 1.25x, and (by recompute) copies neither the classifier nor the log
 
 Each finished program is saved in ``<out>/.partial.json``; run the same command again after an
 interruption and it compiles only the rest (``--fresh`` starts over). The result files are
-written atomically at the end.
+written atomically at the end, with the rows of earlier runs (same JAX and libtpu) that this
+run did not compile again, so runs of a few losses or shapes add up to the table.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -334,7 +335,7 @@ def programs_for(loss, topology, shape, dtype, layout, grads) -> tuple[dict, dic
     else:
         mesh = None
         device = topology_devices(f"{topology}:1x1")[0]
-        place = lambda s, t, kind: spec(s, t, SingleDeviceSharding(device))
+        place = lambda s, t, kind: spec(s, t, jax.sharding.make_single_device_sharding(device))
         chips = {}
     if loss == "linear_cross_entropy":
         return linear_programs(shape, dtype, layout, grads, place), chips

@@ -63,6 +63,20 @@ def positive_counts(what: str, example: str):
     return parse
 
 
+def comma_separated_choices(choices):
+    """An argparse type: a comma-separated list of ``choices`` (``"vd,dv"`` -> ``["vd", "dv"]``)."""
+
+    def parse(text: str) -> list[str]:
+        parts = text.split(",")
+        if not all(part in choices for part in parts):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}; got {text!r}"
+            )
+        return parts
+
+    return parse
+
+
 def writable_file(text: str) -> str:
     """A file path whose folder exists (the scripts' ``--json``), checked before any work."""
     folder = os.path.dirname(os.path.abspath(text))

@@ -192,14 +192,16 @@ def run_cases(out: str, settings: dict, cases: list, fresh: bool = False) -> lis
     return [row for name, _ in cases for row in finished[name]]
 
 
-def add_run_flags(parser: argparse.ArgumentParser, out: str, repeats: str) -> None:
+def add_run_flags(parser: argparse.ArgumentParser, out: str, repeats: str | None) -> None:
     """The flags every benchmark takes: ``--quick``, ``--out`` (``out``: its help),
-    ``--repeats`` (``repeats``: its help) and ``--fresh``."""
+    ``--repeats`` (``repeats``: its help; None for a benchmark that times nothing) and
+    ``--fresh``."""
     from common import positive_int
 
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run")
     parser.add_argument("--out", default=None, help=out)
-    parser.add_argument("--repeats", type=positive_int, default=None, help=repeats)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=positive_int, default=None, help=repeats)
     parser.add_argument(
         "--fresh",
         action="store_true",
@@ -207,7 +209,7 @@ def add_run_flags(parser: argparse.ArgumentParser, out: str, repeats: str) -> No
     )
 
 
-def benchmark_parser(doc: str, out: str, repeats: str) -> argparse.ArgumentParser:
+def benchmark_parser(doc: str, out: str, repeats: str | None) -> argparse.ArgumentParser:
     """A benchmark's parser: the first line of its docstring ``doc``, every default shown, and
     the flags of :func:`add_run_flags`."""
     parser = argparse.ArgumentParser(

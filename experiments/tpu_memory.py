@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # the scripts' helpers: flag types
 import harness  # the benchmarks' helpers: resuming, writing the results
 
 import jaxsoftmax
@@ -479,18 +480,9 @@ def parse_arguments(argv):
     parser = harness.benchmark_parser(
         __doc__,
         out=f"output folder; None: benchmarks/results/tpu-compiled, or {QUICK_OUT} with --quick",
-        repeats="not used (nothing is timed)",
+        repeats=None,  # nothing is timed
     )
-    listed = lambda choices: (
-        lambda text: [
-            part
-            if part in choices
-            else parser.error(
-                f"expected a comma-separated list of {', '.join(choices)}; got {part!r}"
-            )
-            for part in text.split(",")
-        ]
-    )
+    listed = common.comma_separated_choices
     parser.add_argument("--shapes", type=listed(tuple(SHAPES)), default=list(SHAPES))
     parser.add_argument("--topologies", type=listed(TOPOLOGIES), default=list(TOPOLOGIES))
     parser.add_argument("--losses", type=listed(LOSSES), default=list(LOSSES))

@@ -19,6 +19,7 @@ from jax import export
 
 from jaxsoftmax import linear_cross_entropy, linear_distillation_loss
 from jaxsoftmax.core import tpu_programs
+from jaxsoftmax.tiles import tpu_layout
 
 # Several chunks on every axis, whatever the platform's tile sizes: only lowered, never run.
 N, D, V = 4096, 8, 65536
@@ -163,3 +164,85 @@ def test_only_products_at_one_bfloat16_pass_are_rounded(precision, rounds):
     with jax.default_matmul_precision(precision):
         assert tpu_programs.products_round_to_bfloat16(jnp.float32) is rounds
         assert tpu_programs.products_round_to_bfloat16(jnp.bfloat16) is False
+
+
+# A [d, V] classifier a TPU stores column-major (V not a multiple of 128, d one): 200 classes.
+D_LANES, V_RAGGED = 128, 200
+
+
+def transposed_classifiers(loss, classifier_shape, platform):
+    """The classifier-shaped transposes in the exported ``value_and_grad`` of ``loss``
+    (hidden and classifier) for ``platform``, as ``"AxBxf32"`` operand shapes."""
+    hidden = jax.ShapeDtypeStruct((64, D_LANES), jnp.float32)
+    classifier = jax.ShapeDtypeStruct(classifier_shape, jnp.float32)
+    labels = jax.ShapeDtypeStruct((64,), jnp.int32)
+    program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    text = export.export(program, platforms=[platform])(hidden, classifier, labels).mlir_module()
+    found = re.findall(r"stablehlo\.transpose %\S+, dims = \[1, 0\] : \(tensor<(\w+)>\)", text)
+    rows, cols = classifier_shape
+    return [s for s in found if s in (f"{rows}x{cols}xf32", f"{cols}x{rows}xf32")]
+
+
+def _dv_distillation(hidden, classifier, labels):
+    teacher = (jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(classifier))
+    return linear_distillation_loss(hidden, classifier, *teacher, labels=labels,
+                                    classifier_layout="dv")  # fmt: skip
+
+
+def test_classifier_stored_column_major_is_transposed_only_on_the_tpu():
+    """jaxsoftmax/tiles/tpu_layout.py: the TPU's program of a [d, V] classifier the TPU stores
+    column-major runs on its transpose (in and the gradient out); nothing else does."""
+    ragged = (D_LANES, V_RAGGED)
+    assert tpu_layout.stored_column_major(*ragged)
+    for loss in (_fused("dv"), _dv_distillation):
+        on_tpu = transposed_classifiers(loss, ragged, "tpu")
+        assert len(on_tpu) >= 2, on_tpu  # the classifier in, its gradient out
+        assert transposed_classifiers(loss, ragged, "cpu") == []
+        assert transposed_classifiers(loss, ragged, "cuda") == []
+    # a classifier the TPU stores row-major is read as it is
+    aligned = (D_LANES, 256)
+    assert not tpu_layout.stored_column_major(*aligned)
+    assert transposed_classifiers(_fused("dv"), aligned, "tpu") == []
+    assert transposed_classifiers(_fused("vd"), (V_RAGGED, D_LANES), "tpu") == []
+
+
+@pytest.mark.parametrize(
+    "rows, cols", [(4096, 32064), (4096, 128256), (4100, 32064), (200, 64), (64, 200), (7, 7)]
+)
+def test_stored_column_major_is_the_order_that_pads_less(rows, cols):
+    """Against the padded sizes counted tile by tile (8 x 128), independently of the rule."""
+    tiles = lambda major, minor: len(range(0, major, 8)) * len(range(0, minor, 128))
+    assert tpu_layout.stored_column_major(rows, cols) == (tiles(cols, rows) < tiles(rows, cols))
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "distillation"])
+def test_the_transposed_tpu_program_computes_what_the_cpu_program_does(loss_name):
+    """The TPU's program on the transposed classifier, run here, at float32 products: the
+    loss and gradients of the CPU's program, the classifier's gradient in the layout given.
+    200 classes in chunks of 64: the last chunk overlaps the one before."""
+    rng = np.random.default_rng(2)
+    hidden = rng.normal(size=(24, D_LANES)).astype(np.float32) / 8
+    classifier = rng.normal(size=(D_LANES, V_RAGGED)).astype(np.float32)
+    labels = rng.integers(0, V_RAGGED, 24).astype(np.int32)
+    chunks = dict(token_chunk=8, vocab_chunk=64, classifier_layout="dv")
+    if loss_name == "cross_entropy":
+        loss = functools.partial(linear_cross_entropy, method="recompute", **chunks)
+    else:
+        teacher = rng.normal(size=classifier.shape).astype(np.float32)
+
+        def loss(h, w, y):
+            return linear_distillation_loss(h, w, h[:, ::-1], teacher, labels=y, **chunks)
+
+    program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    anywhere = [export.DisabledSafetyCheck.platform()]
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (hidden, classifier, labels)]
+    with jax.default_matmul_precision("float32"):  # no bf16 rounding: the layout alone
+        exported = export.export(program, platforms=["tpu"], disabled_checks=anywhere)(*shapes)
+        assert transposed_classifiers(loss, classifier.shape, "tpu"), "not transposed"
+        on_tpu = exported.call(hidden, classifier, labels)
+        here = program(hidden, classifier, labels)
+    assert on_tpu[1][1].shape == classifier.shape
+    for name, got, want in zip(("loss", "d hidden", "d classifier"), jax.tree.leaves(on_tpu),
+                               jax.tree.leaves(here)):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)  # fmt: skip

@@ -142,7 +142,7 @@ def linear_cross_entropy(
     )  # fmt: skip
     check_method(method, call, gradient_filter)
     return_aux = arrays.check_flag(return_aux, "return_aux")
-    plan = fused.make_plan(call, call.head.hidden.shape[0], call.num_classes, companions=return_aux)
+    plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=return_aux)
     return _linear_cross_entropy(call, plan, _takes_forward_gradient(call, method), return_aux)
 
 

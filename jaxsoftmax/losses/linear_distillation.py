@@ -100,7 +100,7 @@ def linear_distillation_loss(
         classifier_layout=classifier_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
         checked=checked,
     )  # fmt: skip
-    plan = fused.make_plan(call, call.student.hidden.shape[0], call.num_classes)
+    plan = fused.make_plan(call, call.student, call.teacher, call.num_classes)
     return _linear_distillation_loss(call, plan)
 
 

@@ -175,7 +175,7 @@ def _local_loss(local: dict, *, settings: LinearCall, layout: MeshLayout, num_lo
     shards."""
     head = LinearHead(local["hidden"], local["classifier"], local.get("bias"))
     plan = fused.make_plan(
-        settings, head.hidden.shape[0], num_local, axis_name=layout.classes,
+        settings, head.hidden.shape, num_local, axis_name=layout.classes,
         companions=return_aux,
     )  # fmt: skip
     loss, weight, *aux = fused.rows_and_weights(

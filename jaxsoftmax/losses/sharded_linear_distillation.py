@@ -140,10 +140,10 @@ def _local_loss(local: dict, *, settings: DistillationCall, layout: MeshLayout, 
     head = lambda name: LinearHead(
         local[f"{name}_hidden"], local[f"{name}_classifier"], local.get(f"{name}_bias")
     )
-    student = head("student")
-    plan = fused.make_plan(settings, student.hidden.shape[0], num_local, axis_name=layout.classes)
+    student, teacher = head("student"), head("teacher")
+    plan = fused.make_plan(settings, student, teacher, num_local, axis_name=layout.classes)
     loss, weight = fused.rows_and_weights(
-        student, head("teacher"), local.get("labels"), local.get("row_mask"),
+        student, teacher, local.get("labels"), local.get("row_mask"),
         local.get("vocab_mask"), plan,
     )  # fmt: skip
     reduction = settings.options.reduction

@@ -75,11 +75,15 @@ def linear_rows_bwd(plan, residuals, g):
 linear_rows.defvjp(linear_rows_fwd, linear_rows_bwd)
 
 
-def make_plan(call: LinearCall, num_tokens: int, num_local: int, axis_name=None,
+def make_plan(call: LinearCall, hidden_shape: tuple[int, int], num_local: int, axis_name=None,
               companions=False) -> TilePlan:  # fmt: skip
-    """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's, when the
-    vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
-    by_platform, token_chunk, vocab_chunk = chosen_tiles(num_tokens, num_local, call.tiles)
+    """The plan for ``hidden_shape`` ``(N, d)`` against ``num_local`` classes (one shard's,
+    when the vocabulary is split over ``axis_name``), with the call's chunks or each
+    backend's."""
+    num_tokens, width = hidden_shape
+    by_platform, token_chunk, vocab_chunk = chosen_tiles(
+        num_tokens, num_local, call.tiles, (width,)
+    )
     return TilePlan(
         options=call.options.rule(axis_name),
         layout=call.tiles.layout,

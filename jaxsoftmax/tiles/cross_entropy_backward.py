@@ -27,6 +27,7 @@ from jaxsoftmax.core import companion_terms, cpu_programs, row_terms
 from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles import tpu_layout
 from jaxsoftmax.tiles.plan import TilePlan
 
 
@@ -170,6 +171,8 @@ class Sweep(NamedTuple):
 def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics,
              g, plan: TilePlan):  # fmt: skip
     """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
+    given = plan
+    (classifier,), plan = tpu_layout.as_computed((classifier,), plan)
     local, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     acc = plan.accumulation_dtype  # never below the inputs' dtype
@@ -202,7 +205,7 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     if stacked:
         d_classifier = chunks[0].reshape(classifier.shape)
         d_bias = None if bias is None else chunks[1].reshape(bias.shape)
-    return d_hidden.astype(hidden.dtype), d_classifier, d_bias
+    return d_hidden.astype(hidden.dtype), tpu_layout.as_given(d_classifier, given), d_bias
 
 
 def vocabulary_step(sweep: Sweep, plan: TilePlan, carry, i):

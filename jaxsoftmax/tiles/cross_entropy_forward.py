@@ -36,6 +36,7 @@ from jaxsoftmax.core import row_terms
 from jaxsoftmax.core.chunks import operand_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles import tpu_layout
 from jaxsoftmax.tiles.plan import TilePlan
 
 
@@ -200,6 +201,7 @@ def forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mas
             plan: TilePlan):  # fmt: skip
     """Per-row loss ``[N]`` and the residual statistics ``(m [N], log s [N])``; with
     ``plan.companions`` also ``(lse, entropy, correct)`` per row."""
+    (classifier,), plan = tpu_layout.as_computed((classifier,), plan)
     num_tokens, tc = hidden.shape[0], plan.token_chunk
     _, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))

@@ -76,11 +76,13 @@ def _rows_bwd(plan, residuals, g):
 distillation_rows.defvjp(_rows_fwd, _rows_bwd, symbolic_zeros=True)
 
 
-def make_plan(call: DistillationCall, num_tokens: int, num_local: int,
+def make_plan(call: DistillationCall, student: LinearHead, teacher: LinearHead, num_local: int,
               axis_name=None) -> DistillationPlan:  # fmt: skip
-    """The plan for ``num_tokens`` rows against ``num_local`` classes (one shard's when the
-    vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
-    by_platform, token_chunk, vocab_chunk = chosen_tiles(num_tokens, num_local, call.tiles)
+    """The plan for the two models' ``N`` rows against ``num_local`` classes (one shard's when
+    the vocabulary is split over ``axis_name``), with the call's chunks or each backend's."""
+    num_tokens = student.hidden.shape[0]
+    widths = (student.hidden.shape[-1], teacher.hidden.shape[-1])
+    by_platform, token_chunk, vocab_chunk = chosen_tiles(num_tokens, num_local, call.tiles, widths)
     return DistillationPlan(
         divergence=call.divergence,
         hard_weight=call.hard_weight,

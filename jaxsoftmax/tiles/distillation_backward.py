@@ -32,10 +32,12 @@ from jaxsoftmax.core import divergences, row_terms
 from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles import tpu_layout
 from jaxsoftmax.tiles.distillation_plan import (
     DistillationPlan,
     TileGrid,
     Wanted,
+    as_computed,
     fresh_classes,
     masked,
     tile_grid,
@@ -57,6 +59,8 @@ class _Rows(NamedTuple):
 def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wanted: Wanted,
              plan: DistillationPlan):  # fmt: skip
     """Gradients ``(LinearHead, LinearHead)`` of the student and the teacher (None where not wanted)."""
+    given = plan
+    student, teacher, plan = as_computed(student, teacher, plan)
     grid = tile_grid(student, teacher, plan)
     top_a, log_a, top_b, log_b, *rest = residuals
     num_terms = 2 if plan.divergence.divergence == "jsd" else 1
@@ -87,6 +91,7 @@ def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wante
             gradients.append(None)
             continue
         d_hidden, d_classifier, d_bias = next(found)
+        d_classifier = tpu_layout.as_given(d_classifier, given)
         gradients.append(LinearHead(d_hidden.astype(model.hidden.dtype), d_classifier, d_bias))
     return tuple(gradients)
 

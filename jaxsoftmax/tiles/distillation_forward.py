@@ -35,6 +35,7 @@ from jaxsoftmax.tiles import online
 from jaxsoftmax.tiles.distillation_plan import (
     DistillationPlan,
     TileGrid,
+    as_computed,
     fresh_classes,
     masked,
     tile_grid,
@@ -52,6 +53,7 @@ def rescaled_cross(cross, total, delta_own, delta_other):
 def forward(student, teacher, labels, row_mask, vocab_mask, plan: DistillationPlan):
     """Per-row loss ``[N]`` and the per-row residuals: ``(m_a, log s_a, m_b, log s_b,
     KL terms..., [m and log s of z_s for the hard term when T != 1])``."""
+    student, teacher, plan = as_computed(student, teacher, plan)
     hard, own = plan.hard_weight > 0, _own_hard_statistics(plan)
     grid = tile_grid(student, teacher, plan)
     num_tokens = student.hidden.shape[0]

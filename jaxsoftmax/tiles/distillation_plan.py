@@ -29,6 +29,7 @@ from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.core import divergences, row_terms
 from jaxsoftmax.core.chunks import operand_chunk
 from jaxsoftmax.tiles import plan as tile_plan
+from jaxsoftmax.tiles import tpu_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,7 @@ class DistillationPlan:
     options: row_terms.RuleOptions = row_terms.RuleOptions()  # the hard term's rule, axis_name
     num_classes: int | None = None
     tiles: tuple = ()
+    transposed: bool = False  # computed on the classifiers' transposes (tiles/tpu_layout.py)
 
 
 @jax.tree_util.register_static
@@ -54,6 +56,14 @@ class Wanted:
 
     student: bool
     teacher: bool
+
+
+def as_computed(student: LinearHead, teacher: LinearHead, plan: DistillationPlan):
+    """``(student, teacher, plan)`` with the classifiers as the program computes them
+    (transposed on a TPU that stores them column-major: :mod:`jaxsoftmax.tiles.tpu_layout`)."""
+    classifiers, computed = tpu_layout.as_computed((student.classifier, teacher.classifier), plan)
+    student, teacher = (m._replace(classifier=c) for m, c in zip((student, teacher), classifiers))
+    return student, teacher, computed
 
 
 def compute_dtype(student: LinearHead, teacher: LinearHead):

@@ -37,7 +37,8 @@ class TilePlan:
     vocab_chunk: int
     accumulation_dtype: jnp.dtype
     num_classes: int | None = None  # all V real classes when sharded (None: the local V)
-    tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk), ...)
+    tiles: tuple = ()  # ((platform, token_chunk, vocab_chunk, transposed), ...)
+    transposed: bool = False  # computed on the classifier's transpose (tiles/tpu_layout.py)
     companions: bool = False  # also lse, entropy and correct per row (return_aux)
     gradient_filter: float | None = None  # skip the backward's negligible tiles (opt in)
 

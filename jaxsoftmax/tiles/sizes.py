@@ -39,6 +39,9 @@ in float32 (a ``[d, V]`` copy, or the stacked ``[V, d]`` chunks not laid in the 
 768 = 6 x 128 costs 0.6 MiB (compiled for TPU v5e, libtpu 0.0.42.1;
 ``experiments/tpu_memory.py``, ``tests/tpu/check_compiled_memory.py``).
 
+A TPU's tile also says whether its program runs on the transposed classifier: when XLA:TPU
+stores the classifier column-major (:mod:`jaxsoftmax.tiles.tpu_layout`).
+
 The backend is chosen when the program is lowered (:func:`on_each_platform`, through
 ``jax.lax.platform_dependent``), not from the machine that traces it: a program exported
 for ``"cuda"`` on a CPU gets the GPU's tiles. Sizes a caller passes win over all of these.
@@ -52,6 +55,8 @@ import dataclasses
 
 from jax import lax
 
+from jaxsoftmax.tiles import tpu_layout
+
 # The largest tile, (tokens, classes), for each backend jax.lax.platform_dependent names.
 TILES = {
     "cpu": (1024, 1024),
@@ -61,7 +66,7 @@ TILES = {
 }
 # A backend's vocabulary chunk is a multiple of this when it divides V (see the module's
 # docstring): the TPU's lane width. Elsewhere any divisor.
-LANES = {"tpu": 128}
+LANES = {tpu_layout.PLATFORM: tpu_layout.LANES}
 DEFAULT_PLATFORM = "cpu"  # what other backends get
 
 
@@ -90,10 +95,13 @@ def default_chunks(num_tokens: int, num_classes: int, platform: str = DEFAULT_PL
     return max(1, min(num_tokens, max_tokens)), vocab_chunk
 
 
-def tiles_by_platform(num_tokens: int, num_classes: int, token_chunk=None, vocab_chunk=None):
-    """``((platform, token_chunk, vocab_chunk), ...)`` for every platform of :data:`TILES`
-    and ``"default"``, the caller's sizes (when given) in place of the defaults, each at most
-    ``N`` and ``V``."""
+def tiles_by_platform(num_tokens: int, num_classes: int, token_chunk=None, vocab_chunk=None,
+                      layout: str = "vd", widths=()):  # fmt: skip
+    """``((platform, token_chunk, vocab_chunk, transposed), ...)`` for every platform of
+    :data:`TILES` and ``"default"``: the caller's sizes (when given) in place of the defaults,
+    each at most ``N`` and ``V``, and whether the platform's program runs on the transposed
+    classifiers (:func:`jaxsoftmax.tiles.tpu_layout.runs_transposed`, for classifiers in
+    ``layout`` of hidden widths ``widths``)."""
     platforms = (*TILES, "default")
     found = []
     for platform in platforms:
@@ -103,6 +111,7 @@ def tiles_by_platform(num_tokens: int, num_classes: int, token_chunk=None, vocab
                 platform,
                 min(token_chunk or tokens, max(num_tokens, 1)),
                 min(vocab_chunk or classes, max(num_classes, 1)),
+                tpu_layout.runs_transposed(platform, layout, widths, num_classes),
             )
         )
     return tuple(found)
@@ -111,17 +120,20 @@ def tiles_by_platform(num_tokens: int, num_classes: int, token_chunk=None, vocab
 def on_each_platform(function, plan, *args):
     """``function(*args, plan=...)`` with the tile of the platform it is lowered for.
 
-    ``plan`` is a dataclass with ``token_chunk``, ``vocab_chunk`` and ``tiles`` (from
-    :func:`tiles_by_platform`); each platform's variant gets its own sizes. Platforms that
-    share sizes share one variant, and when all do, nothing is chosen at lowering.
+    ``plan`` is a dataclass with ``token_chunk``, ``vocab_chunk``, ``transposed`` and
+    ``tiles`` (from :func:`tiles_by_platform`); each platform's variant gets its own. Platforms
+    that share them share one variant, and when all do, nothing is chosen at lowering.
     """
     variants = {}
     branches = {}
-    for platform, tokens, classes in plan.tiles:
-        if (tokens, classes) not in variants:
-            sized = dataclasses.replace(plan, token_chunk=tokens, vocab_chunk=classes)
-            variants[tokens, classes] = _bound(function, sized)
-        branches[platform] = variants[tokens, classes]
+    for platform, *tile in plan.tiles:
+        if tuple(tile) not in variants:
+            tokens, classes, transposed = tile
+            sized = dataclasses.replace(
+                plan, token_chunk=tokens, vocab_chunk=classes, transposed=transposed
+            )
+            variants[tuple(tile)] = _bound(function, sized)
+        branches[platform] = variants[tuple(tile)]
     if len(variants) <= 1:
         return function(*args, plan=plan)
     default = branches.pop("default")
@@ -132,10 +144,12 @@ def _bound(function, plan):
     return lambda *args: function(*args, plan=plan)
 
 
-def chosen_tiles(num_tokens: int, num_classes: int, tiles) -> tuple[tuple, int, int]:
+def chosen_tiles(num_tokens: int, num_classes: int, tiles, widths=()) -> tuple[tuple, int, int]:
     """``(by_platform, token_chunk, vocab_chunk)`` for a call's tiling ``tiles`` (a
-    :class:`~jaxsoftmax.checks.linear_head.TileOptions`): each backend's tile, and the one
-    the program is traced with."""
-    by_platform = tiles_by_platform(num_tokens, num_classes, tiles.token_chunk, tiles.vocab_chunk)
-    _, token_chunk, vocab_chunk = next(t for t in by_platform if t[0] == "default")
+    :class:`~jaxsoftmax.checks.linear_head.TileOptions`) of classifiers for hidden widths
+    ``widths``: each backend's tile, and the one the program is traced with."""
+    by_platform = tiles_by_platform(
+        num_tokens, num_classes, tiles.token_chunk, tiles.vocab_chunk, tiles.layout, widths
+    )
+    _, token_chunk, vocab_chunk, _ = next(t for t in by_platform if t[0] == "default")
     return by_platform, token_chunk, vocab_chunk

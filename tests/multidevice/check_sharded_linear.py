@@ -341,7 +341,7 @@ def test_cotangent_without_vma_typing():
     call = check_linear_call(hidden, classifier, labels, **options)
 
     def local(h, w):
-        plan = fused.make_plan(call, h.shape[0], w.shape[0], axis_name="vocab")
+        plan = fused.make_plan(call, h.shape, w.shape[0], axis_name="vocab")
         head = LinearHead(h, w, None)
         loss, _ = fused.rows_and_weights(head, labels, call.class_weights, None, None, plan)
         return jnp.sum(loss)

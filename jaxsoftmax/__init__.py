@@ -41,6 +41,9 @@ from jaxsoftmax.losses.linear_cross_entropy import linear_cross_entropy as linea
 from jaxsoftmax.losses.linear_distillation import (
     linear_distillation_loss as linear_distillation_loss,
 )
+from jaxsoftmax.losses.linear_token_log_probs import (
+    linear_token_log_probs as linear_token_log_probs,
+)
 from jaxsoftmax.losses.optax_compatible import softmax_cross_entropy as softmax_cross_entropy
 from jaxsoftmax.losses.optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
@@ -52,6 +55,7 @@ from jaxsoftmax.losses.sharded_linear_cross_entropy import (
 from jaxsoftmax.losses.sharded_linear_distillation import (
     sharded_linear_distillation_loss as sharded_linear_distillation_loss,
 )
+from jaxsoftmax.losses.token_log_probs import token_log_probs as token_log_probs
 from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
 from jaxsoftmax.training import TrainConfig as TrainConfig
 from jaxsoftmax.training import train as train
@@ -86,12 +90,14 @@ __all__ = [
     "distillation_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_token_log_probs",
     "mlp",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "sharded_linear_distillation_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "token_log_probs",
     "train",
     "training",
 ]

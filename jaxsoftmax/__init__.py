@@ -21,6 +21,11 @@ The public API:
 * :func:`linear_distillation_loss`: the same with both classifier layers fused, never
   building either model's ``[N, V]`` logits; :func:`sharded_linear_distillation_loss` splits
   both classifiers by vocabulary over a mesh axis.
+* :func:`token_log_probs`: each sampled token's log-probability under ``softmax(z / T)``
+  and the policy's entropy (reinforcement learning), by their derived rule, forward and
+  reverse mode; :func:`linear_token_log_probs` the same from hidden states without the
+  logits (``batch_invariant=True``: bitwise the same whatever the batch), and
+  :func:`sharded_linear_token_log_probs` with the vocabulary split over a mesh axis.
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: CS231n's
   two-layer fully connected network (any depth) as pure functions, its data sets, and its
   compiled training (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
@@ -54,6 +59,9 @@ from jaxsoftmax.losses.sharded_linear_cross_entropy import (
 )
 from jaxsoftmax.losses.sharded_linear_distillation import (
     sharded_linear_distillation_loss as sharded_linear_distillation_loss,
+)
+from jaxsoftmax.losses.sharded_linear_token_log_probs import (
+    sharded_linear_token_log_probs as sharded_linear_token_log_probs,
 )
 from jaxsoftmax.losses.token_log_probs import token_log_probs as token_log_probs
 from jaxsoftmax.training import NonFiniteLossError as NonFiniteLossError
@@ -95,6 +103,7 @@ __all__ = [
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "sharded_linear_distillation_loss",
+    "sharded_linear_token_log_probs",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "token_log_probs",

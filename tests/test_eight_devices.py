@@ -10,9 +10,11 @@ single device. The files, in ``tests/multidevice/``:
 - ``check_mesh_types.py``: every kind of mesh, eagerly and under ``jit``, with and without
   ``jax.set_mesh``;
 - ``check_data_parallel.py``: data-parallel training on every device count against one
-  device, the compiled step's all-reduce, resume.
+  device, the compiled step's all-reduce, resume;
+- ``check_sharded_token_log_probs.py``: the vocabulary-split token log-probabilities and
+  entropy, values and gradients against the definitions.
 
-One child for all four: each process costs about 3 s of CPU to start Python and JAX, and the
+One child for all five: each process costs about 3 s of CPU to start Python and JAX, and the
 child loads tests/conftest.py too, so it is as strict as this run and shares its compilation
 cache (check_mesh_types.py compiles one program many times over: a loss traced with and
 without ``jax.set_mesh``, or called eagerly, jitted anew at each call, lowers to the same
@@ -35,6 +37,7 @@ CHECKS = [
     "check_sharded_linear.py",
     "check_mesh_types.py",
     "check_data_parallel.py",
+    "check_sharded_token_log_probs.py",
 ]
 
 

@@ -79,6 +79,24 @@ def linear_token_log_probs(
       >>> print(jaxsoftmax.linear_token_log_probs(hidden, classifier, jnp.array([0, 2])).round(4))
       [-0.1698 -1.0986]
     """
+    call, positions, num_tokens = checked_token_call(
+        hidden, classifier, tokens, temperature=temperature, bias=bias, where=where,
+        classifier_layout=classifier_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+        batch_invariant=batch_invariant,
+    )  # fmt: skip
+    plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=True)
+    log_p, entropy = _linear_token_log_probs(call, plan)
+    log_p, entropy = (x[:num_tokens].reshape(positions) for x in (log_p, entropy))
+    return (log_p, entropy) if return_entropy else log_p
+
+
+def checked_token_call(hidden, classifier, tokens, *, temperature, bias, where,
+                       classifier_layout, token_chunk, vocab_chunk, batch_invariant,
+                       row_multiple: int = 1) -> tuple[LinearCall, tuple, int]:  # fmt: skip
+    """``(call, positions, N)``: the arguments checked (named as the caller gave them), the
+    tokens flattened, tempered (``h / T``, ``b / T``) and, in batch-invariant mode, padded to
+    a multiple of ``row_multiple`` tiles; ``positions`` is the tokens' shape, ``N`` their
+    number before padding."""
     layout = check_layout(classifier_layout)
     head, positions = check_linear_head(hidden, classifier, bias, layout)
     tokens = check_tokens(tokens, positions, what="hidden's shape without the feature axis")
@@ -89,17 +107,14 @@ def linear_token_log_probs(
     num_tokens = hidden.shape[0]
     if check_flag(batch_invariant, "batch_invariant"):
         token_chunk = check_chunk(token_chunk, "token_chunk") or BATCH_INVARIANT_TILE
-        hidden, tokens, where = padded_to_tiles(hidden, tokens, where, token_chunk)
+        hidden, tokens, where = padded_to_tiles(hidden, tokens, where, token_chunk * row_multiple)
     call = check_linear_call(
         tempered(hidden, temperature), classifier, tokens,
         bias=None if bias is None else tempered(bias, temperature), where=where,
         reduction="none", classifier_layout=layout, token_chunk=token_chunk,
         vocab_chunk=vocab_chunk,
     )  # fmt: skip
-    plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=True)
-    log_p, entropy = _linear_token_log_probs(call, plan)
-    log_p, entropy = (x[:num_tokens].reshape(positions) for x in (log_p, entropy))
-    return (log_p, entropy) if return_entropy else log_p
+    return call, positions, num_tokens
 
 
 @one_program

@@ -26,6 +26,9 @@ The public API:
   reverse mode; :func:`linear_token_log_probs` the same from hidden states without the
   logits (``batch_invariant=True``: bitwise the same whatever the batch), and
   :func:`sharded_linear_token_log_probs` with the vocabulary split over a mesh axis.
+* :func:`policy_gradient_loss`: GRPO, PPO, DAPO, Dr. GRPO, GSPO and CISPO on per-token
+  log-probabilities, with a KL penalty, an entropy bonus and the metrics trainers log
+  (:class:`PolicyGradientMetrics`).
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: CS231n's
   two-layer fully connected network (any depth) as pure functions, its data sets, and its
   compiled training (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
@@ -53,6 +56,8 @@ from jaxsoftmax.losses.optax_compatible import softmax_cross_entropy as softmax_
 from jaxsoftmax.losses.optax_compatible import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jaxsoftmax.losses.policy_gradient import PolicyGradientMetrics as PolicyGradientMetrics
+from jaxsoftmax.losses.policy_gradient import policy_gradient_loss as policy_gradient_loss
 from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy as sharded_cross_entropy
 from jaxsoftmax.losses.sharded_linear_cross_entropy import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
@@ -91,6 +96,7 @@ __version__ = _version()
 __all__ = [
     "LossAux",
     "NonFiniteLossError",
+    "PolicyGradientMetrics",
     "TrainConfig",
     "checked",
     "cross_entropy",
@@ -100,6 +106,7 @@ __all__ = [
     "linear_distillation_loss",
     "linear_token_log_probs",
     "mlp",
+    "policy_gradient_loss",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "sharded_linear_distillation_loss",

@@ -187,3 +187,12 @@ def test_unchecked_out_of_range_label_is_nan_not_a_plausible_number():
     logits, _ = problem(7, (3, 4))
     value = jax.jit(cross_entropy)(logits, np.array([0, 4, 1], np.int32))
     assert np.isnan(value)
+
+
+def test_one_program_takes_a_computation_of_one_argument():
+    """``one_program`` jits ``compute(*args)`` whatever its number of parameters (a compute
+    of one once failed: jax.jit read its signature through functools.wraps)."""
+    from jaxsoftmax.losses.one_program import one_program
+
+    doubled = one_program(lambda x: 2 * x)
+    np.testing.assert_array_equal(doubled(np.arange(3.0)), [0.0, 2.0, 4.0])

@@ -41,6 +41,10 @@ def one_program(compute):
         leaves = [next(arrays) if leaf is _ARRAY else leaf for leaf in static_leaves]
         return compute(*jax.tree.unflatten(structure, leaves))
 
+    # The program takes compute's name, not its signature: jax.jit reads the signature of a
+    # wrapped function, and compute's has no room for (structure, static_leaves) when it
+    # takes one argument.
+    del rebuilt.__wrapped__
     compiled = jax.jit(rebuilt, static_argnums=(0, 1), inline=True)
 
     @functools.wraps(compute)

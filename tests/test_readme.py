@@ -139,11 +139,11 @@ def _run(index, devices):
 
 
 @BLOCKS
-@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5])
 def test_every_block_runs_alone_and_prints_what_it_computes(index):
-    assert len(python_blocks()) == 5, "a new README block: add it here"
+    assert len(python_blocks()) == 6, "a new README block: add it here"
     printed = printed_alone(index)
-    assert re.match(r"loss \d+\.\d{4}", printed), f"README block {index}: {printed}"
+    assert re.match(r"loss -?\d+\.\d{4}", printed), f"README block {index}: {printed}"
 
 
 @BLOCKS
@@ -209,3 +209,28 @@ def test_distillation_example_equals_the_naive_composition():
     np.testing.assert_allclose(namespace["from_logits"], expected, rtol=1e-5)
     for i, want in enumerate(gradients):
         np.testing.assert_allclose(namespace[f"grads[{i}]"], want, rtol=1e-4, atol=1e-6)
+
+
+@BLOCKS
+def test_reinforcement_learning_example_equals_the_logits_composition():
+    """The sixth block's GRPO loss and gradients against the same loss written on the logits
+    with ``jax.nn.log_softmax`` (on-policy: ratio 1, so the clipped term is ``-A log p``'s
+    value and gradient), differentiated by JAX, and its ratio exactly 1."""
+    namespace = arrays_alone(5)
+    tokens, mask, advantages = namespace["tokens"], namespace["mask"], namespace["advantages"]
+
+    def naive(h, w):
+        log_p_all = jax.nn.log_softmax(h @ w.T / 0.8)
+        log_p = jnp.take_along_axis(log_p_all, tokens[..., None], -1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(log_p_all) * log_p_all, -1)
+        ratio = jnp.exp(log_p - jax.lax.stop_gradient(log_p))
+        per_token = -ratio * advantages[:, None] - 0.01 * entropy
+        per_sequence = jnp.sum(jnp.where(mask, per_token, 0.0), 1) / jnp.sum(mask.astype(jnp.float32), 1)
+        return jnp.mean(per_sequence)
+
+    arguments = (namespace["hidden"], namespace["embedding"])
+    expected, gradients = jax.jit(jax.value_and_grad(naive, argnums=(0, 1)))(*arguments)
+    np.testing.assert_allclose(namespace["loss"], expected, rtol=1e-5, atol=1e-6)
+    for i, want in enumerate(gradients):
+        np.testing.assert_allclose(namespace[f"grads[{i}]"], want, rtol=1e-4, atol=1e-6)
+    assert namespace["metrics.ratio_mean"] == 1.0

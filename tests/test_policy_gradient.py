@@ -439,3 +439,36 @@ def test_values_off_the_mask_are_not_checked():
         )
     )(np.float32(3.0))  # a traced count below this batch's 14 cannot be checked
     assert counted.out_avals[0].shape == ()
+
+
+def test_rl_benchmark_script_checks_times_and_reports(tmp_path, monkeypatch):
+    """experiments/benchmark_rl.py on a tiny shape: the fused GRPO step agrees with the two
+    logits paths, the timed and memory rows carry every competitor and ratio, the table is
+    written, and a wrong competitor is reported as disagreeing."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("benchmark_rl", folder / "benchmark_rl.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shape = (2, 5, 8, 40)
+    names = ("fused", "logits + ours", "logits + jax.nn")
+    # The timing harness is tested in tests/test_benchmark.py; fixed seconds here.
+    rounds = [dict(zip(names, (1.0, 2.0, 3.0))), dict(zip(names, (1.0, 4.0, 5.0)))]
+    monkeypatch.setattr(script.harness, "time_rounds", lambda callables, repeats: rounds)
+    timed = script.case_time(shape, jnp.float32, repeats=1)
+    assert timed["agree"] and set(timed["seconds"]) == set(names)
+    assert timed["fused / logits + ours"] == 1.0 / 3.0  # medians 1 and 3
+    memory = script.case_memory(shape, jnp.float32)
+    assert set(memory["temp_bytes"]) == set(names)
+    meta = dict(device="cpu", jax="x", python="x", command="c")
+    script.write_markdown(tmp_path / "results.md", meta, [memory, timed])
+    assert "| (2, 5, 8, 40) | float32 | True |" in (tmp_path / "results.md").read_text()
+    results = {n: (np.zeros(()), (np.ones((2,)),)) for n in ("a", "b")}  # NumPy: no programs
+    results["b"] = (np.zeros(()), (2 * np.ones((2,)),))
+    assert not script.agree(results, jnp.float32)
+    for sibling in ("harness", "common"):  # the helper modules it imported, not the suite's
+        sys.modules.pop(sibling, None)

@@ -248,7 +248,7 @@ def test_batch_invariance():
     1 to 2100 rows, at the start, middle or end, among other rows or padding rows (masked)."""
     alone = [np.asarray(x)[0] for x in _scored_invariantly(H_INV[:1], Y_INV[:1], np.ones(1, bool))]
     alone_logits = [np.asarray(x)[0] for x in _scored_from_logits(Z_INV[:1], Y_INV[:1])]
-    for n in (2, 7, 8, 9, 63, 500, 2100):
+    for n in (2, 9, 63, 2100):
         for place in (0, n // 2, n - 1):
             order = np.roll(np.arange(n), place)  # row 0 at `place`
             live = np.arange(n) % 3 != 1

@@ -33,6 +33,7 @@ from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles import tpu_layout
+from jaxsoftmax.tiles.cross_entropy_backward import summed_over_token_shards
 from jaxsoftmax.tiles.distillation_plan import (
     DistillationPlan,
     TileGrid,
@@ -73,16 +74,15 @@ def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wante
     varying = typed_like_inputs((student, teacher, labels, row_mask, vocab_mask, residuals, g))
     step = functools.partial(_vocab_step, grid, rows, vocab_mask, participating, wanted,
                              models, varying)  # fmt: skip
-    init = varying(
-        [
-            (
-                jnp.zeros(m.hidden.shape, row_terms.compute_dtype(m.hidden.dtype)),
-                jnp.zeros_like(m.classifier),
-                None if m.bias is None else jnp.zeros_like(m.bias),
-            )
-            for m in models
-        ]
-    )
+    # dW and db are summed over the token shards chunk by chunk (_add_chunk): typed like W, b.
+    init = [
+        (
+            varying(jnp.zeros(m.hidden.shape, row_terms.compute_dtype(m.hidden.dtype))),
+            typed_like_inputs(m.classifier)(jnp.zeros_like(m.classifier)),
+            None if m.bias is None else typed_like_inputs(m.bias)(jnp.zeros_like(m.bias)),
+        )
+        for m in models
+    ]
     found, _ = lax.scan(step, init, jnp.arange(grid.num_vc, dtype=jnp.int32))
     found = iter(found)
     gradients = []
@@ -127,15 +127,14 @@ def _add_chunk(plan: DistillationPlan, v0, model, whole, chunk):
     _, d_classifier, d_bias = whole
     d_hidden, d_classifier_c, d_bias_c = chunk
     axis = 0 if plan.layout == "vd" else 1
+    d_classifier_c = summed_over_token_shards(d_classifier_c, model.classifier)
     d_classifier = lax.dynamic_update_slice_in_dim(
-        d_classifier,
-        slice_chunk(d_classifier, v0, vc, axis) + d_classifier_c.astype(model.classifier.dtype),
-        v0,
-        axis,
+        d_classifier, slice_chunk(d_classifier, v0, vc, axis) + d_classifier_c, v0, axis
     )
     if d_bias is not None:
+        d_bias_c = summed_over_token_shards(d_bias_c, model.bias)
         d_bias = lax.dynamic_update_slice_in_dim(
-            d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c.astype(d_bias.dtype), v0, 0
+            d_bias, lax.dynamic_slice_in_dim(d_bias, v0, vc) + d_bias_c, v0, 0
         )
     return d_hidden, d_classifier, d_bias
 

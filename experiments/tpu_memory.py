@@ -85,6 +85,8 @@ LOSSES = (
     "sharded_linear_cross_entropy",
     "sharded_cross_entropy",
     "sharded_linear_distillation_loss",
+    "linear_token_log_probs",
+    "sharded_linear_token_log_probs",
 )
 QUICK_OUT = os.path.join("runs", "tpu-memory-quick")  # never committed
 TEMPERATURE = 2.0
@@ -198,6 +200,39 @@ def distillation_linear_programs(shape, dtype, layout, grads, place, mesh=None):
     return {"jaxsoftmax": (fused, argnums, args), "logits + optax": (naive, argnums, args)}
 
 
+def token_programs(shape, dtype, layout, grads, place, mesh=None):
+    """A policy-gradient step's scoring: ``mean(log p) + 0.01 mean(H)`` of the sampled tokens
+    (reinforcement learning), fused against ``log_softmax`` of the logits gathered."""
+    n, d, v = shape
+    w_shape = (v, d) if layout == "vd" else (d, v)
+    args = (place((n, d), dtype, "h"), place(w_shape, dtype, "w"), place((n,), jnp.int32, "y"))
+    argnums = (0,) if grads == "hidden" else (0, 1)
+    options = dict(classifier_layout=layout, return_entropy=True)
+    if mesh is None:
+        score = lambda h, w, y: jaxsoftmax.linear_token_log_probs(h, w, y, **options)
+    else:
+        score = lambda h, w, y: jaxsoftmax.sharded_linear_token_log_probs(
+            h, w, y, mesh=mesh, class_axis_name="vocab", batch_axis_name="batch", **options
+        )
+
+    def naive_score(h, w, y):
+        log_p = jax.nn.log_softmax(logits_of(h, w, layout).astype(jnp.float32))
+        picked = jnp.take_along_axis(log_p, y[:, None], -1)[:, 0]
+        return picked, -jnp.sum(jnp.exp(log_p) * log_p, -1)
+
+    def objective(scorer):
+        def value(h, w, y):
+            log_p, entropy = scorer(h, w, y)
+            return jnp.mean(log_p) + 0.01 * jnp.mean(entropy)
+
+        return value
+
+    return {
+        "jaxsoftmax": (objective(score), argnums, args),
+        "logits + jax.nn": (objective(naive_score), argnums, args),
+    }
+
+
 def logits_programs(loss, shape, dtype, place, mesh=None):
     n, _, v = shape
     if loss == "distillation_loss":
@@ -268,10 +303,12 @@ def large_shapes(loss, shape, chips: dict) -> set[tuple[int, ...]]:
 
 
 def fused_method(loss, shape, chips: dict) -> str:
-    """What ``method="auto"`` picks for the fused cross-entropy (the distillation losses have
-    only the recompute method)."""
+    """What ``method="auto"`` picks for the fused cross-entropy (the distillation losses and
+    the token log-probabilities have only the recompute method)."""
     _, d, v = local_shape(shape, chips)
-    return "recompute" if "distillation" in loss else auto_method(v, d, "mean")
+    if "distillation" in loss or "token_log_probs" in loss:
+        return "recompute"
+    return auto_method(v, d, "mean")
 
 
 def fused_bound(loss: str, shape, dtype, grads: str, chips: dict) -> int:
@@ -344,6 +381,8 @@ def programs_for(loss, topology, shape, dtype, layout, grads) -> tuple[dict, dic
         return sharded_linear_programs(shape, dtype, layout, grads, place, mesh), chips
     if "linear_distillation" in loss:
         return distillation_linear_programs(shape, dtype, layout, grads, place, mesh), chips
+    if "token_log_probs" in loss:
+        return token_programs(shape, dtype, layout, grads, place, mesh), chips
     return logits_programs(loss, shape, dtype, place, mesh), chips
 
 

@@ -117,3 +117,15 @@ def test_the_classifier_gradient_is_summed_chunk_by_chunk_on_the_mesh(loss):
     reduced = re.findall(r"= \w+\[([\d,]+)\]\S* all-reduce(?:-start)?\(", hlo)
     whole = {f"{v},{d}", f"{d},{v}"}
     assert reduced and not whole & set(reduced), reduced
+
+
+@pytest.mark.parametrize(
+    "loss, ceiling", [("linear_token_log_probs", 400), ("sharded_linear_token_log_probs", 320)]
+)
+def test_token_log_probs_at_their_bound(loss, ceiling):
+    """Reinforcement learning's scoring step (``mean(log p) + 0.01 mean(H)`` and both
+    gradients) at Llama 3's shape in bf16, ``[d, V]``: on one chip, and per chip on the mesh."""
+    found, bound = compiled(loss, LLAMA, "bfloat16", "dv", "both")
+    assert found["temp_mib"] * MiB <= 1.25 * bound, (found["temp_mib"], bound / MiB)
+    assert found["temp_mib"] <= ceiling, found["temp_mib"]
+    assert not found["large_buffers"], found["large_buffers"]

@@ -225,7 +225,9 @@ def test_reinforcement_learning_example_equals_the_logits_composition():
         entropy = -jnp.sum(jnp.exp(log_p_all) * log_p_all, -1)
         ratio = jnp.exp(log_p - jax.lax.stop_gradient(log_p))
         per_token = -ratio * advantages[:, None] - 0.01 * entropy
-        per_sequence = jnp.sum(jnp.where(mask, per_token, 0.0), 1) / jnp.sum(mask.astype(jnp.float32), 1)
+        per_sequence = jnp.sum(jnp.where(mask, per_token, 0.0), 1) / jnp.sum(
+            mask.astype(jnp.float32), 1
+        )
         return jnp.mean(per_sequence)
 
     arguments = (namespace["hidden"], namespace["embedding"])

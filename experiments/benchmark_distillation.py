@@ -30,7 +30,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,24 +81,12 @@ def inputs(n, d_s, d_t, v, dtype, seed=0):
     )
 
 
-def agree(results: dict, dtype) -> bool:
-    """Every competitor's value and gradients equal the first's, within the dtype's error."""
-    tolerance = 2e-2 if dtype == jnp.bfloat16 else 2e-4
-    first = jax.tree.leaves(next(iter(results.values())))
-    for result in results.values():
-        for a, b in zip(jax.tree.leaves(result), first):
-            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-            if not np.allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max()):
-                return False
-    return True
-
-
 def case_time(shape, dtype, divergence, repeats):
     """One timed row: seconds per call of each competitor and the fused one's ratios."""
     args = inputs(*shape, dtype)
     steps = {name: student_step(loss) for name, loss in competitors(divergence).items()}
     results = {name: step(*args) for name, step in steps.items()}
-    agreement = agree(results, dtype)
+    agreement = harness.agree(results, dtype)
     rounds = harness.time_rounds({n: (lambda s=s: s(*args)) for n, s in steps.items()}, repeats)
     seconds = harness.medians(rounds)
     row = dict(kind="time", shape=list(shape), dtype=jnp.dtype(dtype).name,

@@ -94,24 +94,12 @@ def inputs(b, length, d, v, dtype, seed=0):
     return h, w, tokens, mask, advantages, old
 
 
-def agree(results: dict, dtype) -> bool:
-    """Every competitor's value and gradients equal the first's, within the dtype's error."""
-    tolerance = 2e-2 if dtype == jnp.bfloat16 else 2e-4
-    first = jax.tree.leaves(next(iter(results.values())))
-    for result in results.values():
-        for a, b in zip(jax.tree.leaves(result), first):
-            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-            if not np.allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max()):
-                return False
-    return True
-
-
 def case_time(shape, dtype, repeats):
     """One timed row: seconds per step of each competitor and the fused one's ratios."""
     args = inputs(*shape, dtype)
     steps = {name: grpo_step(score) for name, score in SCORERS.items()}
     results = {name: step(*args) for name, step in steps.items()}
-    agreement = agree(results, dtype)
+    agreement = harness.agree(results, dtype)
     rounds = harness.time_rounds({n: (lambda s=s: s(*args)) for n, s in steps.items()}, repeats)
     seconds = harness.medians(rounds)
     row = dict(kind="time", shape=list(shape), dtype=jnp.dtype(dtype).name, agree=agreement,

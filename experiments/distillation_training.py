@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -85,21 +83,9 @@ def teacher_checkpoint(folder: str) -> str:
 
 
 def read_teacher(folder: str) -> tuple[lm_training.LMConfig, str, str]:
-    """``(config, corpus fingerprint, file fingerprint)`` of the teacher in ``folder``; reads
-    no parameters."""
-    path = teacher_checkpoint(folder)
-    try:
-        with open(path, "rb") as file:
-            payload = file.read()
-        with np.load(path, allow_pickle=False) as stored:
-            config = lm_training.LMConfig(**json.loads(str(stored["config"])))
-            corpus = str(stored["corpus"])
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"the teacher's checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-            f"train it again with {lm_training.train_command(folder)}"
-        ) from None
-    return config, corpus, hashlib.sha256(payload).hexdigest()
+    """``(config, corpus fingerprint, file fingerprint)`` of the teacher in ``folder``
+    (:func:`lm_training.read_trained`); reads no parameters."""
+    return lm_training.read_trained(folder, "the teacher")
 
 
 def load_teacher_params(folder: str, config: lm_training.LMConfig, vocab_size: int):

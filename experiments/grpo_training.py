@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -134,22 +132,9 @@ class GRPOConfig:
 
 
 def read_model(folder: str) -> tuple[lm_training.LMConfig, str, str]:
-    """``(config, corpus fingerprint, file fingerprint)`` of the language model trained into
-    ``folder`` by ``language_model.py``; reads no parameters. ``FileNotFoundError`` or
-    ``ValueError`` saying how to train it."""
-    path = lm_training.trained_checkpoint(folder, "the model")
-    try:
-        with open(path, "rb") as file:
-            payload = file.read()
-        with np.load(path, allow_pickle=False) as stored:
-            config = lm_training.LMConfig(**json.loads(str(stored["config"])))
-            corpus = str(stored["corpus"])
-    except (OSError, KeyError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"the model's checkpoint {path} cannot be read ({type(error).__name__}: {error}); "
-            f"train it again with {lm_training.train_command(folder)}"
-        ) from None
-    return config, corpus, hashlib.sha256(payload).hexdigest()
+    """``(config, corpus fingerprint, file fingerprint)`` of the language model trained into ``folder``
+    (:func:`lm_training.read_trained`); reads no parameters."""
+    return lm_training.read_trained(folder, "the model")
 
 
 # ---------------------------------------------------------------------------------------------

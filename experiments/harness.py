@@ -21,6 +21,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from jaxsoftmax import training
 
@@ -155,6 +156,18 @@ def ratio_quartiles(rounds: list[dict], numerator: str, denominator: str) -> lis
 def time_interleaved(callables: dict, repeats: int, min_sample_seconds: float = 0.02) -> dict:
     """Median seconds per call of each competitor over :func:`time_rounds`' rounds."""
     return medians(time_rounds(callables, repeats, min_sample_seconds))
+
+
+def agree(results: dict, dtype) -> bool:
+    """Every competitor's value and gradients equal the first's, within the dtype's error."""
+    tolerance = 2e-2 if dtype == jax.numpy.bfloat16 else 2e-4
+    first = jax.tree.leaves(next(iter(results.values())))
+    for result in results.values():
+        for a, b in zip(jax.tree.leaves(result), first):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            if not np.allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max()):
+                return False
+    return True
 
 
 def compiled_memory(fn, *args):

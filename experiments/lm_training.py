@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import resource
@@ -399,6 +400,26 @@ def trained_checkpoint(folder: str, role: str = "the model") -> str:
             f"`{train_command(folder)}` (about 5 minutes on 2 CPU cores)"
         )
     return path
+
+
+def read_trained(folder: str, role: str = "the model") -> tuple[LMConfig, str, str]:
+    """``(config, corpus fingerprint, file fingerprint)`` of the language model trained into
+    ``folder``; reads no parameters. ``FileNotFoundError`` or ``ValueError`` saying how to
+    train it (``role``: what the caller calls the model)."""
+    path = trained_checkpoint(folder, role)
+    try:
+        with open(path, "rb") as file:
+            payload = file.read()
+        with np.load(path, allow_pickle=False) as stored:
+            config = LMConfig(**json.loads(str(stored["config"])))
+            corpus = str(stored["corpus"])
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        possessive = role.removeprefix("the ")
+        raise ValueError(
+            f"the {possessive}'s checkpoint {path} cannot be read ({type(error).__name__}: "
+            f"{error}); train it again with {train_command(folder)}"
+        ) from None
+    return config, corpus, hashlib.sha256(payload).hexdigest()
 
 
 def load_params(path: str, config: LMConfig, vocab_size: int):

@@ -41,6 +41,8 @@ from jaxsoftmax.losses.mesh_options import array_options, takes_options_of
 from jaxsoftmax.tiles import cross_entropy as fused
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
+    head_inputs,
+    local_head,
     on_explicit_axes,
     pad_classes,
     run_sharded,
@@ -139,18 +141,12 @@ def _sharded_loss(head: LinearHead, labels, class_weights, row_mask, vocab_mask,
     """The loss after the checks, compiled once per mesh, settings and shapes, so that eager
     calls and their gradients run as one program each. ``settings`` is the checked call
     without its arrays."""
-    layout_vd = settings.tiles.layout == "vd"
     num_local, padding = vocabulary_split(settings.num_classes, layout)
     pad = functools.partial(pad_classes, layout=layout, padding=padding)
-    rows, classes = P(layout.batch), P(layout.classes)
-    classifier_spec = P(layout.classes, None) if layout_vd else P(None, layout.classes)
-    vocab_axis = 0 if layout_vd else 1
+    rows = P(layout.batch)
     inputs = {
-        "hidden": (head.hidden, P(layout.batch, None)),
-        "classifier": (pad(head.classifier, axis=vocab_axis, spec=classifier_spec),
-                       classifier_spec),
+        **head_inputs(head, layout, settings.tiles.layout, padding),
         "labels": (labels, rows),
-        "bias": (None if head.bias is None else pad(head.bias, axis=0, spec=classes), classes),
         "class_weights": (
             None if class_weights is None else pad(class_weights, axis=0, spec=P()), P()
         ),
@@ -173,7 +169,7 @@ def _local_loss(local: dict, *, settings: LinearCall, layout: MeshLayout, num_lo
                 return_aux: bool):  # fmt: skip
     """One device's loss: the fused rows over its vocabulary shard, reduced over the batch
     shards."""
-    head = LinearHead(local["hidden"], local["classifier"], local.get("bias"))
+    head = local_head(local)
     plan = fused.make_plan(
         settings, head.hidden.shape, num_local, axis_name=layout.classes,
         companions=return_aux,

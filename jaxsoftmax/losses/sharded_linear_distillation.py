@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxsoftmax.checks.distillation_call import DistillationCall, check_linear_distillation
-from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.core.reduction import reduce_loss
 from jaxsoftmax.losses.linear_distillation import linear_distillation_loss
@@ -30,6 +29,8 @@ from jaxsoftmax.losses.mesh_options import array_options, takes_options_of
 from jaxsoftmax.tiles import distillation as fused
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
+    head_inputs,
+    local_head,
     on_explicit_axes,
     pad_classes,
     run_sharded,
@@ -113,17 +114,11 @@ def _sharded_loss(student, teacher, labels, row_mask, vocab_mask, *,
                   settings: DistillationCall, layout: MeshLayout):  # fmt: skip
     """The loss after the checks, compiled once per mesh, settings and shapes."""
     num_local, padding = vocabulary_split(settings.num_classes, layout)
-    layout_vd = settings.tiles.layout == "vd"
     pad = functools.partial(pad_classes, layout=layout, padding=padding)
-    rows, classes = P(layout.batch), P(layout.classes)
-    classifier_spec = P(layout.classes, None) if layout_vd else P(None, layout.classes)
+    rows = P(layout.batch)
     inputs = {}
     for name, model in (("student", student), ("teacher", teacher)):
-        inputs[f"{name}_hidden"] = (model.hidden, P(layout.batch, None))
-        classifier = pad(model.classifier, axis=0 if layout_vd else 1, spec=classifier_spec)
-        inputs[f"{name}_classifier"] = (classifier, classifier_spec)
-        bias = None if model.bias is None else pad(model.bias, axis=0, spec=classes)
-        inputs[f"{name}_bias"] = (bias, classes)
+        inputs |= head_inputs(model, layout, settings.tiles.layout, padding, prefix=f"{name}_")
     inputs["labels"] = (labels, rows)
     inputs["row_mask"] = (row_mask, rows)
     if vocab_mask is not None:  # global on every shard
@@ -137,10 +132,7 @@ def _sharded_loss(student, teacher, labels, row_mask, vocab_mask, *,
 def _local_loss(local: dict, *, settings: DistillationCall, layout: MeshLayout, num_local: int):
     """One device's loss: the fused distillation over its vocabulary shard, reduced over the
     batch shards."""
-    head = lambda name: LinearHead(
-        local[f"{name}_hidden"], local[f"{name}_classifier"], local.get(f"{name}_bias")
-    )
-    student, teacher = head("student"), head("teacher")
+    student, teacher = local_head(local, "student_"), local_head(local, "teacher_")
     plan = fused.make_plan(settings, student, teacher, num_local, axis_name=layout.classes)
     loss, weight = fused.rows_and_weights(
         student, teacher, local.get("labels"), local.get("row_mask"),

@@ -23,8 +23,9 @@ from jaxsoftmax.losses.linear_token_log_probs import checked_token_call
 from jaxsoftmax.tiles import cross_entropy as fused
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
+    head_inputs,
+    local_head,
     on_explicit_axes,
-    pad_classes,
     run_sharded,
     vocabulary_split,
 )
@@ -100,26 +101,20 @@ def sharded_linear_token_log_probs(
 @functools.partial(jax.jit, static_argnames=("settings", "layout"))
 def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout: MeshLayout):
     """``(log p, H)`` per token after the checks, one compiled program per mesh and shapes."""
-    layout_vd = settings.tiles.layout == "vd"
     num_local, padding = vocabulary_split(settings.num_classes, layout)
-    pad = functools.partial(pad_classes, layout=layout, padding=padding)
-    rows, classes = P(layout.batch), P(layout.classes)
-    classifier_spec = P(layout.classes, None) if layout_vd else P(None, layout.classes)
+    rows = P(layout.batch)
     inputs = {
-        "hidden": (head.hidden, P(layout.batch, None)),
-        "classifier": (pad(head.classifier, axis=0 if layout_vd else 1, spec=classifier_spec),
-                       classifier_spec),
+        **head_inputs(head, layout, settings.tiles.layout, padding),
         "tokens": (tokens, rows),
-        "bias": (None if head.bias is None else pad(head.bias, axis=0, spec=classes), classes),
         "row_mask": (row_mask, rows),
-    }  # fmt: skip
+    }
     local = functools.partial(_local, settings=settings, layout=layout, num_local=num_local)
     return run_sharded(local, layout, inputs, (rows, rows))
 
 
 def _local(local: dict, *, settings: LinearCall, layout: MeshLayout, num_local: int):
     """One device's rows: minus the fused loss over its classes, and the entropy."""
-    head = LinearHead(local["hidden"], local["classifier"], local.get("bias"))
+    head = local_head(local)
     plan = fused.make_plan(settings, head.hidden.shape, num_local, axis_name=layout.classes,
                            companions=True)  # fmt: skip
     loss, _, aux = fused.rows_and_weights(

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxsoftmax.checks.linear_head import LinearHead
+
 
 def spec_entry(names: tuple[str, ...]):
     if not names:
@@ -167,6 +169,34 @@ def pad_classes(x, layout: MeshLayout, *, axis: int, padding: int, spec, value=0
     """:func:`pad_axis` for a loss on ``layout``: placed on its Explicit axes if it has any."""
     mesh = layout.mesh if layout.explicit else None
     return pad_axis(x, axis=axis, padding=padding, value=value, mesh=mesh, spec=spec)
+
+
+def head_inputs(head: LinearHead, layout: MeshLayout, classifier_layout: str, padding: int,
+                prefix: str = "") -> dict:  # fmt: skip
+    """A model's last layer as :func:`run_sharded` inputs, named ``prefix`` + ``hidden``,
+    ``classifier``, ``bias``: the hidden states split by tokens over the batch axes, the
+    classifier (``[V, d]`` by rows, ``[d, V]`` by columns) and the bias by vocabulary over the
+    class axes, padded with ``padding`` zero classes."""
+    pad = functools.partial(pad_classes, layout=layout, padding=padding)
+    vd = classifier_layout == "vd"
+    classifier_spec = P(layout.classes, None) if vd else P(None, layout.classes)
+    classes = P(layout.classes)
+    bias = None if head.bias is None else pad(head.bias, axis=0, spec=classes)
+    return {
+        f"{prefix}hidden": (head.hidden, P(layout.batch, None)),
+        f"{prefix}classifier": (
+            pad(head.classifier, axis=0 if vd else 1, spec=classifier_spec),
+            classifier_spec,
+        ),
+        f"{prefix}bias": (bias, classes),
+    }
+
+
+def local_head(local: dict, prefix: str = "") -> LinearHead:
+    """One device's shards of :func:`head_inputs`, as a :class:`LinearHead`."""
+    return LinearHead(
+        local[f"{prefix}hidden"], local[f"{prefix}classifier"], local.get(f"{prefix}bias")
+    )
 
 
 def run_sharded(local_loss, layout: MeshLayout, inputs: dict, out_spec):

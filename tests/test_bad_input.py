@@ -227,6 +227,18 @@ PROBS = full((4, 3), 1 / 3)
             TypeError,
             r"got bool array of shape \(2,\): booleans are neither.*Cast them",
         ),
+        # axis_name= outside shard_map: JAX's NameError came from a psum eleven frames deep.
+        (
+            lambda: cross_entropy(LOGITS, LABELS, axis_name="vocab"),
+            ValueError,
+            r"axis_name='vocab': no mapped axis 'vocab' here\. axis_name= is for a loss called "
+            r"inside jax\.shard_map.*jaxsoftmax\.sharded_cross_entropy\(logits, labels, mesh=",
+        ),
+        (
+            lambda: integer_loss(LOGITS, LABELS, axis_name=("data", "vocab")),
+            ValueError,
+            r"axis_name=\('data', 'vocab'\): no mapped axis 'data' here",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, message):

@@ -4,7 +4,8 @@ Every sharded loss (:func:`~jaxsoftmax.sharded_cross_entropy`,
 :func:`~jaxsoftmax.sharded_linear_cross_entropy`,
 :func:`~jaxsoftmax.sharded_linear_distillation_loss`) checks its ``mesh``,
 ``class_axis_name`` and ``batch_axis_name`` with :func:`mesh_axes`, and that its tokens
-divide over the batch shards with :func:`check_tokens_divide`.
+divide over the batch shards with :func:`check_tokens_divide`. The losses of logits that
+take ``axis_name=`` (inside your own ``shard_map``) check it with :func:`check_mapped_axis`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
 from jax.sharding import Mesh
 
 AxisName = str | Sequence[str]
+
+
+def check_mapped_axis(axis_name) -> None:
+    """``axis_name`` (a name or a tuple of names) is None or names axes mapped where the loss
+    is called (inside ``jax.shard_map`` or ``jax.pmap``); outside, JAX's own error comes from
+    the first collective, deep in the rule, so the loss says what to do first."""
+    if axis_name is None:
+        return
+    for name in (axis_name,) if isinstance(axis_name, str) else tuple(axis_name):
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"axis_name={axis_name!r}: no mapped axis {name!r} here. axis_name= is for a "
+                "loss called inside jax.shard_map (or jax.pmap) over a mesh with that axis, "
+                "each device holding its slice of the classes; outside, call "
+                "jaxsoftmax.sharded_cross_entropy(logits, labels, mesh=mesh, "
+                "class_axis_name=...), which does the shard_map, or leave axis_name out."
+            ) from None
 
 
 def axis_names(name, argument: str, mesh: Mesh, *, allow_none: bool) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxsoftmax.checks import arrays, checked_mode
 from jaxsoftmax.checks.logits_call import LogitsCall, LogitsSettings, check_logits_call
+from jaxsoftmax.checks.mesh_axes import check_mapped_axis
 from jaxsoftmax.checks.options import labels_on_masked_classes_out_of_range, merged_row_mask
 from jaxsoftmax.core import companion_terms, row_terms, rule
 from jaxsoftmax.core.reduction import reduce_loss
@@ -200,6 +201,7 @@ def cross_entropy(
       ['0.4170', '0.0000']
     """
     arrays.check_flag(return_aux, "return_aux")
+    check_mapped_axis(axis_name)
     call = check_logits_call(
         logits, targets, axis=axis, where=where, ignore_index=ignore_index,
         label_smoothing=label_smoothing, class_weights=class_weights, z_loss=z_loss,

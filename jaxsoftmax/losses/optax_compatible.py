@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 
 from jaxsoftmax.checks.logits_call import check_logits_call
+from jaxsoftmax.checks.mesh_axes import check_mapped_axis
 from jaxsoftmax.losses.cross_entropy import per_example_loss
 
 Axis = int | tuple[int, ...] | None
@@ -121,6 +122,7 @@ def softmax_cross_entropy_with_integer_labels(
 def _per_example(logits, labels, axis_name, **check):
     """Each example's loss through the rule's forward-capable form (a ``custom_jvp``), after
     the checks (``check``: the call's arguments and the messages' wording)."""
+    check_mapped_axis(axis_name)
     call = check_logits_call(
         logits, labels, sharded=axis_name is not None, targets_name="labels", **check
     )

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after which every process still running is killed (exit status 124); "
         "None: no limit",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also pass on the processes' '[Gloo] ... connected' lines (one per process)",
+    )
     usage = parser.format_usage().removeprefix("usage: ").strip()
     parser.usage = f"{usage} -- SCRIPT.py [SCRIPT FLAGS]"
     return parser
@@ -136,13 +141,20 @@ def _die_with_parent() -> None:
         pass
 
 
-def forward_lines(stream, target, prefix: str, lock: threading.Lock) -> None:
+# The collectives library's connection reports ("[Gloo] Rank 0 is connected to 1 peer ranks"),
+# one per process and peer group each run: dropped unless --verbose.
+CONNECTION_LINE = re.compile(rb"^\[Gloo\] ")
+
+
+def forward_lines(stream, target, prefix: str, lock: threading.Lock, quiet=None) -> None:
     """Copies ``stream`` to ``target``, each line (ended by ``\\n`` or a progress bar's ``\\r``)
-    prefixed with ``prefix``."""
+    prefixed with ``prefix``; lines ``quiet`` matches are dropped."""
     pending = b""
     while chunk := os.read(stream.fileno(), 65536):
         pending += chunk
         *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+        if quiet is not None:
+            lines = [line for line in lines if not quiet.match(line)]
         if lines:
             text = "".join(prefix + line.decode(errors="replace") for line in lines)
             with lock:
@@ -195,7 +207,11 @@ def run(arguments: argparse.Namespace) -> int:
         )
     lock = threading.Lock()
     readers = [
-        threading.Thread(target=forward_lines, args=(stream, target, f"[{i}] ", lock), daemon=True)
+        threading.Thread(
+            target=forward_lines,
+            args=(stream, target, f"[{i}] ", lock, None if arguments.verbose else CONNECTION_LINE),
+            daemon=True,
+        )
         for i, process in enumerate(processes)
         for stream, target in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))
     ]

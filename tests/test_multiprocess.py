@@ -186,6 +186,7 @@ def test_two_processes_train_and_compute_the_losses_as_one_process_and_one_devic
     assert resumed.returncode == 0, report(resumed)
     assert "[0] resuming from step 20 of" in resumed.stdout, report(resumed)
     assert "launch.py: all 2 processes finished (status 0)" in resumed.stderr, report(resumed)
+    assert "[Gloo]" not in resumed.stderr, report(resumed)  # the connection lines: --verbose
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["devices"] == 8 and metrics["processes"] == 2 and metrics["steps"] == 40
     uninterrupted = parameters(two / "minibatch.npz")

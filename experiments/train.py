@@ -230,6 +230,12 @@ def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
         training.check_config_for_dataset(config, dataset)
     except (ValueError, TypeError) as error:
         parser.error(common.name_the_flag(str(error), arguments))
+    if config.batch_size is not None and config.batch_size > len(dataset.y_train):
+        # The library trains such a run full batch; the flag would record what did not run.
+        parser.error(
+            f"--batch-size {config.batch_size} is more than the {len(dataset.y_train)} training "
+            f"examples of {dataset.name!r}: leave --batch-size out to train full batch."
+        )
     common.check_output_directory(parser, arguments.out)
     checkpoint = common.checkpoint_to_resume(
         parser, arguments, lambda path: training.check_checkpoint(path, config, dataset)

@@ -464,6 +464,15 @@ def test_train_rejects_bad_numbers_in_one_line_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_train_refuses_a_batch_larger_than_the_training_set(tmp_path, capsys, monkeypatch):
+    # The library trains it full batch, and metrics.json would record a batch that never ran.
+    flags = ["--dataset", "iris", "--batch-size", "1000"]
+    line = one_error_line(train_usage_error(flags, tmp_path, capsys, monkeypatch))
+    assert re.search(r"--batch-size 1000 is more than the \d+ training examples of 'iris'", line)
+    assert "leave --batch-size out to train full batch" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["the file", "under the file"])
 def test_train_rejects_an_output_path_that_is_a_file(where, tmp_path, capsys, monkeypatch):
     train = load_script("train")

@@ -22,10 +22,10 @@ bound*, with the TPU's tile ``T x Vc`` of ``jaxsoftmax/tiles/sizes.py``)::
                           narrower (in float32 the sum is the output's own buffer)
     + 1 MiB               per-row statistics, loop state
 
-(for the distillation losses, twice the tiles: two models' logits). For small classifiers
-``method="auto"`` computes the gradients in the forward, whose bound is five ``[T, V]``
-float32 blocks, the float32 ``[V, d]`` gradient and ``2 N d`` float32. A program meets its
-bound within 1.25x, and (by recompute) copies neither the classifier nor the logits.
+(for the distillation losses, twice the tiles: two models' logits). ``method="auto"`` takes
+the recompute method on a TPU whatever the classifier's size (the forward method's float32
+``[V, d]`` gradient is for the CPU's speed). A program meets its bound within 1.25x, and
+copies neither the classifier nor the logits.
 
     python experiments/tpu_memory.py            # writes benchmarks/results/tpu-compiled/
     python experiments/tpu_memory.py --quick    # small shapes, writes runs/tpu-memory-quick/
@@ -59,8 +59,7 @@ import common  # the scripts' helpers: flag types
 import harness  # the benchmarks' helpers: resuming, writing the results
 
 import jaxsoftmax
-from jaxsoftmax.tiles import auto_method, sizes
-from jaxsoftmax.tiles.forward_gradient import default_block
+from jaxsoftmax.tiles import sizes
 
 try:  # tokamax needs Python >= 3.12
     import tokamax
@@ -302,23 +301,11 @@ def large_shapes(loss, shape, chips: dict) -> set[tuple[int, ...]]:
     return {(v, d), (d, v), (n, v)} if "linear" in loss else set()
 
 
-def fused_method(loss, shape, chips: dict) -> str:
-    """What ``method="auto"`` picks for the fused cross-entropy (the distillation losses and
-    the token log-probabilities have only the recompute method)."""
-    _, d, v = local_shape(shape, chips)
-    if "distillation" in loss or "token_log_probs" in loss:
-        return "recompute"
-    return auto_method(v, d, "mean")
-
-
 def fused_bound(loss: str, shape, dtype, grads: str, chips: dict) -> int:
-    """The bytes the fused loss's tiles and float32 sums need per chip (the module docstring);
-    for ``method="forward"`` (small classifiers) five ``[T, V]`` float32 blocks, the float32
-    ``[V, d]`` gradient and the float32 ``dh``, as docs/linear-cross-entropy.md gives it."""
+    """The bytes the fused loss's tiles and float32 sums need per chip (the module
+    docstring)."""
     n, d, v = local_shape(shape, chips)
     narrow = jnp.dtype(dtype) != jnp.float32
-    if fused_method(loss, shape, chips) == "forward":
-        return 5 * default_block(n, v) * v * 4 + v * d * 4 + 2 * n * d * 4 + MiB
     tokens, classes = sizes.default_chunks(n, v, "tpu")
     models = 2 if "distillation" in loss else 1
     bound = models * 4 * tokens * classes * 4 + MiB
@@ -409,7 +396,6 @@ def case_rows(loss, topology, shape_name, shape, dtype, layout, grads) -> list[d
             **measure(program, shapes),
         )
         if competitor == "jaxsoftmax" and linear:
-            row["method"] = fused_method(loss, shape, chips)
             bound = fused_bound(loss, shape, dtype, grads, chips)
             row["bound_mib"] = bound / MiB
             row["within_bound"] = row["temp_mib"] * MiB <= 1.25 * bound
@@ -465,9 +451,7 @@ def write_markdown(path, meta, rows) -> None:
         f"{meta['libtpu']}); nothing ran. `{meta['command']}`. Temporary MiB of "
         "`value_and_grad` of the mean loss (per chip on the mesh); bound: the fused loss's "
         "tiles and float32 sums (experiments/tpu_memory.py); large: the optimized program's "
-        "copies, conversions and transposes of the classifier's or the logits' shape (with "
-        '`method="forward"`, chosen for small classifiers, the float32 `[V, d]` gradient is '
-        "one by design).",
+        "copies, conversions and transposes of the classifier's or the logits' shape.",
         "",
     ]
     keys = lambda r: (r["topology"], r["loss"], r["shape"], r["dtype"], r["layout"], r["gradients"])
@@ -480,17 +464,13 @@ def write_markdown(path, meta, rows) -> None:
         ours = found.get("jaxsoftmax", {})
         cells = [*(str(k) if k is not None else "" for k in key)]
         cells += [memory_cell(found[c]) if c in found else "" for c in competitors]
-        cells.append(ours.get("method", ""))
         cells.append(f"{ours['bound_mib']:,.1f}" if "bound_mib" in ours else "")
         cells.append({True: "yes", False: "**no**"}.get(ours.get("within_bound"), ""))
-        if ours.get("method") == "forward":  # [T, V] blocks and a [V, d] sum, by design
-            cells.append("not judged (forward)")
-        else:
-            cells.append("; ".join(ours.get("large_buffers", [])) or "none")
+        cells.append("; ".join(ours.get("large_buffers", [])) or "none")
         table.append(cells)
     columns = ["topology", "loss", "shape", "dtype", "layout", "gradients", *competitors]
     lines += harness.markdown_table(
-        [*columns, "method", "bound", "within 1.25x", "copies (jaxsoftmax)"], table
+        [*columns, "bound", "within 1.25x", "copies (jaxsoftmax)"], table
     )
     from jaxsoftmax import training
 

@@ -478,16 +478,19 @@ def test_forward_method_temporary_memory_is_bounded_by_the_blocks(dtype, layout)
     assert naive > 2 * bound, (naive, bound)
 
 
-def _count_products(loss, n, d, v):
-    """Matrix products in the lowered program of the loss and its two gradients."""
+def _count_products(loss, n, d, v, platform=None):
+    """Matrix products in the lowered program of the loss and its two gradients, for this
+    machine or for ``platform`` (``jax.export``: the program that platform gets)."""
     s = jax.ShapeDtypeStruct
-    lowered = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(
-        s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32)
-    )
-    return lowered.as_text().count("stablehlo.dot_general")
+    args = s((n, d), jnp.float32), s((v, d), jnp.float32), s((n,), jnp.int32)
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    if platform is None:
+        return step.lower(*args).as_text().count("stablehlo.dot_general")
+    exported = jax.export.export(step, platforms=[platform])(*args)
+    return exported.mlir_module().count("stablehlo.dot_general")
 
 
-def test_forward_method_does_three_products_and_auto_chooses_by_size():
+def test_forward_method_does_three_products_and_auto_chooses_by_size_and_platform():
     n, d = 64, 16
     small = 2**10  # V d = 2**14: "auto" computes the gradients in the forward
     large = 2**26 // d + 1  # V d just above 2**26: "auto" recomputes
@@ -501,6 +504,14 @@ def test_forward_method_does_three_products_and_auto_chooses_by_size():
     assert count(small, reduction="none") == 4  # per-row cotangents: recompute
     assert count(large) == 4
     assert count(large, method="forward") == 3
+    for accelerator in ("cuda", "tpu"):  # "auto" is "recompute" there, for the memory
+        assert _count_products(
+            lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y)), n, d, small, accelerator
+        ) == 4
+        assert _count_products(
+            lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y, method="forward")),
+            n, d, small, accelerator,
+        ) == 3
 
 
 def test_forward_method_needs_a_scalar_reduction():

@@ -90,9 +90,10 @@ def linear_cross_entropy(
           Three products, as the naive path; holds the classifier's gradient, ``[V, d]``
           in ``accumulation_dtype``, from the forward to the backward. Scalar reductions
           only (``"mean"``, ``"sum"``).
-        * ``"auto"`` (default): ``"forward"`` for a scalar reduction when
-          ``V * d <= 2**26`` (an accumulator of at most 256 MiB in float32), else
-          ``"recompute"``. Large vocabularies thus get the least memory, small ones speed.
+        * ``"auto"`` (default): on the CPU, ``"forward"`` for a scalar reduction when
+          ``V * d <= 2**26`` (an accumulator of at most 256 MiB in float32); else, and on
+          every accelerator, ``"recompute"``: the CPU gets speed for small vocabularies,
+          a GPU or TPU the least memory. Chosen when the program is lowered.
       return_aux: also return a :class:`~jaxsoftmax.LossAux` of per-example arrays
         (``lse``, ``z_loss``, ``correct``, ``entropy``, ``hidden``'s shape without ``d``),
         from the tiles the loss visits anyway: no second pass over the vocabulary, no
@@ -143,16 +144,21 @@ def linear_cross_entropy(
     check_method(method, call, gradient_filter)
     return_aux = arrays.check_flag(return_aux, "return_aux")
     plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=return_aux)
-    return _linear_cross_entropy(call, plan, _takes_forward_gradient(call, method), return_aux)
+    return _linear_cross_entropy(call, plan, _chosen_method(call, method), return_aux)
 
 
 @one_program
-def _linear_cross_entropy(call: LinearCall, plan: TilePlan, forward_gradient: bool,
-                          return_aux: bool):  # fmt: skip
-    """The loss of a checked call: by ``method="forward"`` when ``forward_gradient``, else
-    each row's loss and weight on the tiles, then the reduction."""
-    if forward_gradient:
+def _linear_cross_entropy(call: LinearCall, plan: TilePlan, method: str, return_aux: bool):
+    """The loss of a checked call by ``method``: ``"forward"``, ``"recompute"`` (each row's
+    loss and weight on the tiles, then the reduction), or ``"forward on the CPU"``, chosen
+    when lowered (:func:`jaxsoftmax.tiles.cross_entropy.forward_on_the_cpu`)."""
+    if method == "forward":
         return _reduced_by_forward_gradient(call, plan)
+    if method == "forward on the CPU":
+        return fused.forward_on_the_cpu(
+            lambda: _linear_cross_entropy(call, plan, "forward", return_aux),
+            lambda: _linear_cross_entropy(call, plan, "recompute", return_aux),
+        )
     loss, weight, *aux = fused.rows_and_weights(
         call.head, call.labels, call.class_weights, call.row_mask, call.vocab_mask, plan
     )
@@ -180,12 +186,14 @@ def check_method(method: str, call: LinearCall, gradient_filter) -> None:
         )
 
 
-def _takes_forward_gradient(call: LinearCall, method: str) -> bool:
-    """Whether the gradients are computed in the forward: ``"forward"``, or ``"auto"`` for
-    a small classifier, unless the gradient filter needs tiles (or there are no tokens)."""
+def _chosen_method(call: LinearCall, method: str) -> str:
+    """``"forward"``, ``"recompute"`` or, for ``"auto"`` with a small classifier,
+    ``"forward on the CPU"``; ``"recompute"`` when the gradient filter needs tiles (or there
+    are no tokens)."""
     if call.tiles.gradient_filter is not None or call.head.hidden.shape[0] == 0:
-        return False
-    return fused.choose_method(call, method) == "forward"
+        return "recompute"
+    chosen = fused.choose_method(call, method)
+    return "forward on the CPU" if method == "auto" and chosen == "forward" else chosen
 
 
 def _reduced_by_forward_gradient(call: LinearCall, plan: TilePlan):
@@ -193,8 +201,9 @@ def _reduced_by_forward_gradient(call: LinearCall, plan: TilePlan):
     out = fused.reduced_by_forward_gradient(call, plan)
     if not plan.companions:
         return out.astype(call.head.hidden.dtype)
-    out, lse, entropy, correct = out
+    out, lse, entropy, correct = out  # correct as 0 or 1 in the blocks' float carry
     aux = fused.loss_aux(
-        lse, entropy, correct, call.labels, call.class_weights, call.num_classes, plan.options
+        lse, entropy, correct.astype(bool), call.labels, call.class_weights, call.num_classes,
+        plan.options,
     )
     return out.astype(call.head.hidden.dtype), jax.tree.map(lambda a: a.reshape(call.batch), aux)

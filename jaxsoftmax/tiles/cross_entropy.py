@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxsoftmax.checks.linear_call import LinearCall
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.core import companion_terms, row_terms
+from jaxsoftmax.core.cpu_programs import per_platforms
 from jaxsoftmax.core.varying_axes import summed_like, whole_cotangent
 from jaxsoftmax.tiles import forward_gradient
 from jaxsoftmax.tiles import plan as tile_plan
@@ -145,6 +146,19 @@ def choose_method(call: LinearCall, method: str) -> str:
         return method
     width = call.head.hidden.shape[-1]
     return forward_gradient.auto_method(call.num_classes, width, call.options.reduction)
+
+
+def forward_on_the_cpu(forward_method, recompute_method):
+    """``forward_method()`` on the CPU, ``recompute_method()`` elsewhere, chosen when the
+    program is lowered: ``method="auto"`` for a small classifier.
+
+    On a CPU the matrix products dominate and ``method="forward"``'s three beat the default's
+    four (docs/performance.md); on an accelerator the fused loss is for memory, and the
+    forward method's float32 ``[V, d]`` gradient, held from the forward to the backward, is
+    the largest buffer of the step (TPU v5e at the benchmark's shape, bf16: 64.5 MiB against
+    0.6; tests/tpu/check_compiled_memory.py). Both return the same types.
+    """
+    return per_platforms(recompute_method, cpu=forward_method)()
 
 
 def loss_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask,

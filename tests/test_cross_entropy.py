@@ -11,6 +11,7 @@ import pytest
 import reference
 import sample
 
+import jaxsoftmax
 from jaxsoftmax import cross_entropy
 
 
@@ -496,3 +497,33 @@ def test_dtypes_against_naive_composition_in_float32_or_float64(x64):
             atol=tolerance * 1e-2,
             err_msg=str(case),
         )
+
+
+def test_pytorch_s_padding_label_is_ignored_by_default():
+    """``ignore_index=-100`` is the default of the PyTorch-style losses, as in PyTorch's
+    ``cross_entropy``: a padded label drops its row (not NaN); None counts every row, and
+    the optax drop-ins keep optax's behaviour (no ignored label)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3], [0.0, 0.0, 0.0]])
+    labels = jnp.array([0, -100, 2])
+    kept = np.array([0, 2])
+    log_p = np.log(np.exp(np.float64(logits)) / np.exp(np.float64(logits)).sum(-1, keepdims=True))
+    expected = -log_p[kept, np.array([0, 2])].mean()
+    np.testing.assert_allclose(jaxsoftmax.cross_entropy(logits, labels), expected, rtol=1e-6)
+    sharded = jaxsoftmax.sharded_cross_entropy(logits, labels, mesh=mesh, class_axis_name="vocab")
+    np.testing.assert_allclose(sharded, expected, rtol=1e-6)
+    hidden, classifier = jnp.eye(3), logits.T  # h W^T = the logits
+    np.testing.assert_allclose(
+        jaxsoftmax.linear_cross_entropy(hidden, classifier, labels), expected, rtol=1e-6
+    )
+    grad = jax.grad(jaxsoftmax.cross_entropy)(logits, labels)
+    np.testing.assert_array_equal(grad[1], 0.0)
+    assert np.isnan(jaxsoftmax.cross_entropy(logits, labels, ignore_index=None))
+    assert np.isnan(jaxsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels)[1])
+    probabilities = jax.nn.softmax(logits)  # the default does not apply to probabilities
+    np.testing.assert_allclose(
+        jaxsoftmax.cross_entropy(logits, probabilities),
+        -(np.exp(log_p) * log_p).sum(-1).mean(), rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="ignore_index applies to integer class-index"):
+        jaxsoftmax.cross_entropy(logits, probabilities, ignore_index=0)

@@ -248,8 +248,14 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+# The PyTorch-style losses' default ignore_index: PyTorch's, the label its users pad with.
+DEFAULT_IGNORE_INDEX = -100
+
+
 def check_ignore_index(ignore_index: int | None, integer_targets: bool):
-    if ignore_index is None:
+    """``ignore_index`` as an int or None; the default (``-100``) is None for probability
+    targets, as PyTorch ignores it there, and any other value raises for them."""
+    if ignore_index is None or (ignore_index == DEFAULT_IGNORE_INDEX and not integer_targets):
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")

@@ -120,7 +120,7 @@ def cross_entropy(
     *,
     axis=-1,
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
@@ -160,7 +160,9 @@ def cross_entropy(
       where: bool ``[...]`` (examples to count) or the logits' shape (classes taking part:
         masked classes leave the softmax normalizer and the target sum). A row with no
         class left gives 0 and a zero gradient.
-      ignore_index: integer targets equal to it are not counted (integer targets only).
+      ignore_index: integer targets equal to it are not counted: a zero loss and gradient,
+        left out of the mean. ``-100`` by default, PyTorch's padding label; None counts
+        every target. Integer targets only (the default is not applied to probabilities).
       label_smoothing: ``eps`` in [0, 1]; the smoothing mass is spread over the classes
         taking part in the row (all ``C`` without ``where``).
       class_weights: float ``[C]``; a constant (no gradient flows to it).
@@ -195,8 +197,7 @@ def cross_entropy(
       >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
       >>> print(f"{float(cross_entropy(logits, jnp.array([0, 1]))):.4f}")
       0.3185
-      >>> losses = cross_entropy(logits, jnp.array([0, -100]), ignore_index=-100,
-      ...                        reduction="none")
+      >>> losses = cross_entropy(logits, jnp.array([0, -100]), reduction="none")
       >>> print([f"{loss:.4f}" for loss in losses])
       ['0.4170', '0.0000']
     """

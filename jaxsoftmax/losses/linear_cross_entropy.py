@@ -32,7 +32,7 @@ def linear_cross_entropy(
     *,
     bias: jax.typing.ArrayLike | None = None,
     where: jax.typing.ArrayLike | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,

@@ -24,13 +24,15 @@ def keyword_options(base, excluded=()) -> list[inspect.Parameter]:
 
 def takes_options_of(base, excluded=()):
     """Decorates a sharded loss whose last parameter is ``**options``: the options must be
-    keyword options of ``base`` (``excluded`` left out), and its signature lists them."""
+    keyword options of ``base`` (``excluded`` left out), its signature lists them, and those
+    not given take ``base``'s defaults."""
 
     def decorate(sharded):
         own = inspect.signature(sharded)
         explicit = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
         inherited = [p for p in keyword_options(base, excluded) if p.name not in own.parameters]
         allowed = [p.name for p in inherited]
+        defaults = {p.name: p.default for p in inherited}  # base's, as if written out
 
         @functools.wraps(sharded)
         def checked(*args, **kwargs):
@@ -41,7 +43,7 @@ def takes_options_of(base, excluded=()):
                     f"its mesh arguments it takes {base.__name__}'s options: "
                     f"{', '.join(allowed)}."
                 )
-            return sharded(*args, **kwargs)
+            return sharded(*args, **{**defaults, **kwargs})
 
         checked.__signature__ = own.replace(parameters=explicit + inherited)
         return checked

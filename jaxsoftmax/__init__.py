@@ -29,14 +29,21 @@ The public API:
 * :func:`policy_gradient_loss`: GRPO, PPO, DAPO, Dr. GRPO, GSPO and CISPO on per-token
   log-probabilities, with a KL penalty, an entropy bonus and the metrics trainers log
   (:class:`PolicyGradientMetrics`).
+* :func:`sequence_log_probs`: each response's summed token log-probability and length
+  (:class:`SequenceLogProbs`), from a mask (a response per row) or segment ids (packed rows).
+* :func:`preference_pairs`: a batch's responses split into the chosen and the rejected, in
+  the ``"interleaved"`` or ``"halves"`` layout.
+* :func:`preference_loss`: DPO (with conservative DPO's label smoothing), IPO, hinge, robust
+  DPO, SimPO, ORPO and CPO on the pairs' log-probabilities, with the metrics trainers log
+  (:class:`PreferenceMetrics`).
+* :func:`linear_preference_loss`: the same from the policy's and a frozen reference's hidden
+  states, never building either ``[N, V]`` (the reference: forward only, no gradient).
+* :func:`sharded_linear_preference_loss`: :func:`linear_preference_loss` with both
+  classifiers split by vocabulary over a mesh axis.
 * :mod:`jaxsoftmax.mlp`, :mod:`jaxsoftmax.data`, :mod:`jaxsoftmax.training`: CS231n's
   two-layer fully connected network (any depth) as pure functions, its data sets, and its
   compiled training (:func:`train`, :class:`TrainConfig`, :class:`NonFiniteLossError`).
 """
-
-import importlib.metadata
-import pathlib
-import tomllib
 
 from jaxsoftmax import data as data
 from jaxsoftmax import mlp as mlp
@@ -49,6 +56,7 @@ from jaxsoftmax.losses.linear_cross_entropy import linear_cross_entropy as linea
 from jaxsoftmax.losses.linear_distillation import (
     linear_distillation_loss as linear_distillation_loss,
 )
+from jaxsoftmax.losses.linear_preference import linear_preference_loss as linear_preference_loss
 from jaxsoftmax.losses.linear_token_log_probs import (
     linear_token_log_probs as linear_token_log_probs,
 )
@@ -58,12 +66,20 @@ from jaxsoftmax.losses.optax_compatible import (
 )
 from jaxsoftmax.losses.policy_gradient import PolicyGradientMetrics as PolicyGradientMetrics
 from jaxsoftmax.losses.policy_gradient import policy_gradient_loss as policy_gradient_loss
+from jaxsoftmax.losses.preference import PreferenceMetrics as PreferenceMetrics
+from jaxsoftmax.losses.preference import preference_loss as preference_loss
+from jaxsoftmax.losses.sequence_log_probs import SequenceLogProbs as SequenceLogProbs
+from jaxsoftmax.losses.sequence_log_probs import preference_pairs as preference_pairs
+from jaxsoftmax.losses.sequence_log_probs import sequence_log_probs as sequence_log_probs
 from jaxsoftmax.losses.sharded_cross_entropy import sharded_cross_entropy as sharded_cross_entropy
 from jaxsoftmax.losses.sharded_linear_cross_entropy import (
     sharded_linear_cross_entropy as sharded_linear_cross_entropy,
 )
 from jaxsoftmax.losses.sharded_linear_distillation import (
     sharded_linear_distillation_loss as sharded_linear_distillation_loss,
+)
+from jaxsoftmax.losses.sharded_linear_preference import (
+    sharded_linear_preference_loss as sharded_linear_preference_loss,
 )
 from jaxsoftmax.losses.sharded_linear_token_log_probs import (
     sharded_linear_token_log_probs as sharded_linear_token_log_probs,
@@ -75,20 +91,30 @@ from jaxsoftmax.training import train as train
 
 
 def _version() -> str:
-    """The installed distribution's version; in a source tree that is not installed, the
-    version in its ``pyproject.toml`` marked ``+source`` (``"0.0.0+unknown"`` without one)."""
+    """This package's version. Run from a source tree, the ``[project] version`` of the
+    ``pyproject.toml`` beside it, marked ``+source`` unless the installed distribution (this
+    tree installed editable) has the same version; installed from a wheel, the installed
+    distribution's; ``"0.0.0+unknown"`` without either. The imports stay out of the namespace."""
+    import importlib.metadata
+    import pathlib
+
     try:
-        return importlib.metadata.version("jaxsoftmax")
+        installed = importlib.metadata.version("jaxsoftmax")
     except importlib.metadata.PackageNotFoundError:
-        pass
+        installed = None
     pyproject = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():  # an installed wheel: site-packages holds no pyproject.toml
+        return installed or "0.0.0+unknown"
+    import tomllib
+
     try:
         project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "0.0.0+unknown"
+        project = {}
     if project.get("name") != "jaxsoftmax" or "version" not in project:
-        return "0.0.0+unknown"
-    return f"{project['version']}+source"
+        return installed or "0.0.0+unknown"
+    source = project["version"]
+    return source if installed == source else f"{source}+source"
 
 
 __version__ = _version()
@@ -97,6 +123,8 @@ __all__ = [
     "LossAux",
     "NonFiniteLossError",
     "PolicyGradientMetrics",
+    "PreferenceMetrics",
+    "SequenceLogProbs",
     "TrainConfig",
     "checked",
     "cross_entropy",
@@ -104,12 +132,17 @@ __all__ = [
     "distillation_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_preference_loss",
     "linear_token_log_probs",
     "mlp",
     "policy_gradient_loss",
+    "preference_loss",
+    "preference_pairs",
+    "sequence_log_probs",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "sharded_linear_distillation_loss",
+    "sharded_linear_preference_loss",
     "sharded_linear_token_log_probs",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

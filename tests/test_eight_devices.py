@@ -12,9 +12,13 @@ single device. The files, in ``tests/multidevice/``:
 - ``check_data_parallel.py``: data-parallel training on every device count against one
   device, the compiled step's all-reduce, resume;
 - ``check_sharded_token_log_probs.py``: the vocabulary-split token log-probabilities and
-  entropy, values and gradients against the definitions.
+  entropy, values and gradients against the definitions;
+- ``check_sharded_preference.py``: the vocabulary-split fused preference loss (with a
+  reference model, packed rows), values, metrics and gradients against one device;
+- ``check_frameworks.py``: docs/frameworks.md's optax training step with the sharded fused
+  loss on a (2, 4) mesh, against the same model trained through its logits.
 
-One child for all five: each process costs about 3 s of CPU to start Python and JAX, and the
+One child for all seven: each process costs about 3 s of CPU to start Python and JAX, and the
 child loads tests/conftest.py too, so it is as strict as this run and shares its compilation
 cache (check_mesh_types.py compiles one program many times over: a loss traced with and
 without ``jax.set_mesh``, or called eagerly, jitted anew at each call, lowers to the same
@@ -38,6 +42,8 @@ CHECKS = [
     "check_mesh_types.py",
     "check_data_parallel.py",
     "check_sharded_token_log_probs.py",
+    "check_sharded_preference.py",
+    "check_frameworks.py",
 ]
 
 

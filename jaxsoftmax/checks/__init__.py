@@ -10,6 +10,11 @@ as one value that the layers below take instead of twenty keywords:
 * :mod:`~jaxsoftmax.checks.linear_call`: the fused cross-entropy ->
   :class:`~jaxsoftmax.checks.linear_call.LinearCall`;
 * :mod:`~jaxsoftmax.checks.distillation_call`: both distillation losses;
+* :mod:`~jaxsoftmax.checks.token_call`, :mod:`~jaxsoftmax.checks.policy_call`: the token
+  log-probabilities and the policy-gradient loss;
+* :mod:`~jaxsoftmax.checks.sequence_call`, :mod:`~jaxsoftmax.checks.preference_call`,
+  :mod:`~jaxsoftmax.checks.linear_preference_call`: sequence log-probabilities, their pairs,
+  and the preference losses on them or on hidden states;
 * :mod:`~jaxsoftmax.checks.linear_head`: a model's last layer (hidden, classifier, bias,
   layout) and the tiling, shared by every fused loss;
 * :mod:`~jaxsoftmax.checks.options`: the loss options every loss shares

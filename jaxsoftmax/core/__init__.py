@@ -13,6 +13,12 @@ program is lowered for it. Modules, read in this order:
   (``return_aux``) and their rule (section 8).
 * :mod:`~jaxsoftmax.core.divergences`: the distillation rule, three divergences between two
   softmaxes and both logits' gradients (section 9).
+* :mod:`~jaxsoftmax.core.token_terms`: each token's log-probability and the entropy under a
+  temperature, and their rule (section 10); :mod:`~jaxsoftmax.core.policy_objectives`: the
+  policy-gradient terms of reinforcement learning.
+* :mod:`~jaxsoftmax.core.sequence_sums`: per-response sums of per-token values and their
+  pairing; :mod:`~jaxsoftmax.core.preference_objectives`: DPO and its family, one loss type
+  per function (section 11).
 * :mod:`~jaxsoftmax.core.cpu_programs`: the equal programs for XLA's CPU backend, chosen by
   ``jax.lax.platform_dependent``; :func:`plain_path_only` turns them off (tests, benchmarks).
 * :mod:`~jaxsoftmax.core.tpu_programs`: what the fused loss's float32 chunks become on XLA's

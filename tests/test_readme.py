@@ -139,9 +139,9 @@ def _run(index, devices):
 
 
 @BLOCKS
-@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5, 6])
 def test_every_block_runs_alone_and_prints_what_it_computes(index):
-    assert len(python_blocks()) == 6, "a new README block: add it here"
+    assert len(python_blocks()) == 7, "a new README block: add it here"
     printed = printed_alone(index)
     assert re.match(r"loss -?\d+\.\d{4}", printed), f"README block {index}: {printed}"
 
@@ -236,3 +236,29 @@ def test_reinforcement_learning_example_equals_the_logits_composition():
     for i, want in enumerate(gradients):
         np.testing.assert_allclose(namespace[f"grads[{i}]"], want, rtol=1e-4, atol=1e-6)
     assert namespace["metrics.ratio_mean"] == 1.0
+
+
+@BLOCKS
+def test_preference_example_equals_dpo_on_the_logits():
+    """The seventh block's DPO loss and gradients against DPO written on both models' logits
+    with ``jax.nn.log_softmax`` (chosen rows 0 and 2, rejected 1 and 3), differentiated by JAX;
+    the reference gets no gradient."""
+    namespace = arrays_alone(6)
+    tokens, mask = namespace["tokens"], namespace["mask"]
+    reference_hidden, reference_embedding = namespace["reference[0]"], namespace["reference[1]"]
+
+    def sums(h, w):
+        log_p = jnp.take_along_axis(jax.nn.log_softmax(h @ w.T), tokens[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(mask, log_p, 0.0), 1)
+
+    def naive(h, w):
+        ratios = sums(h, w) - sums(reference_hidden, reference_embedding)
+        u = ratios[0::2] - ratios[1::2]
+        return jnp.mean(-jax.nn.log_sigmoid(0.1 * u))
+
+    arguments = (namespace["hidden"], namespace["embedding"])
+    expected, gradients = jax.jit(jax.value_and_grad(naive, argnums=(0, 1)))(*arguments)
+    np.testing.assert_allclose(namespace["loss"], expected, rtol=1e-5, atol=1e-6)
+    for i, want in enumerate(gradients):
+        np.testing.assert_allclose(namespace[f"grads[{i}]"], want, rtol=1e-4, atol=1e-6)
+    assert namespace["metrics.pair_count"] == 2

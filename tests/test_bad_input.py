@@ -145,7 +145,7 @@ PROBS = full((4, 3), 1 / 3)
             r"class_weights must be a float array",
         ),
         (
-            lambda: cross_entropy(LOGITS, PROBS, ignore_index=-100),
+            lambda: cross_entropy(LOGITS, PROBS, ignore_index=0),  # the default -100 is moot
             ValueError,
             r"ignore_index applies to integer class-index targets only",
         ),

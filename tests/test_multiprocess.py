@@ -274,7 +274,8 @@ def test_the_launcher_help_shows_every_default(capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     flags = set(re.findall(r"\[(--[\w-]+)", help_text.partition("\n\n")[0])) - {"--help"}
-    assert flags == {"--processes", "--devices-per-process", "--port", "--grace", "--timeout"}
+    valued = {"--processes", "--devices-per-process", "--port", "--grace", "--timeout"}
+    assert flags == valued | {"--verbose"}
     assert help_text.count("(default:") == len(flags), help_text
     assert "-- SCRIPT.py [SCRIPT FLAGS]" in help_text
 

@@ -727,7 +727,6 @@ def run_training(
     :func:`save_checkpoint` of ``start.checkpoint``. ``loop``: ``run_steps``, ``advice`` and
     ``on_run_end`` of ``run_loop``."""
     tokens_per_step = config.batch_size * config.seq_len
-    checkpoint_path, run_config, fingerprint = start.checkpoint
 
     def row(state: TrainState, outputs, seconds: float, length: int) -> dict:
         step = int(state.step)
@@ -746,12 +745,24 @@ def run_training(
             return None
         return f"{subject} became non-finite between steps {first} and {first + length}"
 
+    return run_from(start, config, history_row=row, non_finite=non_finite, **loop)
+
+
+def run_from(start: Start, config: Any, *, history_row: Callable, non_finite: Callable,
+             **loop: Any) -> tuple[TrainState, list[dict]]:  # fmt: skip
+    """:func:`jaxsoftmax.training.run_loop` from ``start`` (:func:`start_run`) to
+    ``config.steps``, a ``history_row`` every ``config.eval_every`` steps, :func:`save_checkpoint`
+    of ``start.checkpoint`` every ``config.checkpoint_every``, and
+    :class:`NonFiniteLossError` when ``non_finite`` says so. ``loop``: ``run_steps``,
+    ``advice`` and ``on_run_end`` of ``run_loop``. The language model's training
+    (:func:`run_training`) and the scripts that tune it run through it."""
+    checkpoint_path, run_config, fingerprint = start.checkpoint
     return training.run_loop(
         start.state,
         start.history,
         steps=config.steps,
         eval_every=config.eval_every,
-        history_row=row,
+        history_row=history_row,
         non_finite=non_finite,
         error=NonFiniteLossError,
         checkpoint_every=config.checkpoint_every,
@@ -763,6 +774,16 @@ def run_training(
         checkpoint_path=checkpoint_path,
         last_checkpoint=start.resumed_from,
         **loop,
+    )
+
+
+def loss_or_parameters_non_finite(state: TrainState, outputs: dict, first: int,
+                                  length: int) -> str | None:  # fmt: skip
+    """``run_loop``'s ``non_finite`` for runs whose outputs hold a per-step ``"loss"``."""
+    if training.all_finite(state.params) and np.all(np.isfinite(outputs["loss"])):
+        return None
+    return (
+        f"the loss or the parameters became non-finite between steps {first} and {first + length}"
     )
 
 

@@ -74,6 +74,7 @@ import lm_training
 import preference_pairs
 import preference_training
 import text_corpus
+import tuning
 from common import non_negative_int, number, positive_float, positive_int
 
 OUTPUTS_WRITTEN_ATOMICALLY = ("metrics.json", "history.csv", "rewards.png", "log_probs.png")
@@ -186,35 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
-    """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the run the
-    flags ask for; flags that contradict each other and a missing model are usage errors
-    (exit status 2), found before any work, reported under the flag's name."""
-    try:
-        model, model_corpus, fingerprint = lm_training.read_trained(arguments.model, "the model")
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(f"argument --model: {error}")
-    try:
-        config = preference_training.PreferenceConfig(
-            model=model, model_fingerprint=fingerprint, **common.fields_of(arguments, FLAGS)
-        )
-    except ValueError as error:
-        parser.error(common.name_the_flag(str(error), arguments))
-    common.check_output_directory(parser, arguments.out)
-    checkpoint = common.checkpoint_to_resume(
-        parser, arguments, lambda path: lm_training.check_checkpoint(path, config, model_corpus)
+    """``(config, corpus, checkpoint)`` of the run the flags ask for
+    (:func:`tuning.load_inputs`)."""
+    make_config = lambda **model: preference_training.PreferenceConfig(
+        **model, **common.fields_of(arguments, FLAGS)
     )
-    corpus = text_corpus.load(
-        model.vocab_size,
-        validation_fraction=model.validation_fraction,
-        max_files=model.max_files,
-        cache_directory=arguments.corpus_cache,
-    )
-    if corpus.fingerprint != model_corpus:
-        parser.error(
-            f"argument --model: the model in {arguments.model} was trained on other tokens "
-            "(another Python's standard library, or another tokenizer); train it again here"
-        )
-    return config, corpus, checkpoint
+    return tuning.load_inputs(parser, arguments, make_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,24 +200,15 @@ def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
 
 
 def comparison_table(comparison: dict) -> str:
-    """The comparison as lines of text: a row per measurement, a column per loss."""
-    naive, fused = comparison["naive"], comparison["fused"]
+    """The comparison as lines of text: a row per measurement, a column per loss, and how far
+    the two losses' values are apart."""
     shape = comparison["shape"]
-    rows = [
-        ("update's temporary memory (compiled)", "step_temp_bytes",
-         lambda v: f"{v / 2**20:,.1f} MiB"),
-        (f"seconds per update (median of {comparison['rounds']})", "seconds_per_update",
-         "{:.3f} s".format),
-    ]  # fmt: skip
-    lines = [
+    lines = tuning.comparison_lines(
+        comparison,
         f"{shape['pairs']} pairs: {shape['responses']} responses of {shape['response_tokens']} "
         f"tokens after {shape['prompt_tokens']} prompt tokens, vocabulary "
         f"{shape['vocab_size']}, policy and reference",
-        f"{'':40} {'naive':>12} {'fused':>12}   fused / naive",
-    ]
-    for label, key, show in rows:
-        ratio = fused[key] / naive[key] if naive[key] else float("nan")
-        lines.append(f"{label:40} {show(naive[key]):>12} {show(fused[key]):>12}   {ratio:.3f}")
+    )
     lines.append(
         "largest difference of the loss and metrics between the two: "
         f"{comparison['loss_and_metrics_max_difference']:.2e}"

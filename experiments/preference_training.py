@@ -506,30 +506,13 @@ def train(
         config, config, corpus, abstract_state, fresh, checkpoint_dir=checkpoint_dir,
         resume=resume,
     )  # fmt: skip
-    checkpoint_path, _, fingerprint = start.checkpoint
-    state, history = training.run_loop(
-        start.state,
-        start.history,
-        steps=config.steps,
-        eval_every=config.eval_every,
+    state, history = lm_training.run_from(
+        start,
+        config,
         run_steps=steps_of(config, functions, pairs.train, initial_params),
         history_row=history_row(evaluate),
-        non_finite=lambda state, outputs, first, length: (
-            None
-            if training.all_finite(state.params) and np.all(np.isfinite(outputs["loss"]))
-            else f"the loss or the parameters became non-finite between steps {first} and "
-            f"{first + length}"
-        ),
+        non_finite=lm_training.loss_or_parameters_non_finite,
         advice=f"Try a smaller --lr (was {config.learning_rate}).",
-        error=lm_training.NonFiniteLossError,
-        checkpoint_every=config.checkpoint_every,
-        save=None
-        if checkpoint_path is None
-        else lambda state, history: lm_training.save_checkpoint(
-            checkpoint_path, state, history, config, fingerprint
-        ),
-        checkpoint_path=checkpoint_path,
-        last_checkpoint=start.resumed_from,
         on_run_end=on_run_end,
     )
     jax.block_until_ready(state.params)

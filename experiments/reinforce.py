@@ -54,6 +54,7 @@ import grpo_training  # helper modules of the scripts
 import harness
 import lm_training
 import text_corpus
+import tuning
 from common import (
     fraction,
     non_negative_float,
@@ -165,35 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
-    """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of the run the
-    flags ask for; flags that contradict each other and a missing model are usage errors
-    (exit status 2), found before any work, reported under the flag's name."""
-    try:
-        model, model_corpus, fingerprint = grpo_training.read_model(arguments.model)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(f"argument --model: {error}")
-    try:
-        config = grpo_training.GRPOConfig(
-            model=model, model_fingerprint=fingerprint, **common.fields_of(arguments, FLAGS)
-        )
-    except ValueError as error:
-        parser.error(common.name_the_flag(str(error), arguments))
-    common.check_output_directory(parser, arguments.out)
-    checkpoint = common.checkpoint_to_resume(
-        parser, arguments, lambda path: lm_training.check_checkpoint(path, config, model_corpus)
+    """``(config, corpus, checkpoint)`` of the run the flags ask for
+    (:func:`tuning.load_inputs`)."""
+    make_config = lambda **model: grpo_training.GRPOConfig(
+        **model, **common.fields_of(arguments, FLAGS)
     )
-    corpus = text_corpus.load(
-        model.vocab_size,
-        validation_fraction=model.validation_fraction,
-        max_files=model.max_files,
-        cache_directory=arguments.corpus_cache,
-    )
-    if corpus.fingerprint != model_corpus:
-        parser.error(
-            f"argument --model: the model in {arguments.model} was trained on other tokens "
-            "(another Python's standard library, or another tokenizer); train it again here"
-        )
-    return config, corpus, checkpoint
+    return tuning.load_inputs(parser, arguments, make_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,24 +180,13 @@ def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
 
 def comparison_table(comparison: dict) -> str:
     """The comparison as lines of text: a row per measurement, a column per loss."""
-    naive, fused = comparison["naive"], comparison["fused"]
     shape = comparison["shape"]
-    rows = [
-        ("update's temporary memory (compiled)", "step_temp_bytes",
-         lambda v: f"{v / 2**20:,.1f} MiB"),
-        (f"seconds per update (median of {comparison['rounds']})", "seconds_per_update",
-         "{:.3f} s".format),
-    ]  # fmt: skip
-    lines = [
+    return "\n".join(tuning.comparison_lines(
+        comparison,
         f"{shape['completions']} completions of {shape['completion_tokens']} tokens after "
         f"{shape['prompt_tokens']} prompt tokens, vocabulary {shape['vocab_size']}, "
         f"{shape['updates_per_batch']} optimizer steps per update",
-        f"{'':40} {'naive':>12} {'fused':>12}   fused / naive",
-    ]
-    for label, key, show in rows:
-        ratio = fused[key] / naive[key] if naive[key] else float("nan")
-        lines.append(f"{label:40} {show(naive[key]):>12} {show(fused[key]):>12}   {ratio:.3f}")
-    return "\n".join(lines)
+    ))  # fmt: skip
 
 
 def plot(folder: str, history: list[dict], title: str) -> None:

@@ -523,7 +523,8 @@ def test_pytorch_s_padding_label_is_ignored_by_default():
     probabilities = jax.nn.softmax(logits)  # the default does not apply to probabilities
     np.testing.assert_allclose(
         jaxsoftmax.cross_entropy(logits, probabilities),
-        -(np.exp(log_p) * log_p).sum(-1).mean(), rtol=1e-6,
+        -(np.exp(log_p) * log_p).sum(-1).mean(),
+        rtol=1e-6,
     )
     with pytest.raises(ValueError, match="ignore_index applies to integer class-index"):
         jaxsoftmax.cross_entropy(logits, probabilities, ignore_index=0)

@@ -505,13 +505,22 @@ def test_forward_method_does_three_products_and_auto_chooses_by_size_and_platfor
     assert count(large) == 4
     assert count(large, method="forward") == 3
     for accelerator in ("cuda", "tpu"):  # "auto" is "recompute" there, for the memory
-        assert _count_products(
-            lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y)), n, d, small, accelerator
-        ) == 4
-        assert _count_products(
-            lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y, method="forward")),
-            n, d, small, accelerator,
-        ) == 3
+        assert (
+            _count_products(
+                lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y)), n, d, small, accelerator
+            )
+            == 4
+        )
+        assert (
+            _count_products(
+                lambda h, w, y: jnp.sum(linear_cross_entropy(h, w, y, method="forward")),
+                n,
+                d,
+                small,
+                accelerator,
+            )
+            == 3
+        )
 
 
 def test_forward_method_needs_a_scalar_reduction():

@@ -202,8 +202,8 @@ def _reduced_by_forward_gradient(call: LinearCall, plan: TilePlan):
     if not plan.companions:
         return out.astype(call.head.hidden.dtype)
     out, lse, entropy, correct = out  # correct as 0 or 1 in the blocks' float carry
+    correct = correct.astype(bool)
     aux = fused.loss_aux(
-        lse, entropy, correct.astype(bool), call.labels, call.class_weights, call.num_classes,
-        plan.options,
+        lse, entropy, correct, call.labels, call.class_weights, call.num_classes, plan.options
     )
     return out.astype(call.head.hidden.dtype), jax.tree.map(lambda a: a.reshape(call.batch), aux)

@@ -84,10 +84,11 @@ def linear_token_log_probs(
         classifier_layout=classifier_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
         batch_invariant=batch_invariant,
     )  # fmt: skip
-    plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=True)
+    entropy_too = check_flag(return_entropy, "return_entropy")
+    plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=entropy_too)
     log_p, entropy = _linear_token_log_probs(call, plan)
-    log_p, entropy = (x[:num_tokens].reshape(positions) for x in (log_p, entropy))
-    return (log_p, entropy) if return_entropy else log_p
+    log_p = log_p[:num_tokens].reshape(positions)
+    return (log_p, entropy[:num_tokens].reshape(positions)) if entropy_too else log_p
 
 
 def checked_token_call(hidden, classifier, tokens, *, temperature, bias, where,
@@ -119,9 +120,11 @@ def checked_token_call(hidden, classifier, tokens, *, temperature, bias, where,
 
 @one_program
 def _linear_token_log_probs(call: LinearCall, plan: TilePlan):
-    """``(log p_y, H)`` per token in float32: minus the fused rows' loss, and their entropy."""
-    loss, _, aux = fused.rows_and_weights(call.head, call.labels, None, call.row_mask, None, plan)
-    return -loss, aux.entropy
+    """``(log p_y, H)`` per token in float32: minus the fused rows' loss, and their entropy
+    (None without ``plan.companions``: the tiles then compute no entropy, forward or
+    backward)."""
+    loss, _, *aux = fused.rows_and_weights(call.head, call.labels, None, call.row_mask, None, plan)
+    return -loss, (aux[0].entropy if aux else None)
 
 
 # The fixed tile of batch-invariant mode: a product shape accelerators run at full speed.

@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxsoftmax.checks.arrays import check_flag
 from jaxsoftmax.checks.linear_call import LinearCall
 from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
@@ -92,15 +94,18 @@ def sharded_linear_token_log_probs(
     inputs = (call.head, call.labels, call.row_mask)
     layout = MeshLayout(mesh, class_names, batch_names, on_explicit_axes(mesh, inputs))
     settings = call._replace(head=None, labels=None, row_mask=None)
+    entropy_too = check_flag(return_entropy, "return_entropy")
     log_p, entropy = _sharded(call.head, call.labels, call.row_mask, settings=settings,
-                              layout=layout)  # fmt: skip
-    log_p, entropy = (x[:num_tokens].reshape(positions) for x in (log_p, entropy))
-    return (log_p, entropy) if return_entropy else log_p
+                              layout=layout, entropy=entropy_too)  # fmt: skip
+    log_p = log_p[:num_tokens].reshape(positions)
+    return (log_p, entropy[:num_tokens].reshape(positions)) if entropy_too else log_p
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "layout"))
-def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout: MeshLayout):
-    """``(log p, H)`` per token after the checks, one compiled program per mesh and shapes."""
+@functools.partial(jax.jit, static_argnames=("settings", "layout", "entropy"))
+def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout: MeshLayout,
+             entropy: bool):  # fmt: skip
+    """``(log p, H)`` per token after the checks (``H`` 0 and not computed without
+    ``entropy``), one compiled program per mesh and shapes."""
     num_local, padding = vocabulary_split(settings.num_classes, layout)
     rows = P(layout.batch)
     inputs = {
@@ -108,16 +113,19 @@ def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout
         "tokens": (tokens, rows),
         "row_mask": (row_mask, rows),
     }
-    local = functools.partial(_local, settings=settings, layout=layout, num_local=num_local)
+    local = functools.partial(_local, settings=settings, layout=layout, num_local=num_local,
+                              entropy=entropy)  # fmt: skip
     return run_sharded(local, layout, inputs, (rows, rows))
 
 
-def _local(local: dict, *, settings: LinearCall, layout: MeshLayout, num_local: int):
-    """One device's rows: minus the fused loss over its classes, and the entropy."""
+def _local(local: dict, *, settings: LinearCall, layout: MeshLayout, num_local: int,
+           entropy: bool):  # fmt: skip
+    """One device's rows: minus the fused loss over its classes, and the entropy (zeros, not
+    computed, without ``entropy``)."""
     head = local_head(local)
     plan = fused.make_plan(settings, head.hidden.shape, num_local, axis_name=layout.classes,
-                           companions=True)  # fmt: skip
-    loss, _, aux = fused.rows_and_weights(
+                           companions=entropy)  # fmt: skip
+    loss, _, *aux = fused.rows_and_weights(
         head, local["tokens"], None, local.get("row_mask"), None, plan
     )
-    return -loss, aux.entropy
+    return -loss, (aux[0].entropy if aux else jnp.zeros_like(loss))

@@ -20,6 +20,7 @@ from jaxsoftmax.checks.linear_head import check_chunk, check_layout, check_linea
 from jaxsoftmax.checks.token_call import check_positions_mask, check_temperature, check_tokens
 from jaxsoftmax.losses.one_program import one_program
 from jaxsoftmax.tiles import cross_entropy as fused
+from jaxsoftmax.tiles import token_tangents
 from jaxsoftmax.tiles.plan import TilePlan
 
 
@@ -36,13 +37,15 @@ def linear_token_log_probs(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     batch_invariant: bool = False,
+    forward_mode: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r""":func:`~jaxsoftmax.token_log_probs` of ``z = h W^T + b``, without building ``z``.
 
     At every position ``log p_y = log_softmax(z / T)_y`` and ``H = -sum_c p_c log p_c``, as
     :func:`~jaxsoftmax.token_log_probs` computes them from the logits, with the same derived
     gradients, here applied tile by tile: no ``[N, V]`` array exists in the forward or the
-    backward (docs/reinforcement-learning.md). Reverse mode.
+    backward (docs/reinforcement-learning.md). Reverse mode (``jax.grad``, ``jax.vjp``) by
+    default; ``forward_mode=True`` for ``jax.jvp`` and ``jax.jacfwd``.
 
     The temperature divides the logits by dividing the hidden states (and the bias) by ``T``
     before the products, rounded once to their dtype: exact for float32 up to its rounding;
@@ -67,6 +70,13 @@ def linear_token_log_probs(
         rows: nothing for a training batch, 128 times the products of a single token).
         Without it a position's results can differ in the last bits between batch sizes
         (the tile is ``min(N, 1024)`` rows). docs/reinforcement-learning.md, *Batch invariance*.
+      forward_mode: compute through a ``jax.custom_jvp`` whose tangent is the derived rule
+        applied tile by tile (:mod:`jaxsoftmax.tiles.token_tangents`; no ``[N, V]`` tangent
+        exists), so ``jax.jvp`` and ``jax.jacfwd`` work; the default is a ``jax.custom_vjp``
+        with the hand-written backward, which JAX refuses to run in forward mode. Reverse
+        mode still works with it (JAX transposes the tangent's tiles: the same gradient,
+        about 1.5 times the default backward's products), and the forward always computes
+        the entropy's running sums (its tangent reads ``lse``).
 
     Returns:
       ``log p`` of shape ``hidden.shape[:-1]`` in float32 (float64 for float64 inputs), and
@@ -85,8 +95,9 @@ def linear_token_log_probs(
         batch_invariant=batch_invariant,
     )  # fmt: skip
     entropy_too = check_flag(return_entropy, "return_entropy")
+    forward_mode = check_flag(forward_mode, "forward_mode")
     plan = fused.make_plan(call, call.head.hidden.shape, call.num_classes, companions=entropy_too)
-    log_p, entropy = _linear_token_log_probs(call, plan)
+    log_p, entropy = _linear_token_log_probs(call, plan, forward_mode)
     log_p = log_p[:num_tokens].reshape(positions)
     return (log_p, entropy[:num_tokens].reshape(positions)) if entropy_too else log_p
 
@@ -119,10 +130,15 @@ def checked_token_call(hidden, classifier, tokens, *, temperature, bias, where,
 
 
 @one_program
-def _linear_token_log_probs(call: LinearCall, plan: TilePlan):
+def _linear_token_log_probs(call: LinearCall, plan: TilePlan, forward_mode: bool = False):
     """``(log p_y, H)`` per token in float32: minus the fused rows' loss, and their entropy
     (None without ``plan.companions``: the tiles then compute no entropy, forward or
-    backward)."""
+    backward); with ``forward_mode`` both by :func:`~jaxsoftmax.tiles.token_tangents.
+    forward_mode_rows`."""
+    if forward_mode:
+        log_p, entropy = token_tangents.forward_mode_rows(*call.head, call.labels, call.row_mask,
+                                                          plan)  # fmt: skip
+        return log_p, (entropy if plan.companions else None)
     loss, _, *aux = fused.rows_and_weights(call.head, call.labels, None, call.row_mask, None, plan)
     return -loss, (aux[0].entropy if aux else None)
 

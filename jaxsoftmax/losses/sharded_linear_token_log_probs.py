@@ -23,6 +23,7 @@ from jaxsoftmax.checks.linear_head import LinearHead
 from jaxsoftmax.checks.mesh_axes import AxisName, check_tokens_divide, mesh_axes
 from jaxsoftmax.losses.linear_token_log_probs import checked_token_call
 from jaxsoftmax.tiles import cross_entropy as fused
+from jaxsoftmax.tiles import token_tangents
 from jaxsoftmax.tiles.mesh import (
     MeshLayout,
     head_inputs,
@@ -49,6 +50,7 @@ def sharded_linear_token_log_probs(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     batch_invariant: bool = False,
+    forward_mode: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r""":func:`~jaxsoftmax.linear_token_log_probs` with the classifier split by vocabulary.
 
@@ -60,7 +62,7 @@ def sharded_linear_token_log_probs(
 
     Args:
       hidden, classifier, tokens, temperature, bias, where, classifier_layout,
-        return_entropy, token_chunk, vocab_chunk, batch_invariant: as in
+        return_entropy, token_chunk, vocab_chunk, batch_invariant, forward_mode: as in
         :func:`~jaxsoftmax.linear_token_log_probs`; the chunks tile each device's share.
       mesh: the ``jax.sharding.Mesh``.
       class_axis_name: the mesh axis (or axes) the vocabulary is split over.
@@ -95,15 +97,17 @@ def sharded_linear_token_log_probs(
     layout = MeshLayout(mesh, class_names, batch_names, on_explicit_axes(mesh, inputs))
     settings = call._replace(head=None, labels=None, row_mask=None)
     entropy_too = check_flag(return_entropy, "return_entropy")
+    forward_mode = check_flag(forward_mode, "forward_mode")
     log_p, entropy = _sharded(call.head, call.labels, call.row_mask, settings=settings,
-                              layout=layout, entropy=entropy_too)  # fmt: skip
+                              layout=layout, entropy=entropy_too,
+                              forward_mode=forward_mode)  # fmt: skip
     log_p = log_p[:num_tokens].reshape(positions)
     return (log_p, entropy[:num_tokens].reshape(positions)) if entropy_too else log_p
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "layout", "entropy"))
+@functools.partial(jax.jit, static_argnames=("settings", "layout", "entropy", "forward_mode"))
 def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout: MeshLayout,
-             entropy: bool):  # fmt: skip
+             entropy: bool, forward_mode: bool = False):  # fmt: skip
     """``(log p, H)`` per token after the checks (``H`` 0 and not computed without
     ``entropy``), one compiled program per mesh and shapes."""
     num_local, padding = vocabulary_split(settings.num_classes, layout)
@@ -114,17 +118,23 @@ def _sharded(head: LinearHead, tokens, row_mask, *, settings: LinearCall, layout
         "row_mask": (row_mask, rows),
     }
     local = functools.partial(_local, settings=settings, layout=layout, num_local=num_local,
-                              entropy=entropy)  # fmt: skip
+                              entropy=entropy, forward_mode=forward_mode)  # fmt: skip
     return run_sharded(local, layout, inputs, (rows, rows))
 
 
 def _local(local: dict, *, settings: LinearCall, layout: MeshLayout, num_local: int,
-           entropy: bool):  # fmt: skip
+           entropy: bool, forward_mode: bool):  # fmt: skip
     """One device's rows: minus the fused loss over its classes, and the entropy (zeros, not
-    computed, without ``entropy``)."""
+    computed, without ``entropy``); with ``forward_mode`` through
+    :func:`~jaxsoftmax.tiles.token_tangents.forward_mode_rows`."""
     head = local_head(local)
     plan = fused.make_plan(settings, head.hidden.shape, num_local, axis_name=layout.classes,
                            companions=entropy)  # fmt: skip
+    if forward_mode:
+        log_p, entropy_rows = token_tangents.forward_mode_rows(
+            *head, local["tokens"], local.get("row_mask"), plan
+        )
+        return log_p, (entropy_rows if entropy else jnp.zeros_like(log_p))
     loss, _, *aux = fused.rows_and_weights(
         head, local["tokens"], None, local.get("row_mask"), None, plan
     )

@@ -86,3 +86,39 @@ def test_sharded_token_log_probs_equal_the_definitions(layout, temperature, batc
     for name, a, e in zip(names, got, want):
         np.testing.assert_allclose(np.asarray(a), e, rtol=2e-5, atol=2e-5, err_msg=name)
     assert log_p.dtype == jnp.float32 and grads[1].shape == classifier.shape
+
+
+def numpy_tangents(h, w, b, y, where, temperature, tangents):
+    """``(d log p_y, dH)`` in float64 from the definitions: ``dx = (dh W^T + h dW^T + db) / T``,
+    ``d log p_y = dx_y - sum_c p_c dx_c``, ``dH = -sum_c p_c (log p_c + H) dx_c``."""
+    h, w, b = (np.float64(a) for a in (h, w, b))
+    dh, dw, db = (np.float64(a) for a in tangents)
+    x = (h @ w.T + b) / temperature
+    dx = (dh @ w.T + h @ dw.T + db) / temperature
+    x = x - x.max(-1, keepdims=True)
+    log_p = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    p = np.exp(log_p)
+    entropy = -(p * log_p).sum(-1)
+    d_log_p = dx[np.arange(len(y)), y] - (p * dx).sum(-1)
+    d_entropy = -(p * (log_p + entropy[:, None]) * dx).sum(-1)
+    return np.where(where, d_log_p, 0.0), np.where(where, d_entropy, 0.0)
+
+
+def test_sharded_forward_mode_tangents_equal_the_definitions():
+    """``forward_mode=True`` on the 2 x 4 mesh: ``jax.jvp`` with every input moving."""
+    h, w, b, y, where, _, _ = sample()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "vocab"))
+    rng = np.random.default_rng(1)
+    tangents = tuple(rng.normal(size=a.shape).astype(np.float32) for a in (h, w, b))
+
+    def scored(h, w, b):
+        return sharded_linear_token_log_probs(
+            h, w, y, mesh=mesh, class_axis_name="vocab", batch_axis_name="batch", bias=b,
+            where=where, temperature=0.7, return_entropy=True, token_chunk=4, vocab_chunk=3,
+            forward_mode=True,
+        )  # fmt: skip
+
+    _, got = jax.jit(lambda *a: jax.jvp(scored, a, tangents))(h, w, b)
+    want = numpy_tangents(h, w, b, y, where, 0.7, tangents)
+    for name, a, e in zip(("d log p", "d entropy"), got, want):
+        np.testing.assert_allclose(np.asarray(a), e, rtol=2e-5, atol=2e-5, err_msg=name)

@@ -131,7 +131,39 @@ def initialize(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -
             f"({error}); expected a SLURM, Open MPI or Cloud TPU job, or give "
             f"{' and '.join(missing)}"
         )
+    _same_program_ids_in_every_process()
     return True
+
+
+def _same_program_ids_in_every_process() -> None:
+    """Under jaxlib 0.12.1 or later, on the CPU, keeps JAX from running a program under
+    different ids in different processes, which hangs the run at the program's first
+    collective: JAX's persistent compilation cache is turned off, and so are the full Python
+    tracebacks in the programs' source locations (each operation keeps its own line).
+
+    jaxlib 0.12.1 runs the collectives of a program only between processes that launch it
+    under the same id, which JAX derives from the executable's fingerprint (its run ids show
+    in TF_CPP_VMODULE=collective_thunk=3 logs); otherwise every device waits in a gloo
+    all-reduce forever. The fingerprint covers the program's source locations, which hold the
+    Python traceback of its tracing: a program traced through another call (train.py's process
+    0 trains through its progress bar, the others quietly) gets another fingerprint. And only
+    process 0 loads programs from the persistent cache (the cache key includes the CPU
+    topology's fingerprint, which differs in each process, and only process 0 writes entries):
+    a loaded executable's fingerprint differs from the one the other processes compile.
+    jaxlib 0.10.2, 0.11.2 and 0.12.0 run such programs. TODO: remove this once a jaxlib agrees
+    on the ids; to check, run tests/test_multiprocess.py's two-process test without it (its
+    second training case reloads the first's evaluation from the cache; its resumed train.py
+    run traces through different calls).
+    """
+    import re
+
+    import jax
+    import jaxlib.version
+
+    version = tuple(int(part) for part in re.findall(r"\d+", jaxlib.version.__version__)[:3])
+    if version >= (0, 12, 1) and jax.process_count() > 1 and jax.default_backend() == "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
+        jax.config.update("jax_include_full_tracebacks_in_locations", False)
 
 
 def _cpu_collectives_listen_on(host: str) -> None:

@@ -8,9 +8,11 @@ for the same two training cases. Every child runs under a time
 limit, and the launcher kills what is left of a run when a process fails.
 
 The runs share a compilation cache of their own (a temporary folder), so a program that one
-run compiled, the next loads. The first run ends with the killed run of ``experiments/train.py``
-(in its own processes, which reuse their training programs) and the last run resumes it: both
-must reproduce the parameters of the first run's uninterrupted training exactly.
+run compiled, the next loads (under jaxlib 0.12.1 and later, experiments/processes.py turns the
+cache off in runs of several processes on the CPU, where a loaded program hangs them). The
+first run ends with the killed run of ``experiments/train.py`` (in its own processes, which
+reuse their training programs) and the last run resumes it: both must reproduce the parameters
+of the first run's uninterrupted training exactly.
 """
 
 from __future__ import annotations

@@ -945,7 +945,7 @@ def run_description(args, argv, device) -> dict:
     how it gets fresh memory."""
     memory = memory_setting()
     return dict(
-        device=f"{device.platform}: {device.device_kind}",
+        device=harness.device_model(device),
         command=harness.command(
             "benchmark.py",
             argv,

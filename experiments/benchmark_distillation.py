@@ -191,7 +191,7 @@ def main(argv=None):
     settings = dict(quick=args.quick, repeats=repeats, device=str(device))
     rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     meta = dict(
-        device=f"{device.platform}: {device.device_kind}",
+        device=harness.device_model(device),
         command=harness.command("benchmark_distillation.py", argv),
         jax=jax.__version__,
         optax=optax.__version__,

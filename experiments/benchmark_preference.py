@@ -320,7 +320,7 @@ def main(argv=None):
     rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     prefix = ("ALLOW_MULTIPLE_LIBTPU_LOAD=1",) if args.tpu else ()
     meta = dict(
-        device=f"{device.platform}: {device.device_kind}",
+        device=harness.device_model(device),
         command=harness.command("benchmark_preference.py", argv, prefix),
         jax=jax.__version__,
         jaxsoftmax=jaxsoftmax.__version__,

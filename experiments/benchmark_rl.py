@@ -184,7 +184,7 @@ def main(argv=None):
     settings = dict(quick=args.quick, repeats=repeats, device=str(device))
     rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     meta = dict(
-        device=f"{device.platform}: {device.device_kind}",
+        device=harness.device_model(device),
         command=harness.command("benchmark_rl.py", argv),
         jax=jax.__version__,
         jaxsoftmax=jaxsoftmax.__version__,

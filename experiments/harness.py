@@ -50,6 +50,27 @@ def memory_setting(modes_file: str = HUGEPAGE_MODES) -> dict:
     )
 
 
+def device_model(device) -> str:
+    """``"platform: kind"`` of ``device``, and on a CPU the processor's model and its
+    instruction sets that change the speed of narrow floats (``AMX-BF16``, ``AVX512-BF16``):
+    a CPU's timings are of that processor."""
+    described = f"{device.platform}: {device.device_kind}"
+    if device.platform != "cpu":
+        return described
+    try:
+        with open("/proc/cpuinfo") as info:
+            text = info.read()
+    except OSError:
+        return described
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or ["", ""])[1].split())
+    narrow = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+              if flag in flags]  # fmt: skip
+    extra = [model.group(1).strip()] if model else []
+    extra += [f"with {', '.join(narrow)}" if narrow else "no bf16 instructions"]
+    return f"{described} ({'; '.join(extra)})"
+
+
 def block(x):
     """Waits until ``x`` is computed: JAX arrays by ``block_until_ready``, a PyTorch result (a
     tuple of tensors) on a GPU by synchronising, since PyTorch's GPU calls return before they

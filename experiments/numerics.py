@@ -1059,7 +1059,7 @@ def main(argv=None):
     rows = harness.run_cases(out, settings, cases, fresh=args.fresh)
     device = jax.devices()[0]
     meta = dict(
-        device=f"{device.platform}: {device.device_kind}",
+        device=harness.device_model(device),
         command=harness.command("numerics.py", argv),
         jax=jax.__version__,
         optax=optax.__version__,

@@ -626,7 +626,8 @@ def test_gemma_shape_temporary_memory_is_300_times_below_the_logits():
     path's in float32 (49 MiB against 15.6 GiB), and within the documented budget (see
     ``_tiles``) in float32 and bf16: ``2 T Vc`` logits and their gradient, ``3 Vc d``
     classifier chunk, its gradient and a product, ``3 T d`` of hidden states, in float32,
-    plus ``N d`` float32 for the hidden states' gradient in bf16, and 2 MiB of rows."""
+    and 2 MiB of rows; in bf16 too, where the hidden states' gradient is summed per token
+    chunk (no ``N d`` float32 sum: 72 MiB here, 100.6 MiB in all before)."""
     n, d, v = 8192, 2304, 256000
     t, vc = default_chunks(n, v)
     fused = lambda h, w, y: linear_cross_entropy(h, w, y)
@@ -636,8 +637,7 @@ def test_gemma_shape_temporary_memory_is_300_times_below_the_logits():
         dtype: _temp_bytes(fused, n, d, v, dtype) for dtype in (jnp.float32, jnp.bfloat16)
     }
     for dtype, used in fused_bytes.items():
-        widened = 0 if dtype == jnp.float32 else 4 * n * d
-        assert used <= budget + widened, (dtype, used, budget + widened)
+        assert used <= budget, (dtype, used, budget)
     assert _temp_bytes(naive, n, d, v, jnp.float32) >= 300 * fused_bytes[jnp.float32]
 
 

@@ -12,6 +12,15 @@ gradient (:func:`tile_gradient`), which is consumed at once (:func:`products`)::
 ``accumulation_dtype`` (float32 by default) and written once per vocabulary chunk; ``dh`` is
 accumulated in float32 over the vocabulary chunks. Classes an earlier (moved-back) chunk
 already visited get a zero gradient here, so adding each chunk's block is exact.
+
+For float32 hidden states ``dh`` is accumulated in the output itself. For bf16 or float16
+ones that float32 sum would be an ``[N, d]`` float32 temporary, the largest of the backward
+(256 MiB at Llama 3's shape, 16384 x 4096), so the backward makes two passes instead
+(:func:`hidden_gradient_by_token_chunks`): the vocabulary-outer pass above for ``dW`` and
+``db`` only, and a token-outer pass that sums ``G W[Vc]`` over the vocabulary chunks into a
+``[T, d]`` float32 block per token chunk, written once in the hidden states' dtype. It
+recomputes each tile's logits once more (five matrix products for loss and gradients where
+the one-pass backward has four) and holds no ``[N, d]`` sum.
 """
 
 from __future__ import annotations
@@ -89,11 +98,12 @@ def products(plan: TilePlan, chunk: Chunk, inner, t0, hidden_t, grad, dtypes):
     d_hidden, d_classifier_c, d_bias_c = inner
     hidden_dtype, hidden_acc, acc = dtypes
     grad_in = grad.astype(hidden_dtype)
-    d_hidden_t = tile_plan.hidden_gradient(grad_in, chunk.classifier, plan.layout, hidden_acc)
-    tc = plan.token_chunk
-    d_hidden = lax.dynamic_update_slice_in_dim(
-        d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
-    )
+    if d_hidden is not None:  # None: dh comes from the token-outer pass
+        d_hidden_t = tile_plan.hidden_gradient(grad_in, chunk.classifier, plan.layout, hidden_acc)
+        tc = plan.token_chunk
+        d_hidden = lax.dynamic_update_slice_in_dim(
+            d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
+        )
     # G^T h ([Vc, d]) or h^T G ([d, Vc])
     d_classifier_c = d_classifier_c + tile_plan.classifier_gradient(
         grad_in, hidden_t, plan.layout, acc
@@ -207,16 +217,17 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     # updating a [V, d] buffer in place, which XLA's CPU backend does for bf16 by converting
     # the whole buffer to float32 at every chunk.
     stacked = plan.layout == "vd" and num_vc * plan.vocab_chunk == local
+    hidden_acc = row_terms.compute_dtype(hidden.dtype)
+    two_passes = jnp.dtype(hidden.dtype).itemsize < hidden_acc.itemsize  # bf16, float16
     sweep = Sweep(
         hidden, classifier, bias, vocab_mask,
         Rows(labels, row_mask, statistics, g if plan.companions else (g,)), weights,
-        (local, num_classes, offset), rule, (dtype, row_terms.compute_dtype(hidden.dtype), acc),
-        varying, stacked,
+        (local, num_classes, offset), rule, (dtype, hidden_acc, acc), varying, stacked,
     )  # fmt: skip
     # The classifier's and bias's gradients are summed over the token shards chunk by chunk
     # (vocabulary_step), so their sums are typed like the classifier and bias.
     init = (
-        varying(jnp.zeros(hidden.shape, sweep.dtypes[1])),
+        None if two_passes else varying(jnp.zeros(hidden.shape, hidden_acc)),
         None if stacked else typed_like_inputs(classifier)(jnp.zeros_like(classifier)),
         None if bias is None or stacked else typed_like_inputs(bias)(jnp.zeros_like(bias)),
     )
@@ -227,7 +238,49 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     if stacked:
         d_classifier = chunks[0].reshape(classifier.shape)
         d_bias = None if bias is None else chunks[1].reshape(bias.shape)
+    if two_passes:
+        d_hidden = hidden_gradient_by_token_chunks(sweep, plan)
     return d_hidden.astype(hidden.dtype), tpu_layout.as_given(d_classifier, given), d_bias
+
+
+def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
+    """``dh`` token chunk by token chunk: ``dh[T] = sum_Vc G W[Vc]`` in float32 ``[T, d]``,
+    each token chunk's block in the hidden states' dtype, laid end to end (a moved-back last
+    chunk gives only its rows no earlier chunk took)."""
+    hidden = sweep.hidden
+    (num_tokens, width), tc = hidden.shape, plan.token_chunk
+    num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
+    vocab_start = tile_plan.chunk_starts(sweep.shard[0], plan.vocab_chunk)[1]
+    num_vc = tile_plan.chunk_starts(sweep.shard[0], plan.vocab_chunk)[0]
+    compute, hidden_acc, _ = sweep.dtypes
+
+    def token_chunk(_, j):
+        t0 = token_start(j)
+        hidden_t = operand_chunk(hidden, t0, tc)
+
+        def vocabulary(total, i):
+            chunk = vocabulary_chunk(sweep.classifier, sweep.bias, sweep.weights, sweep.shard,
+                                     sweep.vocab_mask, plan, i, vocab_start(i))  # fmt: skip
+            grad, scale = tile_gradient(plan, sweep.rule, chunk, sweep.rows, hidden_t, t0, j,
+                                        compute)  # fmt: skip
+            add = lambda total: total + tile_plan.hidden_gradient(
+                grad.astype(hidden.dtype), chunk.classifier, plan.layout, hidden_acc
+            )
+            if plan.gradient_filter is None:
+                return add(total), None
+            negligible = jnp.all(jnp.abs(grad) <= plan.gradient_filter * scale)
+            return lax.cond(negligible, lambda total: total, add, total), None
+
+        zeros = sweep.varying(jnp.zeros((tc, width), hidden_acc))
+        total = lax.scan(vocabulary, zeros, jnp.arange(num_vc, dtype=jnp.int32))[0]
+        return None, total.astype(hidden.dtype)
+
+    blocks = lax.scan(token_chunk, None, jnp.arange(num_tc, dtype=jnp.int32))[1]
+    if num_tc * tc == num_tokens:  # the blocks tile dh exactly: a free reshape
+        return blocks.reshape(num_tokens, width)
+    whole = blocks[:-1].reshape(-1, width)
+    last = blocks[-1][tc - (num_tokens - whole.shape[0]) :]  # its rows no earlier chunk took
+    return jnp.concatenate([whole, last]) if whole.shape[0] else last
 
 
 def vocabulary_step(sweep: Sweep, plan: TilePlan, carry, i):

@@ -263,8 +263,11 @@ def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
                                      sweep.vocab_mask, plan, i, vocab_start(i))  # fmt: skip
             grad, scale = tile_gradient(plan, sweep.rule, chunk, sweep.rows, hidden_t, t0, j,
                                         compute)  # fmt: skip
-            add = lambda total: total + tile_plan.hidden_gradient(
-                grad.astype(hidden.dtype), chunk.classifier, plan.layout, hidden_acc
+            add = lambda total: (
+                total
+                + tile_plan.hidden_gradient(
+                    grad.astype(hidden.dtype), chunk.classifier, plan.layout, hidden_acc
+                )
             )
             if plan.gradient_filter is None:
                 return add(total), None

@@ -252,10 +252,10 @@ def write_markdown(path, meta, rows):
         "responses interleaved in one batch, each row masked to its response; gradients of the "
         "policy's hidden states and classifier, the reference model frozen (its hidden states "
         "and classifier given, forward only). Shapes are (B responses, L tokens, d, V); the "
-        "logits paths build both models' `[B, L, V]` logits. In float32 the fused step's "
-        "gradients are its outputs' own buffers; in bf16 its temporaries hold the float32 sum "
-        f"of the hidden states' gradient, `N d` float32 ({llama_sum / 2**20:,.0f} MiB at "
-        "Llama 3's shape).",
+        "logits paths build both models' `[B, L, V]` logits. The fused step's gradients are "
+        "its outputs' own buffers; in bf16 the hidden states' gradient is summed in float32 "
+        "per token chunk (two passes over the tiles), never as a whole `N d` float32 sum "
+        f"({llama_sum / 2**20:,.0f} MiB at Llama 3's shape).",
         "",
         "## Compiled temporary memory (MiB)",
         "",

@@ -175,16 +175,17 @@ def test_small_divergence_between_large_logits_is_not_lost():
 
 
 def test_bfloat16_and_no_tokens():
-    """bf16 inputs: computed in float32, the loss and gradients in bf16 close to the
-    unfused loss's; no tokens: a mean of 0 and zero gradients."""
+    """bf16 inputs: computed in float32, the loss and gradients (both models': the hidden
+    states' from the token-outer pass, ragged token chunks) in bf16 close to the unfused
+    loss's; no tokens: a mean of 0 and zero gradients."""
     arrays = [x.astype(jnp.bfloat16) for x in _models(jnp.float32)]
     empty = [x[:0] if x.shape[0] == N else x for x in _models(jnp.float32)]
     fused, unfused = _pair(dict(divergence="jsd", temperature=2.0))
 
     def every(arrays, empty):
         return (
-            jax.value_and_grad(fused, (0, 1))(*arrays),
-            jax.value_and_grad(unfused, (0, 1))(*arrays),
+            jax.value_and_grad(fused, (0, 1, 2, 3))(*arrays),
+            jax.value_and_grad(unfused, (0, 1, 2, 3))(*arrays),
             jax.value_and_grad(fused, (0, 1))(*empty),
         )
 

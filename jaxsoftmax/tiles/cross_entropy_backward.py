@@ -279,10 +279,18 @@ def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
         return None, total.astype(hidden.dtype)
 
     blocks = lax.scan(token_chunk, None, jnp.arange(num_tc, dtype=jnp.int32))[1]
-    if num_tc * tc == num_tokens:  # the blocks tile dh exactly: a free reshape
+    return joined_token_blocks(blocks, num_tokens)
+
+
+def joined_token_blocks(blocks, num_tokens: int):
+    """``[N, d]`` from the token chunks' ``[num_tc, T, d]`` blocks, laid end to end: a free
+    reshape when they tile ``N``; a moved-back last chunk gives only its rows no earlier
+    chunk took."""
+    num_tc, tc, width = blocks.shape
+    if num_tc * tc == num_tokens:
         return blocks.reshape(num_tokens, width)
     whole = blocks[:-1].reshape(-1, width)
-    last = blocks[-1][tc - (num_tokens - whole.shape[0]) :]  # its rows no earlier chunk took
+    last = blocks[-1][tc - (num_tokens - whole.shape[0]) :]
     return jnp.concatenate([whole, last]) if whole.shape[0] else last
 
 

@@ -17,6 +17,12 @@ backward), not four. The classifier's gradient is assembled one vocabulary chunk
 a moved-back last chunk adds exactly 0 to the classes an earlier chunk wrote, and the rows of
 a moved-back last token chunk get ``g = 0``. With a ``vocab_mask`` a chunk of only masked
 classes is skipped.
+
+A model with bf16 or float16 hidden states gets ``dh`` from a second, token-outer pass
+(:func:`_hidden_gradients_by_token_chunks`), as the fused cross-entropy's backward does
+(:mod:`jaxsoftmax.tiles.cross_entropy_backward`): ``G W[Vc]`` summed over the vocabulary
+chunks in a ``[T, d]`` float32 block per token chunk, never an ``[N, d]`` float32 sum, for one
+more pass over the tiles.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from jaxsoftmax.core.chunks import operand_chunk, slice_chunk
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles import tpu_layout
-from jaxsoftmax.tiles.cross_entropy_backward import summed_over_token_shards
+from jaxsoftmax.tiles.cross_entropy_backward import joined_token_blocks, summed_over_token_shards
 from jaxsoftmax.tiles.distillation_plan import (
     DistillationPlan,
     TileGrid,
@@ -74,16 +80,26 @@ def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wante
     varying = typed_like_inputs((student, teacher, labels, row_mask, vocab_mask, residuals, g))
     step = functools.partial(_vocab_step, grid, rows, vocab_mask, participating, wanted,
                              models, varying)  # fmt: skip
+    # A narrow model's dh comes from the token-outer pass (None in the vocabulary-outer one).
+    narrow = [_narrow(m) for m in models]
     # dW and db are summed over the token shards chunk by chunk (_add_chunk): typed like W, b.
     init = [
         (
-            varying(jnp.zeros(m.hidden.shape, row_terms.compute_dtype(m.hidden.dtype))),
+            None if thin else varying(jnp.zeros(m.hidden.shape, _hidden_sum_dtype(m))),
             typed_like_inputs(m.classifier)(jnp.zeros_like(m.classifier)),
             None if m.bias is None else typed_like_inputs(m.bias)(jnp.zeros_like(m.bias)),
         )
-        for m in models
+        for m, thin in zip(models, narrow)
     ]
     found, _ = lax.scan(step, init, jnp.arange(grid.num_vc, dtype=jnp.int32))
+    if any(narrow):
+        by_token_chunks = _hidden_gradients_by_token_chunks(
+            grid, rows, vocab_mask, participating, wanted, models, varying, narrow
+        )
+        found = [
+            (d_hidden, *rest) if d_hidden is not None else (by_token_chunks[k], *rest)
+            for k, (d_hidden, *rest) in enumerate(found)
+        ]
     found = iter(found)
     gradients = []
     for model, w in ((student, wanted.student), (teacher, wanted.teacher)):
@@ -94,6 +110,72 @@ def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wante
         d_classifier = tpu_layout.as_given(d_classifier, given)
         gradients.append(LinearHead(d_hidden.astype(model.hidden.dtype), d_classifier, d_bias))
     return tuple(gradients)
+
+
+def _narrow(model: LinearHead) -> bool:
+    """bf16 or float16 hidden states, whose ``dh`` a float32 ``[N, d]`` sum would outweigh."""
+    return jnp.dtype(model.hidden.dtype).itemsize < _hidden_sum_dtype(model).itemsize
+
+
+def _hidden_sum_dtype(model: LinearHead):
+    return row_terms.compute_dtype(model.hidden.dtype)
+
+
+def _hidden_gradients_by_token_chunks(grid: TileGrid, rows: _Rows, vocab_mask, participating,
+                                      wanted, models, varying, narrow):  # fmt: skip
+    """``dh`` of each model marked in ``narrow`` (None for the others), token chunk by token
+    chunk: ``sum_Vc G W[Vc]`` in a float32 ``[T, d]`` block, written in the hidden states'
+    dtype."""
+    plan = grid.plan
+    tc, vc = plan.token_chunk, plan.vocab_chunk
+    vocab_axis = 0 if plan.layout == "vd" else 1
+
+    def token_chunk(_, j):
+        t0 = grid.token_start(j)
+        sliced, g_t = _row_cotangents(rows, t0, j, tc)
+
+        def vocabulary(totals, i):
+            v0 = grid.vocab_start(i)
+            fresh = fresh_classes(grid, v0, i, vocab_mask)
+            block = row_terms.ClassBlock(grid.offset + v0, grid.num_classes, None, participating)
+            z_s, z_t = tile_pair(grid, t0, v0)
+            grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
+            grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
+            added = []
+            for total, grad, model in zip(totals, grads, models):
+                if total is not None:
+                    classifier_c = tile_plan.classifier_chunk(model.classifier, v0, vc,
+                                                              plan.layout)  # fmt: skip
+                    total = total + lax.dot_general(
+                        grad.astype(model.hidden.dtype), classifier_c,
+                        (((1,), (vocab_axis,)), ((), ())), preferred_element_type=total.dtype,
+                    )  # fmt: skip
+                added.append(total)
+            return added, None
+
+        zeros = [
+            varying(jnp.zeros((tc, m.hidden.shape[1]), _hidden_sum_dtype(m))) if thin else None
+            for m, thin in zip(models, narrow)
+        ]
+        totals = lax.scan(vocabulary, zeros, jnp.arange(grid.num_vc, dtype=jnp.int32))[0]
+        return None, [
+            None if t is None else t.astype(m.hidden.dtype) for t, m in zip(totals, models)
+        ]
+
+    blocks = lax.scan(token_chunk, None, jnp.arange(grid.num_tc, dtype=jnp.int32))[1]
+    num_tokens = models[0].hidden.shape[0]
+    return [None if b is None else joined_token_blocks(b, num_tokens) for b in blocks]
+
+
+def _row_cotangents(rows: _Rows, t0, j, tc):
+    """The slicer of token chunk ``j`` (at ``t0``) and its rows' cotangent ``g``: 0 on rows
+    a moved-back last chunk shares with an earlier one, and on masked rows."""
+    sliced = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, t0, tc)
+    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
+    g_t = jnp.where(fresh_rows, sliced(rows.g), 0.0)
+    if rows.row_mask is not None:
+        g_t = jnp.where(sliced(rows.row_mask), g_t, 0.0)
+    return sliced, g_t
 
 
 def _vocab_step(grid: TileGrid, rows: _Rows, vocab_mask, participating, wanted, models,
@@ -143,12 +225,7 @@ def _token_step(grid: TileGrid, rows: _Rows, v0, fresh, block, wanted, models, i
     """One tile: its gradient tiles ``G_s``, ``G_t`` (those wanted), consumed by the products."""
     tc = grid.plan.token_chunk
     t0 = grid.token_start(j)
-    sliced = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, t0, tc)
-    # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
-    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
-    g_t = jnp.where(fresh_rows, sliced(rows.g), 0.0)
-    if rows.row_mask is not None:
-        g_t = jnp.where(sliced(rows.row_mask), g_t, 0.0)
+    sliced, g_t = _row_cotangents(rows, t0, j, tc)
     z_s, z_t = tile_pair(grid, t0, v0)
     grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
     grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
@@ -181,19 +258,23 @@ def _gradient_tiles(grid: TileGrid, rows: _Rows, sliced, z_s, z_t, fresh, g_t, b
 
 
 def products(inner, grad, hidden_t, model, v0, t0, plan: DistillationPlan):
-    """One model's ``dh[T] += G W[Vc]``, ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``."""
+    """One model's ``dh[T] += G W[Vc]`` (unless ``dh`` is None: the token-outer pass's),
+    ``dW[Vc] += G^T h[T]``, ``db[Vc] += sum G``."""
     d_hidden, d_classifier_c, d_bias_c = inner
-    vocab_axis = 0 if plan.layout == "vd" else 1
-    classifier_c = tile_plan.classifier_chunk(model.classifier, v0, plan.vocab_chunk, plan.layout)
     grad_in = grad.astype(model.hidden.dtype)  # the products in the inputs' dtype
-    d_hidden_t = lax.dot_general(
-        grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
-        preferred_element_type=d_hidden.dtype,
-    )  # fmt: skip
-    tc = plan.token_chunk
-    d_hidden = lax.dynamic_update_slice_in_dim(
-        d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
-    )
+    if d_hidden is not None:
+        vocab_axis = 0 if plan.layout == "vd" else 1
+        classifier_c = tile_plan.classifier_chunk(
+            model.classifier, v0, plan.vocab_chunk, plan.layout
+        )
+        d_hidden_t = lax.dot_general(
+            grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
+            preferred_element_type=d_hidden.dtype,
+        )  # fmt: skip
+        tc = plan.token_chunk
+        d_hidden = lax.dynamic_update_slice_in_dim(
+            d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0
+        )
     acc = d_classifier_c.dtype
     if plan.layout == "vd":  # G^T h: [Vc, d]
         product = lax.dot_general(grad_in, hidden_t, (((0,), (0,)), ((), ())),

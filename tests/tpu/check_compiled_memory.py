@@ -153,3 +153,12 @@ def test_bf16_hidden_gradient_is_summed_per_token_chunk(loss):
     assert found["temp_mib"] <= 4, found["temp_mib"]
     found, _ = compiled(f"sharded_{loss}", LLAMA, "bfloat16", "dv", "both")
     assert found["temp_mib"] <= 4, found["temp_mib"]
+
+
+def test_bf16_distillation_hidden_gradients_are_summed_per_token_chunk():
+    """The distillation's backward likewise (jaxsoftmax/tiles/distillation_backward.py):
+    Llama 3's shape in bf16, both models' gradients, no ``[N, d]`` float32 sum (256 MiB per
+    model on one chip, 128 per chip on the mesh)."""
+    for loss in ("linear_distillation_loss", "sharded_linear_distillation_loss"):
+        found, _ = compiled(loss, LLAMA, "bfloat16", "dv", "both")
+        assert found["temp_mib"] <= 4, (loss, found["temp_mib"])

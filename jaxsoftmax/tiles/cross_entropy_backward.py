@@ -250,8 +250,7 @@ def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
     hidden = sweep.hidden
     (num_tokens, width), tc = hidden.shape, plan.token_chunk
     num_tc, token_start = tile_plan.chunk_starts(num_tokens, tc)
-    vocab_start = tile_plan.chunk_starts(sweep.shard[0], plan.vocab_chunk)[1]
-    num_vc = tile_plan.chunk_starts(sweep.shard[0], plan.vocab_chunk)[0]
+    num_vc, vocab_start = tile_plan.chunk_starts(sweep.shard[0], plan.vocab_chunk)
     compute, hidden_acc, _ = sweep.dtypes
 
     def token_chunk(_, j):

@@ -61,7 +61,6 @@ checkpoint.npz (``--resume`` continues from it and ends where an uninterrupted r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
@@ -73,7 +72,6 @@ import harness  # helper modules of the scripts
 import lm_training
 import preference_pairs
 import preference_training
-import text_corpus
 import tuning
 from common import non_negative_int, number, positive_float, positive_int
 
@@ -147,52 +145,24 @@ FLAGS = (
         "start of the random numbers: where the prompts are cut, the rejected responses and "
         "the order of the training pairs",
     ),
-    ("eval_every", positive_int, "steps between held-out evaluations, one history row each"),
-    (
-        "checkpoint_every",
-        non_negative_int,
-        "steps between checkpoints, a multiple of --eval-every; 0: none",
-    ),
+    *tuning.SCHEDULE_FLAGS,
 )
-DEFAULTS = {
-    field.name: field.default
-    for field in dataclasses.fields(preference_training.PreferenceConfig)
-    if field.default is not dataclasses.MISSING
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.script_parser(__doc__)
-    parser.add_argument(
-        "--model",
-        default=lm_training.DEFAULT_RUN,
-        help="folder of the trained language model (its checkpoint.npz), the output of "
-        "python experiments/language_model.py: the policy's start and the reference",
+    return tuning.build_parser(
+        __doc__,
+        preference_training.PreferenceConfig,
+        FLAGS,
+        ": the policy's start and the reference",
+        DEFAULT_OUT,
     )
-    common.add_field_flags(parser, DEFAULTS, FLAGS)
-    parser.add_argument(
-        "--compare-rounds",
-        type=non_negative_int,
-        default=5,
-        help="before training, time this many updates of each loss side by side (and compare "
-        "their memory); 0: no comparison",
-    )
-    parser.add_argument(
-        "--corpus-cache",
-        default=text_corpus.default_cache_directory(),
-        help="folder of the cached tokenizer and token streams (shared with language_model.py)",
-    )
-    common.add_output_flags(parser, DEFAULT_OUT, "output directory", "the two .png plots")
-    return parser
 
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
     """``(config, corpus, checkpoint)`` of the run the flags ask for
     (:func:`tuning.load_inputs`)."""
-    make_config = lambda **model: preference_training.PreferenceConfig(
-        **model, **common.fields_of(arguments, FLAGS)
-    )
-    return tuning.load_inputs(parser, arguments, make_config)
+    return tuning.load_inputs(parser, arguments, preference_training.PreferenceConfig, FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------

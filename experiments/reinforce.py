@@ -42,7 +42,6 @@ checkpoint.npz (``--resume`` continues from it and ends where an uninterrupted r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
@@ -53,7 +52,6 @@ import common  # what the scripts share
 import grpo_training  # helper modules of the scripts
 import harness
 import lm_training
-import text_corpus
 import tuning
 from common import (
     fraction,
@@ -126,52 +124,18 @@ FLAGS = (
         "start of the random numbers: which lines become prompts and where they are cut, "
         "which prompts each step draws, and the completions sampled",
     ),
-    ("eval_every", positive_int, "steps between held-out evaluations, one history row each"),
-    (
-        "checkpoint_every",
-        non_negative_int,
-        "steps between checkpoints, a multiple of --eval-every; 0: none",
-    ),
+    *tuning.SCHEDULE_FLAGS,
 )
-DEFAULTS = {
-    field.name: field.default
-    for field in dataclasses.fields(grpo_training.GRPOConfig)
-    if field.default is not dataclasses.MISSING
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.script_parser(__doc__)
-    parser.add_argument(
-        "--model",
-        default=lm_training.DEFAULT_RUN,
-        help="folder of the trained language model (its checkpoint.npz), the output of "
-        "python experiments/language_model.py",
-    )
-    common.add_field_flags(parser, DEFAULTS, FLAGS)
-    parser.add_argument(
-        "--compare-rounds",
-        type=non_negative_int,
-        default=5,
-        help="before training, time this many updates of each loss side by side (and compare "
-        "their memory); 0: no comparison",
-    )
-    parser.add_argument(
-        "--corpus-cache",
-        default=text_corpus.default_cache_directory(),
-        help="folder of the cached tokenizer and token streams (shared with language_model.py)",
-    )
-    common.add_output_flags(parser, DEFAULT_OUT, "output directory", "the two .png plots")
-    return parser
+    return tuning.build_parser(__doc__, grpo_training.GRPOConfig, FLAGS, "", DEFAULT_OUT)
 
 
 def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace):
     """``(config, corpus, checkpoint)`` of the run the flags ask for
     (:func:`tuning.load_inputs`)."""
-    make_config = lambda **model: grpo_training.GRPOConfig(
-        **model, **common.fields_of(arguments, FLAGS)
-    )
-    return tuning.load_inputs(parser, arguments, make_config)
+    return tuning.load_inputs(parser, arguments, grpo_training.GRPOConfig, FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------

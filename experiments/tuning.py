@@ -1,5 +1,6 @@
 """What the scripts that tune the trained language model share (``reinforce.py``,
-``preference.py``): reading their inputs, and the table of their two updates side by side.
+``preference.py``): their command line, reading their inputs, and the table of their two
+updates side by side.
 
 Not a script: a module they import.
 """
@@ -7,25 +8,71 @@ Not a script: a module they import.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import dataclasses
 
 import common
 import lm_training
 import text_corpus
+from common import non_negative_int, positive_int
+
+# The last flags of both scripts, (config field, type, help): how often they evaluate and save.
+SCHEDULE_FLAGS = (
+    ("eval_every", positive_int, "steps between held-out evaluations, one history row each"),
+    (
+        "checkpoint_every",
+        non_negative_int,
+        "steps between checkpoints, a multiple of --eval-every; 0: none",
+    ),
+)
 
 
-def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace,
-                make_config: Callable) -> tuple:  # fmt: skip
+def build_parser(doc: str, config_class, flags: tuple, model_help: str,
+                 default_out: str) -> argparse.ArgumentParser:  # fmt: skip
+    """The script's parser: ``--model``, a flag per ``flags`` entry (field, type, help) with
+    ``config_class``'s default, the comparison's rounds, the corpus cache and the outputs."""
+    parser = common.script_parser(doc)
+    parser.add_argument(
+        "--model",
+        default=lm_training.DEFAULT_RUN,
+        help="folder of the trained language model (its checkpoint.npz), the output of "
+        f"python experiments/language_model.py{model_help}",
+    )
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(config_class)
+        if field.default is not dataclasses.MISSING
+    }
+    common.add_field_flags(parser, defaults, flags)
+    parser.add_argument(
+        "--compare-rounds",
+        type=non_negative_int,
+        default=5,
+        help="before training, time this many updates of each loss side by side (and compare "
+        "their memory); 0: no comparison",
+    )
+    parser.add_argument(
+        "--corpus-cache",
+        default=text_corpus.default_cache_directory(),
+        help="folder of the cached tokenizer and token streams (shared with language_model.py)",
+    )
+    common.add_output_flags(parser, default_out, "output directory", "the two .png plots")
+    return parser
+
+
+def load_inputs(parser: argparse.ArgumentParser, arguments: argparse.Namespace, config_class,
+                flags: tuple) -> tuple:  # fmt: skip
     """``(config, corpus, checkpoint)`` (:func:`common.checkpoint_to_resume`) of a run that
-    tunes the model trained into ``--model``: ``make_config(model=, model_fingerprint=)`` is
-    the run's config. Flags that contradict each other and a missing or foreign model are
+    tunes the model trained into ``--model``: the run's config is ``config_class`` of that
+    model and the fields ``flags`` set. Flags that contradict each other and a missing or foreign model are
     usage errors (exit status 2), found before any work, reported under the flag's name."""
     try:
         model, model_corpus, fingerprint = lm_training.read_trained(arguments.model, "the model")
     except (FileNotFoundError, ValueError) as error:
         parser.error(f"argument --model: {error}")
     try:
-        config = make_config(model=model, model_fingerprint=fingerprint)
+        config = config_class(
+            model=model, model_fingerprint=fingerprint, **common.fields_of(arguments, flags)
+        )
     except ValueError as error:
         parser.error(common.name_the_flag(str(error), arguments))
     common.check_output_directory(parser, arguments.out)

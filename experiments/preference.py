@@ -68,7 +68,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # what the scripts share
-import harness  # helper modules of the scripts
 import lm_training
 import preference_pairs
 import preference_training
@@ -320,17 +319,7 @@ def metrics(config, result, comparison, examples, pairs, argv, arguments, corpus
         "script_seconds": time.perf_counter() - started,
         "script_seconds_note": "wall time of this process's main(): pairs (sampling), "
         "comparison and training",
-        "model": {
-            "checkpoint": os.path.relpath(
-                lm_training.trained_checkpoint(arguments.model, "the model")
-            ),
-            "parameters": common.parameter_count(result.params),
-        },
-        "command": harness.command("preference.py", argv),
-        "device": common.device_description(),
-        "versions": common.library_versions(("tokenizers",)),
-        "corpus": corpus.describe(),
-        "config": config.to_dict(),
+        **tuning.run_description(arguments, argv, "preference.py", result.params, corpus, config),
     }
 
 

@@ -50,7 +50,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # what the scripts share
 import grpo_training  # helper modules of the scripts
-import harness
 import lm_training
 import tuning
 from common import (
@@ -287,17 +286,7 @@ def metrics(config, result, comparison, examples, argv, arguments, corpus, param
         "reward": "1 if the completion ended the line within max_new_tokens and the "
         "completed line parses as Python (ast.parse of the stripped line, alone or followed "
         "by an indented pass), else 0",
-        "model": {
-            "checkpoint": os.path.relpath(
-                lm_training.trained_checkpoint(arguments.model, "the model")
-            ),
-            "parameters": common.parameter_count(params),
-        },
-        "command": harness.command("reinforce.py", argv),
-        "device": common.device_description(),
-        "versions": common.library_versions(("tokenizers",)),
-        "corpus": corpus.describe(),
-        "config": config.to_dict(),
+        **tuning.run_description(arguments, argv, "reinforce.py", params, corpus, config),
     }
 
 

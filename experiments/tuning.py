@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import common
+import harness
 import lm_training
 import text_corpus
 from common import non_negative_int, positive_int
@@ -109,3 +111,22 @@ def comparison_lines(comparison: dict, description: str) -> list[str]:
         ratio = fused[key] / naive[key] if naive[key] else float("nan")
         lines.append(f"{label:40} {show(naive[key]):>12} {show(fused[key]):>12}   {ratio:.3f}")
     return lines
+
+
+def run_description(arguments: argparse.Namespace, argv, script: str, params, corpus,
+                    config) -> dict:  # fmt: skip
+    """What ``metrics.json`` says of the run besides its results: the tuned model's checkpoint
+    and size, the command, the device, the libraries' versions, the corpus and the config."""
+    return {
+        "model": {
+            "checkpoint": os.path.relpath(
+                lm_training.trained_checkpoint(arguments.model, "the model")
+            ),
+            "parameters": common.parameter_count(params),
+        },
+        "command": harness.command(script, argv),
+        "device": common.device_description(),
+        "versions": common.library_versions(("tokenizers",)),
+        "corpus": corpus.describe(),
+        "config": config.to_dict(),
+    }

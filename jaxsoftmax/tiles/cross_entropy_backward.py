@@ -41,8 +41,8 @@ from jaxsoftmax.tiles.plan import TilePlan
 
 
 class Rows(NamedTuple):
-    """What the backward reads per row: labels, the row mask, the forward's statistics
-    ``(m, log s[, H])`` and the cotangents ``(g[, g_lse, g_H])``."""
+    """What the backward reads per row: labels, the row mask, ``(lse[, H])`` from the
+    forward's statistics and the cotangents ``(g[, g_lse, g_H])``."""
 
     labels: jax.Array
     row_mask: jax.Array | None
@@ -67,14 +67,17 @@ def tile_gradient(plan: TilePlan, rule, chunk: Chunk, rows: Rows, hidden_t, t0, 
     tc = plan.token_chunk
     sliced = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, t0, tc)
     # Rows of a moved-back last chunk that an earlier chunk already took get g = 0.
-    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
-    g_t, *g_companions = (jnp.where(fresh_rows, sliced(c), 0.0) for c in rows.cotangents)
+    fresh_rows = tile_plan.visited_rows(t0, j, tc, rows.labels.shape[0])
+    g_t, *g_companions = (
+        sliced(c) if fresh_rows is None else jnp.where(fresh_rows, sliced(c), 0.0)
+        for c in rows.cotangents
+    )
     z = tile_plan.tile_logits(hidden_t, chunk.classifier, chunk.bias, plan.layout, dtype)
     gradient_here = cpu_programs.per_platform(
         row_terms.logits_gradient, cpu_programs.logits_gradient, options=rule, block=chunk.block
     )
-    top, log_sum, *entropy = rows.statistics  # the entropy too with companions
-    statistics_t = (sliced(top)[:, None], sliced(log_sum)[:, None])
+    lse, *entropy = rows.statistics  # the entropy too with companions
+    statistics_t = (sliced(lse)[:, None], 0.0)  # (m, log s) as (lse, 0): one number per row
     row_mask_t = sliced(rows.row_mask)
     grad = gradient_here(
         z, sliced(rows.labels), None, chunk.class_weights, row_mask_t, statistics_t, g_t
@@ -85,7 +88,7 @@ def tile_gradient(plan: TilePlan, rule, chunk: Chunk, rows: Rows, hidden_t, t0, 
             row_terms.capped(z, rule), statistics_t, sliced(entropy[0]), *g_companions,
             None, live_t, rule,
         )  # fmt: skip
-    grad = jnp.where(chunk.fresh[None, :], grad, 0.0)
+    grad = tile_plan.where_visited(chunk.fresh, grad, 0.0)
     return grad, sum(jnp.abs(c) for c in (g_t, *g_companions))[:, None]
 
 
@@ -221,7 +224,8 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
     two_passes = jnp.dtype(hidden.dtype).itemsize < hidden_acc.itemsize  # bf16, float16
     sweep = Sweep(
         hidden, classifier, bias, vocab_mask,
-        Rows(labels, row_mask, statistics, g if plan.companions else (g,)), weights,
+        Rows(labels, row_mask, log_sum_exp(statistics), g if plan.companions else (g,)),
+        weights,
         (local, num_classes, offset), rule, (dtype, hidden_acc, acc), varying, stacked,
     )  # fmt: skip
     # The classifier's and bias's gradients are summed over the token shards chunk by chunk
@@ -232,15 +236,22 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
         None if bias is None or stacked else typed_like_inputs(bias)(jnp.zeros_like(bias)),
     )
     step = functools.partial(vocabulary_step, sweep, plan)
-    (d_hidden, d_classifier, d_bias), chunks = lax.scan(
-        step, init, jnp.arange(num_vc, dtype=jnp.int32)
-    )
+    (d_hidden, d_classifier, d_bias), chunks = tile_plan.over_chunks(step, init, num_vc)
     if stacked:
         d_classifier = chunks[0].reshape(classifier.shape)
         d_bias = None if bias is None else chunks[1].reshape(bias.shape)
     if two_passes:
         d_hidden = hidden_gradient_by_token_chunks(sweep, plan)
     return d_hidden.astype(hidden.dtype), tpu_layout.as_given(d_classifier, given), d_bias
+
+
+def log_sum_exp(statistics):
+    """``(lse[, H])`` per row from the forward's ``(m, log s[, H])``: ``lse = m + log s``, so
+    each tile's softmax is ``exp(x - lse)``, one per-row number where ``exp(x - m) exp(-log
+    s)`` needs two (which XLA:TPU computes as a pair, a slot of its own in main memory:
+    docs/performance.md)."""
+    top, log_sum, *entropy = statistics
+    return (top + log_sum, *entropy)
 
 
 def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
@@ -274,10 +285,10 @@ def hidden_gradient_by_token_chunks(sweep: Sweep, plan: TilePlan):
             return lax.cond(negligible, lambda total: total, add, total), None
 
         zeros = sweep.varying(jnp.zeros((tc, width), hidden_acc))
-        total = lax.scan(vocabulary, zeros, jnp.arange(num_vc, dtype=jnp.int32))[0]
+        total = tile_plan.over_chunks(vocabulary, zeros, num_vc)[0]
         return None, total.astype(hidden.dtype)
 
-    blocks = lax.scan(token_chunk, None, jnp.arange(num_tc, dtype=jnp.int32))[1]
+    blocks = tile_plan.over_chunks(token_chunk, None, num_tc)[1]
     return joined_token_blocks(blocks, num_tokens)
 
 
@@ -308,7 +319,7 @@ def vocabulary_step(sweep: Sweep, plan: TilePlan, carry, i):
     step = lambda inner, j: token_step(plan, sweep.rule, chunk, sweep.rows, sweep.hidden,
                                        products_dtypes, sweep.dtypes[0], inner, j)  # fmt: skip
     num_tc = tile_plan.chunk_starts(sweep.hidden.shape[0], plan.token_chunk)[0]
-    run = lambda inner: lax.scan(step, inner, jnp.arange(num_tc, dtype=jnp.int32))[0]
+    run = lambda inner: tile_plan.over_chunks(step, inner, num_tc)[0]
     inner = (d_hidden, *sweep.varying(zeros))
     if sweep.vocab_mask is None:
         d_hidden, d_classifier_c, d_bias_c = run(inner)

@@ -7,9 +7,9 @@ running sum ``s = sum exp(x_c - m)`` over the classes seen so far; a chunk with 
 
     m' = max(m, m_c)        s' = s exp(m - m') + sum_c exp(x_c - m')
 
-so after the last chunk ``lse = m + log s`` (:func:`tile_statistics`). In the same pass each
-row picks its label's logit ``x_y`` (in the chunk that owns it) and, with label smoothing,
-``S = sum_c w_c x_c``. The per-row loss is then the core's
+so after the last chunk ``lse = m + log s`` (:func:`tile_statistics`; ``m`` starts at the
+lowest finite number, ``s`` at 0). In the same pass each row picks its label's logit ``x_y``
+(in the chunk that owns it) and, with label smoothing, ``S = sum_c w_c x_c``. The per-row loss is then the core's
 (:func:`jaxsoftmax.core.row_terms.row_loss`, in :func:`loss_from_statistics`)::
 
     loss = (1 - eps) r (lse - x_y) + (eps / K) (W lse - S) + beta r lse^2
@@ -66,14 +66,19 @@ class Sweep(NamedTuple):
 
 
 def initial_statistics(rows: int, dtype, companions: bool) -> RowStatistics:
-    """A token chunk's numbers before its first tile: ``m = -inf``, ``s = x_y = S = 0``
-    (and ``a = 0``, no best logit yet)."""
+    """A token chunk's numbers before its first tile: ``m`` the dtype's lowest finite
+    number, ``s = x_y = S = 0`` (and ``a = 0``, no best logit yet).
+
+    ``m`` starts finite, not at ``-inf``, so every running maximum is the shift itself: the
+    first chunk's ``s exp(m - m')`` is ``0 * 0``, and a row none of whose classes counted yet
+    keeps ``s = 0``. (With ``-inf`` each tile needs a second per-row vector, the maximum made
+    finite, and XLA:TPU gives that pair its own slot in main memory: docs/performance.md.)"""
     tracked = None
     if companions:
         tracked = (jnp.zeros((rows,), dtype), jnp.full((rows,), -jnp.inf, dtype))
         tracked += (jnp.zeros((rows,), jnp.int32),)
     return RowStatistics(
-        jnp.full((rows,), -jnp.inf, dtype), *[jnp.zeros((rows,), dtype)] * 3, tracked
+        jnp.full((rows,), jnp.finfo(dtype).min, dtype), *[jnp.zeros((rows,), dtype)] * 3, tracked
     )
 
 
@@ -91,7 +96,7 @@ def track_companions(tracked, top, total, shift, x_fresh, exponentials, chunk_to
     ``a' = e^(m - m') (a + (m - m') s) + sum_new e^(x_c - m') (x_c - m')``, and the first
     class of largest logit (``first`` is the chunk's global first class)."""
     shifted_sum, best, best_class = tracked
-    delta = jnp.where(jnp.isfinite(top), top - shift, 0.0)
+    delta = jnp.where(total > 0, top - shift, 0.0)  # no class counted yet: nothing to rescale
     shifted = jnp.where(exponentials > 0, exponentials * (x_fresh - shift[:, None]), 0.0)
     shifted_sum = jnp.exp(delta) * (shifted_sum + delta * total) + jnp.sum(shifted, axis=-1)
     better = chunk_top > best  # strictly: an earlier class keeps a tie
@@ -104,9 +109,7 @@ def combine_companions(tracked, top, total, axis_name):
     summed, and the smallest class holding the global largest logit."""
     shifted_sum, best, best_class = tracked
     global_top = lax.pmax(top, axis_name)
-    delta = jnp.where(
-        jnp.isfinite(top), top - jnp.where(jnp.isfinite(global_top), global_top, 0.0), 0.0
-    )
+    delta = jnp.where(total > 0, top - global_top, 0.0)  # a shard without classes adds 0
     shifted_sum = lax.psum(jnp.exp(delta) * (shifted_sum + delta * total), axis_name)
     holder = best == global_top
     best_class = jnp.where(holder, best_class, jnp.iinfo(jnp.int32).max)
@@ -132,25 +135,24 @@ def tile_statistics(sweep: Sweep, hidden_t, labels_t, running: RowStatistics, i,
     fresh = tile_plan.visited(
         v0, i, vc, sweep.offset, sweep.num_classes, plan.options, sweep.vocab_mask
     )
-    x_fresh = jnp.where(fresh[None, :], x, -jnp.inf)
+    x_fresh = tile_plan.where_visited(fresh, x, -jnp.inf)
     top, total, label_x, weighted, tracked = running
     chunk_top = jnp.max(x_fresh, axis=-1)
-    new_top = jnp.maximum(top, chunk_top)
-    shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)  # -inf: no class counted yet
-    exponentials = jnp.exp(x_fresh - shift[:, None])
+    new_top = jnp.maximum(top, chunk_top)  # finite: m starts at the lowest finite number
+    exponentials = jnp.exp(x_fresh - new_top[:, None])
     if plan.companions:
         first = sweep.offset + v0
         tracked = track_companions(
-            tracked, top, total, shift, x_fresh, exponentials, chunk_top, first
+            tracked, top, total, new_top, x_fresh, exponentials, chunk_top, first
         )
-    total = total * jnp.exp(top - shift) + jnp.sum(exponentials, axis=-1)
+    total = total * jnp.exp(top - new_top) + jnp.sum(exponentials, axis=-1)
     index = labels_t - (sweep.offset + v0)
     owned = (index >= 0) & (index < vc)
     picked = jnp.take_along_axis(x, jnp.clip(index, 0, vc - 1)[:, None], axis=-1)[:, 0]
     label_x = jnp.where(owned, picked, label_x)
     if plan.options.label_smoothing:
         w = smoothing_weights(sweep, v0)
-        weighted = weighted + jnp.sum(jnp.where(fresh[None, :], x * w[None, :], 0.0), axis=-1)
+        weighted = weighted + jnp.sum(tile_plan.where_visited(fresh, x * w[None, :], 0.0), axis=-1)
     return RowStatistics(new_top, total, label_x, weighted, tracked)
 
 
@@ -172,7 +174,7 @@ def token_chunk_statistics(sweep: Sweep, hidden_t, labels_t, initial: RowStatist
         )  # fmt: skip
         return lax.cond(live, tile, lambda running, i: (running, None), running, i)
 
-    statistics, _ = lax.scan(vocab_step, initial, jnp.arange(num_vc, dtype=jnp.int32))
+    statistics, _ = tile_plan.over_chunks(vocab_step, initial, num_vc)
     return statistics
 
 
@@ -189,7 +191,7 @@ def across_vocabulary_shards(statistics: RowStatistics, axis_name, smoothing: bo
     if tracked is not None:
         tracked = combine_companions(tracked, top, total, axis_name)
     local_top, top = top, lax.pmax(top, axis_name)
-    total = total * jnp.exp(local_top - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = total * jnp.exp(local_top - top)  # both finite (initial_statistics)
     if smoothing:
         total, label_x, weighted = lax.psum((total, label_x, weighted), axis_name)
     else:
@@ -223,7 +225,7 @@ def forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mas
         return jax.tree.map(update, outputs, rows), None
 
     initial = varying(zero_statistics(num_tokens, dtype, plan.companions))
-    statistics, _ = lax.scan(token_step, initial, jnp.arange(num_tc, dtype=jnp.int32))
+    statistics, _ = tile_plan.over_chunks(token_step, initial, num_tc)
     if plan.options.axis_name is not None:
         smoothing = bool(plan.options.label_smoothing)
         statistics = across_vocabulary_shards(statistics, plan.options.axis_name, smoothing)

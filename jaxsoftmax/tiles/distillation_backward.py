@@ -91,7 +91,7 @@ def backward(student, teacher, labels, row_mask, vocab_mask, residuals, g, wante
         )
         for m, thin in zip(models, narrow)
     ]
-    found, _ = lax.scan(step, init, jnp.arange(grid.num_vc, dtype=jnp.int32))
+    found, _ = tile_plan.over_chunks(step, init, grid.num_vc)
     if any(narrow):
         by_token_chunks = _hidden_gradients_by_token_chunks(
             grid, rows, vocab_mask, participating, wanted, models, varying, narrow
@@ -140,7 +140,7 @@ def _hidden_gradients_by_token_chunks(grid: TileGrid, rows: _Rows, vocab_mask, p
             block = row_terms.ClassBlock(grid.offset + v0, grid.num_classes, None, participating)
             z_s, z_t = tile_pair(grid, t0, v0)
             grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
-            grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
+            grads = [tile_plan.where_visited(fresh, x, 0.0) for x in grads if x is not None]
             added = []
             for total, grad, model in zip(totals, grads, models):
                 if total is not None:
@@ -157,12 +157,12 @@ def _hidden_gradients_by_token_chunks(grid: TileGrid, rows: _Rows, vocab_mask, p
             varying(jnp.zeros((tc, m.hidden.shape[1]), _hidden_sum_dtype(m))) if thin else None
             for m, thin in zip(models, narrow)
         ]
-        totals = lax.scan(vocabulary, zeros, jnp.arange(grid.num_vc, dtype=jnp.int32))[0]
+        totals = tile_plan.over_chunks(vocabulary, zeros, grid.num_vc)[0]
         return None, [
             None if t is None else t.astype(m.hidden.dtype) for t, m in zip(totals, models)
         ]
 
-    blocks = lax.scan(token_chunk, None, jnp.arange(grid.num_tc, dtype=jnp.int32))[1]
+    blocks = tile_plan.over_chunks(token_chunk, None, grid.num_tc)[1]
     num_tokens = models[0].hidden.shape[0]
     return [None if b is None else joined_token_blocks(b, num_tokens) for b in blocks]
 
@@ -171,8 +171,8 @@ def _row_cotangents(rows: _Rows, t0, j, tc):
     """The slicer of token chunk ``j`` (at ``t0``) and its rows' cotangent ``g``: 0 on rows
     a moved-back last chunk shares with an earlier one, and on masked rows."""
     sliced = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, t0, tc)
-    fresh_rows = (t0 + lax.broadcasted_iota(jnp.int32, (tc,), 0)) >= j * tc
-    g_t = jnp.where(fresh_rows, sliced(rows.g), 0.0)
+    fresh_rows = tile_plan.visited_rows(t0, j, tc, rows.g.shape[0])
+    g_t = sliced(rows.g) if fresh_rows is None else jnp.where(fresh_rows, sliced(rows.g), 0.0)
     if rows.row_mask is not None:
         g_t = jnp.where(sliced(rows.row_mask), g_t, 0.0)
     return sliced, g_t
@@ -194,7 +194,7 @@ def _vocab_step(grid: TileGrid, rows: _Rows, vocab_mask, participating, wanted, 
         bias = None if model.bias is None else jnp.zeros((plan.vocab_chunk,), acc)
         inner.append((d_hidden, *varying((jnp.zeros(shape, acc), bias))))
     step = functools.partial(_token_step, grid, rows, v0, fresh, block, wanted, models)
-    run = lambda inner: lax.scan(step, inner, jnp.arange(grid.num_tc, dtype=jnp.int32))[0]
+    run = lambda inner: tile_plan.over_chunks(step, inner, grid.num_tc)[0]
     if vocab_mask is None:
         inner = run(inner)
     else:  # a chunk of only masked classes adds nothing: skipped
@@ -228,7 +228,7 @@ def _token_step(grid: TileGrid, rows: _Rows, v0, fresh, block, wanted, models, i
     sliced, g_t = _row_cotangents(rows, t0, j, tc)
     z_s, z_t = tile_pair(grid, t0, v0)
     grads = _gradient_tiles(grid, rows, sliced, z_s, z_t, fresh, g_t, block, wanted)
-    grads = [jnp.where(fresh[None, :], x, 0.0) for x in grads if x is not None]
+    grads = [tile_plan.where_visited(fresh, x, 0.0) for x in grads if x is not None]
     hidden_tiles = [operand_chunk(m.hidden, t0, tc) for m in models]
     return [
         products(acc, grad, h_t, m, v0, t0, grid.plan)

@@ -32,6 +32,7 @@ from jax import lax
 from jaxsoftmax.core import divergences, row_terms
 from jaxsoftmax.core.varying_axes import typed_like_inputs
 from jaxsoftmax.tiles import online
+from jaxsoftmax.tiles import plan as tile_plan
 from jaxsoftmax.tiles.distillation_plan import (
     DistillationPlan,
     TileGrid,
@@ -61,7 +62,7 @@ def forward(student, teacher, labels, row_mask, vocab_mask, plan: DistillationPl
     step = functools.partial(_token_step, grid, labels, vocab_mask, varying)
     count = 5 + hard + 2 * own
     init = varying(tuple(jnp.zeros((num_tokens,), grid.dtype) for _ in range(count)))
-    rows, _ = lax.scan(step, init, jnp.arange(grid.num_tc, dtype=jnp.int32))
+    rows, _ = tile_plan.over_chunks(step, init, grid.num_tc)
     if plan.options.axis_name is not None:  # per-row numbers only cross devices
         rows = _across_shards(rows, plan)
     top_a, total_a, top_b, total_b, cross, *hard_rows = rows
@@ -99,7 +100,7 @@ def _token_step(grid: TileGrid, labels, vocab_mask, varying, outputs, j):
     init += [jnp.zeros((tc,), dtype)] * (1 + (plan.hard_weight > 0))
     if _own_hard_statistics(plan):
         init += [jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype)]
-    stats, _ = lax.scan(tile, varying(tuple(init)), jnp.arange(grid.num_vc, dtype=jnp.int32))
+    stats, _ = tile_plan.over_chunks(tile, varying(tuple(init)), grid.num_vc)
     # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
     outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, stats))
     return outputs, None
@@ -125,7 +126,7 @@ def _tile(grid: TileGrid, vocab_mask, t0, labels_t, carry, i):
         else:
             cross = rescaled_cross(cross, old_a, delta_a, delta_b)
             terms = -e_a * shifted
-        cross = cross + jnp.sum(jnp.where(fresh[None, :], terms, 0.0), axis=-1)
+        cross = cross + jnp.sum(tile_plan.where_visited(fresh, terms, 0.0), axis=-1)
     if plan.hard_weight > 0:
         hard_carry = _hard_tile(grid, labels_t, v0, z_s, fresh, hard_carry)
     return (top_a, total_a, top_b, total_b, cross, *hard_carry), None
@@ -185,7 +186,7 @@ def mixture_terms(student, teacher, vocab_mask, statistics, plan: DistillationPl
     varying = typed_like_inputs((student, teacher, vocab_mask, statistics))
     step = functools.partial(_mixture_token_step, grid, vocab_mask, statistics, varying)
     init = varying((jnp.zeros((num_tokens,), grid.dtype),) * 2)
-    sums, _ = lax.scan(step, init, jnp.arange(grid.num_tc, dtype=jnp.int32))
+    sums, _ = tile_plan.over_chunks(step, init, grid.num_tc)
     if plan.options.axis_name is not None:
         sums = lax.psum(sums, plan.options.axis_name)
     return sums
@@ -197,7 +198,7 @@ def _mixture_token_step(grid: TileGrid, vocab_mask, statistics, varying, outputs
     t0 = grid.token_start(j)
     tile = functools.partial(_mixture_tile, grid, vocab_mask, statistics, t0)
     init = varying((jnp.zeros((tc,), grid.dtype),) * 2)
-    sums, _ = lax.scan(tile, init, jnp.arange(grid.num_vc, dtype=jnp.int32))
+    sums, _ = tile_plan.over_chunks(tile, init, grid.num_vc)
     outputs = tuple(lax.dynamic_update_slice_in_dim(o, s, t0, 0) for o, s in zip(outputs, sums))
     return outputs, None
 

@@ -121,4 +121,4 @@ def _tile_logits(grid: TileGrid, model: LinearHead, t0, v0):
 
 def masked(x, fresh):
     """``x`` with the classes that do not count (``fresh`` False) at ``-inf``."""
-    return jnp.where(fresh[None, :], x, -jnp.inf)
+    return tile_plan.where_visited(fresh, x, -jnp.inf)

@@ -125,9 +125,8 @@ def _block_step(inputs, plan, dtypes, carry, j):
     if plan.companions:  # lse, entropy, correct, m, log_sum of the block's whole rows
         found = _block_companions(z, labels_t, classes, mask_t, statistics, options)
         per_row = [lax.dynamic_update_slice_in_dim(a, b, t0, 0) for a, b in zip(per_row, found)]
-    fresh = None
-    if -(-num_tokens // block) * block != num_tokens:  # ragged
-        fresh = (t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)) >= j * block
+    fresh = tile_plan.visited_rows(t0, j, block, num_tokens)  # None unless ragged
+    fresh = None if fresh is None else fresh[:, None]
     d_hidden_t, d_classifier, d_bias = _products(
         grad.astype(hidden.dtype), hidden_t, classifier, fresh, (d_classifier, d_bias),
         plan.layout, dtypes,

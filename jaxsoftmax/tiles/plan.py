@@ -8,7 +8,9 @@ which of its classes count.
 
 Ragged sizes: when ``Vc`` does not divide ``V`` the last chunk is moved back to end at ``V``
 (:func:`chunk_starts`) and the classes an earlier chunk already visited are masked
-(:func:`visited`); tokens likewise. Nothing is padded or copied.
+(:func:`visited`); tokens likewise (:func:`visited_rows`). Nothing is padded or copied. When
+the chunks tile ``N`` and ``V`` exactly there is no mask at all, and the loops
+(:func:`over_chunks`) carry one chunk start per step.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def vocabulary(classifier, plan: TilePlan):
 def visited(v0, i, vc, offset, num_classes, options, vocab_mask=None):
     """Classes of chunk ``i`` (starting at ``v0``) that count: not taken by an earlier chunk
     (a moved-back last chunk), on a padded vocabulary shard real, and kept by the
-    ``vocab_mask`` (global, ``[V]``, or None)."""
+    ``vocab_mask`` (global, ``[V]``, or None); None when every class of every chunk counts
+    (the chunks tile an unsharded vocabulary exactly and nothing is masked), so the tiles
+    carry no mask at all (:func:`where_visited`)."""
+    if options.axis_name is None and vocab_mask is None and num_classes % vc == 0:
+        return None
     index = v0 + lax.broadcasted_iota(jnp.int32, (vc,), 0)
     fresh = index >= i * vc
     if options.axis_name is not None:
@@ -73,6 +79,34 @@ def visited(v0, i, vc, offset, num_classes, options, vocab_mask=None):
     if vocab_mask is not None:
         fresh = fresh & lax.dynamic_slice_in_dim(vocab_mask, offset + v0, vc)
     return fresh
+
+
+def where_visited(fresh, values, other):
+    """``values`` (a ``[T, Vc]`` tile) where the class counts (:func:`visited`'s ``fresh``),
+    ``other`` elsewhere; ``values`` itself when every class counts (``fresh`` None)."""
+    return values if fresh is None else jnp.where(fresh[None, :], values, other)
+
+
+def over_chunks(step, init, count: int):
+    """``lax.scan`` of ``step(carry, i)`` over the chunks ``i = 0 .. count - 1``, with ``i``
+    counted in the carry: ``(carry, stacked outputs)``.
+
+    Scanning over ``jnp.arange(count)`` gives the same values, but XLA:TPU keeps that array
+    of indices in main memory and copies it into its fast memory asynchronously, a copy and
+    a loop-state slot of its own (one of the 16 KiB slots docs/performance.md counts).
+
+    >>> total, doubled = over_chunks(lambda total, i: (total + i, 2 * i), jnp.int32(0), 4)
+    >>> int(total), doubled.tolist()
+    (6, [0, 2, 4, 6])
+    """
+
+    def counted(carry, _):
+        inner, i = carry
+        inner, out = step(inner, i)
+        return (inner, i + 1), out
+
+    (carry, _), outputs = lax.scan(counted, (init, jnp.int32(0)), None, length=count)
+    return carry, outputs
 
 
 def with_vocab_mask(class_weights, vocab_mask, num_classes, dtype):
@@ -88,8 +122,32 @@ def with_vocab_mask(class_weights, vocab_mask, num_classes, dtype):
 
 
 def chunk_starts(total: int, chunk: int):
-    """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``."""
+    """Number of chunks and the start of chunk ``i``: ``min(i * chunk, total - chunk)``, which
+    is ``i * chunk`` when the chunks tile ``total`` exactly (written so: one number per step,
+    not two, for the loops to keep).
+
+    >>> count, start = chunk_starts(10, 4)  # the last chunk moved back to end at 10
+    >>> count, [int(start(i)) for i in range(count)]
+    (3, [0, 4, 6])
+    """
+    if total % chunk == 0:
+        return total // chunk, lambda i: i * chunk
     return -(-total // chunk), lambda i: jnp.minimum(i * chunk, total - chunk)
+
+
+def visited_rows(t0, j, chunk: int, total: int):
+    """Rows of token chunk ``j`` (starting at ``t0``) that no earlier chunk took, ``[chunk]``
+    bool: all but the first of a moved-back last chunk; None when the chunks tile ``total``
+    exactly (every row of every chunk is its own).
+
+    >>> visited_rows(6, 2, 4, 10).tolist()  # rows 6 and 7 were chunk 1's
+    [False, False, True, True]
+    >>> visited_rows(4, 1, 4, 8) is None
+    True
+    """
+    if total % chunk == 0:
+        return None
+    return (t0 + lax.broadcasted_iota(jnp.int32, (chunk,), 0)) >= j * chunk
 
 
 def classifier_chunk(classifier, start, width, layout):

@@ -95,11 +95,13 @@ def row_tangents(hidden, classifier, bias, labels, row_mask, lse, entropy, tange
         b_c = None if bias is None else lax.dynamic_slice_in_dim(bias, v0, vc)
         x = tile_plan.tile_logits(h_t, w_c, b_c, plan.layout, dtype)
         fresh = tile_plan.visited(v0, i, vc, offset, num_classes, plan.options)
-        p = jnp.where(fresh[None, :], jnp.exp(x - lse_t[:, None]), 0.0)
+        p = tile_plan.where_visited(fresh, jnp.exp(x - lse_t[:, None]), 0.0)
         p_log_p = jnp.where(p > 0, p * (x - lse_t[:, None]), 0.0)
         dx = _tile_tangent(t0, v0, h_t, w_c, (d_hidden, d_classifier, d_bias), plan, dtype)
         index = lax.dynamic_slice_in_dim(labels, t0, tc) - (offset + v0)
-        hit = (lax.broadcasted_iota(jnp.int32, x.shape, 1) == index[:, None]) & fresh[None, :]
+        hit = tile_plan.where_visited(
+            fresh, lax.broadcasted_iota(jnp.int32, x.shape, 1) == index[:, None], False
+        )
         d_label, s1, s2 = sums
         return (
             d_label + jnp.sum(jnp.where(hit, dx, 0.0), axis=-1),
@@ -110,15 +112,13 @@ def row_tangents(hidden, classifier, bias, labels, row_mask, lse, entropy, tange
     def token_step(outputs, j):
         t0 = token_start(j)
         zeros = varying(tuple(jnp.zeros((tc,), dtype) for _ in range(3)))
-        sums, _ = lax.scan(
-            lambda sums, i: (tile(sums, t0, i), None), zeros, jnp.arange(num_vc, dtype=jnp.int32)
-        )
+        sums, _ = tile_plan.over_chunks(lambda sums, i: (tile(sums, t0, i), None), zeros, num_vc)
         # Rows of a moved-back last token chunk are recomputed identically: overwriting is exact.
         update = lambda o, s: lax.dynamic_update_slice_in_dim(o, s, t0, 0)
         return jax.tree.map(update, outputs, sums), None
 
     initial = varying(tuple(jnp.zeros((num_tokens,), dtype) for _ in range(3)))
-    sums = lax.scan(token_step, initial, jnp.arange(num_tc, dtype=jnp.int32))[0]
+    sums = tile_plan.over_chunks(token_step, initial, num_tc)[0]
     if plan.options.axis_name is not None:
         sums = lax.psum(sums, plan.options.axis_name)
     d_label, s1, s2 = sums

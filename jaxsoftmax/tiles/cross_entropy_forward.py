@@ -9,8 +9,9 @@ running sum ``s = sum exp(x_c - m)`` over the classes seen so far; a chunk with 
 
 so after the last chunk ``lse = m + log s`` (:func:`tile_statistics`; ``m`` starts at the
 lowest finite number, ``s`` at 0). In the same pass each row picks its label's logit ``x_y``
-(in the chunk that owns it) and, with label smoothing, ``S = sum_c w_c x_c``. The per-row loss is then the core's
-(:func:`jaxsoftmax.core.row_terms.row_loss`, in :func:`loss_from_statistics`)::
+(in the chunk that owns it) and, with label smoothing, ``S = sum_c w_c x_c``. The per-row
+loss is then the core's (:func:`jaxsoftmax.core.row_terms.row_loss`, in
+:func:`loss_from_statistics`)::
 
     loss = (1 - eps) r (lse - x_y) + (eps / K) (W lse - S) + beta r lse^2
 

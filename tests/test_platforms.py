@@ -144,6 +144,30 @@ def test_the_cpu_gets_its_fast_paths():
             assert ops(cpu, "case") > ops(cuda, "case")
 
 
+def test_the_forward_method_sums_a_kernel_layout_gradient_in_rows_only_on_the_cpu():
+    """``method="forward"`` with a ``[d, V]`` classifier: on the CPU each token block's
+    ``G^T h`` is a ``[V, d]`` product, summed and transposed once (workaround 4 in
+    jaxsoftmax/core/cpu_programs.py); a GPU or TPU multiplies ``h^T G`` into ``[d, V]``."""
+    n, d, v = 6, 3, 10  # token blocks of 2: z [2, 10], dh [2, 3], dW [3, 10] or [10, 3]
+    fn = jax.value_and_grad(
+        lambda h, k, y: linear_cross_entropy(
+            h, k, y, classifier_layout="dv", method="forward", token_chunk=2
+        ),
+        argnums=(0, 1),
+    )
+    args = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    rows_first = rf"stablehlo\.dot_general[^\n]*-> tensor<{v}x{d}xf32>"
+    columns_first = rf"stablehlo\.dot_general[^\n]*-> tensor<{d}x{v}xf32>"
+    for platform in ("cpu", "cuda", "tpu"):
+        text = exported_text(fn, args, platform)
+        sums = [bool(re.search(rows_first, text)), bool(re.search(columns_first, text))]
+        assert sums == ([True, False] if platform == "cpu" else [False, True]), platform
+
+
 def compiled_program(fn, *args):
     """The compiled entry computation, with names and metadata left out."""
     text = jax.jit(fn).lower(*args).compile().as_text()
@@ -340,6 +364,15 @@ def linear_value_and_gradients():
                 ).astype(jnp.float32)
                 key = (method, bool(options))
                 results[key] = jax.value_and_grad(loss, (0, 1))(hidden, classifier)
+        # [d, V]: the CPU sums the forward method's classifier gradient as [V, d]
+        for options in ({}, EVERY_LINEAR_OPTION | arrays):
+            kernel_loss = lambda h, k, options=options: linear_cross_entropy(
+                h, k, labels, classifier_layout="dv", method="forward", token_chunk=4,
+                **options,
+            ).astype(jnp.float32)  # fmt: skip
+            results["forward_dv", bool(options)] = jax.value_and_grad(kernel_loss, (0, 1))(
+                hidden, classifier.T
+            )
         return results
 
     results = jax.jit(lambda problems: [both_methods(*p) for p in problems])(

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsoftmax.core import companion_terms, row_terms
+from jaxsoftmax.core import companion_terms, cpu_programs, row_terms
 from jaxsoftmax.core.cpu_programs import forward as cpu_forward
 from jaxsoftmax.core.cpu_programs import logits_gradient as cpu_logits_gradient
 from jaxsoftmax.core.cpu_programs import per_platform
@@ -78,9 +78,12 @@ def reduction_cotangents(weight, reduction: str):
     return jax.grad(lambda loss: reduce_loss(loss, weight, reduction))(jnp.zeros_like(weight))
 
 
-def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c, plan):
+def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c, plan,
+               rows_first=False):  # fmt: skip
     """Per-row losses and the gradients for cotangent ``c`` [N], block by block; a
-    ``vocab_mask`` (``[V]``) is every row's class mask."""
+    ``vocab_mask`` (``[V]``) is every row's class mask. With ``rows_first`` a ``[d, V]``
+    classifier's gradient is summed as ``G^T h`` (``[V, d]``) and transposed once at the end
+    (for XLA:CPU: :func:`jaxsoftmax.core.cpu_programs.rows_first_on_the_cpu`)."""
     num_tokens, width = hidden.shape
     dtype = row_terms.compute_dtype(jnp.result_type(hidden.dtype, classifier.dtype))
     acc = plan.accumulation_dtype  # never below the inputs' dtype
@@ -88,21 +91,25 @@ def _gradients(hidden, classifier, bias, labels, class_weights, row_mask, vocab_
     dtypes = (dtype, row_terms.compute_dtype(hidden.dtype), acc)
     num_blocks = -(-num_tokens // plan.token_chunk)
     inputs = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, c)
-    step = functools.partial(_block_step, inputs, plan, dtypes)
+    summed_as = "vd" if rows_first else plan.layout  # the layout of dW's sum
+    step = functools.partial(_block_step, inputs, plan, summed_as, dtypes)
+    sum_shape = classifier.shape[::-1] if summed_as != plan.layout else classifier.shape
     init = (
         jnp.zeros((num_tokens,), dtype),
         jnp.zeros((num_tokens, width), dtypes[1]),
-        jnp.zeros(classifier.shape, acc),
+        jnp.zeros(sum_shape, acc),
         None if bias is None else jnp.zeros(bias.shape, acc),
         *([jnp.zeros((num_tokens,), dtype)] * (5 if plan.companions else 0)),
     )
-    (loss, d_hidden, d_classifier, d_bias, *per_row), _ = lax.scan(
-        step, init, jnp.arange(num_blocks, dtype=jnp.int32)
+    (loss, d_hidden, d_classifier, d_bias, *per_row), _ = tile_plan.over_chunks(
+        step, init, num_blocks
     )
+    if summed_as != plan.layout:
+        d_classifier = d_classifier.T
     return loss, (d_hidden, d_classifier, d_bias), per_row
 
 
-def _block_step(inputs, plan, dtypes, carry, j):
+def _block_step(inputs, plan, summed_as, dtypes, carry, j):
     """Block ``j``: its whole rows of logits, their losses and gradient ``G``, consumed at
     once by the three products.
 
@@ -129,23 +136,24 @@ def _block_step(inputs, plan, dtypes, carry, j):
     fresh = None if fresh is None else fresh[:, None]
     d_hidden_t, d_classifier, d_bias = _products(
         grad.astype(hidden.dtype), hidden_t, classifier, fresh, (d_classifier, d_bias),
-        plan.layout, dtypes,
+        (plan.layout, summed_as), dtypes,
     )  # fmt: skip
     loss = lax.dynamic_update_slice_in_dim(loss, loss_t, t0, 0)
     d_hidden = lax.dynamic_update_slice_in_dim(d_hidden, d_hidden_t, t0, 0)
     return (loss, d_hidden, d_classifier, d_bias, *per_row), None
 
 
-def _products(grad_in, hidden_t, classifier, fresh, accumulated, layout, dtypes):
+def _products(grad_in, hidden_t, classifier, fresh, accumulated, layouts, dtypes):
     """``dh[T] = G W``, ``dW += G^T h[T]``, ``db += sum_T G`` in the inputs' dtype; rows
-    not ``fresh`` (a moved-back block's first rows) are left out of ``dW`` and ``db``."""
+    not ``fresh`` (a moved-back block's first rows) are left out of ``dW`` and ``db``.
+    ``layouts``: the classifier's, and that of the ``dW`` sum."""
     d_classifier, d_bias = accumulated
-    _, hidden_acc, acc = dtypes
+    (layout, summed_as), (_, hidden_acc, acc) = layouts, dtypes
     d_hidden_t = tile_plan.hidden_gradient(grad_in, classifier, layout, hidden_acc)
     if fresh is not None:
         grad_in = jnp.where(fresh, grad_in, 0)
     # G^T h ([V, d]) or h^T G ([d, V])
-    d_classifier = d_classifier + tile_plan.classifier_gradient(grad_in, hidden_t, layout, acc)
+    d_classifier = d_classifier + tile_plan.classifier_gradient(grad_in, hidden_t, summed_as, acc)
     if d_bias is not None:
         d_bias = d_bias + jnp.sum(grad_in.astype(acc), axis=0)
     return d_hidden_t, d_classifier, d_bias
@@ -190,7 +198,11 @@ def _reduced_loss_fwd(
 ):  # fmt: skip
     c = reduction_cotangents(weight, reduction)
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
-    loss, grads, per_row = _gradients(*args, c, plan)
+    if plan.layout == "dv":  # on the CPU the [d, V] gradient is summed as [V, d]
+        gradients = cpu_programs.rows_first_on_the_cpu(functools.partial(_gradients, plan=plan))
+        loss, grads, per_row = gradients(*args, c)
+    else:
+        loss, grads, per_row = _gradients(*args, c, plan)
     # The stored gradients' target dtypes, as zero-size arrays (residuals must be arrays).
     like = tuple(
         None if x is None else jnp.zeros((0,), x.dtype) for x in (hidden, classifier, bias)

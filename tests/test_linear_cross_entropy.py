@@ -362,6 +362,52 @@ def _largest_intermediate(jaxpr):
     return largest
 
 
+def _outer_scan_lengths(jaxpr):
+    """The lengths of the scans not inside another scan, anywhere in ``jaxpr``."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["length"])
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _outer_scan_lengths(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _outer_scan_lengths(sub)
+    return found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_hidden_states_alone_are_differentiated_token_chunk_by_token_chunk(dtype):
+    """Differentiated with respect to the hidden states alone (a frozen classifier and bias),
+    the backward is the token-outer pass only: every loop outside another loops over the
+    token chunks (5 of them here, against 3 vocabulary chunks), and ``dh`` is the naive
+    composition's, with every option and ragged chunks. With the bias differentiated too the
+    vocabulary-outer pass runs again."""
+    hidden, classifier, bias, labels, extras = _inputs(dtype)
+    kw, labels = _resolve(OPTIONS["everything"], extras, labels)
+    chunks = dict(token_chunk=8, vocab_chunk=10, method="recompute")  # N 37, V 23: ragged
+
+    def loss(h, w, b, fused=True):
+        if fused:
+            return linear_cross_entropy(h, w, labels, bias=b, **kw, **chunks)
+        return _naive(h, w, b, labels, **kw)
+
+    hidden_only = jax.grad(loss, argnums=0)
+    assert set(
+        _outer_scan_lengths(jax.make_jaxpr(hidden_only)(hidden, classifier, bias).jaxpr)
+    ) == {5}
+    with_bias = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(hidden, classifier, bias)
+    assert set(_outer_scan_lengths(with_bias.jaxpr)) == {3, 5}
+    got = jax.jit(hidden_only)(hidden, classifier, bias)
+    want = jax.jit(jax.grad(functools.partial(loss, fused=False)))(hidden, classifier, bias)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), **tolerance
+    )
+
+
 @pytest.mark.parametrize("method, token_chunk", [("recompute", 16), ("forward", 8)])
 def test_no_array_of_size_n_by_v_is_built(method, token_chunk):
     n, d, v = 64, 8, 96

@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jaxsoftmax.checks.linear_call import LinearCall
 from jaxsoftmax.checks.linear_head import LinearHead
@@ -41,10 +42,10 @@ def linear_rows(hidden, classifier, bias, labels, class_weights, row_mask, vocab
     """Per-row loss ``[N]`` of ``hidden [N, d]`` against the classifier, by the rule; with
     ``plan.companions``, ``(loss, lse, entropy, correct)``."""
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
-    return linear_rows_fwd(*args, plan)[0]
+    return online_forward(*args, plan)[0]
 
 
-def linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan):
+def online_forward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan):
     """The online forward; residuals: the inputs and ``(m, log s[, H])`` per row."""
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
     loss, statistics, *companions = on_each_platform(forward, plan, *args)
@@ -55,16 +56,42 @@ def linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, v
     return out, (*args, statistics)
 
 
+def linear_rows_fwd(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, plan):
+    """:func:`online_forward`, told which inputs are differentiated (``custom_vjp``'s
+    ``symbolic_zeros``: each array comes as a ``CustomVJPPrimal``). When neither the
+    classifier nor the bias is, the residuals say so and the backward computes ``dh`` alone,
+    in one token-outer pass (:func:`jaxsoftmax.tiles.cross_entropy_backward.backward`)."""
+    primals = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask)
+    is_primal = lambda x: isinstance(x, CustomVJPPrimal)
+    values = jax.tree.map(lambda p: p.value, primals, is_leaf=is_primal)
+    out, residuals = online_forward(*values, plan)
+    head = [p.perturbed for p in jax.tree.leaves((classifier, bias), is_leaf=is_primal)]
+    return out, (*residuals, _present(any(head)))
+
+
+def _present(flag: bool):
+    """A static flag carried through the residuals as their structure: ``()`` or None."""
+    return () if flag else None
+
+
+def _zeros_if_symbolic(g):
+    """A cotangent that ``custom_vjp`` passes as a :class:`SymbolicZero` (an output nothing
+    reads, under ``symbolic_zeros``), as zeros."""
+    return jnp.zeros(g.shape, g.dtype) if isinstance(g, SymbolicZero) else g
+
+
 def linear_rows_bwd(plan, residuals, g):
     """The rule tile by tile; the class weights get a zero gradient (a constant)."""
+    *residuals, head_wanted = residuals
     hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics = residuals
     axis_name = plan.options.axis_name
     if plan.companions:
-        g = tuple(whole_cotangent(c, classifier, axis_name) for c in g[:3])
+        g = tuple(whole_cotangent(_zeros_if_symbolic(c), classifier, axis_name) for c in g[:3])
     else:
-        g = whole_cotangent(g, classifier, axis_name)
+        g = whole_cotangent(_zeros_if_symbolic(g), classifier, axis_name)
     args = (hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics, g)
-    d_hidden, d_classifier, d_bias = on_each_platform(backward, plan, *args)
+    rule = functools.partial(backward, head_wanted=head_wanted is not None)
+    d_hidden, d_classifier, d_bias = on_each_platform(rule, plan, *args)
     d_hidden, d_classifier, d_bias = (
         summed_like(d, x)
         for d, x in ((d_hidden, hidden), (d_classifier, classifier), (d_bias, bias))
@@ -73,7 +100,7 @@ def linear_rows_bwd(plan, residuals, g):
     return d_hidden, d_classifier, d_bias, None, d_weights, None, None
 
 
-linear_rows.defvjp(linear_rows_fwd, linear_rows_bwd)
+linear_rows.defvjp(linear_rows_fwd, linear_rows_bwd, symbolic_zeros=True)
 
 
 def make_plan(call: LinearCall, hidden_shape: tuple[int, int], num_local: int, axis_name=None,

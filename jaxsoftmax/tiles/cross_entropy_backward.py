@@ -202,8 +202,13 @@ class Sweep(NamedTuple):
 
 
 def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_mask, statistics,
-             g, plan: TilePlan):  # fmt: skip
-    """Gradients for hidden, classifier and bias, tile by tile through the core's rule."""
+             g, plan: TilePlan, head_wanted: bool = True):  # fmt: skip
+    """Gradients for hidden, classifier and bias, tile by tile through the core's rule.
+
+    Without ``head_wanted`` (neither the classifier nor the bias is differentiated) only
+    ``dh`` is computed, in the token-outer pass alone (:func:`hidden_gradient_by_token_chunks`:
+    two products per tile, as the one-pass backward less its ``dW`` product, and a ``[T, d]``
+    sum instead of an ``[N, d]`` one); the classifier's and bias's gradients are None."""
     given = plan
     (classifier,), plan = tpu_layout.as_computed((classifier,), plan)
     local, num_classes, offset, rule = tile_plan.vocabulary(classifier, plan)
@@ -228,6 +233,8 @@ def backward(hidden, classifier, bias, labels, class_weights, row_mask, vocab_ma
         weights,
         (local, num_classes, offset), rule, (dtype, hidden_acc, acc), varying, stacked,
     )  # fmt: skip
+    if not head_wanted:
+        return hidden_gradient_by_token_chunks(sweep, plan), None, None
     # The classifier's and bias's gradients are summed over the token shards chunk by chunk
     # (vocabulary_step), so their sums are typed like the classifier and bias.
     init = (

@@ -2,8 +2,9 @@
 
 :func:`linear_rows` is a ``jax.custom_vjp`` whose forward is the online log-sum-exp of
 :mod:`jaxsoftmax.tiles.cross_entropy_forward` and whose backward is the core's rule applied
-tile by tile (:mod:`jaxsoftmax.tiles.cross_entropy_backward`); its residuals are the inputs
-and two numbers per row. The entry points the public losses call:
+tile by tile (:mod:`jaxsoftmax.tiles.cross_entropy_backward`); its residuals are the inputs,
+two numbers per row and whether the classifier or bias is differentiated (a frozen
+classifier's backward computes ``dh`` alone). The entry points the public losses call:
 
 * :func:`make_plan`: a checked call's :class:`~jaxsoftmax.tiles.plan.TilePlan`, with each
   backend's tile;

@@ -128,7 +128,6 @@ def _hidden_gradients_by_token_chunks(grid: TileGrid, rows: _Rows, vocab_mask, p
     dtype."""
     plan = grid.plan
     tc, vc = plan.token_chunk, plan.vocab_chunk
-    vocab_axis = 0 if plan.layout == "vd" else 1
 
     def token_chunk(_, j):
         t0 = grid.token_start(j)
@@ -146,10 +145,9 @@ def _hidden_gradients_by_token_chunks(grid: TileGrid, rows: _Rows, vocab_mask, p
                 if total is not None:
                     classifier_c = tile_plan.classifier_chunk(model.classifier, v0, vc,
                                                               plan.layout)  # fmt: skip
-                    total = total + lax.dot_general(
-                        grad.astype(model.hidden.dtype), classifier_c,
-                        (((1,), (vocab_axis,)), ((), ())), preferred_element_type=total.dtype,
-                    )  # fmt: skip
+                    total = total + tile_plan.hidden_gradient(
+                        grad.astype(model.hidden.dtype), classifier_c, plan.layout, total.dtype
+                    )
                 added.append(total)
             return added, None
 
@@ -263,14 +261,10 @@ def products(inner, grad, hidden_t, model, v0, t0, plan: DistillationPlan):
     d_hidden, d_classifier_c, d_bias_c = inner
     grad_in = grad.astype(model.hidden.dtype)  # the products in the inputs' dtype
     if d_hidden is not None:
-        vocab_axis = 0 if plan.layout == "vd" else 1
         classifier_c = tile_plan.classifier_chunk(
             model.classifier, v0, plan.vocab_chunk, plan.layout
         )
-        d_hidden_t = lax.dot_general(
-            grad_in, classifier_c, (((1,), (vocab_axis,)), ((), ())),
-            preferred_element_type=d_hidden.dtype,
-        )  # fmt: skip
+        d_hidden_t = tile_plan.hidden_gradient(grad_in, classifier_c, plan.layout, d_hidden.dtype)
         tc = plan.token_chunk
         d_hidden = lax.dynamic_update_slice_in_dim(
             d_hidden, lax.dynamic_slice_in_dim(d_hidden, t0, tc) + d_hidden_t, t0, 0

@@ -150,8 +150,8 @@ def _same_program_ids_in_every_process() -> None:
     process 0 loads programs from the persistent cache (the cache key includes the CPU
     topology's fingerprint, which differs in each process, and only process 0 writes entries):
     a loaded executable's fingerprint differs from the one the other processes compile.
-    jaxlib 0.10.2, 0.11.2 and 0.12.0 run such programs. TODO: remove this once a jaxlib agrees
-    on the ids; to check, run tests/test_multiprocess.py's two-process test without it (its
+    jaxlib 0.10.2, 0.11.2 and 0.12.0 run such programs. Can go once a jaxlib agrees on the
+    ids; to check, run tests/test_multiprocess.py's two-process test without it (its
     second training case reloads the first's evaluation from the cache; its resumed train.py
     run traces through different calls).
     """
@@ -172,7 +172,7 @@ def _cpu_collectives_listen_on(host: str) -> None:
     JAX lets gloo listen on the address of the machine's host name, which is an outside
     interface on most machines; a run on one machine needs only the loopback. JAX 0.10 has no
     setting for it, so this replaces its CPU backend's factory with one that passes ``host`` to
-    gloo, before the backend starts. TODO: use JAX's own setting once it has one. Without the
+    gloo, before the backend starts; it can go once JAX has a setting of its own. Without the
     private functions it needs (another JAX version), it says so and changes nothing.
     """
     try:
